@@ -1,0 +1,1 @@
+"""Linewatch cloud: model registry, signing, rollout, MQTT ingest, fleet state."""

@@ -1,0 +1,203 @@
+"""The ``linewatch`` command: one group per part, each imported only when invoked.
+
+The root lives in ``edge`` because the edge extra is the smallest install that must
+run ``linewatch``; the ``train``, ``cloud`` and ``demo`` entries are looked up by name
+at invocation (never imported here), so a box with only the edge extra never loads
+TensorFlow or the cloud code, and a missing extra is named with its install command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+# name -> ("module:attribute", extra that provides it, modules that extra brings)
+LAZY_COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "train": ("training.cli:train", "training", ("tensorflow", "numpy", "cv2")),
+    "edge": ("edge.cli:edge", "edge", ("numpy", "cv2", "sqlite_utils", "pydantic", "paho")),
+    "cloud": ("cloud.cli:cloud", "cloud", ("sqlite_utils", "pydantic", "paho", "cryptography")),
+    "demo": ("cloud.demo:demo", "training", ("tensorflow", "sqlite_utils", "paho")),
+}
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    """The modules of ``modules`` that cannot be found, without importing any of them."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        target, extra, needs = LAZY_COMMANDS[cmd_name]
+        missing = missing_modules(needs)
+        if missing:
+            return _missing_extra_command(cmd_name, extra, missing)
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+def _missing_extra_command(name: str, extra: str, missing: list[str]) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def stub() -> None:
+        raise click.ClickException(
+            f"`linewatch {name}` needs the '{extra}' extra ({', '.join(missing)} not installed). "
+            f"Install it with: pip install 'linewatch[{extra}]'"
+        )
+
+    stub.help = f"(needs: pip install 'linewatch[{extra}]')"
+    return stub
+
+
+def configure_logging(verbose: int) -> None:
+    """Only the CLI configures handlers; the packages just log."""
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="linewatch")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Linewatch: visual inspection at the edge.
+
+    Example:
+
+        linewatch train synth data/ && linewatch train fit data/ --out bundle/
+    """
+    configure_logging(verbose)
+
+
+def echo_json(value: Any) -> None:
+    """Print one JSON document on stdout (machine-readable output for --json)."""
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def fail(exc: BaseException) -> click.ClickException:
+    """Turn one of our exceptions into the CLI's one-line error (exit code 1, no traceback)."""
+    return click.ClickException(str(exc))
+
+
+@click.group()
+def edge() -> None:
+    """Run and inspect the edge agent on this box.
+
+    Example:
+
+        linewatch edge validate-config /etc/linewatch/agent.toml
+    """
+
+
+@edge.command("validate-config")
+@click.argument("file", type=click.Path(path_type=Path))
+def validate_config(file: Path) -> None:
+    """Check an agent config file and print every problem with its key path.
+
+    Example:
+
+        linewatch edge validate-config /etc/linewatch/agent.toml
+    """
+    from edge.config import load_config
+    from edge.exceptions import ConfigError
+
+    try:
+        config = load_config(file)
+    except ConfigError as exc:
+        raise fail(exc) from exc
+    click.echo(f"{file}: ok (device {config.device_id}, camera {config.camera.source})")
+
+
+@edge.command("run")
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
+def run(config_file: Path) -> None:
+    """Run the agent until SIGTERM or Ctrl-C: capture, decide, record, sync.
+
+    Example:
+
+        linewatch edge run --config /etc/linewatch/agent.toml
+    """
+    from edge.agent import run_agent
+    from edge.config import load_config
+    from edge.exceptions import LinewatchError
+
+    try:
+        config = load_config(config_file)
+        code = run_agent(config)
+    except LinewatchError as exc:
+        raise fail(exc) from exc
+    sys.exit(code)
+
+
+@edge.command("status")
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_file: Path, as_json: bool) -> None:
+    """Show what the agent decided, its camera, model and buffer (read from the buffer).
+
+    Example:
+
+        linewatch edge status --config /etc/linewatch/agent.toml --json
+    """
+    from edge.config import load_config
+    from edge.exceptions import LinewatchError
+    from edge.status import read_status
+
+    try:
+        report = read_status(load_config(config_file))
+    except LinewatchError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        echo_json(report)
+        return
+    for key in sorted(report):
+        click.echo(f"{key:>18}: {report[key]}")
+
+
+@edge.command("results")
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
+@click.option("--tail", default=20, show_default=True, help="How many recent decisions to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def results(config_file: Path, tail: int, as_json: bool) -> None:
+    """Show the most recent decisions, newest last.
+
+    Example:
+
+        linewatch edge results --config /etc/linewatch/agent.toml --tail 50
+    """
+    from edge.buffer import Buffer
+    from edge.config import load_config
+    from edge.exceptions import LinewatchError
+
+    try:
+        config = load_config(config_file)
+        with Buffer.open_readonly(config.buffer.path) as buf:
+            rows = buf.tail(tail)
+    except LinewatchError as exc:
+        raise fail(exc) from exc
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        verdict = "PASS" if r["passed"] else "FAIL"
+        click.echo(f"{r['seq']:>8} {r['ts']} part={r['part_id']} {verdict} {r['label']} score={r['score']:.3f} model={r['model_version']}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="linewatch")
+
+
+if __name__ == "__main__":
+    main()
