@@ -121,12 +121,13 @@ def validate_config(file: Path) -> None:
 
 @edge.command("run")
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
-def run(config_file: Path) -> None:
+@click.option("--echo", is_flag=True, help="Print one JSON line per decision on stdout, after it is committed.")
+def run(config_file: Path, echo: bool) -> None:
     """Run the agent until SIGTERM or Ctrl-C: capture, decide, record, sync.
 
     Example:
 
-        linewatch edge run --config /etc/linewatch/agent.toml
+        linewatch edge run --config /etc/linewatch/agent.toml --echo
     """
     from edge.agent import run_agent
     from edge.config import load_config
@@ -134,7 +135,7 @@ def run(config_file: Path) -> None:
 
     try:
         config = load_config(config_file)
-        code = run_agent(config)
+        code = run_agent(config, echo=sys.stdout if echo else None)
     except LinewatchError as exc:
         raise fail(exc) from exc
     sys.exit(code)

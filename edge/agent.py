@@ -1,0 +1,382 @@
+"""The edge agent daemon: start-up, the inspection loop, the watchdog and shutdown.
+
+Threads (one stop Event shared by all; every loop notices it within a second):
+
+    capture     camera -> bounded queue            (edge.capture.Capture)
+    inspect     queue -> model -> SQLite commit    (this module; never touches the network)
+    sync        SQLite outbox -> MQTT              (edge.sync.SyncClient, optional)
+    watchdog    restarts a stuck capture, writes the live status file
+
+Shutdown (SIGTERM/SIGINT) stops them in reverse order of dependency: capture stops
+producing, inspection finishes the frame in flight and commits it, sync flushes, the
+buffer closes. A decision is reported (``--echo``, status, MQTT) only after its commit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+
+from edge.buffer import Buffer, ResultRecord, SampleRecord
+from edge.capture import Capture, CameraState, Frame, open_source, parse_source
+from edge.config import AgentConfig
+from edge.inference import Classifier, Prediction
+from edge.models import ModelStore
+
+logger = logging.getLogger(__name__)
+
+STATUS_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A committed decision, as reported to the operator and the echo stream."""
+
+    seq: int
+    part_id: int
+    ts: float
+    label: str
+    score: float
+    passed: bool
+    model_version: str
+    latency_ms: float  # frame grabbed -> decision committed
+
+
+class Sampler:
+    """Chooses which frames are kept as JPEG samples, within hourly budgets."""
+
+    def __init__(self, config: AgentConfig, threshold: Callable[[], float], seed: int | None = None) -> None:
+        self.cfg = config.sampling
+        self._threshold = threshold
+        self._rng = random.Random(seed)
+        self._hour = -1
+        self._taken = 0
+        self._reservoir_taken = 0
+
+    def reason(self, pred: Prediction, now: float) -> str | None:
+        hour = int(now // 3600)
+        if hour != self._hour:
+            self._hour, self._taken, self._reservoir_taken = hour, 0, 0
+        if self._taken >= self.cfg.max_per_hour:
+            return None
+        why: str | None = None
+        if not pred.passed and self.cfg.failed:
+            why = "fail"
+        elif abs(pred.score - self._threshold()) <= self.cfg.low_confidence_margin:
+            why = "low_confidence"
+        elif self._reservoir_taken < self.cfg.reservoir_per_hour and self._rng.random() < 0.01:
+            # ~1% of parts until the hour's reservoir is full: a spread over the hour
+            why = "reservoir"
+            self._reservoir_taken += 1
+        if why:
+            self._taken += 1
+        return why
+
+    def encode(self, image: np.ndarray) -> tuple[bytes, int, int]:
+        h, w = image.shape[:2]
+        scale = min(1.0, self.cfg.max_side / max(h, w))
+        if scale < 1.0:
+            image = cv2.resize(image, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.cfg.jpeg_quality])
+        if not ok:
+            raise ValueError("JPEG encoding failed")
+        return buf.tobytes(), image.shape[1], image.shape[0]
+
+
+class Agent:
+    """One inspection station: build with a config, ``start()``, later ``stop()`` and ``join()``."""
+
+    def __init__(self, config: AgentConfig, *, echo: TextIO | None = None) -> None:
+        self.config = config
+        self.stop_event = threading.Event()
+        self.echo = echo
+        self.models = ModelStore(config.model.path)
+        self.classifier = self._load_classifier(self.models.current())
+        self._next_classifier: Classifier | None = None
+        self._swap_lock = threading.Lock()
+        spec = parse_source(config.camera.source)
+        self.capture = Capture(
+            lambda: open_source(spec, fps=config.camera.fps, loop=config.camera.loop),
+            source=str(config.camera.source),
+            maxsize=config.camera.queue_size,
+            backpressure=not config.live_camera,
+            on_state_change=self._on_camera_change,
+        )
+        self.sampler = Sampler(config, lambda: self.classifier.manifest.threshold)
+        self.started_at = time.time()
+        self.first_decision_at: float | None = None
+        self.counts = {"results": 0, "passed": 0, "failed": 0, "samples": 0, "errors": 0}
+        self.last: Decision | None = None
+        self._events: list[tuple[str, dict[str, Any]]] = []  # recorded by the inspect thread
+        self._events_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.sync: Any = None
+        self.fatal: BaseException | None = None
+
+    # -- model -----------------------------------------------------------------------------
+
+    def _load_classifier(self, bundle: Path) -> Classifier:
+        clf = Classifier(bundle, runtime=self.config.model.runtime, num_threads=self.config.model.threads)
+        logger.info("model %s %s loaded from %s (runtime %s)", clf.manifest.name, clf.version, bundle, clf.runtime)
+        return clf
+
+    def swap_model(self, classifier: Classifier) -> None:
+        """Hand a validated model to the inspection loop; it switches between two frames."""
+        with self._swap_lock:
+            self._next_classifier = classifier
+
+    # -- events ----------------------------------------------------------------------------
+
+    def note_event(self, kind: str, **detail: Any) -> None:
+        """Queue an event for the inspection thread to write (it owns the buffer connection)."""
+        with self._events_lock:
+            self._events.append((kind, detail))
+
+    def _on_camera_change(self, old: CameraState, new: CameraState) -> None:
+        if new.state in ("up", "down", "ended"):
+            self.note_event(f"camera_{new.state}", source=new.source, error=new.last_error, reconnects=new.reconnects)
+
+    # -- threads ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._buffer_ready = threading.Event()
+        inspect = threading.Thread(target=self._inspect_main, name="inspect", daemon=True)
+        inspect.start()
+        # The buffer is opened (and recovered if corrupt) before capture starts producing.
+        self._buffer_ready.wait(30)
+        if self.fatal:
+            raise self.fatal
+        self.capture.start()
+        watchdog = threading.Thread(target=self._watchdog_main, name="watchdog", daemon=True)
+        watchdog.start()
+        self._threads = [inspect, watchdog]
+        if self.config.mqtt.enabled:
+            self._start_sync()
+
+    def _start_sync(self) -> None:
+        try:
+            from edge.sync import SyncClient
+        except ImportError as exc:  # pragma: no cover - the edge extra brings paho
+            logger.warning("sync disabled: %s", exc)
+            return
+        self.sync = SyncClient(self.config, status=self.status_snapshot)
+        self.sync.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def join(self, timeout: float = 2.0) -> None:
+        """Stop producers first, then consumers; everything is closed within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        self.capture.stop()
+        for t in self._threads:
+            t.join(max(0.05, deadline - time.monotonic()))
+        self.capture.join(max(0.05, deadline - time.monotonic()))
+        if self.sync is not None:
+            self.sync.stop()
+            self.sync.join(max(0.1, deadline - time.monotonic()))
+        self._write_status_file(state="stopped")
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def _inspect_main(self) -> None:
+        cfg = self.config
+        try:
+            buffer = Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, synchronous=cfg.buffer.synchronous, device_id=cfg.device_id)
+        except BaseException as exc:
+            self.fatal = exc
+            self._buffer_ready.set()
+            self.stop_event.set()
+            return
+        with buffer:
+            self.buffer_stats = buffer.stats()
+            self.counts["results"] = self.buffer_stats.get("results", 0)
+            self.counts["passed"] = self.buffer_stats.get("passed", 0)
+            self.counts["failed"] = self.buffer_stats.get("failed", 0)
+            buffer.record_event("start", pid=os.getpid(), model_version=self.classifier.version, runtime=self.classifier.runtime)
+            buffer.record_event("model_loaded", version=self.classifier.version, path=str(self.classifier.bundle_dir))
+            self._buffer_ready.set()
+            part_id = int(buffer.meta_get("last_part_id") or 0)
+            last_stats = 0.0
+            while not self.stop_event.is_set():
+                self._flush_events(buffer)
+                self._maybe_swap(buffer)
+                t_wait = time.perf_counter()
+                frame = self.capture.get(timeout=0.2)
+                if frame is None:
+                    continue
+                part_id += 1
+                self._inspect_frame(buffer, frame, part_id, (time.perf_counter() - t_wait) * 1000.0)
+                now = time.monotonic()
+                if now - last_stats >= STATUS_INTERVAL_S:
+                    self.buffer_stats = buffer.stats()
+                    buffer.meta_set("last_part_id", str(part_id))
+                    last_stats = now
+            # Frames already captured are drained only for finite sources (nothing is lost by
+            # stopping a live camera; a file replay resumes nowhere anyway).
+            self._flush_events(buffer)
+            buffer.meta_set("last_part_id", str(part_id))
+            buffer.record_event("stop", results=self.counts["results"])
+            self.buffer_stats = buffer.stats()
+
+    def _maybe_swap(self, buffer: Buffer) -> None:
+        with self._swap_lock:
+            nxt, self._next_classifier = self._next_classifier, None
+        if nxt is not None:
+            old = self.classifier
+            self.classifier = nxt
+            buffer.record_event("model_switched", old=old.version, new=nxt.version)
+            logger.info("model switched %s -> %s", old.version, nxt.version)
+
+    def _inspect_frame(self, buffer: Buffer, frame: Frame, part_id: int, wait_ms: float) -> None:
+        clf = self.classifier
+        try:
+            pred = clf.predict(frame.image)
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the line
+            self.counts["errors"] += 1
+            logger.warning("frame %s could not be decided: %s", frame.index, exc)
+            buffer.record_event("inference_error", frame=frame.index, error=str(exc)[:500])
+            return
+        t_rec = time.perf_counter()
+        rec = ResultRecord(
+            ts=frame.ts,
+            device_id=self.config.device_id,
+            part_id=part_id,
+            model_version=clf.version,
+            label=pred.label,
+            score=pred.score,
+            passed=pred.passed,
+            capture_ms=wait_ms,
+            preprocess_ms=pred.preprocess_ms,
+            invoke_ms=pred.invoke_ms,
+        )
+        seq = buffer.record_result(rec)
+        record_ms = (time.perf_counter() - t_rec) * 1000.0
+        # Only now, after the commit, is the decision reported anywhere.
+        decision = Decision(seq, part_id, frame.ts, pred.label, pred.score, pred.passed, clf.version, (time.time() - frame.ts) * 1000.0)
+        self.last = decision
+        self.counts["results"] += 1
+        self.counts["passed" if pred.passed else "failed"] += 1
+        if self.first_decision_at is None:
+            self.first_decision_at = time.time()
+            logger.info("first decision %.2f s after start", self.first_decision_at - self.started_at)
+        if self.echo is not None:
+            self.echo.write(
+                json.dumps(
+                    {"seq": seq, "part_id": part_id, "label": pred.label, "score": round(pred.score, 4), "passed": pred.passed,
+                     "model_version": clf.version, "latency_ms": round(decision.latency_ms, 3), "record_ms": round(record_ms, 3)}
+                )
+                + "\n"
+            )
+            self.echo.flush()
+        why = self.sampler.reason(pred, frame.ts)
+        if why:
+            try:
+                jpeg, w, h = self.sampler.encode(frame.image)
+                buffer.record_sample(SampleRecord(ts=frame.ts, reason=why, label=pred.label, score=pred.score, width=w, height=h, jpeg=jpeg, result_seq=seq))
+                self.counts["samples"] += 1
+            except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept
+                logger.warning("sample for seq %s not kept: %s", seq, exc)
+
+    def _flush_events(self, buffer: Buffer) -> None:
+        with self._events_lock:
+            events, self._events = self._events, []
+        for kind, detail in events:
+            buffer.record_event(kind, **detail)
+
+    # -- watchdog and status ---------------------------------------------------------------
+
+    def _watchdog_main(self) -> None:
+        limit = self.config.camera.watchdog_s
+        while not self.stop_event.wait(STATUS_INTERVAL_S):
+            cam = self.capture.state()
+            if cam.state == "up" and self.config.live_camera and time.monotonic() - self.capture.last_progress > limit:
+                logger.warning("camera gave no frame for %.0f s; restarting capture", limit)
+                self.note_event("capture_restarted", seconds=limit)
+                self.capture.restart()
+            self._write_status_file(state="running")
+
+    def status_snapshot(self) -> dict[str, Any]:
+        """Live state for the status file and the sync client's status messages."""
+        cam = self.capture.state()
+        stats = getattr(self, "buffer_stats", {}) or {}
+        last = self.last
+        return {
+            "device_id": self.config.device_id,
+            "line": self.config.line,
+            "groups": list(self.config.groups),
+            "pid": os.getpid(),
+            "started": self.started_at,
+            "updated": time.time(),
+            "model_version": self.classifier.version,
+            "model_name": self.classifier.manifest.name,
+            "runtime": self.classifier.runtime,
+            "camera": {
+                "state": cam.state,
+                "source": cam.source,
+                "since": cam.since,
+                "down_since": cam.down_since,
+                "reconnects": cam.reconnects,
+                "frames": cam.frames,
+                "dropped": cam.dropped,
+                "bad_frames": cam.bad_frames,
+                "fps": cam.fps,
+                "last_error": cam.last_error,
+            },
+            "session": dict(self.counts),
+            "unsynced": stats.get("unsynced"),
+            "buffer_bytes": stats.get("bytes_used"),
+            "evictions": stats.get("evictions"),
+            "last_decision": None
+            if last is None
+            else {"seq": last.seq, "part_id": last.part_id, "ts": last.ts, "label": last.label, "score": last.score,
+                  "passed": last.passed, "latency_ms": last.latency_ms},
+            "first_decision_s": None if self.first_decision_at is None else self.first_decision_at - self.started_at,
+        }
+
+    def _write_status_file(self, state: str) -> None:
+        snap = self.status_snapshot()
+        snap["state"] = state
+        path = self.config.status_path
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(snap, default=str))
+            os.replace(tmp, path)
+        except OSError as exc:  # a full disk must not stop inspection; the buffer has the data
+            logger.warning("status file %s not written: %s", path, exc)
+
+
+def run_agent(config: AgentConfig, *, echo: TextIO | None = None) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    agent = Agent(config, echo=echo)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("signal %s: stopping", signum)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    agent.start()
+    print(
+        f"linewatch agent {config.device_id}: model {agent.classifier.version} ({agent.classifier.runtime}), "
+        f"camera {config.camera.source}, buffer {config.buffer.path}",
+        file=sys.stderr,
+        flush=True,
+    )
+    while not agent.stop_event.wait(0.5):
+        pass
+    agent.join(timeout=2.0)
+    return 0 if agent.fatal is None else 1

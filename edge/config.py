@@ -1,0 +1,227 @@
+"""Agent configuration: a TOML file validated by pydantic models.
+
+Every field is described; unknown keys are errors (``extra="forbid"``) so a typo never
+silently falls back to a default. Secrets (MQTT password) come from the environment
+only. Relative paths are resolved against the config file's folder, so a config and
+its model/buffer can move together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge.exceptions import ConfigError
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+PASSWORD_ENV = "LINEWATCH_MQTT_PASSWORD"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Section):
+    """Where frames come from."""
+
+    source: str | int = Field(
+        description="device index, /dev/videoN, rtsp/http URL, GStreamer pipeline (with ' ! '), video file, image folder or glob"
+    )
+    fps: float | None = Field(default=None, ge=0, description="replay rate for files and folders; unset = as fast as possible")
+    loop: bool = Field(default=False, description="replay a file or folder forever (demos, soak tests)")
+    queue_size: int = Field(default=4, ge=1, le=256, description="frames buffered between capture and inference")
+    live: bool | None = Field(
+        default=None,
+        description="drop the oldest frame when inference falls behind; default: yes for cameras and streams, no for files",
+    )
+    watchdog_s: float = Field(default=10.0, gt=0, description="restart capture when a live camera gives no frame for this long")
+
+    @field_validator("source")
+    @classmethod
+    def _source_ok(cls, v: str | int) -> str | int:
+        from edge.capture import validate_source
+
+        problem = validate_source(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+
+class ModelConfig(_Section):
+    """Which model bundles the agent runs."""
+
+    path: Path = Field(description="model store folder (OTA keeps current/ and previous/ here) or a single bundle folder")
+    runtime: Literal["litert", "tflite-runtime", "tensorflow"] | None = Field(
+        default=None, description="force one TFLite runtime; default: LiteRT, then tflite-runtime, then tensorflow.lite"
+    )
+    threads: int = Field(default=1, ge=1, le=64, description="interpreter threads (1 leaves a core for capture)")
+
+
+class BufferConfig(_Section):
+    """The local SQLite buffer every decision is written to before it goes anywhere."""
+
+    path: Path = Field(description="SQLite file")
+    max_bytes: int = Field(default=200_000_000, ge=256 * 1024, description="byte budget; evicts by value when full")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL", description="FULL: every decision fsynced before it is reported; NORMAL: faster, may lose the last ones on power loss"
+    )
+
+
+class SamplingConfig(_Section):
+    """Which frames are kept as JPEG samples for drift checks and retraining."""
+
+    failed: bool = Field(default=True, description="keep a sample of every failed part")
+    low_confidence_margin: float = Field(
+        default=0.1, ge=0, le=0.5, description="keep parts whose score is within this of the threshold"
+    )
+    reservoir_per_hour: int = Field(default=30, ge=0, description="random samples of all parts per hour")
+    max_per_hour: int = Field(default=600, ge=0, description="cap on all samples per hour, so a bad batch cannot flood the buffer")
+    jpeg_quality: int = Field(default=85, ge=10, le=100)
+    max_side: int = Field(default=320, ge=32, le=4096, description="samples are downscaled to this longest side")
+
+
+class MqttConfig(_Section):
+    """The broker the agent syncs through; inspection never waits for it."""
+
+    host: str = Field(default="127.0.0.1")
+    port: int = Field(default=1883, ge=1, le=65535)
+    enabled: bool = Field(default=True, description="false: inspect and buffer only, never connect")
+    topic_prefix: str = Field(default="linewatch", pattern=r"^[A-Za-z0-9_/-]+$")
+    username: str | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    status_interval_s: float = Field(default=10.0, gt=0)
+    batch_rows: int = Field(default=500, ge=1, le=5000, description="results per message (also capped at 128 KiB)")
+    ack_timeout_s: float = Field(default=10.0, gt=0, description="resend a batch the cloud has not acknowledged after this")
+    max_inflight: int = Field(default=8, ge=1, le=256, description="batches sent but not yet acknowledged")
+
+    @property
+    def password(self) -> str | None:
+        """From the environment only, never from the file."""
+        return os.environ.get(PASSWORD_ENV)
+
+
+class OtaConfig(_Section):
+    """Over-the-air model updates."""
+
+    trusted_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM) allowed to sign models")
+    allow_unsigned: bool = Field(default=False, description="accept unsigned bundles (development only)")
+    health_parts: int = Field(default=200, ge=1, description="parts watched after a switch before the new model is trusted")
+
+
+class AgentConfig(_Section):
+    """The whole agent config file."""
+
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="unique per box; used in MQTT topics")
+    line: str | None = Field(default=None, description="production line name, for people")
+    groups: list[str] = Field(default_factory=list, description="rollout groups this device belongs to")
+    camera: CameraConfig
+    model: ModelConfig
+    buffer: BufferConfig
+    sampling: SamplingConfig = SamplingConfig()
+    mqtt: MqttConfig = MqttConfig()
+    ota: OtaConfig = OtaConfig()
+    state_file: Path | None = Field(default=None, description="live status JSON; default: next to the buffer")
+
+    @field_validator("groups")
+    @classmethod
+    def _groups_ok(cls, v: list[str]) -> list[str]:
+        for g in v:
+            if not re.match(DEVICE_ID_PATTERN, g):
+                raise ValueError(f"group {g!r} must be letters, digits, '_', '.', '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _paths_distinct(self) -> AgentConfig:
+        if self.buffer.path.resolve() == self.model.path.resolve():
+            raise ValueError("buffer.path and model.path must differ")
+        return self
+
+    @property
+    def live_camera(self) -> bool:
+        if self.camera.live is not None:
+            return self.camera.live
+        from edge.capture import parse_source
+
+        return parse_source(self.camera.source).kind in ("device", "url", "gstreamer")
+
+    @property
+    def status_path(self) -> Path:
+        return self.state_file or self.buffer.path.with_suffix(".status.json")
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve relative file paths against the config file's folder."""
+
+    def fix(section: str, key: str) -> None:
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key]:
+            p = Path(sec[key]).expanduser()
+            sec[key] = str(p if p.is_absolute() else base / p)
+
+    fix("model", "path")
+    fix("buffer", "path")
+    for key in ("ca_file", "cert_file", "key_file"):
+        fix("mqtt", key)
+    cam = raw.get("camera")
+    if isinstance(cam, dict) and isinstance(cam.get("source"), str):
+        src = cam["source"]
+        # Only plain relative paths; URLs, pipelines and device indexes stay as written.
+        if not re.match(r"^[a-z][a-z0-9+.-]*://", src) and " ! " not in src and not src.isdigit() and not src.startswith("/"):
+            cam["source"] = str(base / src)
+    ota = raw.get("ota")
+    if isinstance(ota, dict) and isinstance(ota.get("trusted_keys"), list):
+        ota["trusted_keys"] = [
+            str(base / k) if isinstance(k, str) and not Path(k).is_absolute() else k for k in ota["trusted_keys"]
+        ]
+    if isinstance(raw.get("state_file"), str) and not Path(raw["state_file"]).is_absolute():
+        raw["state_file"] = str(base / raw["state_file"])
+    return raw
+
+
+def format_errors(exc: ValidationError, source: str) -> str:
+    """pydantic errors as 'key.path = value: message' lines, Frigate-style."""
+    lines = [f"{source}: {exc.error_count()} problem(s)"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (typo? see firmware-config/agent.example.toml)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        value = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  {loc}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], *, base: Path, source: str = "config") -> AgentConfig:
+    """Validate a config dict (paths relative to ``base``)."""
+    try:
+        return AgentConfig.model_validate(_resolve_paths(raw, base))
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source)) from exc
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate an agent TOML file; :class:`ConfigError` lists every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such file; copy firmware-config/agent.example.toml and edit it") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc})") from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from exc
+    return parse_config(raw, base=path.resolve().parent, source=str(path))

@@ -1,0 +1,85 @@
+"""`linewatch edge status`: what the agent decided and how it is doing.
+
+Counts come from the SQLite buffer (the durable truth, readable while the agent runs);
+live state (camera, runtime, pid) comes from the status file the agent rewrites every
+second. A status file whose process is gone is reported as ``stopped``/``crashed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from edge.buffer import Buffer
+from edge.config import AgentConfig
+from edge.exceptions import BufferStoreError, LinewatchError
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_live(config: AgentConfig) -> dict[str, Any]:
+    """The agent's last status file, or {} if it never ran here."""
+    try:
+        return dict(json.loads(config.status_path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def read_status(config: AgentConfig) -> dict[str, Any]:
+    """One status object with at least the DESIGN.md keys."""
+    live = read_live(config)
+    try:
+        with Buffer.open_readonly(config.buffer.path) as buf:
+            stats = buf.stats()
+    except BufferStoreError:
+        stats = {}
+    state = live.get("state", "never_run")
+    if state == "running" and not _alive(live.get("pid")):
+        state = "crashed"
+    model_version = live.get("model_version")
+    runtime = live.get("runtime")
+    if model_version is None:
+        try:
+            from edge.models import ModelStore
+            from edge.protocol import read_manifest
+
+            model_version = read_manifest(ModelStore(config.model.path).current()).version
+        except LinewatchError:
+            model_version = None
+    results = int(stats.get("results", 0) or 0)
+    passed = int(stats.get("passed", 0) or 0)
+    failed = int(stats.get("failed", 0) or 0)
+    camera = live.get("camera") or {"state": "unknown", "source": str(config.camera.source)}
+    return {
+        "device_id": config.device_id,
+        "agent": state,
+        "pid": live.get("pid"),
+        "updated_s_ago": None if "updated" not in live else round(time.time() - float(live["updated"]), 1),
+        "results": results,
+        "passed": passed,
+        "failed": failed,
+        "pass_rate": None if results == 0 else round(passed / results, 4),
+        "unsynced": int(stats.get("unsynced", 0) or 0),
+        "samples": stats.get("samples"),
+        "last_decision": stats.get("last_result"),
+        "model_version": model_version,
+        "runtime": runtime,
+        "camera": camera,
+        "dropped_frames": camera.get("dropped", 0),
+        "buffer_bytes": stats.get("bytes_used"),
+        "buffer_max_bytes": config.buffer.max_bytes,
+        "evictions": stats.get("evictions", {}),
+        "session": live.get("session"),
+    }

@@ -1,0 +1,160 @@
+"""Shared fixtures: a real Mosquitto on a free port, a tiny real int8 bundle, agent configs.
+
+Everything here is real: the broker is the mosquitto binary, the model is trained and
+quantized by the project's own trainer (once per test run, shared by xdist workers
+through a lock file), databases are SQLite files under tmp_path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+LINEWATCH = str(VENV_BIN / "linewatch")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if not found:
+        pytest.fail("mosquitto is not installed: run `make test` (it installs it) or `sudo apt-get install mosquitto`")
+    return found
+
+
+@dataclass
+class Broker:
+    """A Mosquitto process on 127.0.0.1:port that a test may stop and start again."""
+
+    port: int
+    conf: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(self.conf)],
+            stdout=open(self.log, "ab"),  # noqa: SIM115 - the process owns it
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited: {self.log.read_text()}") from None
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.port}: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+
+def make_broker(directory: Path, port: int | None = None) -> Broker:
+    directory.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    conf = directory / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "persistence false\n"
+        "max_packet_size 1048576\n"
+        "max_queued_messages 100000\n"
+        "log_type error\nlog_type warning\n"
+    )
+    return Broker(port=port, conf=conf, log=directory / "mosquitto.log")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto for this test on a free loopback port."""
+    b = make_broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny but real int8 bundle made by the trainer once per run (shared by xdist workers).
+
+    Read-only: copy it (``shutil.copytree``) before changing anything in it.
+    """
+    return shared_bundle(tmp_path_factory, "tiny-1", seed=0)
+
+
+def shared_bundle(tmp_path_factory: pytest.TempPathFactory, version: str, **kwargs: object) -> Path:
+    """Build a bundle once per test run, whichever xdist worker asks first."""
+    root = tmp_path_factory.getbasetemp().parent  # shared by all workers of one run
+    target = root / f"bundle-{version}"
+    with open(root / f"bundle-{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "manifest.json").exists():
+            from training.tiny import make_tiny_bundle
+
+            staging = root / f"bundle-{version}.staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            make_tiny_bundle(staging, version=version, **kwargs)  # type: ignore[arg-type]
+            staging.rename(target)
+    return target
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of the tiny bundle."""
+    dest = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dest)
+    return dest
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write an agent TOML config into tmp_path; keyword sections override the defaults."""
+
+    def write(text: str, name: str = "agent.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``linewatch`` command as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([LINEWATCH, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
