@@ -1,0 +1,225 @@
+"""The edge agent as a real process on generated videos with the tiny real model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import LINEWATCH, run_cli
+
+
+def write_video(path: Path, frames: int, size: tuple[int, int] = (320, 240), fps: int = 25) -> None:
+    """A video whose frame i shows part i (alternating clean and scratched surfaces)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    assert writer.isOpened()
+    rng = np.random.default_rng(0)
+    for i in range(frames):
+        img = np.full((size[1], size[0], 3), 120, np.uint8)
+        img += rng.integers(0, 20, img.shape, dtype=np.uint8)
+        if i % 3 == 0:
+            cv2.line(img, (20, 20 + i % 50), (size[0] - 30, size[1] - 40), (30, 30, 30), 2, cv2.LINE_AA)
+        writer.write(img)
+    writer.release()
+
+
+def agent_config(tmp_path: Path, bundle: Path, source: str, extra: str = "") -> Path:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f"""
+device_id = "test-cam"
+camera.source = "{source}"
+model.path = "{bundle}"
+buffer.path = "{tmp_path / 'buffer.db'}"
+mqtt.enabled = false
+{extra}
+"""
+    )
+    return cfg
+
+
+def start_agent(cfg: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [LINEWATCH, "edge", "run", "--config", str(cfg), "--echo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+
+
+def read_decisions(proc: subprocess.Popen[str], n: int, timeout: float = 60) -> list[dict]:
+    """Read n echo lines (committed decisions) from the agent."""
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while len(out) < n and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        out.append(json.loads(line))
+    return out
+
+
+def rows(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return con.execute("SELECT seq, part_id, label, passed FROM results ORDER BY seq").fetchall()
+    finally:
+        con.close()
+
+
+def wait_status(cfg: Path, pred, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    last: dict = {}
+    while time.monotonic() < deadline:
+        proc = run_cli("edge", "status", "--config", str(cfg), "--json")
+        if proc.returncode == 0:
+            last = json.loads(proc.stdout)
+            if pred(last):
+                return last
+        time.sleep(0.3)
+    raise AssertionError(f"status never matched: {last}")
+
+
+def stop(proc: subprocess.Popen[str]) -> float:
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+    return time.monotonic() - t0
+
+
+def test_every_frame_one_row_in_order_then_status(tmp_path: Path, tiny_bundle: Path) -> None:
+    video = tmp_path / "parts.avi"
+    write_video(video, 60)
+    cfg = agent_config(tmp_path, tiny_bundle, str(video))
+    proc = start_agent(cfg)
+    try:
+        decisions = read_decisions(proc, 60)
+        assert len(decisions) == 60
+        status = wait_status(cfg, lambda s: s["camera"]["state"] == "ended")
+    finally:
+        elapsed = stop(proc)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    assert elapsed < 2.5
+    got = rows(tmp_path / "buffer.db")
+    assert [r[1] for r in got] == list(range(1, 61)), "one row per frame, in order"
+    assert [d["seq"] for d in decisions] == [r[0] for r in got]
+    for key in ("device_id", "results", "passed", "failed", "unsynced", "model_version", "runtime", "camera"):
+        assert key in status
+    assert status["results"] == 60 and status["passed"] + status["failed"] == 60
+    assert status["unsynced"] == 60
+    assert status["model_version"] == "tiny-1"
+    assert status["runtime"] == "litert"
+    assert status["agent"] == "running"
+    # the agent stays up after a file ends; after SIGTERM status says stopped
+    after = run_cli("edge", "status", "--config", str(cfg), "--json")
+    assert json.loads(after.stdout)["agent"] == "stopped"
+    tail = run_cli("edge", "results", "--config", str(cfg), "--tail", "5")
+    assert tail.returncode == 0 and len(tail.stdout.strip().splitlines()) == 5
+
+
+def test_kill_9_never_loses_a_reported_decision(tmp_path: Path, tiny_bundle: Path) -> None:
+    video = tmp_path / "long.avi"
+    write_video(video, 400)
+    cfg = agent_config(tmp_path, tiny_bundle, str(video), "camera.loop = true")
+    rng = random.Random(7)
+    reported: list[int] = []
+    for _ in range(4):
+        proc = start_agent(cfg)
+        decisions = read_decisions(proc, rng.randint(5, 60))
+        time.sleep(rng.uniform(0, 0.3))
+        proc.kill()
+        proc.wait(10)
+        # whatever it printed before dying was committed first
+        assert proc.stdout is not None
+        rest = [json.loads(line) for line in proc.stdout.read().splitlines() if line.strip()]
+        reported += [d["seq"] for d in decisions + rest]
+        got = rows(tmp_path / "buffer.db")
+        seqs = [r[0] for r in got]
+        assert len(seqs) == len(set(seqs))
+        assert set(reported) <= set(seqs)
+    assert len(reported) >= 4
+
+
+def test_sigterm_stops_within_two_seconds_while_busy(tmp_path: Path, tiny_bundle: Path) -> None:
+    video = tmp_path / "loop.avi"
+    write_video(video, 50)
+    cfg = agent_config(tmp_path, tiny_bundle, str(video), "camera.loop = true")
+    proc = start_agent(cfg)
+    assert len(read_decisions(proc, 20)) == 20
+    elapsed = stop(proc)
+    assert proc.returncode == 0
+    assert elapsed < 2.0, f"took {elapsed:.2f}s"
+    con = sqlite3.connect(tmp_path / "buffer.db")
+    kinds = [k for (k,) in con.execute("SELECT kind FROM events ORDER BY seq")]
+    assert kinds[-1] == "stop"
+
+
+def test_camera_that_appears_later_is_retried_and_reported(tmp_path: Path, tiny_bundle: Path) -> None:
+    video = tmp_path / "later.avi"
+    cfg = agent_config(tmp_path, tiny_bundle, str(video))
+    proc = start_agent(cfg)
+    try:
+        status = wait_status(cfg, lambda s: s["camera"]["state"] == "down" and s["camera"]["reconnects"] >= 1)
+        assert proc.poll() is None, "the agent must not exit for a missing camera"
+        assert status["camera"]["down_since"] is not None
+        tmp = tmp_path / "tmp.avi"
+        write_video(tmp, 10)
+        os.replace(tmp, video)
+        assert len(read_decisions(proc, 10, timeout=60)) == 10
+    finally:
+        stop(proc)
+    con = sqlite3.connect(tmp_path / "buffer.db")
+    kinds = {k for (k,) in con.execute("SELECT kind FROM events")}
+    assert {"camera_down", "camera_up"} <= kinds
+
+
+def test_bad_url_camera_keeps_agent_alive(tmp_path: Path, tiny_bundle: Path) -> None:
+    from tests.conftest import free_port
+
+    cfg = agent_config(tmp_path, tiny_bundle, f"rtsp://127.0.0.1:{free_port()}/cam")
+    proc = start_agent(cfg)
+    try:
+        wait_status(cfg, lambda s: s["camera"]["state"] == "down")
+        assert proc.poll() is None
+    finally:
+        assert stop(proc) < 2.5
+
+
+@pytest.mark.parametrize("case", ["missing", "altered", "truncated_manifest", "no_model_dir"])
+def test_bad_model_is_one_clear_error(tmp_path: Path, bundle_copy: Path, case: str) -> None:
+    video = tmp_path / "v.avi"
+    write_video(video, 3)
+    model_dir = bundle_copy
+    if case == "missing":
+        (bundle_copy / "model.tflite").unlink()
+        expect = "missing"
+    elif case == "altered":
+        data = bytearray((bundle_copy / "model.tflite").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (bundle_copy / "model.tflite").write_bytes(bytes(data))
+        expect = "sha256"
+    elif case == "truncated_manifest":
+        (bundle_copy / "manifest.json").write_text('{"schema_version": 1, "name"')
+        expect = "not valid JSON"
+    else:
+        model_dir = tmp_path / "empty-models"
+        model_dir.mkdir()
+        expect = "no model in"
+    cfg = agent_config(tmp_path, model_dir, str(video))
+    proc = subprocess.run([LINEWATCH, "edge", "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert expect in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
