@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn, Protocol, runtime_checkable
-from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -52,6 +51,7 @@ SOURCE_KINDS = ("device", "url", "gstreamer", "video", "images")
 CAMERA_STATES = ("starting", "up", "down", "ended", "stopped")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DEV_VIDEO = re.compile(r"^/dev/video\d+$")
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^/\s]*@")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -71,7 +71,7 @@ class SourceSpec:
     @property
     def display(self) -> str:
         """The source as it may appear in logs and status: URL passwords are masked."""
-        if self.kind == "url" and isinstance(self.value, str):
+        if isinstance(self.value, str):
             return redact_url(self.value)
         return str(self.value)
 
@@ -81,16 +81,12 @@ class SourceSpec:
         return self.kind in ("video", "images")
 
 
-def redact_url(url: str) -> str:
-    """``rtsp://user:secret@host/x`` -> ``rtsp://user:***@host/x`` (camera passwords stay out of logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def redact_url(text: str) -> str:
+    """``rtsp://user:secret@host/x`` -> ``rtsp://user:***@host/x`` (camera passwords stay out of logs).
+
+    Works on any text, so a URL inside a GStreamer pipeline is masked too.
+    """
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def parse_source(source: str | int, *, base_dir: Path | None = None) -> SourceSpec:
@@ -192,7 +188,7 @@ def natural_key(text: str) -> list[tuple[int, int | str]]:
 # --------------------------------------------------------------------------- records
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on pixel arrays is ambiguous: frames compare by identity
 class Frame:
     """One image from the camera, as handed to the inspection loop.
 
@@ -475,7 +471,7 @@ class ImageFolderSource:
         self._pacer.wake.set()
 
 
-SourceFactory = Callable[[SourceSpec], FrameSource]
+SourceFactory = Callable[[], FrameSource]
 
 
 def open_source(
@@ -534,6 +530,16 @@ class Capture:
     ``on_state_change(old, new)`` receives two :class:`CameraState` snapshots, from the
     capture thread, whenever ``state`` changes.
 
+    ``maxsize`` bounds the queue; ``fps`` paces video files and image folders (``None``: as
+    fast as the consumer takes them); ``loop`` replays them forever (then they count as
+    live); ``backoff`` sets the reconnect delays; ``timeout_ms`` the open/read timeouts of
+    network streams; ``drop_log_interval`` how often drops are logged.
+
+    ``camera`` is a ``camera.source`` value (parsed with :func:`parse_source` and opened with
+    :func:`open_source`), or a callable returning a fresh, unopened :class:`FrameSource` for
+    each (re)connect: the agent passes ``lambda: open_source(spec, ...)``, and a test a fake
+    USB camera. ``source`` is the name shown in logs and status (URL passwords are masked).
+
     Example::
 
         cap = Capture("parts.mp4")
@@ -545,8 +551,9 @@ class Capture:
 
     def __init__(
         self,
-        source: str | int | SourceSpec,
+        camera: str | int | SourceSpec | SourceFactory,
         *,
+        source: str | None = None,
         maxsize: int = 4,
         backpressure: bool | None = None,
         fps: float | None = None,
@@ -555,19 +562,28 @@ class Capture:
         timeout_ms: int = 10_000,
         drop_log_interval: float = 10.0,
         on_state_change: Callable[[CameraState, CameraState], None] | None = None,
-        source_factory: SourceFactory | None = None,
     ) -> None:
         if maxsize < 1:
             raise ValueError(f"maxsize must be >= 1, got {maxsize}")
-        self.spec = source if isinstance(source, SourceSpec) else parse_source(source)
+        self.spec: SourceSpec | None
+        if isinstance(camera, str | int | SourceSpec):
+            spec = camera if isinstance(camera, SourceSpec) else parse_source(camera)
+            self.spec = spec
+            self._factory: SourceFactory = lambda: open_source(spec, fps=fps, loop=loop, timeout_ms=timeout_ms)
+        elif callable(camera):
+            self.spec = None
+            self._factory = camera
+        else:
+            raise TypeError(f"camera must be a source value or a callable returning a FrameSource, not {camera!r}")
+        if source is not None:
+            self._label = redact_url(str(source))
+        else:
+            self._label = self.spec.display if self.spec is not None else "camera"
         self.maxsize = maxsize
         self.backoff = backoff or Backoff()
         self.drop_log_interval = drop_log_interval
         self.on_state_change = on_state_change
         self._backpressure_cfg = backpressure
-        self._factory: SourceFactory = source_factory or (
-            lambda spec: open_source(spec, fps=fps, loop=loop, timeout_ms=timeout_ms)
-        )
         self._queue: queue.Queue[Frame] = queue.Queue(maxsize=maxsize)
         self._lock = threading.Lock()  # counters and state
         self._life = threading.Lock()  # start/stop/restart
@@ -594,7 +610,7 @@ class Capture:
     @property
     def source(self) -> str:
         """The source as shown in logs and status (passwords masked)."""
-        return self.spec.display
+        return self._label
 
     @property
     def last_progress(self) -> float:
@@ -666,6 +682,7 @@ class Capture:
                         logger.exception("camera %s: release of stuck capture failed", self.source)
             with self._lock:
                 self._restarts += 1
+                self._last_progress = time.monotonic()  # give the new reader a full watchdog period
             logger.warning("camera %s: reader restarted (%d restarts)", self.source, self._restarts)
             self._spawn()
 
@@ -819,7 +836,7 @@ class Capture:
     def _session(self, worker: _Worker) -> str:
         """Open the source and pump frames until it ends ('ended') or we are halted ('halted')."""
         halt = worker.halt
-        src = self._factory(self.spec)
+        src = self._factory()
         worker.source = src
         src.open()
         if halt.is_set():
