@@ -1,0 +1,869 @@
+"""Synthetic part surfaces, with and without scratches, deterministic for a seed.
+
+What it draws, per image (gray, ``size`` x ``size``, 160 by default):
+
+- a surface: brushed metal (linear or circular/turned streaks), glossy screen glass
+  (smooth, with reflections and glare) or matte plastic (fine grain, mottling);
+- lighting: a linear and/or radial gain gradient, specular glare blobs (elongated
+  across the brushing on metal, saturating on glass), an exposure gain;
+- part geometry in both classes: nothing, a straight edge, a corner or a round edge
+  against the background (conveyor or backlit fixture), with a chamfer and a shadow,
+  sometimes a hole;
+- debris in both classes: dust specks (small dark or bright dots) and fibres (short,
+  thin, low-contrast, curly strokes: they must not be what tells the classes apart);
+- scratches (scratch class only): 1-3 thin low-curvature strokes (cubic Bezier or a
+  random walk), 1-3 px wide at 160 px, 15-90 % of the image long, dark or bright,
+  tapered, sometimes broken, sometimes with a bright lip beside the groove; about 15 %
+  of scratched images are faint (2.5-4.5 sigmas of the sensor noise and texture detail
+  they sit on, at least ~6 grey levels: visible to a person, hard for a model);
+- optics and sensor: a slight defocus, Gaussian read noise plus shot noise.
+
+Strokes are drawn at 4x on a small canvas around them and area-downsampled (that is
+the anti-aliasing, and widths below a pixel come out right); dust specks come from
+precomputed anti-aliased sprites. Scratches draw from their own random stream, so the
+same generator state renders the same part with or without its scratches.
+
+Everything is numpy + OpenCV (no TensorFlow) so the demo can render videos quickly.
+Each image ``i`` of a dataset is drawn from its own generator,
+``numpy.random.default_rng([seed, i])``, so one image can be regenerated alone. Files
+are byte-identical for a seed with a given OpenCV/numpy install (PNG encoding and
+numpy's generators are stable, but a different libpng may pack bytes differently).
+
+Videos: :func:`render_video` writes an inspection video of parts passing on a conveyor.
+The container is chosen from the file suffix: ``.avi`` and ``.mkv`` use MJPG, ``.mp4``
+uses ``mp4v``; these three write and read back frame-exact with opencv-python-headless
+here (its FFmpeg has no H.264 encoder, so ``avc1`` is not offered).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import multiprocessing
+import re
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge.exceptions import CameraError, ImageError
+
+logger = logging.getLogger(__name__)
+
+SYNTH_VERSION = 1
+PASS_LABEL = "ok"
+DEFECT_LABEL = "scratch"
+CLASSES = (PASS_LABEL, DEFECT_LABEL)
+SURFACES = ("brushed_metal", "glass", "matte_plastic")
+FAINT_FRACTION = 0.15
+VIDEO_FOURCC = {".avi": "MJPG", ".mkv": "MJPG", ".mp4": "mp4v"}
+
+_SS = 4  # supersampling factor for strokes and dots
+_SHIFT = 4  # cv2 fixed-point bits for sub-pixel coordinates
+# Sensor noise leaves little for LZ matching: Huffman-only coding behind the AVG filter is
+# 3x faster than zlib's default here and the files are smaller (~15 KB at 160 px).
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1,
+               cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # recent OpenCV only; older ones use adaptive filters
+    _PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_AVG]
+_FILE_RE = re.compile(r"^(ok|scratch)_\d+\.png$")
+
+Rng = np.random.Generator
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (x, y), float32, read-only (shared between calls)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    xx.setflags(write=False)
+    yy.setflags(write=False)
+    return xx, yy
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates relative to the image centre in image widths (about -0.5..0.5)."""
+    xx, yy = _grid(size)
+    u, v = (xx - np.float32(size / 2)) / np.float32(size), (yy - np.float32(size / 2)) / np.float32(size)
+    u.setflags(write=False)
+    v.setflags(write=False)
+    return u, v
+
+
+def _lowfreq(rng: Rng, size: int, cells: int) -> np.ndarray:
+    """Smooth noise with unit std and about ``cells`` blobs across."""
+    coarse = rng.standard_normal((cells + 1, cells + 1), dtype=np.float32)
+    coarse = (coarse - coarse.mean()) * np.float32(1.25 / (coarse.std() + 1e-6))
+    # cubic upsampling keeps about 0.8 of the knots' std. Cubic to a quarter size, then
+    # linear: as smooth to the eye, and a full-size cubic resize costs 8x more here.
+    quarter = max(cells + 1, size // 4)
+    mid = cv2.resize(coarse, (quarter, quarter), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(mid, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def _noise1d(rng: Rng, n: int, knots: int) -> np.ndarray:
+    """Smooth 1-D noise of length ``n`` through ``knots`` random values."""
+    xs = np.linspace(0.0, 1.0, knots)
+    return np.interp(np.linspace(0.0, 1.0, n), xs, rng.standard_normal(knots)).astype(np.float32)
+
+
+def _unit(angle: float) -> np.ndarray:
+    return np.array([math.cos(angle), math.sin(angle)], dtype=np.float64)
+
+
+def _stroke(size: int, pts: np.ndarray, widths: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Anti-aliased polyline mask in [0, 1]: segment i has width ``widths[i]`` px and
+    strength ``values[i]``.
+
+    Drawn at 4x on the stroke's bounding box only and area-downsampled (that is the
+    anti-aliasing); segments go in about a dozen runs of one width and strength, one
+    ``cv2.polylines`` call each, since per-segment calls cost more than the drawing.
+    """
+    pad = float(widths.max()) + 2.0
+    x0 = max(0, int(math.floor(pts[:, 0].min() - pad)))
+    y0 = max(0, int(math.floor(pts[:, 1].min() - pad)))
+    x1 = min(size, int(math.ceil(pts[:, 0].max() + pad)) + 1)
+    y1 = min(size, int(math.ceil(pts[:, 1].max() + pad)) + 1)
+    out = np.zeros((size, size), np.float32)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    canvas = np.zeros(((y1 - y0) * _SS, (x1 - x0) * _SS), np.uint8)
+    # pixel centres are at integers at 1x; a 4x pixel k has its centre at 1x (k + 0.5)/4 - 0.5
+    q = np.round(((pts - (x0, y0)) * _SS + (_SS - 1) / 2) * (1 << _SHIFT))
+    q = np.clip(q, -(1 << 26), 1 << 26).astype(np.int32)  # cv2 clips far-off points itself
+    m = len(pts) - 1
+    run = max(1, m // 12)
+    starts = np.arange(0, m, run)
+    counts = np.diff(np.append(starts, m))
+    value = np.minimum(255, np.round(np.add.reduceat(values, starts) / counts * 255)).astype(int)
+    thick = np.maximum(1, np.round(np.add.reduceat(widths, starts) / counts * _SS)).astype(int)
+    for a, n, v, t in zip(starts.tolist(), counts.tolist(), value.tolist(), thick.tolist(), strict=True):
+        if v > 0:
+            cv2.polylines(canvas, [q[a:a + n + 1]], False, v, t, cv2.LINE_8, _SHIFT)
+    small = cv2.resize(canvas, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    out[y0:y1, x0:x1] = small.astype(np.float32) * np.float32(1 / 255)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _dot_sprites() -> dict[tuple[int, int, int], np.ndarray]:
+    """Anti-aliased discs, radius in 0.1 px steps, centre offset in 0.25 px steps (7x7)."""
+    sprites: dict[tuple[int, int, int], np.ndarray] = {}
+    yy, xx = np.mgrid[-3:4, -3:4].astype(np.float32)
+    for r10 in range(3, 21):
+        radius = r10 / 10
+        for ox in range(4):
+            for oy in range(4):
+                dist = np.sqrt((xx - ox / 4) ** 2 + (yy - oy / 4) ** 2)
+                cov = np.clip(np.float32(radius + 0.5) - dist, 0, 1)
+                # discs under a pixel get their true area: tiny specks stay faint, not bloated
+                area, total = math.pi * radius * radius, float(cov.sum())
+                if area < total:
+                    cov *= np.float32(area / total)
+                cov.setflags(write=False)
+                sprites[(r10, ox, oy)] = cov
+    return sprites
+
+
+def _dot(size: int, center: np.ndarray, radius: float, value: float, out: np.ndarray) -> None:
+    """Max-combine an anti-aliased disc (radius 0.3-2 px) of strength ``value`` into
+    ``out``, in place, from a precomputed sprite."""
+    r10 = min(20, max(3, int(round(radius * 10))))
+    fx, fy = math.floor(center[0] * 4 + 0.5) / 4, math.floor(center[1] * 4 + 0.5) / 4
+    ix, iy = math.floor(fx), math.floor(fy)
+    sprite = _dot_sprites()[(r10, int((fx - ix) * 4), int((fy - iy) * 4))]
+    x0, y0 = ix - 3, iy - 3
+    sx0, sy0 = max(0, -x0), max(0, -y0)
+    sx1, sy1 = min(7, size - x0), min(7, size - y0)
+    if sx1 <= sx0 or sy1 <= sy0:
+        return
+    patch = out[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1]
+    np.maximum(patch, sprite[sy0:sy1, sx0:sx1] * np.float32(value), out=patch)
+
+
+def _gauss_blob(size: int, center: np.ndarray, sx: float, sy: float, angle: float) -> np.ndarray:
+    """Elliptical Gaussian (peak 1) with std ``sx`` along ``angle`` and ``sy`` across.
+
+    Glare is smooth, so it is computed at half resolution and upsampled (4x fewer exps).
+    """
+    half = min(sx, sy) >= 4.0 and size % 2 == 0
+    n = size // 2 if half else size
+    scale = 2.0 if half else 1.0
+    xx, yy = _grid(n)
+    # half-resolution pixel centres sit at 2i + 0.5 in full-resolution pixels
+    cx = (center[0] - (0.5 if half else 0.0)) / scale
+    cy = (center[1] - (0.5 if half else 0.0)) / scale
+    dx, dy = xx - np.float32(cx), yy - np.float32(cy)
+    c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+    u = (dx * c + dy * s) * np.float32(scale / sx)
+    v = (dy * c - dx * s) * np.float32(scale / sy)
+    blob = np.exp(np.float32(-0.5) * (u * u + v * v))
+    return cv2.resize(blob, (size, size), interpolation=cv2.INTER_LINEAR) if half else blob
+
+
+# --------------------------------------------------------------------------- surfaces
+
+
+def _streaks(rng: Rng, size: int, angle: float) -> np.ndarray:
+    """Brushing streaks along ``angle``, unit std.
+
+    The streaks live in a small table (knots along x one value per pixel across); one
+    inverse affine warp stretches it along the streaks and rotates it, so nothing is
+    drawn at full size before the warp.
+    """
+    k = size / 160.0
+    n = int(math.ceil(size * 1.45)) + 2  # the image diagonal, across
+    rows = max(4, n // 14)
+    # long fine streaks (6 knots along), short segments (one knot per 14 px), wide bands
+    table: np.ndarray = cv2.resize(rng.standard_normal((6, n), dtype=np.float32), (n, rows),
+                                   interpolation=cv2.INTER_LINEAR)
+    table = table + 0.6 * rng.standard_normal((rows, n), dtype=np.float32)
+    table = cv2.GaussianBlur(table, (2 * int(math.ceil(1.35 * k)) + 1, 1), 0.45 * k)  # soft across
+    table = table + 0.8 * cv2.resize(rng.standard_normal((3, max(2, n // 8)), dtype=np.float32), (n, rows),
+                              interpolation=cv2.INTER_CUBIC)
+    c = (size - 1) / 2
+    ca, sa = math.cos(angle), math.sin(angle)
+    ax, ay = 1.0, (rows - 1) / (n - 1)
+    # destination pixel -> table coordinates (across, along), both centred
+    m = np.array([[-sa * ax, ca * ax, (n - 1) / 2 * ax - c * (ca - sa) * ax],
+                  [ca * ay, sa * ay, (n - 1) / 2 * ay - c * (ca + sa) * ay]])
+    tex = cv2.warpAffine(table, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REFLECT)
+    return tex * np.float32(1.0 / (tex.std() + 1e-6))
+
+
+
+def _texture(rng: Rng, size: int, kind: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Flat-lit surface texture in [0, 1] (float32) and what was drawn."""
+    k = size / 160.0
+    info: dict[str, Any] = {"surface": kind}
+    if kind == "brushed_metal":
+        base = rng.uniform(0.4, 0.72)
+        angle = rng.uniform(0.0, math.pi)
+        info["brush_angle"] = angle
+        if rng.random() < 0.25:  # turned (lathe) finish: concentric arcs from an off-image centre
+            info["brush"] = "circular"
+            xx, yy = _grid(size)
+            dist = rng.uniform(0.7, 3.0) * size
+            cx, cy = size / 2 + dist * math.cos(angle), size / 2 + dist * math.sin(angle)
+            r = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+            n = int(r.max()) + 3
+            prof = rng.standard_normal(n, dtype=np.float32)
+            prof = 0.7 * prof + 0.3 * cv2.GaussianBlur(prof[None, :], (0, 0), 2.0)[0] * 2.0
+            prof += 0.8 * _noise1d(rng, n, max(3, n // 12))
+            streaks = np.interp(r, np.arange(n, dtype=np.float32), prof).astype(np.float32)
+            streaks *= 1.0 + 0.35 * _lowfreq(rng, size, 3)
+            tex = streaks / (streaks.std() + 1e-6)
+            info["brush_angle"] = angle + math.pi / 2  # highlights run along the radius
+        else:
+            info["brush"] = "linear"
+            tex = _streaks(rng, size, angle)
+        amp = rng.uniform(0.02, 0.055)
+        surface = base * (1.0 + amp * tex) + 0.02 * _lowfreq(rng, size, 3)
+    elif kind == "glass":
+        base = rng.uniform(0.06, 0.4)
+        surface = np.full((size, size), base, np.float32)
+        surface += rng.uniform(0.004, 0.015) * _lowfreq(rng, size, int(rng.integers(3, 7)))
+        # a smudge or two: low, blotchy haze
+        for _ in range(int(rng.integers(0, 3))):
+            haze = np.clip(_lowfreq(rng, size, 5) - 0.8, 0, None)
+            surface += rng.uniform(0.01, 0.04) * haze
+        surface += 0.003 * rng.standard_normal((size, size), dtype=np.float32)
+    elif kind == "matte_plastic":
+        base = rng.uniform(0.15, 0.7)
+        # uniform noise is 4x cheaper to draw than normal, and blurred it is as good as normal
+        grain: np.ndarray = cv2.GaussianBlur(rng.random((size, size), dtype=np.float32), (0, 0),
+                                             rng.uniform(0.6, 1.2) * k)
+        grain = (grain - grain.mean()) * np.float32(1 / (grain.std() + 1e-6))
+        mottle = _lowfreq(rng, size, int(rng.integers(5, 12)))
+        surface = base * (1.0 + rng.uniform(0.025, 0.07) * grain + rng.uniform(0.01, 0.035) * mottle)
+    else:
+        raise ValueError(f"unknown surface kind {kind!r}; use one of {', '.join(SURFACES)}")
+    info["base"] = round(float(base), 3)
+    return surface.astype(np.float32), info
+
+
+def _lighting(rng: Rng, size: int, info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Multiplicative gain map and additive glare map."""
+    u, v = _unit_grid(size)
+    kind = info["surface"]
+    gain = np.ones((size, size), np.float32)
+    mode = rng.choice(["linear", "radial", "both"], p=[0.5, 0.3, 0.2])
+    if mode in ("linear", "both"):
+        d = _unit(rng.uniform(0, 2 * math.pi))
+        gain += np.float32(rng.uniform(0.1, 0.5)) * (u * np.float32(d[0]) + v * np.float32(d[1]))
+    if mode in ("radial", "both"):
+        c = rng.uniform(-0.4, 0.4, 2)
+        r2 = (u - np.float32(c[0])) ** 2 + (v - np.float32(c[1])) ** 2
+        gain *= 1.0 + np.float32(rng.uniform(0.15, 0.5)) * (np.float32(0.25) - r2)
+    gain *= np.float32(rng.uniform(0.85, 1.15))  # exposure
+    gain = np.clip(gain, 0.3, None)
+
+    glare = np.zeros((size, size), np.float32)
+    if kind == "glass":
+        n = int(rng.choice([0, 1, 1, 2]))
+        band_dir = rng.uniform(0, math.pi)
+        d = _unit(band_dir)
+        off = rng.uniform(-0.4, 0.4)
+        width = rng.uniform(0.12, 0.45)
+        t = (u * np.float32(d[0]) + v * np.float32(d[1]) - np.float32(off)) * np.float32(1 / width)
+        glare += np.float32(rng.uniform(0.04, 0.22)) * np.exp(-t * t)
+        if rng.random() < 0.35:  # soft reflection of a window or lamp panel
+            c = rng.uniform(0.15, 0.85, 2) * size
+            rect: np.ndarray = np.zeros((size, size), np.float32)
+            w, h = rng.uniform(0.15, 0.5, 2) * size
+            box = ((float(c[0]), float(c[1])), (float(w), float(h)), float(rng.uniform(0, 180)))
+            cv2.fillPoly(rect, [cv2.boxPoints(box).astype(np.int32)], 1.0)
+            rect = cv2.GaussianBlur(rect, (0, 0), rng.uniform(3, 9) * size / 160)
+            glare += np.float32(rng.uniform(0.04, 0.14)) * rect
+        amp_range, s_range = (0.25, 0.9), (0.04, 0.14)
+    elif kind == "brushed_metal":
+        n = int(rng.choice([0, 1, 1, 2]))
+        amp_range, s_range = (0.08, 0.45), (0.03, 0.1)
+    else:
+        n = int(rng.choice([0, 0, 1]))
+        amp_range, s_range = (0.03, 0.12), (0.12, 0.3)
+    for _ in range(n):
+        c = rng.uniform(-0.1, 1.1, 2) * size
+        s = rng.uniform(*s_range) * size
+        if kind == "brushed_metal":  # anisotropic reflection: stretched across the brushing
+            blob = _gauss_blob(size, c, s, s * rng.uniform(3, 8), info["brush_angle"])
+        else:
+            blob = _gauss_blob(size, c, s, s * rng.uniform(1, 2.5), rng.uniform(0, math.pi))
+        glare += np.float32(rng.uniform(*amp_range)) * blob
+    return gain, glare, n
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def _coverage(d: np.ndarray) -> float:
+    return float((d[::4, ::4] > 0).mean())
+
+
+def _geometry(rng: Rng, size: int) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Signed distance in px to the part's outline (positive on the part), or None when
+    the whole view is the part's face."""
+    xx, yy = _grid(size)
+    kind = rng.choice(["none", "straight", "corner", "round"], p=[0.45, 0.25, 0.15, 0.15])
+    info: dict[str, Any] = {"edge": str(kind), "hole": False}
+    d: np.ndarray | None = None
+    centre = np.array([size / 2, size / 2])
+    if kind == "straight":
+        n = _unit(rng.uniform(0, 2 * math.pi))
+        proj = xx * np.float32(n[0]) + yy * np.float32(n[1])
+        cover = rng.uniform(0.55, 0.88)
+        d = proj - np.float32(np.quantile(proj[::4, ::4], 1.0 - cover))
+    elif kind == "corner":
+        psi = rng.uniform(0, 2 * math.pi)
+        half = math.radians(rng.uniform(38, 52))
+        bis = _unit(psi)
+        dist = rng.uniform(0.2, 0.5) * size
+        for _ in range(6):
+            q = centre - bis * dist
+            e1, e2 = _unit(psi + half), _unit(psi - half)
+            n1 = bis - bis.dot(e1) * e1
+            n2 = bis - bis.dot(e2) * e2
+            n1, n2 = n1 / np.linalg.norm(n1), n2 / np.linalg.norm(n2)
+            d1 = (xx - np.float32(q[0])) * np.float32(n1[0]) + (yy - np.float32(q[1])) * np.float32(n1[1])
+            d2 = (xx - np.float32(q[0])) * np.float32(n2[0]) + (yy - np.float32(q[1])) * np.float32(n2[1])
+            d = np.minimum(d1, d2)
+            if _coverage(d) >= 0.5:
+                break
+            dist *= 1.3
+    elif kind == "round":
+        u = _unit(rng.uniform(0, 2 * math.pi))
+        radius = rng.uniform(0.6, 3.0) * size
+        b = rng.uniform(0.12, 0.42) * size
+        for _ in range(6):
+            c = centre - u * (radius - b)
+            d = np.float32(radius) - np.sqrt((xx - np.float32(c[0])) ** 2 + (yy - np.float32(c[1])) ** 2)
+            if _coverage(d) >= 0.5:
+                break
+            b *= 1.25
+    if rng.random() < 0.2:  # a hole (through or blind) in the face
+        rh = rng.uniform(4, 15) * size / 160
+        face = (d if d is not None else np.full((size, size), 1e4, np.float32)) > rh + 8 * size / 160
+        idx = np.flatnonzero(face[::2, ::2])
+        if idx.size:
+            j = int(idx[rng.integers(idx.size)])
+            hy, hx = divmod(j, (size + 1) // 2)
+            dh = np.sqrt((xx - np.float32(hx * 2)) ** 2 + (yy - np.float32(hy * 2)) ** 2) - np.float32(rh)
+            d = dh if d is None else np.minimum(d, dh)
+            info["hole"] = True
+    return d, info
+
+
+def _compose_geometry(rng: Rng, face: np.ndarray, d: np.ndarray | None, size: int) -> np.ndarray:
+    """Put the face into the part outline: chamfer band, shadow, background."""
+    if d is None:
+        return face
+    k = size / 160
+    chamfer = rng.uniform(1.5, 6.0) * k
+    part = np.clip(d + 0.5, 0, 1)
+    flat = np.clip(d - chamfer + 0.5, 0, 1)
+    mean = float(face.mean())
+    # mostly a dark conveyor or fixture, sometimes a backlit or light one
+    bg_level = rng.uniform(0.03, 0.16) if rng.random() < 0.75 else rng.uniform(0.6, 0.88)
+    bg = bg_level * (1 + 0.15 * _lowfreq(rng, size, 4))  # its grain comes from the sensor noise
+    shadow_w = rng.uniform(2, 7) * k
+    bg *= 1 - rng.uniform(0.2, 0.6) * np.exp(np.minimum(d, 0) / np.float32(shadow_w))
+    # the chamfer faces another way, so it catches the light differently: brighter or darker
+    level = mean * rng.uniform(0.35, 1.9)
+    ramp = np.clip(d / np.float32(chamfer), 0, 1)
+    cham = np.float32(level) * (1 + np.float32(rng.uniform(-0.3, 0.3)) * ramp)
+    cham = np.minimum(cham, 1.0) + 0.2 * (face - mean)
+    img = bg * (1 - part) + part * (cham * (1 - flat) + face * flat)
+    return img.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- strokes
+
+
+def _scratch_path(rng: Rng, size: int, length: float) -> np.ndarray:
+    """Points (N, 2) of a low-curvature stroke of about ``length`` px, centred at 0."""
+    n = max(8, int(length / 1.5))  # _scratches relies on this count
+    theta = rng.uniform(0, 2 * math.pi)
+    if rng.random() < 0.6:  # cubic Bezier with control points near the chord
+        d, perp = _unit(theta), _unit(theta + math.pi / 2)
+        p0, p3 = -d * length / 2, d * length / 2
+        o1, o2 = rng.normal(0, 0.12, 2) * length
+        p1 = p0 + (p3 - p0) / 3 + perp * o1
+        p2 = p0 + 2 * (p3 - p0) / 3 + perp * o2
+        t = np.linspace(0, 1, n)[:, None]
+        pts = ((1 - t) ** 3) * p0 + 3 * ((1 - t) ** 2) * t * p1 + 3 * (1 - t) * t * t * p2 + t ** 3 * p3
+    else:  # random walk whose heading drifts slowly
+        step = length / (n - 1)
+        turn = rng.normal(0, 0.5) / n + rng.normal(0, 0.06, n - 1) * math.sqrt(8 / n)
+        heading = theta + np.concatenate([[0.0], np.cumsum(turn)])
+        steps = np.stack([np.cos(heading), np.sin(heading)], 1) * step
+        pts = np.concatenate([[[0.0, 0.0]], np.cumsum(steps[:-1], 0)])
+        pts -= pts.mean(0)
+    return pts
+
+
+def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma: float,
+               kind: str, mean: float) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Dark and bright (absolute) scratch deltas to apply to the face, and descriptions."""
+    k = size / 160
+    dark = np.zeros((size, size), np.float32)
+    bright = np.zeros((size, size), np.float32)
+    count = int(rng.choice([1, 2, 3], p=[0.65, 0.25, 0.1]))
+    idx = np.flatnonzero(face_w.ravel() > 0.99)
+    descs: list[dict[str, Any]] = []
+    for _ in range(count):
+        width = float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0], p=[0.3, 0.3, 0.2, 0.12, 0.08]))
+        width *= rng.uniform(0.9, 1.1) * k
+        length = size * (0.15 + 0.75 * rng.random() ** 1.3)
+        p_bright = 0.7 if kind == "glass" else 0.4
+        polarity = "bright" if rng.random() < p_bright else "dark"
+        if faint:  # a few noise sigmas: at the limit of what an inspector sees
+            contrast = max(0.025, rng.uniform(2.5, 4.5) * noise_sigma)
+        elif polarity == "bright":
+            contrast = rng.uniform(0.06, 0.3)
+        else:
+            contrast = min(max(mean * rng.uniform(0.15, 0.6), 0.05), 0.8 * mean)
+        # the ink profile along the stroke: tapered ends, uneven pressure, sometimes broken
+        m = max(8, int(length / 1.5)) - 1
+        s = (np.arange(m) + 0.5) / m
+        taper = np.clip(np.minimum(s, 1 - s) / rng.uniform(0.05, 0.25), 0, 1) ** 0.7
+        mod = np.clip(1 + 0.3 * _noise1d(rng, m, max(3, m // 10)), 0.3, 1.6)
+        if rng.random() < 0.2:  # skipping tool: the scratch breaks up
+            mod *= _noise1d(rng, m, max(4, m // 6)) > -0.6
+        profile = taper * mod
+        widths = width * (0.45 + 0.55 * taper) * np.clip(1 + 0.15 * _noise1d(rng, m, 5), 0.7, 1.3)
+        ink = widths * profile
+        best: tuple[float, np.ndarray] | None = None
+        for _attempt in range(8):
+            pts = _scratch_path(rng, size, length)
+            j = int(idx[rng.integers(idx.size)]) if idx.size else int(rng.integers(size * size))
+            cy, cx = divmod(j, size)
+            pts = pts + (cx + rng.uniform(-0.5, 0.5), cy + rng.uniform(-0.5, 0.5))
+            # how much of the ink lands on the face (not off the image, on the chamfer or
+            # the background): sampled at the segment midpoints, before drawing anything
+            mid = np.round((pts[1:] + pts[:-1]) / 2).astype(int)
+            inside = (mid >= 0).all(1) & (mid < size).all(1)
+            on_face = np.zeros(m, np.float32)
+            on_face[inside] = face_w[mid[inside, 1], mid[inside, 0]]
+            visible = float((ink * on_face).sum() / max(float(ink.sum()), 1e-6))
+            if best is None or visible > best[0]:
+                best = (visible, pts)
+            if visible >= 0.75:
+                break
+        assert best is not None
+        pts = best[1]
+        mask = _stroke(size, pts, widths, profile) * face_w
+        highlight = (not faint) and polarity == "dark" and rng.random() < 0.35
+        if highlight:  # light catches the raised lip on one side of the groove
+            tang = np.gradient(pts, axis=0)
+            normal = np.stack([-tang[:, 1], tang[:, 0]], 1) / (np.linalg.norm(tang, axis=1)[:, None] + 1e-9)
+            side = rng.choice([-1.0, 1.0])
+            lip_pts = pts + normal * side * (width * 0.5 + 0.6 * k)
+            lip = _stroke(size, lip_pts, np.maximum(0.5 * k, widths * 0.5), profile * 0.9) * face_w
+            np.maximum(bright, np.float32(contrast * rng.uniform(0.4, 0.9)) * lip, out=bright)
+        if polarity == "dark":
+            dark = np.maximum(dark, np.float32(contrast) * mask)
+        else:
+            bright = np.maximum(bright, np.float32(contrast) * mask)
+        descs.append({"polarity": polarity, "width_px": round(width, 2), "length_px": round(length, 1),
+                      "contrast": round(float(contrast), 4), "highlight": bool(highlight)})
+    return dark, bright, descs
+
+
+def _debris(rng: Rng, size: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Dust specks and fibres, as dark and bright absolute deltas (both classes)."""
+    k = size / 160
+    dark = np.zeros((size, size), np.float32)
+    bright = np.zeros((size, size), np.float32)
+    n_dust = int(min(25, rng.geometric(0.12) - 1))
+    for _ in range(n_dust):
+        target = dark if rng.random() < 0.7 else bright
+        c = rng.uniform(0, size, 2)
+        r = rng.uniform(0.35, 1.6) * k
+        _dot(size, c, r, rng.uniform(0.05, 0.35), target)
+    n_fibres = int(rng.choice([0, 1, 1, 2, 3], p=[0.35, 0.3, 0.0, 0.25, 0.1]))
+    for _ in range(n_fibres):
+        length = rng.uniform(0.05, 0.15) * size
+        n = max(6, int(length / 0.7))
+        curl = rng.normal(0, 2.5) / n * 4  # strong, changing curvature: curly, not a scratch
+        turn = curl + rng.normal(0, 0.35, n - 1)
+        heading = rng.uniform(0, 2 * math.pi) + np.concatenate([[0.0], np.cumsum(turn)])
+        steps = np.stack([np.cos(heading), np.sin(heading)], 1) * (length / n)
+        pts = rng.uniform(0, size, 2) + np.concatenate([[[0.0, 0.0]], np.cumsum(steps[:-1], 0)])
+        widths = np.full(n - 1, rng.uniform(0.5, 1.0) * k)
+        vals = np.clip(0.7 + 0.3 * _noise1d(rng, n - 1, 4), 0.2, 1.0)
+        target = dark if rng.random() < 0.6 else bright
+        np.maximum(target, np.float32(rng.uniform(0.05, 0.14)) * _stroke(size, pts, widths, vals),
+                   out=target)
+    return dark, bright, n_dust, n_fibres
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _finish(rng: Rng, img: np.ndarray, size: int, noise: tuple[float, float]) -> np.ndarray:
+    """Optics and sensor: slight defocus, read + shot noise, 8-bit quantisation."""
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 0.75) * size / 160)
+    read, shot = noise
+    sigma = np.sqrt(np.float32(read * read) + np.float32(shot * shot) * np.clip(img, 0, 1))
+    img = img + sigma * rng.standard_normal((size, size), dtype=np.float32)
+    return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def _pick_kind(rng: Rng, kind: str | None) -> str:
+    if kind is None:
+        return str(rng.choice(SURFACES))
+    if kind not in SURFACES:
+        raise ValueError(f"unknown surface kind {kind!r}; use one of {', '.join(SURFACES)}")
+    return kind
+
+
+def render_surface(rng: Rng, size: int, kind: str | None = None) -> np.ndarray:
+    """A clean surface (texture, lighting, glare, sensor noise; no edges, debris or
+    scratches) as a uint8 gray ``size`` x ``size`` image. ``kind`` is one of
+    :data:`SURFACES`, random when None."""
+    kind = _pick_kind(rng, kind)
+    face, info = _texture(rng, size, kind)
+    gain, glare, _ = _lighting(rng, size, info)
+    noise = (rng.uniform(0.004, 0.018), rng.uniform(0.005, 0.02))
+    return _finish(rng, face * gain + glare, size, noise)
+
+
+def render_part(rng: Rng, size: int, scratched: bool, kind: str | None = None
+                ) -> tuple[np.ndarray, dict[str, Any]]:
+    """One close-up view of a part surface: uint8 gray ``size`` x ``size`` and a
+    JSON-able description (surface, edge, hole, dust, fibres, glare, scratches, faint,
+    and per scratch its polarity, width, length and contrast).
+
+    Two generators in the same state give the same part for ``scratched`` True and
+    False, differing only by the scratches (handy for paired checks).
+    """
+    kind = _pick_kind(rng, kind)
+    face, info = _texture(rng, size, kind)
+    gain, glare, n_glare = _lighting(rng, size, info)
+    d, geo = _geometry(rng, size)
+    noise = (rng.uniform(0.004, 0.018), rng.uniform(0.005, 0.02))
+    mean = float(face.mean())
+    # what a faint scratch competes with, in face units: sensor noise seen after lighting
+    # and the texture's own fine detail (brush streaks, grain)
+    sensor = math.sqrt(noise[0] ** 2 + noise[1] ** 2 * min(1.0, mean)) / max(0.3, float(gain.mean()))
+    detail = float((face - cv2.GaussianBlur(face, (0, 0), 2.0 * size / 160)).std())
+    sigma = math.sqrt(sensor**2 + detail**2)
+    face_w = np.ones_like(face) if d is None else np.clip(d - 8 * size / 160, 0, 1)
+    scratches: list[dict[str, Any]] = []
+    faint = False
+    # scratches draw from their own stream, so the rest of the picture is the same part
+    # whether or not it is scratched: render_part(rng_a, s, True) and (rng_b, s, False)
+    # with equal generators differ only by the scratches
+    scratch_rng = np.random.default_rng(int(rng.integers(2**63)))
+    if scratched:
+        faint = bool(scratch_rng.random() < FAINT_FRACTION)
+        s_dark, s_bright, scratches = _scratches(scratch_rng, size, face_w, faint, sigma, kind, mean)
+        face = face * (1 - s_dark / max(mean, 1e-3)) + s_bright
+    img = _compose_geometry(rng, face, d, size)
+    dust_dark, dust_bright, n_dust, n_fibres = _debris(rng, size)
+    img = img * (1 - np.minimum(2 * dust_dark, 0.9)) + dust_bright
+    img = img * gain + glare
+    out = _finish(rng, img, size, noise)
+    desc: dict[str, Any] = {
+        "surface": kind,
+        "brush": info.get("brush"),
+        "edge": geo["edge"],
+        "hole": geo["hole"],
+        "glare": n_glare,
+        "dust": n_dust,
+        "fibres": n_fibres,
+        "scratched": bool(scratched),
+        "scratches": len(scratches),
+        "faint": faint,
+        "scratch": scratches,
+    }
+    return out, desc
+
+
+def _check_args(count: int, size: int, scratch_fraction: float) -> None:
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    if size < 32:
+        raise ValueError(f"size must be at least 32 px (scratches are 1-3 px wide at 160), got {size}")
+    if not 0.0 <= scratch_fraction <= 1.0:
+        raise ValueError(f"scratch_fraction must be between 0 and 1, got {scratch_fraction}")
+
+
+def _assign(rng: Rng, count: int, scratch_fraction: float) -> np.ndarray:
+    """Exactly round(count * fraction) scratched items, in a seeded random order."""
+    n_scratch = int(round(count * scratch_fraction))
+    flags = np.zeros(count, bool)
+    flags[:n_scratch] = True
+    return rng.permutation(flags)
+
+
+def _write_images(out_dir: Path, seed: int, size: int, digits: int,
+                  items: list[tuple[int, bool]]) -> list[dict[str, Any]]:
+    """Render, encode and write the images ``items`` = [(index, scratched)]; return
+    their descriptions. Module-level so worker processes can run it."""
+    written: list[dict[str, Any]] = []
+    for i, scratched in items:
+        cls = DEFECT_LABEL if scratched else PASS_LABEL
+        img, desc = render_part(np.random.default_rng([seed, i]), size, scratched)
+        ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
+        if not ok:  # pragma: no cover - PNG encoding of a uint8 array does not fail
+            raise ImageError(f"OpenCV could not encode image {i} as PNG; check the OpenCV install")
+        rel = f"{cls}/{cls}_{i:0{digits}d}.png"
+        (out_dir / rel).write_bytes(buf.tobytes())
+        written.append({"file": rel, **desc})
+    return written
+
+
+def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: int = 160,
+                     scratch_fraction: float = 0.5,
+                     progress: Callable[[int, int], None] | None = None,
+                     workers: int = 1) -> dict[str, int]:
+    """Write ``count`` synthetic images to OUT_DIR/ok/ and OUT_DIR/scratch/ and a
+    OUT_DIR/synth.json (parameters, counts, a description per file); return the counts.
+
+    Files are named ``<class>_<index>.png`` where index is the image's position in the
+    dataset; image i is drawn from ``default_rng([seed, i])``, and the same arguments
+    give byte-identical files, whatever ``workers`` is. Exactly
+    ``round(count * scratch_fraction)`` images are scratched. Old ``ok_*.png`` and
+    ``scratch_*.png`` files in those folders are removed first so a rerun never mixes
+    two datasets; other files are left alone.
+
+    ``workers`` > 1 renders in that many spawned processes (worth it from a few thousand
+    images on an otherwise idle machine); ``progress(done, total)`` is then called per
+    batch instead of per image.
+
+    Example::
+
+        generate_dataset(Path("data"), count=2000, seed=1)  # {'ok': 1000, 'scratch': 1000}
+    """
+    _check_args(count, size, scratch_fraction)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    out_dir = Path(out_dir)
+    flags = _assign(np.random.default_rng([seed, 2**31]), count, scratch_fraction)
+    removed = 0
+    for cls in CLASSES:
+        folder = out_dir / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():
+            if _FILE_RE.match(old.name):
+                old.unlink()
+                removed += 1
+    if removed:
+        logger.info("removed %s images of an earlier dataset in %s", removed, out_dir)
+    digits = max(5, len(str(count - 1)))
+    items = [(i, bool(flags[i])) for i in range(count)]
+    images: list[dict[str, Any]] = []
+    if workers == 1:
+        for item in items:
+            images += _write_images(out_dir, seed, size, digits, [item])
+            if progress is not None:
+                progress(len(images), count)
+    else:
+        batch = max(1, min(100, count // (workers * 4)))
+        batches = [items[a:a + batch] for a in range(0, count, batch)]
+        # spawn, not fork: forking a process that holds OpenCV's thread pool can deadlock
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            job = functools.partial(_write_images, out_dir, seed, size, digits)
+            for done in pool.map(job, batches):  # in order, so synth.json is the same
+                images += done
+                if progress is not None:
+                    progress(len(images), count)
+    counts = {cls: sum(1 for m in images if m["file"].startswith(cls + "/")) for cls in CLASSES}
+    meta = {
+        "generator": "training.synth",
+        "version": SYNTH_VERSION,
+        "seed": seed,
+        "count": count,
+        "size": size,
+        "scratch_fraction": scratch_fraction,
+        "faint_fraction": FAINT_FRACTION,
+        "classes": list(CLASSES),
+        "pass_label": PASS_LABEL,
+        "counts": counts,
+        "images": images,
+    }
+    (out_dir / "synth.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    logger.info("wrote %s synthetic images to %s: %s", count, out_dir, counts)
+    return counts
+
+
+# --------------------------------------------------------------------------- video
+
+
+def _rounded_alpha(side: int, radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    half = (side - 1) / 2
+    qx = np.abs(xx - half) - (half - radius)
+    qy = np.abs(yy - half) - (half - radius)
+    outside = np.sqrt(np.maximum(qx, 0) ** 2 + np.maximum(qy, 0) ** 2)
+    d = outside + np.minimum(np.maximum(qx, qy), 0) - radius
+    return np.clip(0.5 - d, 0, 1)
+
+
+def render_frames(*, parts: int = 40, seed: int = 0, size: tuple[int, int] = (640, 480),
+                  frames_per_part: int = 1, scratch_fraction: float = 0.3, part_size: int = 160
+                  ) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """Yield (BGR uint8 frame of ``size`` = (width, height), ground truth) for an
+    inspection video: each part is one :func:`render_part` image scaled up onto a
+    moving conveyor belt, shown for ``frames_per_part`` frames while it drifts a little.
+
+    Ground truth per frame: frame, part, scratched, surface, faint, and bbox
+    [x, y, w, h] of the part in the frame (for a region of interest).
+    """
+    width, height = size
+    if parts < 1 or frames_per_part < 1:
+        raise ValueError(f"parts and frames_per_part must be at least 1, got {parts}, {frames_per_part}")
+    if width < 64 or height < 64:
+        raise ValueError(f"frame size must be at least 64x64, got {width}x{height}")
+    _check_args(1, part_size, scratch_fraction)
+    rng = np.random.default_rng([seed, 2**31 + 1])
+    flags = _assign(rng, parts, scratch_fraction)
+    # belt: a fixed texture that scrolls by one step per frame; seams every `period` px
+    period = max(32, width // 4)
+    belt_w = width + period
+    # rubber/fabric belt: fine grain plus faint streaks along the direction of travel
+    along = cv2.resize(rng.standard_normal((height, max(2, belt_w // 40)), dtype=np.float32),
+                       (belt_w, height), interpolation=cv2.INTER_LINEAR)
+    grain = cv2.GaussianBlur(rng.standard_normal((height, belt_w), dtype=np.float32), (0, 0), 0.8)
+    belt = 0.2 + 0.012 * along + 0.03 * grain
+    for x in range(0, belt_w, period):
+        belt[:, x:x + 3] *= 0.6
+    rail = max(4, height // 16)
+    belt[:rail] = 0.55 + 0.04 * np.linspace(-1, 1, rail, dtype=np.float32)[:, None]
+    belt[-rail:] = 0.55 + 0.04 * np.linspace(1, -1, rail, dtype=np.float32)[:, None]
+    side = int(min(height - 2 * rail - 8, 0.92 * width))
+    alpha = _rounded_alpha(side, 0.05 * side)
+    shadow = cv2.GaussianBlur(alpha, (0, 0), max(2.0, side / 50))
+    step = period / max(4, frames_per_part * 2)
+    frame_no = 0
+    for p in range(parts):
+        part_rng = np.random.default_rng([seed, 2**31 + 2, p])
+        img, desc = render_part(part_rng, part_size, bool(flags[p]))
+        plate = cv2.resize(img, (side, side), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+        plate = plate * (0.97 + 0.03 * alpha)  # slight bevel darkening at the rim
+        for f in range(frames_per_part):
+            shift = int(round(width * 0.04 * ((f + 0.5) / frames_per_part - 0.5) * 2)) if frames_per_part > 1 else 0
+            x0 = (width - side) // 2 + shift
+            y0 = (height - side) // 2
+            off = int(frame_no * step) % period
+            frame = belt[:, off:off + width].copy()
+            sx, sy = x0 + side // 40, y0 + side // 30
+            sub = frame[sy:sy + side, sx:sx + side]
+            sub *= 1 - 0.5 * shadow[:sub.shape[0], :sub.shape[1]]
+            roi = frame[y0:y0 + side, x0:x0 + side]
+            roi[:] = roi * (1 - alpha) + plate * alpha
+            frame += 0.006 * part_rng.standard_normal(frame.shape, dtype=np.float32)
+            gray = np.clip(np.round(frame * 255), 0, 255).astype(np.uint8)
+            truth = {"frame": frame_no, "part": p, "scratched": bool(flags[p]),
+                     "surface": desc["surface"], "faint": desc["faint"],
+                     "bbox": [int(x0), int(y0), int(side), int(side)]}
+            yield cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), truth
+            frame_no += 1
+
+
+def render_video(out_path: Path, *, parts: int = 40, seed: int = 0, fps: int = 10,
+                 size: tuple[int, int] = (640, 480), frames_per_part: int = 1,
+                 scratch_fraction: float = 0.3) -> list[dict[str, Any]]:
+    """Write the :func:`render_frames` video to ``out_path`` and return its ground truth
+    (one dict per frame: frame, part, scratched, surface, faint, bbox).
+
+    The codec follows the suffix: .avi and .mkv -> MJPG, .mp4 -> mp4v (what
+    opencv-python-headless writes and reads back frame-exact without extra codecs).
+    """
+    out_path = Path(out_path)
+    fourcc = VIDEO_FOURCC.get(out_path.suffix.lower())
+    if fourcc is None:
+        raise ValueError(f"{out_path}: unsupported video suffix; use one of {', '.join(VIDEO_FOURCC)}")
+    frames = render_frames(parts=parts, seed=seed, size=size, frames_per_part=frames_per_part,
+                           scratch_fraction=scratch_fraction)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter.fourcc(*fourcc), float(fps), size, True)
+    if not writer.isOpened():
+        raise CameraError(f"{out_path}: OpenCV cannot write {fourcc} video here; "
+                          f"try another suffix ({', '.join(VIDEO_FOURCC)}) or check the folder is writable")
+    truth: list[dict[str, Any]] = []
+    try:
+        for frame, t in frames:
+            writer.write(frame)
+            truth.append(t)
+    finally:
+        writer.release()
+    logger.info("wrote %s frames (%s parts) to %s", len(truth), parts, out_path)
+    return truth
+
+
+def preview_grid(out_path: Path, *, per_class: int = 16, seed: int = 0, size: int = 160,
+                 columns: int = 8) -> np.ndarray:
+    """Write a PNG grid: ``per_class`` ok images, a gap, then ``per_class`` scratched
+    ones (each labelled with its surface and scratch count); returns the grid."""
+    tiles: list[np.ndarray] = []
+    for cls_i, scratched in enumerate((False, True)):
+        for i in range(per_class):
+            img, desc = render_part(np.random.default_rng([seed, cls_i, i]), size, scratched)
+            tile = cv2.copyMakeBorder(img, 0, 14, 0, 2, cv2.BORDER_CONSTANT, value=255)
+            label = f"{desc['surface'][:6]} {desc['edge'][:4]} s{desc['scratches']}{' F' if desc['faint'] else ''}"
+            cv2.putText(tile, label, (2, size + 10), cv2.FONT_HERSHEY_PLAIN, 0.7, 0, 1, cv2.LINE_AA)
+            tiles.append(tile)
+    th, tw = tiles[0].shape
+    rows_per_class = math.ceil(per_class / columns)
+    gap = 16
+    grid = np.full((2 * rows_per_class * th + gap, columns * tw), 255, np.uint8)
+    for n, tile in enumerate(tiles):
+        cls_i, i = divmod(n, per_class)
+        r, c = divmod(i, columns)
+        y = cls_i * (rows_per_class * th + gap) + r * th
+        grid[y:y + th, c * tw:(c + 1) * tw] = tile
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_path), grid)
+    return grid
