@@ -126,6 +126,8 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
     truth = render_video(video, parts=parts, seed=2, fps=25)
     scratched = sum(1 for t in truth if t.get("scratched"))
     click.echo(f"{video}: {len(truth)} frames, {scratched} with a scratch")
+    # The camera sees the part on a conveyor; the agent inspects the region where parts stop.
+    roi = truth[0]["bbox"]
 
     _step("3/5 Mosquitto and the cloud ingest service")
     port = _free_port()
@@ -139,7 +141,7 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
     agent_cfg = run_dir / "agent.toml"
     agent_cfg.write_text(
         f'device_id = "line1-cam1"\ngroups = ["line1"]\nline = "demo line 1"\n\n'
-        f'[camera]\nsource = "{video}"\nfps = 25\n\n[model]\npath = "{bundle}"\n\n'
+        f'[camera]\nsource = "{video}"\nfps = 25\nroi = {list(roi)}\n\n[model]\npath = "{bundle}"\n\n'
         f'[buffer]\npath = "buffer.db"\nmax_bytes = 50_000_000\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\nstatus_interval_s = 1\nack_timeout_s = 3\n'
     )
     broker = _mosquitto(port, run_dir)

@@ -243,8 +243,15 @@ class Agent:
 
     def _inspect_frame(self, buffer: Buffer, frame: Frame, part_id: int, wait_ms: float) -> None:
         clf = self.classifier
+        image = frame.image
+        roi = self.config.camera.roi
+        if roi is not None:
+            x, y, w, h = roi
+            image = image[y : y + h, x : x + w]
         try:
-            pred = clf.predict(frame.image)
+            if image.size == 0:
+                raise ValueError(f"camera.roi {list(roi or ())} lies outside the {frame.image.shape[1]}x{frame.image.shape[0]} frame")
+            pred = clf.predict(image)
         except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the line
             self.counts["errors"] += 1
             logger.warning("frame %s could not be decided: %s", frame.index, exc)
@@ -285,7 +292,7 @@ class Agent:
         why = self.sampler.reason(pred, frame.ts)
         if why:
             try:
-                jpeg, w, h = self.sampler.encode(frame.image)
+                jpeg, w, h = self.sampler.encode(image)
                 buffer.record_sample(SampleRecord(ts=frame.ts, reason=why, label=pred.label, score=pred.score, width=w, height=h, jpeg=jpeg, result_seq=seq))
                 self.counts["samples"] += 1
             except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept

@@ -40,6 +40,16 @@ class CameraConfig(_Section):
         description="drop the oldest frame when inference falls behind; default: yes for cameras and streams, no for files",
     )
     watchdog_s: float = Field(default=10.0, gt=0, description="restart capture when a live camera gives no frame for this long")
+    roi: tuple[int, int, int, int] | None = Field(
+        default=None, description="region of interest [x, y, width, height] in pixels: the part, without the conveyor around it"
+    )
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_ok(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] < 8 or v[3] < 8):
+            raise ValueError("roi is [x, y, width, height] with x, y >= 0 and width, height >= 8")
+        return v
 
     @field_validator("source")
     @classmethod
