@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from edge.buffer import Buffer, ResultRecord, SampleRecord
-from edge.capture import Capture, CameraState, Frame, open_source, parse_source
+from edge.capture import CameraState, Capture, Frame, open_source, parse_source
 from edge.config import AgentConfig
 from edge.inference import Classifier, Prediction
 from edge.models import ModelStore
@@ -124,6 +124,7 @@ class Agent:
         self._events_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.sync: Any = None
+        self.operator: Any = None
         self.fatal: BaseException | None = None
 
     # -- model -----------------------------------------------------------------------------
@@ -165,6 +166,19 @@ class Agent:
         self._threads = [inspect, watchdog]
         if self.config.mqtt.enabled:
             self._start_sync()
+        if self.config.operator.enabled:
+            self._start_operator_page()
+
+    def _start_operator_page(self) -> None:
+        from edge.operator import OperatorPage
+
+        op = self.config.operator
+        try:
+            self.operator = OperatorPage(op.host, op.port, self.status_snapshot, self.config.buffer.path)
+        except OSError as exc:  # a taken port must not stop the line
+            logger.warning("operator page not started on %s:%s (%s); inspection continues", op.host, op.port, exc)
+            return
+        self.operator.start()
 
     def _start_sync(self) -> None:
         try:
@@ -188,6 +202,8 @@ class Agent:
         if self.sync is not None:
             self.sync.stop()
             self.sync.join(max(0.1, deadline - time.monotonic()))
+        if self.operator is not None:
+            self.operator.close()
         self._write_status_file(state="stopped")
 
     # -- inspection ------------------------------------------------------------------------
@@ -351,6 +367,7 @@ class Agent:
             if last is None
             else {"seq": last.seq, "part_id": last.part_id, "ts": last.ts, "label": last.label, "score": last.score,
                   "passed": last.passed, "latency_ms": last.latency_ms},
+            "operator_url": None if self.operator is None else f"http://{self.config.operator.host}:{self.operator.port}/",
             "first_decision_s": None if self.first_decision_at is None else self.first_decision_at - self.started_at,
         }
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge.exceptions import ConfigError
@@ -127,6 +127,14 @@ class OtaConfig(_Section):
     health_parts: int = Field(default=200, ge=1, description="parts watched after a switch before the new model is trusted")
 
 
+class OperatorConfig(_Section):
+    """The operator page (pass/fail as the line sees it)."""
+
+    enabled: bool = Field(default=True, description="serve the operator page")
+    host: str = Field(default="127.0.0.1", description="0.0.0.0 to show it on a screen elsewhere on the plant network")
+    port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")
+
+
 class AgentConfig(_Section):
     """The whole agent config file."""
 
@@ -139,6 +147,7 @@ class AgentConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     mqtt: MqttConfig = MqttConfig()
     ota: OtaConfig = OtaConfig()
+    operator: OperatorConfig = OperatorConfig()
     state_file: Path | None = Field(default=None, description="live status JSON; default: next to the buffer")
 
     @field_validator("groups")

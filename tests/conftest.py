@@ -114,7 +114,10 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny but real int8 bundle made by the trainer once per run (shared by xdist workers).
 
     Read-only: copy it (``shutil.copytree``) before changing anything in it.
+    ``LINEWATCH_TEST_BUNDLE`` points at a ready bundle instead (quicker local runs).
     """
+    if os.environ.get("LINEWATCH_TEST_BUNDLE"):
+        return Path(os.environ["LINEWATCH_TEST_BUNDLE"])
     return shared_bundle(tmp_path_factory, "tiny-1", seed=0)
 
 

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import cv2
@@ -41,6 +42,7 @@ camera.source = "{source}"
 model.path = "{bundle}"
 buffer.path = "{tmp_path / 'buffer.db'}"
 mqtt.enabled = false
+operator.port = 0
 {extra}
 """
     )
@@ -93,10 +95,13 @@ def wait_status(cfg: Path, pred, timeout: float = 30) -> dict:
 
 
 def stop(proc: subprocess.Popen[str]) -> float:
+    """SIGTERM; returns seconds until the process exited (pipes drained and closed)."""
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     proc.wait(10)
-    return time.monotonic() - t0
+    elapsed = time.monotonic() - t0
+    proc.stderr_text = proc.communicate()[1]  # type: ignore[attr-defined]
+    return elapsed
 
 
 def test_every_frame_one_row_in_order_then_status(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -108,9 +113,16 @@ def test_every_frame_one_row_in_order_then_status(tmp_path: Path, tiny_bundle: P
         decisions = read_decisions(proc, 60)
         assert len(decisions) == 60
         status = wait_status(cfg, lambda s: s["camera"]["state"] == "ended")
+        live = json.loads((tmp_path / "buffer.status.json").read_text())
+        page = urllib.request.urlopen(live["operator_url"], timeout=5).read().decode()
+        assert "Linewatch" in page
+        api = json.loads(urllib.request.urlopen(live["operator_url"] + "api/status", timeout=5).read())
+        assert api["session"]["results"] == 60
+        recent = json.loads(urllib.request.urlopen(live["operator_url"] + "api/recent", timeout=5).read())
+        assert [r["part_id"] for r in recent] == list(range(31, 61))
     finally:
         elapsed = stop(proc)
-    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    assert proc.returncode == 0, proc.stderr_text  # type: ignore[attr-defined]
     assert elapsed < 2.5
     got = rows(tmp_path / "buffer.db")
     assert [r[1] for r in got] == list(range(1, 61)), "one row per frame, in order"
@@ -140,10 +152,9 @@ def test_kill_9_never_loses_a_reported_decision(tmp_path: Path, tiny_bundle: Pat
         decisions = read_decisions(proc, rng.randint(5, 60))
         time.sleep(rng.uniform(0, 0.3))
         proc.kill()
-        proc.wait(10)
         # whatever it printed before dying was committed first
-        assert proc.stdout is not None
-        rest = [json.loads(line) for line in proc.stdout.read().splitlines() if line.strip()]
+        out, _ = proc.communicate(timeout=10)
+        rest = [json.loads(line) for line in out.splitlines() if line.strip()]
         reported += [d["seq"] for d in decisions + rest]
         got = rows(tmp_path / "buffer.db")
         seqs = [r[0] for r in got]

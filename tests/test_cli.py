@@ -27,7 +27,7 @@ def test_every_command_has_help_with_an_example() -> None:
     names = {" ".join(path) for path, _ in found}
     for required in ("train synth", "train fit", "train eval", "edge validate-config", "edge run", "edge status", "cloud serve", "cloud fleet", "demo"):
         assert required in names, f"missing command: linewatch {required}"
-    for path, cmd in found:
+    for path, _cmd in found:
         result = CliRunner().invoke(cli, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Example" in result.output, f"linewatch {' '.join(path)} --help has no example"

@@ -1,0 +1,154 @@
+"""The operator page: what the agent decided, big enough to read from the line.
+
+A small HTTP server (stdlib, one thread per request) beside the agent. It only reads:
+the agent's in-memory status and, for the last failed part's picture, the buffer through
+its own read-only connection. It never blocks inspection; if the port is taken the
+agent logs it and inspects without the page.
+
+    GET /             the page (refreshes itself every second)
+    GET /api/status   the agent's status snapshot as JSON
+    GET /api/recent   the last 30 decisions as JSON
+    GET /api/last-fail.jpg   the most recent failed part's sample image
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from edge.buffer import Buffer
+from edge.exceptions import BufferStoreError
+
+logger = logging.getLogger(__name__)
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Linewatch</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body{font-family:system-ui,sans-serif;margin:0;background:#111;color:#eee}
+ header{padding:12px 20px;background:#222;display:flex;gap:24px;align-items:baseline;flex-wrap:wrap}
+ header b{font-size:1.3em}
+ #verdict{font-size:18vw;font-weight:800;text-align:center;line-height:1.1;padding:10px}
+ .pass{background:#0a5c2b}.fail{background:#9b1111}.idle{background:#333}
+ .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(160px,1fr));gap:10px;padding:10px 20px}
+ .card{background:#222;padding:10px;border-radius:6px}.card div{font-size:1.8em;font-weight:700}
+ table{width:100%;border-collapse:collapse}td{padding:3px 8px;border-bottom:1px solid #333}
+ .warn{color:#ffb347}
+ img{max-width:100%;border:2px solid #9b1111}
+ section{padding:10px 20px}
+</style></head><body>
+<header><b>Linewatch</b><span id="device"></span><span id="model"></span><span id="camera"></span></header>
+<div id="verdict" class="idle">&mdash;</div>
+<div class="grid">
+ <div class="card">inspected<div id="results">0</div></div>
+ <div class="card">passed<div id="passed">0</div></div>
+ <div class="card">failed<div id="failed">0</div></div>
+ <div class="card">pass rate<div id="rate">&mdash;</div></div>
+ <div class="card">waiting to sync<div id="unsynced">0</div></div>
+</div>
+<section style="display:grid;grid-template-columns:2fr 1fr;gap:20px">
+ <div><h3>Recent parts</h3><table id="recent"></table></div>
+ <div><h3>Last failed part</h3><img id="lastfail" alt="no failure yet"></div>
+</section>
+<script>
+async function tick(){
+ try{
+  const s=await (await fetch('/api/status')).json();
+  const r=await (await fetch('/api/recent')).json();
+  document.getElementById('device').textContent=s.device_id+(s.line?' \\u2014 '+s.line:'');
+  document.getElementById('model').textContent='model '+s.model_version+' ('+s.runtime+')';
+  const cam=document.getElementById('camera');
+  cam.textContent='camera '+s.camera.state+(s.camera.dropped?' \\u2014 '+s.camera.dropped+' frames dropped':'');
+  cam.className=s.camera.state==='up'?'':'warn';
+  const d=s.last_decision, v=document.getElementById('verdict');
+  if(d){v.textContent=d.passed?'PASS':'FAIL '+d.label;v.className=d.passed?'pass':'fail';}
+  const c=s.session;
+  document.getElementById('results').textContent=c.results;
+  document.getElementById('passed').textContent=c.passed;
+  document.getElementById('failed').textContent=c.failed;
+  document.getElementById('rate').textContent=c.results?(100*c.passed/c.results).toFixed(1)+'%':'\\u2014';
+  document.getElementById('unsynced').textContent=s.unsynced??'\\u2014';
+  document.getElementById('recent').innerHTML=r.slice().reverse().map(x=>
+   `<tr class="${x.passed?'':'warn'}"><td>#${x.part_id}</td><td>${x.passed?'PASS':'FAIL'}</td><td>${x.label}</td><td>${x.score.toFixed(3)}</td><td>${new Date(x.ts*1000).toLocaleTimeString()}</td></tr>`).join('');
+  if(c.failed){document.getElementById('lastfail').src='/api/last-fail.jpg?'+c.failed;}
+ }catch(e){document.getElementById('camera').textContent='agent not answering';}
+}
+tick();setInterval(tick,1000);
+</script></body></html>
+"""
+
+
+class OperatorPage:
+    """Serve the page on ``host:port`` from a daemon thread; ``close()`` stops it."""
+
+    def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]], buffer_path: Path) -> None:
+        self._status = status
+        self._buffer_path = Path(buffer_path)
+        page = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                page._handle(self)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                logger.debug("operator page: " + format, *args)
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, name="operator-page", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        logger.info("operator page on http://%s:%s/", self.server.server_address[0], self.port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _read(self, fn: Callable[[Buffer], Any]) -> Any:
+        try:
+            with Buffer.open_readonly(self._buffer_path) as buf:
+                return fn(buf)
+        except BufferStoreError:
+            return None
+
+    def _handle(self, req: BaseHTTPRequestHandler) -> None:
+        path = req.path.split("?", 1)[0]
+        if path == "/":
+            self._send(req, 200, "text/html; charset=utf-8", PAGE.encode())
+        elif path == "/api/status":
+            self._send(req, 200, "application/json", json.dumps(self._status(), default=str).encode())
+        elif path == "/api/recent":
+            rows = self._read(lambda b: b.tail(30)) or []
+            self._send(req, 200, "application/json", json.dumps(rows, default=str).encode())
+        elif path == "/api/last-fail.jpg":
+            jpeg = self._read(_last_fail_jpeg)
+            if jpeg:
+                self._send(req, 200, "image/jpeg", jpeg)
+            else:
+                self._send(req, 404, "text/plain", b"no failed part yet")
+        else:
+            self._send(req, 404, "text/plain", b"not found")
+
+    @staticmethod
+    def _send(req: BaseHTTPRequestHandler, code: int, ctype: str, body: bytes) -> None:
+        try:
+            req.send_response(code)
+            req.send_header("Content-Type", ctype)
+            req.send_header("Content-Length", str(len(body)))
+            req.send_header("Cache-Control", "no-store")
+            req.end_headers()
+            req.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the browser went away
+
+
+def _last_fail_jpeg(buf: Buffer) -> bytes | None:
+    row = buf.db.execute("SELECT jpeg FROM samples WHERE reason = 'fail' ORDER BY seq DESC LIMIT 1").fetchone()
+    return bytes(row[0]) if row else None
