@@ -33,6 +33,7 @@ import numpy as np
 from edge.buffer import Buffer, ResultRecord, SampleRecord
 from edge.capture import CameraState, Capture, Frame, open_source, parse_source
 from edge.config import AgentConfig
+from edge.exceptions import BufferStoreError
 from edge.inference import Classifier, Prediction
 from edge.models import ModelStore
 
@@ -125,6 +126,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self.sync: Any = None
         self.operator: Any = None
+        self.buffer_error: str | None = None
         self.fatal: BaseException | None = None
 
     # -- model -----------------------------------------------------------------------------
@@ -228,25 +230,33 @@ class Agent:
             part_id = int(buffer.meta_get("last_part_id") or 0)
             last_stats = 0.0
             while not self.stop_event.is_set():
-                self._flush_events(buffer)
-                self._maybe_swap(buffer)
-                t_wait = time.perf_counter()
-                frame = self.capture.get(timeout=0.2)
-                if frame is None:
-                    continue
-                part_id += 1
-                self._inspect_frame(buffer, frame, part_id, (time.perf_counter() - t_wait) * 1000.0)
-                now = time.monotonic()
-                if now - last_stats >= STATUS_INTERVAL_S:
-                    self.buffer_stats = buffer.stats()
-                    buffer.meta_set("last_part_id", str(part_id))
-                    last_stats = now
+                try:
+                    self._flush_events(buffer)
+                    self._maybe_swap(buffer)
+                    t_wait = time.perf_counter()
+                    frame = self.capture.get(timeout=0.2)
+                    if frame is None:
+                        continue
+                    part_id += 1
+                    self._inspect_frame(buffer, frame, part_id, (time.perf_counter() - t_wait) * 1000.0)
+                    now = time.monotonic()
+                    if now - last_stats >= STATUS_INTERVAL_S:
+                        self.buffer_stats = buffer.stats()
+                        buffer.meta_set("last_part_id", str(part_id))
+                        last_stats = now
+                except Exception as exc:  # noqa: BLE001 - the inspection thread must outlive any one failure
+                    self.counts["errors"] += 1
+                    logger.exception("inspection loop error (continuing): %s", exc)
+                    self.stop_event.wait(1.0)
             # Frames already captured are drained only for finite sources (nothing is lost by
             # stopping a live camera; a file replay resumes nowhere anyway).
-            self._flush_events(buffer)
-            buffer.meta_set("last_part_id", str(part_id))
-            buffer.record_event("stop", results=self.counts["results"])
-            self.buffer_stats = buffer.stats()
+            try:
+                self._flush_events(buffer)
+                buffer.meta_set("last_part_id", str(part_id))
+                buffer.record_event("stop", results=self.counts["results"])
+                self.buffer_stats = buffer.stats()
+            except BufferStoreError as exc:  # every decision is already committed
+                logger.error("stop event not recorded: %s", exc)
 
     def _maybe_swap(self, buffer: Buffer) -> None:
         with self._swap_lock:
@@ -286,7 +296,9 @@ class Agent:
             preprocess_ms=pred.preprocess_ms,
             invoke_ms=pred.invoke_ms,
         )
-        seq = buffer.record_result(rec)
+        seq = self._commit(buffer, rec)
+        if seq is None:
+            return  # stopping while the buffer could not be written: nothing was reported
         record_ms = (time.perf_counter() - t_rec) * 1000.0
         # Only now, after the commit, is the decision reported anywhere.
         decision = Decision(seq, part_id, frame.ts, pred.label, pred.score, pred.passed, clf.version, (time.time() - frame.ts) * 1000.0)
@@ -313,6 +325,28 @@ class Agent:
                 self.counts["samples"] += 1
             except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept
                 logger.warning("sample for seq %s not kept: %s", seq, exc)
+
+    def _commit(self, buffer: Buffer, rec: ResultRecord) -> int | None:
+        """Commit one decision, retrying while the disk is full or the file is locked.
+
+        Nothing is reported until the commit succeeds; meanwhile a live camera drops
+        frames (counted) and a file source waits, so no decision is lost or invented.
+        """
+        delay = 0.5
+        while True:
+            try:
+                seq = buffer.record_result(rec)
+                if self.buffer_error is not None:
+                    logger.warning("buffer writable again")
+                    self.buffer_error = None
+                return seq
+            except BufferStoreError as exc:
+                if self.buffer_error is None:
+                    logger.error("cannot record decisions: %s; retrying (free disk space or fix permissions)", exc)
+                self.buffer_error = str(exc)
+                if self.stop_event.wait(delay):
+                    return None
+                delay = min(delay * 2, 5.0)
 
     def _flush_events(self, buffer: Buffer) -> None:
         with self._events_lock:
@@ -361,6 +395,7 @@ class Agent:
             },
             "session": dict(self.counts),
             "unsynced": stats.get("unsynced"),
+            "buffer_error": self.buffer_error,
             "buffer_bytes": stats.get("bytes_used"),
             "evictions": stats.get("evictions"),
             "last_decision": None
