@@ -40,6 +40,7 @@ from edge.models import ModelStore
 logger = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 1.0
+MAX_GROUP = 16  # decisions committed together when a backlog is waiting
 
 
 @dataclass(frozen=True)
@@ -233,12 +234,10 @@ class Agent:
                 try:
                     self._flush_events(buffer)
                     self._maybe_swap(buffer)
-                    t_wait = time.perf_counter()
                     frame = self.capture.get(timeout=0.2)
                     if frame is None:
                         continue
-                    part_id += 1
-                    self._inspect_frame(buffer, frame, part_id, (time.perf_counter() - t_wait) * 1000.0)
+                    part_id = self._inspect_batch(buffer, frame, part_id)
                     now = time.monotonic()
                     if now - last_stats >= STATUS_INTERVAL_S:
                         self.buffer_stats = buffer.stats()
@@ -267,7 +266,37 @@ class Agent:
             buffer.record_event("model_switched", old=old.version, new=nxt.version)
             logger.info("model switched %s -> %s", old.version, nxt.version)
 
-    def _inspect_frame(self, buffer: Buffer, frame: Frame, part_id: int, wait_ms: float) -> None:
+    def _inspect_batch(self, buffer: Buffer, first: Frame, part_id: int) -> int:
+        """Decide ``first`` and any frames already waiting, commit them together, then report.
+
+        Adaptive group commit: a paced camera leaves the queue empty, so each decision is
+        committed alone (lowest latency); a backlog is committed in groups of up to
+        MAX_GROUP (one fsync for several decisions). Nothing is reported before its commit.
+        Returns the last part id used.
+        """
+        decided: list[tuple[Frame, np.ndarray, Prediction, ResultRecord]] = []
+        frame: Frame | None = first
+        while frame is not None:
+            part_id += 1
+            item = self._decide(buffer, frame, part_id)
+            if item is not None:
+                decided.append(item)
+            frame = self.capture.get(timeout=0) if len(decided) < MAX_GROUP else None
+        if not decided:
+            return part_id
+        t_rec = time.perf_counter()
+        seqs = self._commit(buffer, [rec for _, _, _, rec in decided])
+        if seqs is None:
+            return part_id  # stopping while the buffer could not be written: nothing was reported
+        record_ms = (time.perf_counter() - t_rec) * 1000.0
+        now = time.time()
+        for (frame, _image, pred, rec), seq in zip(decided, seqs, strict=True):
+            self._report(Decision(seq, int(rec.part_id or 0), frame.ts, pred.label, pred.score, pred.passed, rec.model_version, (now - frame.ts) * 1000.0), record_ms)
+        for (frame, image, pred, _), seq in zip(decided, seqs, strict=True):
+            self._maybe_sample(buffer, frame, image, pred, seq)
+        return part_id
+
+    def _decide(self, buffer: Buffer, frame: Frame, part_id: int) -> tuple[Frame, np.ndarray, Prediction, ResultRecord] | None:
         clf = self.classifier
         image = frame.image
         roi = self.config.camera.roi
@@ -282,8 +311,7 @@ class Agent:
             self.counts["errors"] += 1
             logger.warning("frame %s could not be decided: %s", frame.index, exc)
             buffer.record_event("inference_error", frame=frame.index, error=str(exc)[:500])
-            return
-        t_rec = time.perf_counter()
+            return None
         rec = ResultRecord(
             ts=frame.ts,
             device_id=self.config.device_id,
@@ -292,42 +320,44 @@ class Agent:
             label=pred.label,
             score=pred.score,
             passed=pred.passed,
-            capture_ms=wait_ms,
+            capture_ms=frame.wait_ms,
             preprocess_ms=pred.preprocess_ms,
             invoke_ms=pred.invoke_ms,
         )
-        seq = self._commit(buffer, rec)
-        if seq is None:
-            return  # stopping while the buffer could not be written: nothing was reported
-        record_ms = (time.perf_counter() - t_rec) * 1000.0
-        # Only now, after the commit, is the decision reported anywhere.
-        decision = Decision(seq, part_id, frame.ts, pred.label, pred.score, pred.passed, clf.version, (time.time() - frame.ts) * 1000.0)
+        return frame, image, pred, rec
+
+    def _report(self, decision: Decision, record_ms: float) -> None:
+        """A committed decision: counters, operator page, echo stream."""
         self.last = decision
         self.counts["results"] += 1
-        self.counts["passed" if pred.passed else "failed"] += 1
+        self.counts["passed" if decision.passed else "failed"] += 1
         if self.first_decision_at is None:
             self.first_decision_at = time.time()
             logger.info("first decision %.2f s after start", self.first_decision_at - self.started_at)
         if self.echo is not None:
             self.echo.write(
                 json.dumps(
-                    {"seq": seq, "part_id": part_id, "label": pred.label, "score": round(pred.score, 4), "passed": pred.passed,
-                     "model_version": clf.version, "latency_ms": round(decision.latency_ms, 3), "record_ms": round(record_ms, 3)}
+                    {"seq": decision.seq, "part_id": decision.part_id, "label": decision.label, "score": round(decision.score, 4),
+                     "passed": decision.passed, "model_version": decision.model_version,
+                     "latency_ms": round(decision.latency_ms, 3), "record_ms": round(record_ms, 3)}
                 )
                 + "\n"
             )
             self.echo.flush()
-        why = self.sampler.reason(pred, frame.ts)
-        if why:
-            try:
-                jpeg, w, h = self.sampler.encode(image)
-                buffer.record_sample(SampleRecord(ts=frame.ts, reason=why, label=pred.label, score=pred.score, width=w, height=h, jpeg=jpeg, result_seq=seq))
-                self.counts["samples"] += 1
-            except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept
-                logger.warning("sample for seq %s not kept: %s", seq, exc)
 
-    def _commit(self, buffer: Buffer, rec: ResultRecord) -> int | None:
-        """Commit one decision, retrying while the disk is full or the file is locked.
+    def _maybe_sample(self, buffer: Buffer, frame: Frame, image: np.ndarray, pred: Prediction, seq: int) -> None:
+        why = self.sampler.reason(pred, frame.ts)
+        if not why:
+            return
+        try:
+            jpeg, w, h = self.sampler.encode(image)
+            buffer.record_sample(SampleRecord(ts=frame.ts, reason=why, label=pred.label, score=pred.score, width=w, height=h, jpeg=jpeg, result_seq=seq))
+            self.counts["samples"] += 1
+        except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept
+            logger.warning("sample for seq %s not kept: %s", seq, exc)
+
+    def _commit(self, buffer: Buffer, recs: list[ResultRecord]) -> list[int] | None:
+        """Commit decisions in one transaction, retrying while the disk is full or the file is locked.
 
         Nothing is reported until the commit succeeds; meanwhile a live camera drops
         frames (counted) and a file source waits, so no decision is lost or invented.
@@ -335,11 +365,11 @@ class Agent:
         delay = 0.5
         while True:
             try:
-                seq = buffer.record_result(rec)
+                seqs = buffer.record_results(recs)
                 if self.buffer_error is not None:
                     logger.warning("buffer writable again")
                     self.buffer_error = None
-                return seq
+                return seqs
             except BufferStoreError as exc:
                 if self.buffer_error is None:
                     logger.error("cannot record decisions: %s; retrying (free disk space or fix permissions)", exc)

@@ -846,8 +846,8 @@ class Capture:
         worker.got_frames = False
         while not halt.is_set():
             t0 = time.monotonic()
-            ts = time.time()
             image = src.read()
+            ts = time.time()  # after the read: pacing waits are not part of a decision's latency
             if image is None:
                 if halt.is_set():
                     return "halted"
