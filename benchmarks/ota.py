@@ -25,11 +25,11 @@ Measured:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -99,6 +99,63 @@ class Mosquitto:
             self.proc = None
 
 
+class CutProxy:
+    """A TCP forwarder between a device and the broker that can cut the link, as a plant
+    network does: every open connection is dropped and new ones refused for a while."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.down_until = 0.0
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.down_until:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s_ in (src, dst):
+                with contextlib.suppress(OSError):
+                    s_.shutdown(socket.SHUT_RDWR)
+                s_.close()
+
+    def cut(self, seconds: float) -> None:
+        self.down_until = time.monotonic() + seconds
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut(0)
+
+
 def variant(src: Path, dest: Path, version: str, pad_bytes: int = 0) -> Path:
     shutil.copytree(src, dest)
     (dest / "signature.json").unlink(missing_ok=True)
@@ -129,15 +186,16 @@ class Bench:
             self.target = reg.add(self.target_dir)
             self.big = reg.add(self.big_dir)
 
-    def device(self, name: str, groups: list[str]) -> tuple[AgentConfig, ModelStore]:
+    def device_raw(self, name: str, groups: list[str], port: int | None = None) -> dict[str, Any]:
         root = self.work / "devices" / name
         (root / "frames").mkdir(parents=True, exist_ok=True)
-        config = parse_config(
-            {"device_id": name, "groups": groups, "camera": {"source": str(root / "frames")}, "model": {"path": str(root / "models")},
-             "buffer": {"path": str(root / "buffer.db")}, "mqtt": {"port": self.broker.port},
-             "ota": {"trusted_keys": [str(public_key_path(self.cfg))]}},
-            base=root,
-        )  # fmt: skip
+        return {"device_id": name, "groups": groups, "camera": {"source": str(root / "frames")}, "model": {"path": str(root / "models")},
+                "buffer": {"path": str(root / "buffer.db")}, "mqtt": {"port": port or self.broker.port, "keepalive_s": 5},
+                "ota": {"trusted_keys": [str(public_key_path(self.cfg))]}}  # fmt: skip
+
+    def device(self, name: str, groups: list[str], port: int | None = None) -> tuple[AgentConfig, ModelStore]:
+        root = self.work / "devices" / name
+        config = parse_config(self.device_raw(name, groups, port), base=root)
         store = ModelStore(config.model.path)
         res = install_bundle(self.base.path, store, config.ota, None)
         assert res.ok, res.reason
@@ -172,9 +230,11 @@ def wire_ratio(b: Bench) -> dict[str, Any]:
 
 
 def cut(b: Bench, how: str) -> dict[str, Any]:
-    """Stop the device (or the broker) at 40% of a rate-limited transfer; count chunks sent twice."""
+    """Cut at 40% of a rate-limited transfer (the network for 2 s, the device process, or the
+    broker); count chunks the cloud sent twice and chunks the device received twice."""
     name = f"cut-{how}"
-    config, store = b.device(name, [name])
+    proxy = CutProxy(b.broker.port) if how == "network" else None
+    config, store = b.device(name, [name], port=proxy.port if proxy else None)
     size = b.big.size
     srv = OtaServer(b.cfg, rate_limit_bps=max(500_000.0, size / 4.0))  # about 4 s for the file
     srv.start()
@@ -190,11 +250,16 @@ def cut(b: Bench, how: str) -> dict[str, Any]:
     while client.stats["chunks"] < 0.4 * chunks and time.monotonic() < deadline:
         time.sleep(0.01)
     had = client.stats["chunks"]
+    duplicates = 0
     if how == "device":
         client.stop()
         client.join()
+        duplicates += client.stats["duplicates"]
         client = OtaClient(config)
         client.start()
+    elif how == "network":
+        assert proxy is not None
+        proxy.cut(2.0)
     else:
         b.broker.kill()
         time.sleep(0.5)
@@ -202,59 +267,74 @@ def cut(b: Bench, how: str) -> dict[str, Any]:
     pusher.join(150)
     client.stop()
     client.join()
+    duplicates += client.stats["duplicates"]
     srv.stop()
     srv.join()
+    if proxy is not None:
+        proxy.close()
     twice = sum(1 for n in srv.sent.values() if n > 1)
     outcome = result.get("outcome")
     return {
         "state": outcome.state if outcome else "no outcome", "chunks": chunks, "received_before_cut": had,
-        "chunks_sent_twice": twice, "chunks_sent": srv.stats["chunks_sent"], "active_version": Classifier(store.current()).version,
+        "chunks_sent_twice": twice, "chunks_received_twice": duplicates, "chunks_sent": srv.stats["chunks_sent"],
+        "active_version": Classifier(store.current()).version,
     }  # fmt: skip
 
 
-def p99_during_download(b: Bench, seconds: float) -> dict[str, Any]:
+def probe(config_file: Path, seconds: float) -> None:
+    """Child process: the device side alone (inference thread + OtaClient), as on a box."""
     import numpy as np
 
-    config, store = b.device("p99", ["p99"])
-    clf = Classifier(store.current(), num_threads=1)
-    rng = np.random.default_rng(0)
-    frame = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    raw = json.loads(config_file.read_text())
+    config = parse_config(raw, base=config_file.parent)
+    clf = Classifier(ModelStore(config.model.path).current(), num_threads=1)
+    frame = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    client = OtaClient(config)
+    client.start()
 
-    def sample(stop: threading.Event, times: list[float]) -> None:
-        while not stop.is_set():
+    def sample(until: Any) -> list[float]:
+        times = []
+        while not until():
             t0 = time.perf_counter()
             clf.predict(frame)
             times.append((time.perf_counter() - t0) * 1000.0)
-            time.sleep(0.002)  # a line at ~300 parts/s leaves the CPU some air
+            time.sleep(0.002)  # ~300 parts/s: the line leaves the CPU some air
+        return times
 
-    idle: list[float] = []
-    stop = threading.Event()
-    th = threading.Thread(target=sample, args=(stop, idle))
-    th.start()
-    time.sleep(seconds)
-    stop.set()
-    th.join()
-
-    srv = OtaServer(b.cfg, rate_limit_bps=b.big.size / seconds)  # the download lasts about `seconds`
-    srv.start()
-    client = OtaClient(config)
-    client.start()
-    busy: list[float] = []
-    stop = threading.Event()
-    th = threading.Thread(target=sample, args=(stop, busy))
-    pusher = threading.Thread(target=lambda: run_push(b.cfg, b.big, "p99", timeout_s=120, server=srv, echo=lambda _s: None))
-    pusher.start()
-    deadline = time.monotonic() + 30
+    end = time.monotonic() + seconds
+    idle = sample(lambda: time.monotonic() > end)
+    print(json.dumps({"idle": idle}), flush=True)
+    deadline = time.monotonic() + 60
     while (client.state is None or client.state["state"] != "downloading") and time.monotonic() < deadline:
-        time.sleep(0.005)
-    th.start()
-    while client.state is not None and client.state["state"] == "downloading" and time.monotonic() < deadline + 60:
-        time.sleep(0.01)
-    stop.set()
-    th.join()
-    pusher.join(120)
+        time.sleep(0.002)
+    busy = sample(lambda: client.state is None or client.state["state"] != "downloading" or time.monotonic() > deadline + 60)
+    print(json.dumps({"busy": busy}), flush=True)
+    while (client.state is None or client.state["state"] not in ("active", "failed")) and time.monotonic() < deadline + 90:
+        time.sleep(0.05)
     client.stop()
     client.join()
+
+
+def p99_during_download(b: Bench, seconds: float) -> dict[str, Any]:
+    """Inference p99 in a device process, idle then while it downloads (cloud in this process)."""
+    import numpy as np
+
+    b.device("p99", ["p99"])
+    cfg_file = b.work / "p99.json"
+    cfg_file.write_text(json.dumps(b.device_raw("p99", ["p99"])))
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--probe", str(cfg_file), "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    idle = json.loads(child.stdout.readline())["idle"]
+    srv = OtaServer(b.cfg, rate_limit_bps=b.big.size / seconds)  # the download lasts about `seconds`
+    srv.start()
+    pusher = threading.Thread(target=lambda: run_push(b.cfg, b.big, "p99", timeout_s=120, server=srv, echo=lambda _s: None))
+    pusher.start()
+    busy = json.loads(child.stdout.readline())["busy"]
+    pusher.join(120)
+    child.wait(60)
+    child.stdout.close()
     srv.stop()
     srv.join()
 
@@ -300,14 +380,19 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--pad-mb", type=float, default=4.0)
     ap.add_argument("--seconds", type=float, default=3.0, help="length of the idle and download inference samples")
+    ap.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe:
+        probe(args.probe, args.seconds)
+        return 0
     bundle = args.bundle or default_bundle()
     with tempfile.TemporaryDirectory(prefix="lw-ota-bench-") as tmp:
         b = Bench(Path(tmp), bundle, args.pad_mb)
         try:
-            report = {
+            report: dict[str, Any] = {
                 "bundle": str(bundle),
                 "wire": wire_ratio(b),
+                "cut_network": cut(b, "network"),
                 "cut_device_restart": cut(b, "device"),
                 "cut_broker_restart": cut(b, "broker"),
                 "inference_during_download": p99_during_download(b, args.seconds),
@@ -318,12 +403,14 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     (OUT / "ota.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    w, c1, c2 = report["wire"], report["cut_device_restart"], report["cut_broker_restart"]
+    w, c0, c1, c2 = report["wire"], report["cut_network"], report["cut_device_restart"], report["cut_broker_restart"]
     inf, fl = report["inference_during_download"], report["fleet_push"]
     print(
         f"wire/bundle: {w['bundle']['ratio']} ({w['bundle']['bundle_bytes']} B), {w['padded']['ratio']} padded "
         f"({w['padded']['bundle_bytes']} B) [target <= 1.05]\n"
-        f"chunks sent twice after a cut: device restart {c1['chunks_sent_twice']}, broker restart {c2['chunks_sent_twice']} [target <= 1]\n"
+        f"chunks sent twice (received twice) after a cut: network {c0['chunks_sent_twice']} ({c0['chunks_received_twice']}), "
+        f"device restart {c1['chunks_sent_twice']} ({c1['chunks_received_twice']}), "
+        f"broker restart {c2['chunks_sent_twice']} ({c2['chunks_received_twice']}) [target <= 1]\n"
         f"inference p99 idle {inf['idle_p99_ms']} ms, during download {inf['download_p99_ms']} ms: x{inf['p99_ratio']} [target <= 1.1]\n"
         f"{fl['devices']} devices from one push: {fl['state']}, {fl['succeeded']} ok in {fl['seconds']} s, "
         f"{fl['cloud_bytes_sent']} B sent ({fl['bytes_per_device']} B per device for a {fl['bundle_bytes']} B bundle)",

@@ -127,6 +127,7 @@ class Agent:
         self._threads: list[threading.Thread] = []
         self.sync: Any = None
         self.operator: Any = None
+        self.ota: Any = None
         self.buffer_error: str | None = None
         self.fatal: BaseException | None = None
 
@@ -169,8 +170,15 @@ class Agent:
         self._threads = [inspect, watchdog]
         if self.config.mqtt.enabled:
             self._start_sync()
+            self._start_ota()
         if self.config.operator.enabled:
             self._start_operator_page()
+
+    def _start_ota(self) -> None:
+        from edge.ota import OtaClient
+
+        self.ota = OtaClient(self.config, self)
+        self.ota.start()
 
     def _start_operator_page(self) -> None:
         from edge.operator import OperatorPage
@@ -202,6 +210,9 @@ class Agent:
         for t in self._threads:
             t.join(max(0.05, deadline - time.monotonic()))
         self.capture.join(max(0.05, deadline - time.monotonic()))
+        if self.ota is not None:
+            self.ota.stop()
+            self.ota.join(max(0.1, deadline - time.monotonic()))
         if self.sync is not None:
             self.sync.stop()
             self.sync.join(max(0.1, deadline - time.monotonic()))
@@ -307,7 +318,11 @@ class Agent:
             if image.size == 0:
                 raise ValueError(f"camera.roi {list(roi or ())} lies outside the {frame.image.shape[1]}x{frame.image.shape[0]} frame")
             pred = clf.predict(image)
+            if self.ota is not None:
+                self.ota.observe(pred, clf.version)  # health watch after a model switch
         except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the line
+            if self.ota is not None:
+                self.ota.observe_error(exc, clf.version)
             self.counts["errors"] += 1
             logger.warning("frame %s could not be decided: %s", frame.index, exc)
             buffer.record_event("inference_error", frame=frame.index, error=str(exc)[:500])
@@ -432,6 +447,7 @@ class Agent:
             if last is None
             else {"seq": last.seq, "part_id": last.part_id, "ts": last.ts, "label": last.label, "score": last.score,
                   "passed": last.passed, "latency_ms": last.latency_ms},
+            "ota": None if self.ota is None else self.ota.state,
             "operator_url": None if self.operator is None else f"http://{self.config.operator.host}:{self.operator.port}/",
             "first_decision_s": None if self.first_decision_at is None else self.first_decision_at - self.started_at,
         }

@@ -1,0 +1,693 @@
+"""Rollouts: tell devices which model to run, serve them its chunks, canaries first.
+
+:class:`OtaServer` is the cloud end of the transfer in docs/ota.md. It subscribes to every
+device's ``ota/req`` and ``ota/state``, answers each request with binary chunks read from
+the registry file (``edge.ota.encode_chunk``), records every state in the store
+(``ota_device_state``, ``ota_deployments``), and publishes the RETAINED ``ota/desired``
+messages. It runs inside ``linewatch cloud push`` while the push waits (the simple case),
+or inside ``cloud serve`` through :func:`start_ota_server`. Requests arrive through the
+shared subscription ``$share/linewatch-ota/...``, so when both run, each request is
+answered by one of them; any server finds a transfer in the store (``ota_transfers``).
+
+:func:`run_push` is one rollout::
+
+    resolve TARGET (a device id, a group the devices announce in their status, or a
+    comma-separated list of both) -> canaries = the first N (or N%) devices, sorted
+    canary phase: desired -> canaries; wait until successes reach --min-success (proceed)
+                  or failures make that impossible / --timeout passes (halt: every canary
+                  that took the new model is told to go back to its previous version)
+    main phase:   desired -> the rest; wait; the rollout is ``done`` when the success ratio
+                  over all devices reaches --min-success, else ``failed``
+
+A device succeeds when it reports ``active`` on the new version (with ``--wait-health``:
+and its health watch passed); it fails on ``failed``, ``rolled_back`` or the timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from cloud.config import CloudConfig
+from cloud.exceptions import CloudError
+from cloud.registry import RegisteredModel, Registry, open_ota_store
+from cloud.store import SQLiteStore
+from edge.ota import (
+    ACTIVE,
+    FAILED,
+    HEALTH_OK,
+    OTA,
+    REQ,
+    ROLLED_BACK,
+    STATE,
+    OtaDesired,
+    OtaRequest,
+    OtaStatePayload,
+    encode_chunk,
+    ota_topic,
+    parse_json,
+)
+from edge.protocol import OTA_CHUNK_BYTES, shared_filter, topic
+
+logger = logging.getLogger(__name__)
+
+SHARE_GROUP = "linewatch-ota"
+SUCCESS = "success"
+FAILURE = "failure"
+PENDING = "pending"
+
+
+def _device_of(prefix: str, name: str, kind: str) -> str | None:
+    head = prefix.rstrip("/") + "/devices/"
+    if not name.startswith(head) or not name.endswith(f"/{OTA}/{kind}"):
+        return None
+    dev = name[len(head) : -len(f"/{OTA}/{kind}")]
+    return dev if dev and "/" not in dev else None
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A packed file offered under a transfer id, cut in ``chunk_bytes`` chunks."""
+
+    transfer: str
+    path: Path
+    sha256: str
+    size: int
+    chunk_bytes: int
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.size // self.chunk_bytes)
+
+
+class OtaServer:
+    """Serves chunk requests, records device states, publishes desired messages.
+
+    One paho client (its own network thread) and one worker thread that owns a store
+    connection: callbacks only queue, the worker reads files and publishes chunks.
+    """
+
+    def __init__(self, config: CloudConfig, *, client_id: str | None = None, rate_limit_bps: float | None = None) -> None:
+        self.config = config
+        # Chunk bytes per second this server sends at most (None: as fast as the link goes),
+        # so a rollout never saturates a plant's uplink.
+        self.rate_limit_bps = rate_limit_bps
+        self._next_send = 0.0
+        self.prefix = config.mqtt.topic_prefix
+        self.client_id = client_id or f"linewatch-ota-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.stop_event = threading.Event()
+        self.stats: dict[str, int] = {
+            "requests": 0, "chunks_sent": 0, "chunk_bytes_sent": 0, "bytes_sent": 0, "bytes_received": 0,
+            "unknown_transfer": 0, "bad_requests": 0, "states": 0, "store_errors": 0,
+        }  # fmt: skip
+        self.sent: dict[tuple[str, str, int], int] = {}  # (device, transfer, index) -> times sent
+        self.states: dict[str, OtaStatePayload] = {}
+        self._cond = threading.Condition()
+        self._transfers: dict[str, Transfer] = {}
+        self._inbox: queue.Queue[tuple[str, str, bytes, bool]] = queue.Queue()
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[OtaStatePayload], None]] = []
+        cfg = config.mqtt
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls:
+            c.tls_set(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                keyfile=str(cfg.key_file) if cfg.key_file else None,
+            )
+        c.max_inflight_messages_set(64)
+        c.reconnect_delay_set(1, 30)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self.client = c
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, *, wait_s: float = 10.0) -> None:
+        """Connect and start serving; raises :class:`CloudError` if the broker is unreachable."""
+        cfg = self.config.mqtt
+        self._thread = threading.Thread(target=self._main, name="ota-server", daemon=True)
+        self._thread.start()
+        self.client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+        self.client.loop_start()
+        if wait_s > 0 and not self._connected.wait(wait_s):
+            self.stop()
+            self.join()
+            raise CloudError(f"cannot reach the MQTT broker at {cfg.host}:{cfg.port}; check mqtt.host/mqtt.port in the cloud config")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def join(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """True once the broker accepted the connection (False after ``timeout``)."""
+        return self._connected.wait(timeout)
+
+    def add_listener(self, fn: Callable[[OtaStatePayload], None]) -> None:
+        """Call ``fn`` (on the worker thread) with every device state received."""
+        self._listeners.append(fn)
+
+    def offer(self, transfer: Transfer) -> None:
+        """Serve ``transfer`` from this process (also recorded in the store by run_push)."""
+        self._transfers[transfer.transfer] = transfer
+
+    # -- desired ---------------------------------------------------------------------------------
+
+    def publish_desired(self, desired: OtaDesired, *, timeout: float = 10.0) -> None:
+        """RETAINED desired message for one device; waits until the broker has it."""
+        name = ota_topic(self.prefix, desired.device_id, "desired")
+        payload = desired.model_dump_json(exclude_none=True).encode()
+        self.stats["bytes_sent"] += len(payload) + len(name)
+        info = self.client.publish(name, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout)
+
+    def clear_desired(self, device_id: str, *, timeout: float = 10.0) -> None:
+        """Remove a device's retained desired message (it keeps whatever it runs)."""
+        self.client.publish(ota_topic(self.prefix, device_id, "desired"), b"", qos=1, retain=True).wait_for_publish(timeout)
+
+    # -- paho callbacks ------------------------------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
+        if reason_code.is_failure:
+            logger.warning("OTA server: broker refused the connection: %s", reason_code)
+            return
+        # Requests through a shared subscription: with a server in `cloud serve` and one in a
+        # `cloud push`, each request is answered once. States go to every server.
+        client.subscribe([(shared_filter(SHARE_GROUP, topic(self.prefix, "+", OTA, REQ)), 1), (topic(self.prefix, "+", OTA, STATE), 1)])
+        self._connected.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
+        self._connected.clear()
+        if not self.stop_event.is_set():
+            logger.info("OTA server: link lost (%s); reconnecting", reason_code)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self.stats["bytes_received"] += len(msg.payload) + len(msg.topic)
+        kind = msg.topic.rsplit("/", 1)[-1]
+        self._inbox.put((kind, msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # -- worker ----------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        store: SQLiteStore | None = None
+        files: dict[Path, int] = {}
+        try:
+            store = open_ota_store(self.config)
+            while not self.stop_event.is_set():
+                try:
+                    kind, name, payload, retained = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                try:
+                    if kind == REQ:
+                        self._serve(store, files, name, payload)
+                    elif kind == STATE:
+                        self._record_state(store, name, payload)
+                except Exception:  # noqa: BLE001 - the server outlives one bad message
+                    logger.exception("OTA server: message on %s not handled", name)
+        finally:
+            for fd in files.values():
+                os.close(fd)
+            if store is not None:
+                store.close()
+
+    def _lookup(self, store: SQLiteStore, transfer: str) -> Transfer | None:
+        t = self._transfers.get(transfer)
+        if t is not None:
+            return t
+        row = store.db.conn.execute(
+            "SELECT t.transfer, t.sha256, t.chunk_bytes, m.size, m.file FROM ota_transfers t "
+            "JOIN ota_models m ON m.sha256 = t.sha256 WHERE t.transfer = ?",
+            (transfer,),
+        ).fetchone()
+        if row is None:
+            return None
+        t = Transfer(transfer, Registry(self.config, store).root / row["file"], row["sha256"], int(row["size"]), int(row["chunk_bytes"]))
+        self._transfers[transfer] = t
+        return t
+
+    def _serve(self, store: SQLiteStore, files: dict[Path, int], name: str, payload: bytes) -> None:
+        device = _device_of(self.prefix, name, REQ)
+        try:
+            req = parse_json(OtaRequest, payload)
+        except ValueError as exc:
+            self.stats["bad_requests"] += 1
+            logger.debug("bad OTA request on %s: %s", name, exc)
+            return
+        if device is None or req.device_id != device:
+            self.stats["bad_requests"] += 1
+            return
+        self.stats["requests"] += 1
+        t = self._lookup(store, req.transfer)
+        if t is None:
+            self.stats["unknown_transfer"] += 1
+            logger.info("OTA server: %s asked for unknown transfer %s", device, req.transfer)
+            return
+        fd = files.get(t.path)
+        if fd is None:
+            fd = files[t.path] = os.open(t.path, os.O_RDONLY)
+        out = ota_topic(self.prefix, device, "chunk")
+        for i in req.indexes:
+            if i >= t.chunks:
+                self.stats["bad_requests"] += 1
+                continue
+            data = os.pread(fd, t.chunk_bytes, i * t.chunk_bytes)
+            self._pace(len(data))
+            msg = encode_chunk(t.transfer, i, data)
+            self.client.publish(out, msg, qos=1)
+            self.stats["chunks_sent"] += 1
+            self.stats["chunk_bytes_sent"] += len(data)
+            self.stats["bytes_sent"] += len(msg) + len(out)
+            key = (device, t.transfer, i)
+            self.sent[key] = self.sent.get(key, 0) + 1
+
+    def _pace(self, nbytes: int) -> None:
+        if not self.rate_limit_bps:
+            return
+        now = time.monotonic()
+        self._next_send = max(self._next_send, now)
+        wait = self._next_send - now
+        if wait > 0:
+            self.stop_event.wait(wait)
+        self._next_send += nbytes / self.rate_limit_bps
+
+    def _record_state(self, store: SQLiteStore, name: str, payload: bytes) -> None:
+        device = _device_of(self.prefix, name, STATE)
+        if not payload or device is None:
+            return
+        try:
+            st = parse_json(OtaStatePayload, payload)
+        except ValueError as exc:
+            logger.debug("bad OTA state on %s: %s", name, exc)
+            return
+        if st.device_id != device:
+            return
+        self.stats["states"] += 1
+        try:
+            record_state(store, st)
+        except sqlite3.Error as exc:
+            self.stats["store_errors"] += 1
+            logger.warning("OTA state of %s not stored: %s", device, exc)
+        with self._cond:
+            self.states[device] = st
+            self._cond.notify_all()
+        for fn in self._listeners:
+            fn(st)
+
+    def wait_change(self, timeout: float) -> None:
+        """Block until a state arrives or ``timeout`` passes."""
+        with self._cond:
+            self._cond.wait(timeout)
+
+
+def record_state(store: SQLiteStore, st: OtaStatePayload) -> None:
+    """Store a device's OTA state (latest per device, and on its rollout's deployment row)."""
+    conn = store.db.conn
+    now = time.time()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        old = conn.execute("SELECT ts FROM ota_device_state WHERE device_id = ?", (st.device_id,)).fetchone()
+        if old is None or old["ts"] is None or st.ts >= old["ts"]:
+            conn.execute(
+                "INSERT OR REPLACE INTO ota_device_state (device_id, state, transfer, rollout, version, model_version,"
+                " received, chunks, stage, reason, health, ts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (st.device_id, st.state, st.transfer, st.rollout, st.version, st.model_version, st.received, st.chunks,
+                 st.stage, st.reason, st.health, st.ts, now),
+            )  # fmt: skip
+        if st.rollout:
+            conn.execute(
+                "UPDATE ota_deployments SET state = ?, received = ?, chunks = ?, stage = ?, reason = ?, health = ?,"
+                " model_version = ?, updated = ? WHERE rollout = ? AND device_id = ? AND transfer = ?",
+                (st.state, st.received, st.chunks, st.stage, st.reason, st.health, st.model_version, now,
+                 st.rollout, st.device_id, st.transfer),
+            )  # fmt: skip
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def start_ota_server(config: CloudConfig) -> OtaServer:
+    """For ``cloud serve``: a chunk server that runs until ``stop()``/``join()``."""
+    server = OtaServer(config)
+    server.start(wait_s=0)
+    return server
+
+
+# -- targets and rollouts -------------------------------------------------------------------------
+
+
+def resolve_targets(store: SQLiteStore, target: str) -> list[str]:
+    """Device ids named by ``target``: device ids and/or groups, comma-separated."""
+    rows = store.db.conn.execute("SELECT device_id, groups FROM devices ORDER BY device_id").fetchall()
+    known = {r["device_id"]: set(json.loads(r["groups"]) if r["groups"] else []) for r in rows}
+    out: list[str] = []
+    for name in [t.strip() for t in target.split(",") if t.strip()]:
+        found = [name] if name in known else [d for d, groups in known.items() if name in groups]
+        if not found:
+            groups = sorted({g for gs in known.values() for g in gs})
+            raise CloudError(
+                f"no device or group named {name!r} (devices: {', '.join(sorted(known)[:10]) or 'none'}; "
+                f"groups: {', '.join(groups[:10]) or 'none'}); devices announce their groups in their status messages"
+            )
+        out += [d for d in found if d not in out]
+    return out
+
+
+def parse_canary(spec: str | None, n: int) -> int:
+    """``"2"`` -> 2 devices, ``"25%"`` -> ceil(25% of n) (at least 1); None -> 0."""
+    if spec is None or spec == "":
+        return 0
+    try:
+        if spec.endswith("%"):
+            pct = float(spec[:-1])
+            if not 0 < pct <= 100:
+                raise ValueError
+            return min(n, max(1, math.ceil(n * pct / 100)))
+        count = int(spec)
+        if count < 0:
+            raise ValueError
+        return min(n, count)
+    except ValueError:
+        raise CloudError(f"--canary {spec!r}: give a device count (2) or a percentage (25%)") from None
+
+
+@dataclass(frozen=True)
+class RolloutOutcome:
+    """How a rollout ended."""
+
+    rollout_id: str
+    version: str
+    state: str  # done | halted | failed
+    canaries: tuple[str, ...]
+    devices: dict[str, str]  # device -> success | failure | pending (never reached)
+    reasons: dict[str, str] = field(default_factory=dict)
+    success_ratio: float = 0.0
+    message: str = ""
+
+
+def new_rollout_id() -> str:
+    return f"r{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class _Rollout:
+    def __init__(
+        self,
+        config: CloudConfig,
+        store: SQLiteStore,
+        server: OtaServer,
+        model: RegisteredModel,
+        devices: list[str],
+        *,
+        chunk_bytes: int,
+        wait_health: bool,
+        echo: Callable[[str], None],
+    ) -> None:
+        self.config, self.store, self.server, self.model = config, store, server, model
+        self.devices = devices
+        self.chunk_bytes = chunk_bytes
+        self.wait_health = wait_health
+        self.echo = echo
+        self.id = new_rollout_id()
+        self.transfer = f"{self.id}.{model.sha256[:8]}"
+        self.previous: dict[str, str | None] = {}
+        self._shown: dict[str, tuple[Any, ...]] = {}
+
+    def _exec(self, sql: str, params: tuple[Any, ...]) -> None:
+        conn = self.store.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(sql, params)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def offer(self, model: RegisteredModel, transfer: str) -> Transfer:
+        t = Transfer(transfer, model.path, model.sha256, model.size, self.chunk_bytes)
+        self._exec(
+            "INSERT OR REPLACE INTO ota_transfers (transfer, sha256, chunk_bytes, size, chunks, created) VALUES (?, ?, ?, ?, ?, ?)",
+            (transfer, model.sha256, self.chunk_bytes, model.size, t.chunks, time.time()),
+        )
+        self.server.offer(t)
+        return t
+
+    def desired(self, device: str, model: RegisteredModel, t: Transfer) -> OtaDesired:
+        return OtaDesired(
+            v=1, device_id=device, version=model.version, transfer=t.transfer, rollout=self.id, sha256=model.sha256,
+            size=model.size, chunks=t.chunks, chunk_bytes=t.chunk_bytes, ts=time.time(),
+        )  # fmt: skip
+
+    def begin(self, target: str, canaries: list[str], min_success: float, canary_spec: str | None) -> None:
+        now = time.time()
+        fleet = {r["device_id"]: r["model_version"] for r in self.store.db.conn.execute("SELECT device_id, model_version FROM devices")}
+        self.previous = {d: fleet.get(d) for d in self.devices}
+        self._exec(
+            "INSERT INTO ota_rollouts (id, version, sha256, target, devices, canary, min_success, state, message, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self.id, self.model.version, self.model.sha256, target, json.dumps(self.devices), canary_spec, min_success,
+             "canary" if canaries else "running", None, now, now),
+        )  # fmt: skip
+        for d in self.devices:
+            self._exec(
+                "INSERT OR REPLACE INTO ota_deployments (rollout, device_id, phase, previous_version, transfer, desired_version,"
+                " state, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (self.id, d, "canary" if d in canaries else "main", self.previous[d], self.transfer, self.model.version, PENDING, now),
+            )
+        self.offer(self.model, self.transfer)
+
+    def set_state(self, state: str, message: str = "") -> None:
+        self._exec("UPDATE ota_rollouts SET state = ?, message = ?, updated = ? WHERE id = ?", (state, message, time.time(), self.id))
+
+    def verdict(self, device: str, transfer: str, version: str) -> tuple[str, str | None]:
+        st = self.server.states.get(device)
+        if st is None or st.transfer != transfer:
+            return PENDING, None
+        if st.state == ACTIVE and st.version == version and not st.reason:
+            if self.wait_health and st.health != HEALTH_OK:
+                return PENDING, None
+            return SUCCESS, None
+        if st.state in (FAILED, ROLLED_BACK) or (st.state == ACTIVE and st.reason):
+            return FAILURE, f"{st.state}{f' at {st.stage}' if st.stage else ''}: {st.reason or ''}".strip()
+        return PENDING, None
+
+    def show(self, device: str) -> None:
+        st = self.server.states.get(device)
+        if st is None or st.rollout != self.id:
+            return
+        step = None
+        if st.received is not None and st.chunks:
+            step = (10 * st.received) // st.chunks
+        key = (st.state, st.transfer, step, st.health, st.reason)
+        if self._shown.get(device) == key:
+            return
+        self._shown[device] = key
+        progress = f" {st.received}/{st.chunks} chunks" if st.received is not None and st.chunks else ""
+        extra = f" health={st.health}" if st.health else ""
+        why = f" ({st.stage}: {st.reason})" if st.reason else ""
+        self.echo(f"  {device}: {st.state} {st.version or ''}{progress}{extra}{why}")
+
+    def wait(
+        self, devices: list[str], transfer: str, version: str, min_success: float, timeout_s: float, *, early_stop: bool
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        deadline = time.monotonic() + timeout_s
+        n = len(devices)
+        need = math.ceil(min_success * n - 1e-9)
+        while True:
+            verdicts = {d: self.verdict(d, transfer, version) for d in devices}
+            for d in devices:
+                self.show(d)
+            ok = sum(1 for v, _ in verdicts.values() if v == SUCCESS)
+            bad = sum(1 for v, _ in verdicts.values() if v == FAILURE)
+            pending = n - ok - bad
+            if pending == 0 or (early_stop and (n - bad) < need):
+                break
+            if time.monotonic() >= deadline:
+                break
+            self.server.wait_change(min(0.5, max(0.01, deadline - time.monotonic())))
+        timed_out = time.monotonic() >= deadline
+        results = {d: v for d, (v, _) in verdicts.items()}
+        reasons = {d: r for d, (_, r) in verdicts.items() if r}
+        for d, v in results.items():
+            if v == PENDING:
+                reasons[d] = f"no final state within {timeout_s:.0f} s" if timed_out else "not finished when the phase was decided"
+        return results, reasons
+
+    def deploy(self, devices: list[str]) -> None:
+        t = self.server._transfers[self.transfer]
+        for d in devices:
+            self.server.publish_desired(self.desired(d, self.model, t))
+
+    def roll_back(self, devices: list[str], registry: Registry, timeout_s: float) -> dict[str, str]:
+        """Tell ``devices`` to go back to their previous version; returns device -> outcome."""
+        out: dict[str, str] = {}
+        waiting: dict[str, tuple[str, str]] = {}
+        for d in devices:
+            prev = self.previous.get(d)
+            if not prev or prev == self.model.version:
+                out[d] = "no previous version known; left on the new model"
+                continue
+            transfer = f"{self.id}.rb"
+            reg = registry.find(prev)
+            if reg is not None and reg.path.is_file():
+                transfer = f"{self.id}.rb-{reg.sha256[:8]}"
+                t = self.offer(reg, transfer)
+                desired = self.desired(d, reg, t)
+            else:
+                # Not in the registry: the device still keeps it as its previous model.
+                desired = OtaDesired(v=1, device_id=d, version=prev, transfer=transfer, rollout=self.id, ts=time.time())
+            self._exec("UPDATE ota_deployments SET transfer = ?, desired_version = ? WHERE rollout = ? AND device_id = ?", (transfer, prev, self.id, d))
+            self.server.publish_desired(desired)
+            waiting[d] = (transfer, prev)
+            self.echo(f"  {d}: rolling back to {prev}")
+        deadline = time.monotonic() + timeout_s
+        while waiting and time.monotonic() < deadline:
+            for d, (transfer, prev) in list(waiting.items()):
+                v, reason = self.verdict(d, transfer, prev)
+                if v != PENDING:
+                    out[d] = "rolled back" if v == SUCCESS else f"rollback failed: {reason}"
+                    del waiting[d]
+            if waiting:
+                self.server.wait_change(0.5)
+        for d in waiting:
+            out[d] = f"rollback not confirmed within {timeout_s:.0f} s"
+        return out
+
+
+def run_push(
+    config: CloudConfig,
+    model: RegisteredModel,
+    target: str,
+    *,
+    canary: str | None = None,
+    min_success: float = 1.0,
+    timeout_s: float = 600.0,
+    chunk_bytes: int = OTA_CHUNK_BYTES,
+    wait_health: bool = False,
+    server: OtaServer | None = None,
+    echo: Callable[[str], None] = print,
+) -> RolloutOutcome:
+    """One rollout of ``model`` to ``target`` (see the module docstring); returns how it ended.
+
+    Serves chunks from this process with its own :class:`OtaServer` unless one is given.
+    """
+    if not 0 < min_success <= 1:
+        raise CloudError(f"--min-success {min_success}: give a ratio in (0, 1], e.g. 0.9")
+    if not 1024 <= chunk_bytes <= OTA_CHUNK_BYTES:
+        raise CloudError(f"chunk size {chunk_bytes} must be within 1024..{OTA_CHUNK_BYTES}")
+    store = open_ota_store(config)
+    own_server = server is None
+    try:
+        devices = resolve_targets(store, target)
+        n_canary = parse_canary(canary, len(devices))
+        canaries = devices[:n_canary] if n_canary < len(devices) else []
+        srv = server or OtaServer(config)
+        if own_server:
+            srv.start()
+        try:
+            ro = _Rollout(config, store, srv, model, devices, chunk_bytes=chunk_bytes, wait_health=wait_health, echo=echo)
+            ro.begin(target, canaries, min_success, canary)
+            echo(f"rollout {ro.id}: {model.version} ({model.size} bytes) to {len(devices)} device(s): {', '.join(devices)}")
+            results: dict[str, str] = {}
+            reasons: dict[str, str] = {}
+            if canaries:
+                echo(f"canary phase: {', '.join(canaries)} (need {min_success:.0%} success)")
+                ro.deploy(canaries)
+                res, why = ro.wait(canaries, ro.transfer, model.version, min_success, timeout_s, early_stop=True)
+                results.update(res)
+                reasons.update(why)
+                ok = sum(1 for v in res.values() if v == SUCCESS)
+                ratio = ok / len(canaries)
+                if ratio < min_success:
+                    echo(f"canaries: {ok}/{len(canaries)} succeeded, below {min_success:.0%}: halting, rolling canaries back")
+                    # Every canary that did not refuse may hold (or be about to hold) the new model.
+                    took = [d for d in canaries if res[d] != FAILURE]
+                    rb = ro.roll_back(took, Registry(config, store), min(timeout_s, 120.0))
+                    for d, what in rb.items():
+                        reasons[d] = f"{reasons.get(d, 'succeeded')}; {what}"
+                    msg = f"halted after canaries: {ok}/{len(canaries)} succeeded"
+                    ro.set_state("halted", msg)
+                    for d in devices:
+                        results.setdefault(d, PENDING)
+                    return RolloutOutcome(ro.id, model.version, "halted", tuple(canaries), results, reasons, ratio, msg)
+                echo(f"canaries: {ok}/{len(canaries)} succeeded; proceeding")
+                ro.set_state("running")
+            rest = [d for d in devices if d not in canaries]
+            if rest:
+                ro.deploy(rest)
+                res, why = ro.wait(rest, ro.transfer, model.version, min_success, timeout_s, early_stop=False)
+                results.update(res)
+                reasons.update(why)
+            ok = sum(1 for v in results.values() if v == SUCCESS)
+            ratio = ok / len(devices)
+            state = "done" if ratio >= min_success else "failed"
+            msg = f"{ok}/{len(devices)} devices on {model.version}"
+            ro.set_state(state, msg)
+            echo(f"rollout {ro.id} {state}: {msg}")
+            return RolloutOutcome(ro.id, model.version, state, tuple(canaries), results, reasons, ratio, msg)
+        finally:
+            if own_server:
+                srv.stop()
+                srv.join()
+    finally:
+        store.close()
+
+
+def rollout_status(config: CloudConfig, rollout_id: str | None = None) -> dict[str, Any]:
+    """The latest (or named) rollout and each of its devices' state, plus every device's last OTA state."""
+    store = open_ota_store(config)
+    try:
+        conn = store.db.conn
+        if rollout_id:
+            ro = conn.execute("SELECT * FROM ota_rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if ro is None:
+                raise CloudError(f"no rollout {rollout_id!r}; `linewatch cloud rollout status` shows the latest")
+        else:
+            ro = conn.execute("SELECT * FROM ota_rollouts ORDER BY created DESC LIMIT 1").fetchone()
+        deployments = []
+        if ro is not None:
+            deployments = [dict(r) for r in conn.execute("SELECT * FROM ota_deployments WHERE rollout = ? ORDER BY device_id", (ro["id"],))]
+        devices = [dict(r) for r in conn.execute("SELECT * FROM ota_device_state ORDER BY device_id")]
+        return {"rollout": dict(ro) if ro is not None else None, "deployments": deployments, "devices": devices}
+    finally:
+        store.close()
+
+
+__all__ = [
+    "OtaServer",
+    "RolloutOutcome",
+    "Transfer",
+    "parse_canary",
+    "record_state",
+    "resolve_targets",
+    "rollout_status",
+    "run_push",
+    "start_ota_server",
+]
