@@ -55,7 +55,7 @@ def _mosquitto(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     if not Path(binary).exists():
         raise click.ClickException("mosquitto is not installed: sudo apt-get install -y mosquitto")
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

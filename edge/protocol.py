@@ -168,3 +168,250 @@ def parse_manifest(raw: Any, source: str = "manifest") -> Manifest:
 def topic(prefix: str, device_id: str, *parts: str) -> str:
     """``<prefix>/devices/<device_id>/<parts...>``: each device's traffic in its own subtree."""
     return "/".join([prefix.rstrip("/"), "devices", device_id, *parts])
+
+
+# ---------------------------------------------------------------------------------------------
+# MQTT payloads (version PAYLOAD_VERSION). See docs/sync.md for the whole protocol.
+#
+# Device -> cloud, under ``<prefix>/devices/<device_id>/``:
+#   status   retained; ``online`` on connect and every status interval, ``offline`` on a clean
+#            stop and as the last will
+#   results  a batch of result rows in seq order, as column arrays     (ResultsBatch)
+#   gaps     evictions of unsynced rows, as column arrays               (GapsBatch)
+#   events   agent events, as column arrays                             (EventsBatch)
+#   samples  one chunk of one JPEG sample, base64 in JSON               (SampleChunk)
+# Cloud -> device:
+#   ack      sent only after the cloud COMMITTED the rows; lists the stored seq ranges (Ack)
+#
+# Every payload is compact JSON (no spaces) of at most MAX_PAYLOAD_BYTES, carries ``v`` and
+# the device_id, which must equal the device in the topic. ``seq`` is the buffer's own
+# per-table sequence, never an MQTT message id: the cloud stores each (device_id, seq) once.
+# ---------------------------------------------------------------------------------------------
+
+STATUS = "status"
+ACK = "ack"
+RESULTS = "results"
+GAPS = "gaps"
+EVENTS = "events"
+SAMPLES = "samples"
+# Tables a device drains to the cloud, in the order it serves them.
+DATA_KINDS: tuple[str, ...] = (GAPS, RESULTS, EVENTS, SAMPLES)
+# Raw JPEG bytes per sample message: base64 makes it 4/3 larger (87 KiB), leaving room for
+# the envelope inside MAX_PAYLOAD_BYTES.
+SAMPLE_CHUNK_BYTES = 64 * 1024
+MAX_BATCH_ROWS = 5000
+MAX_SAMPLE_BYTES = 256 * SAMPLE_CHUNK_BYTES  # 16 MiB: any JPEG the sampler makes
+
+RESULT_COLUMNS: tuple[str, ...] = (
+    "ts", "part_id", "model_version", "label", "score", "passed",
+    "capture_ms", "preprocess_ms", "invoke_ms", "record_ms",
+)  # fmt: skip
+GAP_COLUMNS: tuple[str, ...] = ("ts", "table_name", "first_seq", "last_seq", "count", "passed_count", "failed_count")
+EVENT_COLUMNS: tuple[str, ...] = ("ts", "kind", "detail")
+COLUMNS: dict[str, tuple[str, ...]] = {RESULTS: RESULT_COLUMNS, GAPS: GAP_COLUMNS, EVENTS: EVENT_COLUMNS}
+
+_DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_BATCH_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+def device_topic_filter(prefix: str, *parts: str) -> str:
+    """``<prefix>/devices/+/<parts...>``: one kind of message from every device."""
+    return topic(prefix, "+", *parts)
+
+
+def shared_filter(group: str, topic_filter: str) -> str:
+    """``$share/<group>/<filter>``: the broker hands each message to one member of the group."""
+    return f"$share/{group}/{topic_filter}"
+
+
+def parse_topic(prefix: str, name: str) -> tuple[str, str] | None:
+    """``(device_id, kind)`` of ``<prefix>/devices/<device_id>/<kind>``, or None if it is not one."""
+    head = prefix.rstrip("/") + "/devices/"
+    if not name.startswith(head):
+        return None
+    rest = name[len(head):].split("/")
+    if len(rest) != 2 or not rest[0] or not rest[1]:
+        return None
+    return rest[0], rest[1]
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    """Compact JSON, the one wire encoding (callers check the size against MAX_PAYLOAD_BYTES)."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def seq_ranges(seqs: list[int] | tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sorted seqs as inclusive ``(first, last)`` runs: [1,2,3,7] -> [(1,3),(7,7)]."""
+    out: list[tuple[int, int]] = []
+    for s in sorted(set(seqs)):
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Batch(_Wire):
+    """Common envelope of a table batch: which rows of which device, under which batch id."""
+
+    v: Literal[1] = Field(description="PAYLOAD_VERSION")
+    device_id: str = Field(pattern=_DEVICE_ID)
+    batch: str = Field(pattern=_BATCH_ID, description="sender's id for this message; echoed in the ack")
+    first_seq: int = Field(ge=1)
+    last_seq: int = Field(ge=1)
+    seq: list[int] = Field(min_length=1, max_length=MAX_BATCH_ROWS, description="strictly increasing buffer seqs")
+
+    def _check_envelope(self, cols: BaseModel) -> None:
+        if self.seq[0] != self.first_seq or self.seq[-1] != self.last_seq:
+            raise ValueError("first_seq/last_seq do not match the seq list")
+        if any(b <= a for a, b in zip(self.seq, self.seq[1:], strict=False)):
+            raise ValueError("seq must be strictly increasing")
+        n = len(self.seq)
+        for name, values in cols:
+            if len(values) != n:
+                raise ValueError(f"column {name} has {len(values)} values for {n} seqs")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The batch as one dict per row, seq included."""
+        cols = dict(getattr(self, "cols"))  # noqa: B009 - every subclass has cols
+        names = list(cols)
+        return [
+            {"seq": s, **{name: cols[name][i] for name in names}} for i, s in enumerate(self.seq)
+        ]
+
+
+class ResultColumns(_Wire):
+    ts: list[float]
+    part_id: list[int | None]
+    model_version: list[str | None]
+    label: list[str | None]
+    score: list[float]
+    passed: list[bool]
+    capture_ms: list[float | None]
+    preprocess_ms: list[float | None]
+    invoke_ms: list[float | None]
+    record_ms: list[float | None]
+
+
+class ResultsBatch(_Batch):
+    """``results``: decisions in seq order, as column arrays (compact: ~60 bytes per row)."""
+
+    type: Literal["results"]
+    cols: ResultColumns
+
+    @model_validator(mode="after")
+    def _envelope(self) -> ResultsBatch:
+        self._check_envelope(self.cols)
+        return self
+
+
+class GapColumns(_Wire):
+    ts: list[float]
+    table_name: list[str]
+    first_seq: list[int]
+    last_seq: list[int]
+    count: list[int]
+    passed_count: list[int | None]
+    failed_count: list[int | None]
+
+
+class GapsBatch(_Batch):
+    """``gaps``: the buffer evicted unsynced rows ``first_seq..last_seq`` of ``table_name``."""
+
+    type: Literal["gaps"]
+    cols: GapColumns
+
+    @model_validator(mode="after")
+    def _envelope(self) -> GapsBatch:
+        self._check_envelope(self.cols)
+        return self
+
+
+class EventColumns(_Wire):
+    ts: list[float]
+    kind: list[str]
+    detail: list[dict[str, Any]]
+
+
+class EventsBatch(_Batch):
+    """``events``: agent events (start, stop, camera_down, model_switched, ...)."""
+
+    type: Literal["events"]
+    cols: EventColumns
+
+    @model_validator(mode="after")
+    def _envelope(self) -> EventsBatch:
+        self._check_envelope(self.cols)
+        return self
+
+
+class SampleChunk(_Wire):
+    """``samples``: chunk ``chunk`` of ``chunks`` of one JPEG sample (base64 of its bytes).
+
+    A sample of at most SAMPLE_CHUNK_BYTES travels in one message (chunks=1). The cloud
+    acks the sample's seq only once every chunk is stored; a chunk is acked by its batch id.
+    """
+
+    v: Literal[1]
+    type: Literal["sample"]
+    device_id: str = Field(pattern=_DEVICE_ID)
+    batch: str = Field(pattern=_BATCH_ID)
+    seq: int = Field(ge=1)
+    result_seq: int | None = None
+    ts: float
+    reason: str | None = Field(default=None, max_length=64)
+    label: str | None = Field(default=None, max_length=128)
+    score: float | None = None
+    width: int | None = Field(default=None, ge=0)
+    height: int | None = Field(default=None, ge=0)
+    bytes: int = Field(ge=1, le=MAX_SAMPLE_BYTES, description="size of the whole JPEG")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the whole JPEG")
+    chunk: int = Field(ge=0)
+    chunks: int = Field(ge=1, le=MAX_SAMPLE_BYTES // SAMPLE_CHUNK_BYTES)
+    data: str = Field(min_length=1, max_length=(SAMPLE_CHUNK_BYTES * 4) // 3 + 4, description="base64")
+
+    @model_validator(mode="after")
+    def _chunk_in_range(self) -> SampleChunk:
+        if self.chunk >= self.chunks:
+            raise ValueError(f"chunk {self.chunk} is not below chunks {self.chunks}")
+        if self.chunks != -(-self.bytes // SAMPLE_CHUNK_BYTES):
+            raise ValueError(f"{self.bytes} bytes make {-(-self.bytes // SAMPLE_CHUNK_BYTES)} chunks, not {self.chunks}")
+        return self
+
+
+class StatusPayload(BaseModel):
+    """``status`` (retained): the agent's own report; unknown keys are kept as they come."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    v: Literal[1]
+    state: Literal["online", "offline"]
+    device_id: str = Field(pattern=_DEVICE_ID)
+    ts: float | None = None
+    reason: str | None = None
+    model_version: str | None = None
+    unsynced: int | None = None
+    groups: list[str] | None = None
+
+
+class Ack(_Wire):
+    """``ack``: the cloud committed these seqs (inclusive ranges per table) from batch ``batch``."""
+
+    v: Literal[1]
+    type: Literal["ack"]
+    device_id: str = Field(pattern=_DEVICE_ID)
+    batch: str = Field(pattern=_BATCH_ID)
+    ts: float
+    acked: dict[Literal["results", "gaps", "events", "samples"], list[tuple[int, int]]] = Field(default_factory=dict)
+
+
+DATA_MODELS: dict[str, type[BaseModel]] = {
+    RESULTS: ResultsBatch,
+    GAPS: GapsBatch,
+    EVENTS: EventsBatch,
+    SAMPLES: SampleChunk,
+}

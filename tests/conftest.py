@@ -92,6 +92,7 @@ def make_broker(directory: Path, port: int | None = None) -> Broker:
         "persistence false\n"
         "max_packet_size 1048576\n"
         "max_queued_messages 100000\n"
+        "set_tcp_nodelay true\n"
         "log_type error\nlog_type warning\n"
     )
     return Broker(port=port, conf=conf, log=directory / "mosquitto.log")

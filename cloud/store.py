@@ -1,0 +1,459 @@
+"""The cloud store: what devices sent, stored once per (device_id, seq), and the fleet's state.
+
+Ingest talks to a :class:`Store` (a Protocol, so PostgreSQL can follow); :class:`SQLiteStore`
+is the implementation: one SQLite file through sqlite-utils, WAL, so several ingest
+workers (processes) write to it side by side and readers (``cloud fleet``) never block them.
+
+Guarantees ingest relies on:
+
+- Every ``store_*`` call is ONE transaction; it returns only after COMMIT, and the ack is
+  published only after that return. A ``kill -9`` at any moment loses nothing acked.
+- Rows are inserted with ``INSERT OR IGNORE`` on the primary key (device_id, seq): a resent
+  batch stores nothing twice and is acked again.
+- Per-device totals (results, samples, gaps, evicted, ...) move in the same transaction as
+  the rows they count, so they are exact.
+
+Sample images are files under ``<data_dir>/samples/<device_id>/<seq>.jpg`` (temp file, fsync,
+rename, fsync of the folder) with an index row ready for labelling (``labelled_as``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import sqlite_utils
+
+from cloud.exceptions import StoreError
+from edge.protocol import (
+    EVENTS,
+    GAPS,
+    RESULTS,
+    SAMPLES,
+    EventsBatch,
+    GapsBatch,
+    ResultsBatch,
+    SampleChunk,
+    StatusPayload,
+    seq_ranges,
+)
+
+logger = logging.getLogger(__name__)
+
+DEVICE_STATES = ("online", "offline_buffering", "dead")
+_RESULT_COLS = ("seq", "ts", "part_id", "model_version", "label", "score", "passed",
+                "capture_ms", "preprocess_ms", "invoke_ms", "record_ms", "received")  # fmt: skip
+_INSERT_GAP = (
+    "INSERT OR IGNORE INTO gaps (device_id, seq, ts, table_name, first_seq, last_seq, count, passed_count,"
+    " failed_count, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What one store call did: the seq ranges now safely stored (to ack) and the row counts."""
+
+    acked: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    inserted: int = 0
+    duplicates: int = 0
+    problem: str | None = None  # a counter name when the call stored nothing on purpose
+
+
+class Store(Protocol):
+    """What ingest and the fleet commands need from a store (SQLite today)."""
+
+    def store_results(self, batch: ResultsBatch, *, received: float) -> StoreOutcome:
+        """Insert a results batch idempotently, in one transaction."""
+        ...
+
+    def store_gaps(self, batch: GapsBatch, *, received: float) -> StoreOutcome:
+        """Insert gap records (evictions on the device) idempotently."""
+        ...
+
+    def store_events(self, batch: EventsBatch, *, received: float) -> StoreOutcome:
+        """Insert agent events idempotently."""
+        ...
+
+    def store_sample_chunk(self, chunk: SampleChunk, data: bytes, *, received: float) -> StoreOutcome:
+        """Keep one chunk; when the sample is complete, write its file and index row."""
+        ...
+
+    def record_status(self, status: StatusPayload, *, received: float, retained: bool) -> None:
+        """Update the device table from a status message (or a last will)."""
+        ...
+
+    def add_counters(self, counts: dict[str, int]) -> None:
+        """Add to named counters (rejected payloads and the like)."""
+        ...
+
+    def counters(self) -> dict[str, int]:
+        """Every counter by name."""
+        ...
+
+    def fleet(self, *, now: float, offline_after_s: float, dead_after_s: float) -> list[dict[str, Any]]:
+        """One dict per device with its computed state."""
+        ...
+
+    def results(self, device_id: str, *, limit: int = 100, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Stored results of one device in seq order."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+def device_state(
+    *, now: float, last_seen: float | None, status_seen: float | None, reported_state: str | None,
+    offline_after_s: float, dead_after_s: float,
+) -> str:
+    """online, offline_buffering or dead (see docs/sync.md, "Fleet states")."""
+    if last_seen is None or now - last_seen > dead_after_s:
+        return "dead"
+    if reported_state != "online" or status_seen is None or now - status_seen > offline_after_s:
+        return "offline_buffering"
+    return "online"
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db.create_table(
+        "results",
+        {"device_id": str, "seq": int, "ts": float, "part_id": int, "model_version": str, "label": str,
+         "score": float, "passed": int, "capture_ms": float, "preprocess_ms": float, "invoke_ms": float,
+         "record_ms": float, "received": float},
+        pk=("device_id", "seq"), not_null=["device_id", "seq"],
+    )  # fmt: skip
+    db.create_table(
+        "gaps",
+        {"device_id": str, "seq": int, "ts": float, "table_name": str, "first_seq": int, "last_seq": int,
+         "count": int, "passed_count": int, "failed_count": int, "received": float},
+        pk=("device_id", "seq"), not_null=["device_id", "seq"],
+    )  # fmt: skip
+    db.create_table(
+        "events",
+        {"device_id": str, "seq": int, "ts": float, "kind": str, "detail": str, "received": float},
+        pk=("device_id", "seq"), not_null=["device_id", "seq"],
+    )
+    db.create_table(
+        "samples",
+        {"device_id": str, "seq": int, "result_seq": int, "ts": float, "reason": str, "label": str,
+         "score": float, "width": int, "height": int, "bytes": int, "sha256": str, "path": str,
+         "labelled_as": str, "labelled_at": float, "received": float},
+        pk=("device_id", "seq"), not_null=["device_id", "seq"],
+    )  # fmt: skip
+    db.create_table(
+        "sample_chunks",
+        {"device_id": str, "seq": int, "chunk": int, "chunks": int, "data": bytes, "received": float},
+        pk=("device_id", "seq", "chunk"),
+    )
+    db.create_table(
+        "devices",
+        {"device_id": str, "reported_state": str, "status": str, "status_seen": float, "last_seen": float,
+         "first_seen": float, "model_version": str, "backlog": int, "groups": str, "offline_reason": str,
+         "results": int, "samples": int, "events": int, "gaps": int, "evicted": int},
+        pk="device_id", defaults={"results": 0, "samples": 0, "events": 0, "gaps": 0, "evicted": 0},
+    )  # fmt: skip
+    db.create_table("counters", {"name": str, "value": int, "updated": float}, pk="name")
+    db.table("samples").create_index(["labelled_as"])
+
+
+# Registered migrations, applied in order, each in its own transaction with its own record.
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_initial", _m001_initial),
+]
+
+
+class SQLiteStore:
+    """:class:`Store` on one SQLite file (WAL); one instance per thread."""
+
+    def __init__(
+        self, path: Path, *, samples_dir: Path, synchronous: str = "FULL", busy_timeout_s: float = 30.0,
+        readonly: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.samples_dir = Path(samples_dir)
+        try:
+            if readonly:
+                if not self.path.is_file():
+                    raise StoreError(f"{self.path}: no cloud store here yet; start `linewatch cloud serve` or pass --config")
+                conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None, timeout=busy_timeout_s)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=busy_timeout_s)
+            conn.row_factory = sqlite3.Row
+            self.db = sqlite_utils.Database(conn, execute_plugins=False)
+            if not readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+                self._migrate()
+            elif not self.db["results"].exists():
+                raise StoreError(f"{self.path} is not a Linewatch cloud store (no results table)")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot open the cloud store ({exc}); check the path and its permissions") from exc
+        self.conn = conn
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE so concurrent workers queue on busy_timeout."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write():
+            self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied REAL)")
+        for name, apply in MIGRATIONS:
+            with self._write() as conn:
+                if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone():
+                    continue
+                apply(self.db)
+                conn.execute("INSERT INTO _migrations (name, applied) VALUES (?, ?)", (name, time.time()))
+                logger.info("cloud store %s: applied migration %s", self.path, name)
+
+    @staticmethod
+    def _touch(conn: sqlite3.Connection, device_id: str, seen: float, **add: int) -> None:
+        """Refresh last_seen and add to the device's totals (inside the caller's transaction)."""
+        conn.execute(
+            "INSERT OR IGNORE INTO devices (device_id, first_seen, last_seen) VALUES (?, ?, ?)", (device_id, seen, seen)
+        )
+        sets = "".join(f", {k} = {k} + :{k}" for k in add)
+        conn.execute(
+            f"UPDATE devices SET last_seen = max(coalesce(last_seen, 0), :t){sets} WHERE device_id = :d",
+            {"d": device_id, "t": seen, **add},
+        )
+
+    @staticmethod
+    def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], device_id: str, rows: list[tuple[Any, ...]]) -> int:
+        """INSERT OR IGNORE (device_id, *row) into ``columns`` for each row; how many were new."""
+        if not rows:
+            return 0
+        before = conn.total_changes
+        conn.executemany(
+            f"INSERT OR IGNORE INTO {table} (device_id, {', '.join(columns)}) VALUES ({', '.join('?' * (len(columns) + 1))})",
+            [(device_id, *r) for r in rows],
+        )
+        return conn.total_changes - before
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def store_results(self, batch: ResultsBatch, *, received: float) -> StoreOutcome:
+        c = batch.cols
+        rows = list(zip(batch.seq, c.ts, c.part_id, c.model_version, c.label, c.score,
+                        [int(p) for p in c.passed], c.capture_ms, c.preprocess_ms, c.invoke_ms, c.record_ms,
+                        [received] * len(batch.seq), strict=True))  # fmt: skip
+        with self._write() as conn:
+            inserted = self._insert_rows(conn, "results", _RESULT_COLS, batch.device_id, rows)
+            self._touch(conn, batch.device_id, received, results=inserted)
+        return StoreOutcome({RESULTS: seq_ranges(batch.seq)}, inserted, len(rows) - inserted)
+
+    def store_gaps(self, batch: GapsBatch, *, received: float) -> StoreOutcome:
+        c = batch.cols
+        rows = list(zip(batch.seq, c.ts, c.table_name, c.first_seq, c.last_seq, c.count, c.passed_count,
+                        c.failed_count, [received] * len(batch.seq), strict=True))  # fmt: skip
+        inserted = evicted = 0
+        with self._write() as conn:
+            for row in rows:
+                cur = conn.execute(_INSERT_GAP, (batch.device_id, *row))
+                if cur.rowcount == 1:
+                    inserted += 1
+                    evicted += int(row[5] or 0)
+            self._touch(conn, batch.device_id, received, gaps=inserted, evicted=evicted)
+        return StoreOutcome({GAPS: seq_ranges(batch.seq)}, inserted, len(rows) - inserted)
+
+    def store_events(self, batch: EventsBatch, *, received: float) -> StoreOutcome:
+        c = batch.cols
+        details = [json.dumps(d, separators=(",", ":"), default=str) for d in c.detail]
+        rows = list(zip(batch.seq, c.ts, c.kind, details, [received] * len(batch.seq), strict=True))
+        with self._write() as conn:
+            inserted = self._insert_rows(conn, "events", ("seq", "ts", "kind", "detail", "received"), batch.device_id, rows)
+            self._touch(conn, batch.device_id, received, events=inserted)
+        return StoreOutcome({EVENTS: seq_ranges(batch.seq)}, inserted, len(rows) - inserted)
+
+    def sample_path(self, device_id: str, seq: int) -> Path:
+        return self.samples_dir / device_id / f"{seq}.jpg"
+
+    def store_sample_chunk(self, chunk: SampleChunk, data: bytes, *, received: float) -> StoreOutcome:
+        dev, seq = chunk.device_id, chunk.seq
+        done = StoreOutcome({SAMPLES: [(seq, seq)]}, 0, 1)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM samples WHERE device_id = ? AND seq = ?", (dev, seq)).fetchone():
+                self._touch(conn, dev, received)
+                return done
+            conn.execute(
+                "INSERT OR IGNORE INTO sample_chunks (device_id, seq, chunk, chunks, data, received) VALUES (?, ?, ?, ?, ?, ?)",
+                (dev, seq, chunk.chunk, chunk.chunks, data, received),
+            )
+            parts = conn.execute(
+                "SELECT chunk, data FROM sample_chunks WHERE device_id = ? AND seq = ? AND chunks = ? ORDER BY chunk",
+                (dev, seq, chunk.chunks),
+            ).fetchall()
+            if len(parts) < chunk.chunks:
+                self._touch(conn, dev, received)
+                return StoreOutcome()
+            jpeg = b"".join(bytes(p["data"]) for p in parts)
+            conn.execute("DELETE FROM sample_chunks WHERE device_id = ? AND seq = ?", (dev, seq))
+            if len(jpeg) != chunk.bytes or hashlib.sha256(jpeg).hexdigest() != chunk.sha256:
+                # Chunks of different sends mixed up: drop them all (committed, no ack); the
+                # device resends the whole sample after its ack timeout.
+                self._touch(conn, dev, received)
+                return StoreOutcome(problem="sample_checksum")
+            path = self.sample_path(dev, seq)
+            _write_file_durably(path, jpeg)
+            conn.execute(
+                "INSERT OR IGNORE INTO samples (device_id, seq, result_seq, ts, reason, label, score, width, height,"
+                " bytes, sha256, path, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (dev, seq, chunk.result_seq, chunk.ts, chunk.reason, chunk.label, chunk.score, chunk.width,
+                 chunk.height, chunk.bytes, chunk.sha256, str(path.relative_to(self.samples_dir)), received),
+            )  # fmt: skip
+            self._touch(conn, dev, received, samples=1)
+        return StoreOutcome({SAMPLES: [(seq, seq)]}, 1, 0)
+
+    def record_status(self, status: StatusPayload, *, received: float, retained: bool) -> None:
+        # A retained status is old news replayed by the broker: it tells the state, not that
+        # the device was heard from now.
+        seen = (status.ts if status.ts is not None else None) if retained else received
+        body = json.dumps(status.model_dump(mode="json"), separators=(",", ":"), default=str)
+        online = status.state == "online"
+        with self._write() as conn:
+            row = conn.execute("SELECT last_seen, status_seen FROM devices WHERE device_id = ?", (status.device_id,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO devices (device_id, first_seen) VALUES (?, ?)", (status.device_id, received))
+                last_seen, status_seen = None, None
+            else:
+                last_seen, status_seen = row["last_seen"], row["status_seen"]
+            if retained and status_seen is not None and seen is not None and seen < status_seen:
+                return  # we already know something newer
+            fields: dict[str, Any] = {"reported_state": status.state, "status": body}
+            if seen is not None:
+                fields["last_seen"] = max(last_seen or 0.0, seen)
+                fields["status_seen"] = seen
+            if status.model_version is not None:
+                fields["model_version"] = status.model_version
+            if status.unsynced is not None:
+                fields["backlog"] = status.unsynced
+            if status.groups is not None:
+                fields["groups"] = json.dumps(status.groups)
+            fields["offline_reason"] = None if online else (status.reason or "lost")
+            sets = ", ".join(f"{k} = :{k}" for k in fields)
+            conn.execute(f"UPDATE devices SET {sets} WHERE device_id = :device_id", {**fields, "device_id": status.device_id})
+
+    def add_counters(self, counts: dict[str, int]) -> None:
+        if not counts:
+            return
+        now = time.time()
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO counters (name, value, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value, updated = excluded.updated",
+                [(k, v, now) for k, v in counts.items()],
+            )
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        return {r["name"]: int(r["value"]) for r in self.db.conn.execute("SELECT name, value FROM counters ORDER BY name")}
+
+    def fleet(self, *, now: float, offline_after_s: float, dead_after_s: float) -> list[dict[str, Any]]:
+        out = []
+        for r in self.db.conn.execute("SELECT * FROM devices ORDER BY device_id"):
+            out.append(
+                {
+                    "device_id": r["device_id"],
+                    "state": device_state(
+                        now=now, last_seen=r["last_seen"], status_seen=r["status_seen"], reported_state=r["reported_state"],
+                        offline_after_s=offline_after_s, dead_after_s=dead_after_s,
+                    ),
+                    "reported_state": r["reported_state"],
+                    "offline_reason": r["offline_reason"],
+                    "results": r["results"],
+                    "samples": r["samples"],
+                    "events": r["events"],
+                    "gaps": r["gaps"],
+                    "evicted": r["evicted"],
+                    "model_version": r["model_version"],
+                    "backlog": r["backlog"],
+                    "groups": json.loads(r["groups"]) if r["groups"] else [],
+                    "last_seen": r["last_seen"],
+                    "last_seen_s_ago": None if r["last_seen"] is None else round(now - r["last_seen"], 1),
+                    "first_seen": r["first_seen"],
+                }
+            )
+        return out
+
+    def results(self, device_id: str, *, limit: int = 100, after_seq: int = 0) -> list[dict[str, Any]]:
+        rows = self.db.conn.execute(
+            "SELECT * FROM results WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?", (device_id, after_seq, limit)
+        ).fetchall()
+        return [{**dict(r), "passed": bool(r["passed"])} for r in rows]
+
+    def gaps(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Gap records (evictions on devices), oldest first."""
+        if device_id is None:
+            rows = self.db.conn.execute("SELECT * FROM gaps ORDER BY device_id, seq").fetchall()
+        else:
+            rows = self.db.conn.execute("SELECT * FROM gaps WHERE device_id = ? ORDER BY seq", (device_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def samples(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Sample index rows, with the absolute file path."""
+        sql = "SELECT * FROM samples" + (" WHERE device_id = ?" if device_id else "") + " ORDER BY device_id, seq"
+        rows = self.db.conn.execute(sql, (device_id,) if device_id else ()).fetchall()
+        return [{**dict(r), "file": str(self.samples_dir / r["path"])} for r in rows]
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _write_file_durably(path: Path, data: bytes) -> None:
+    """temp + fsync + rename + fsync(dir): the file is whole or absent after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def open_store(config: Any, *, readonly: bool = False) -> SQLiteStore:
+    """The store a :class:`cloud.config.CloudConfig` names."""
+    return SQLiteStore(
+        config.store.path,
+        samples_dir=config.samples_dir,
+        synchronous=config.store.synchronous,
+        busy_timeout_s=config.store.busy_timeout_s,
+        readonly=readonly,
+    )

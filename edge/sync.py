@@ -1,0 +1,772 @@
+"""The outbox over MQTT: drain the SQLite buffer to the cloud, mark rows synced only on ack.
+
+One thread (``sync``) owns everything here: its own :class:`~edge.buffer.Buffer`
+connection, the paho client (driven with ``loop()``, no paho thread) and the in-flight
+table. The inspection thread never waits on it: it only commits rows; this thread polls
+the buffer for unsynced rows (every ``IDLE_POLL_S`` when idle, at once when the last
+batch was full).
+
+Protocol (docs/sync.md has the whole of it; the payload models are in edge.protocol):
+
+- Rows leave as batches in seq order: results, gaps and events as column arrays of at
+  most ``mqtt.batch_rows`` rows and ``MAX_PAYLOAD_BYTES`` bytes; samples as base64 chunks
+  of ``SAMPLE_CHUNK_BYTES``. QoS 1, each with a batch id, first/last seq and the seqs.
+- At most ``mqtt.max_inflight`` batches wait for an ack at a time. The cloud publishes
+  an ack on ``.../devices/<id>/ack`` only after it COMMITTED the rows; only then are they
+  marked synced here. A batch without an ack after ``mqtt.ack_timeout_s`` (or across a
+  reconnect) is sent again; the cloud stores each (device_id, seq) once and acks again.
+  So nothing is lost (no ack, no delete) and nothing is duplicated (idempotent insert).
+- Status: retained ``online`` on connect and every ``mqtt.status_interval_s``; retained
+  ``offline`` on a clean stop; the broker publishes the last will (``offline``, reason
+  ``lost``) if the link dies.
+- Reconnects back off exponentially with jitter; a refused CONNACK is a failed connect,
+  never "connected".
+
+:class:`MqttLink` (connect, backoff, loop) is shared with the cloud's ingest workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import ValidationError
+
+from edge.config import AgentConfig
+from edge.exceptions import BufferStoreError
+from edge.protocol import (
+    ACK,
+    COLUMNS,
+    DATA_KINDS,
+    MAX_PAYLOAD_BYTES,
+    MAX_SAMPLE_BYTES,
+    PAYLOAD_VERSION,
+    RESULTS,
+    SAMPLE_CHUNK_BYTES,
+    SAMPLES,
+    STATUS,
+    Ack,
+    encode_payload,
+    topic,
+)
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.2  # how often an idle outbox looks for new rows
+READ_AHEAD_BATCHES = 4  # rows read from the buffer per query, in batches
+MARK_INTERVAL_S = 0.25  # acks are marked synced in groups at most this far apart while busy
+CONNECT_TIMEOUT_S = 5.0  # TCP + TLS handshake; runs beside the loop so stop() is not held up
+CONNACK_TIMEOUT_S = 10.0
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 30.0
+STOP_FLUSH_S = 0.5  # on stop: time allowed for the offline status's PUBACK
+
+
+class Backoff:
+    """Exponential backoff with jitter: delay n is uniform in [d/2, d], d = min(max, min * 2**n).
+
+    The jitter spreads a fleet's reconnects after a broker restart.
+    """
+
+    def __init__(self, minimum: float = RECONNECT_MIN_S, maximum: float = RECONNECT_MAX_S, *, rng: random.Random | None = None) -> None:
+        if minimum <= 0 or maximum < minimum:
+            raise ValueError(f"backoff needs 0 < minimum <= maximum, got {minimum}, {maximum}")
+        self.minimum = minimum
+        self.maximum = maximum
+        self.attempts = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        """The wait before the next attempt; each call doubles the ceiling up to ``maximum``."""
+        ceiling = min(self.maximum, self.minimum * (2 ** min(self.attempts, 30)))
+        self.attempts += 1
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        """After a successful connect."""
+        self.attempts = 0
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """Everything :class:`MqttLink` needs to reach a broker."""
+
+    host: str
+    port: int
+    client_id: str
+    keepalive_s: int = 30
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+class MqttLink:
+    """A paho client driven by one thread the caller owns: connect with backoff, loop, publish.
+
+    ``step(timeout)`` does whatever is due: start a connect attempt (the blocking TCP/TLS
+    part runs in a short helper thread so a stop is never held up), wait for its CONNACK,
+    or run paho's ``loop()`` for up to ``timeout`` seconds. Callbacks (``on_message``,
+    ``on_connected``) run inside ``step`` on the caller's thread. ``connected`` is True
+    only after a CONNACK whose reason code is success.
+    """
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        *,
+        stop: threading.Event,
+        subscriptions: Sequence[tuple[str, int]] = (),
+        on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
+        on_connected: Callable[[], None] | None = None,
+        will: tuple[str, bytes, int, bool] | None = None,
+        backoff: Backoff | None = None,
+        max_inflight_messages: int = 20,
+    ) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self.backoff = backoff or Backoff()
+        self.connected = False
+        self.connects = 0
+        self.connected_since: float | None = None
+        self.last_error: str | None = None
+        self._next_attempt = 0.0
+        self._attempt: threading.Thread | None = None
+        self._attempt_done = threading.Event()
+        self._attempt_error: BaseException | None = None
+        self._awaiting_connack_since: float | None = None
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=mqtt.MQTTv5)
+        c.connect_timeout = CONNECT_TIMEOUT_S
+        c.max_inflight_messages_set(max_inflight_messages)
+        if settings.username:
+            c.username_pw_set(settings.username, settings.password)
+        if settings.tls:
+            c.tls_set(
+                ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file,
+                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )  # fmt: skip
+        if will is not None:
+            c.will_set(will[0], will[1], qos=will[2], retain=will[3])
+        c.on_socket_open = self._handle_socket_open
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        self.client = c
+
+    # -- paho callbacks (run inside client.loop on the owner thread) --------------------------
+
+    @staticmethod
+    def _handle_socket_open(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+        # Small messages (acks, batches) must not wait for Nagle + delayed ACK (~40 ms each).
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _handle_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any) -> None:
+        self._awaiting_connack_since = None
+        if reason.is_failure:
+            # Frigate's slip was to call this connected anyway.
+            self.last_error = f"broker refused the connection: {reason}"
+            logger.warning("MQTT %s:%s refused the connection (%s); retrying with backoff",
+                           self.settings.host, self.settings.port, reason)  # fmt: skip
+            self.connected = False
+            self._schedule_retry()
+            client.disconnect()
+            return
+        self.connected = True
+        self.connects += 1
+        self.connected_since = time.time()
+        self.last_error = None
+        self.backoff.reset()
+        logger.info("MQTT connected to %s:%s as %s", self.settings.host, self.settings.port, self.settings.client_id)
+        for name, qos in self.subscriptions:
+            client.subscribe(name, qos=qos)
+        if self._on_connected is not None:
+            self._on_connected()
+
+    def _handle_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any) -> None:
+        was = self.connected
+        self.connected = False
+        self.connected_since = None
+        self._awaiting_connack_since = None
+        if was and not self.stop.is_set():
+            self.last_error = f"connection lost: {reason}"
+            logger.warning("MQTT connection to %s:%s lost (%s); reconnecting", self.settings.host, self.settings.port, reason)
+        self._schedule_retry()
+
+    def _handle_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self._on_message is not None:
+            self._on_message(message)
+
+    # -- driving ---------------------------------------------------------------------------
+
+    def _schedule_retry(self) -> None:
+        if time.monotonic() < self._next_attempt:
+            return  # already scheduled (a refused CONNACK is followed by a disconnect)
+        delay = self.backoff.next_delay()
+        self._next_attempt = time.monotonic() + delay
+        logger.debug("next MQTT connect attempt in %.2f s", delay)
+
+    def _start_attempt(self) -> None:
+        self._attempt_done.clear()
+        self._attempt_error = None
+        s = self.settings
+
+        def attempt() -> None:
+            try:
+                self.client.connect(s.host, s.port, keepalive=s.keepalive_s, clean_start=True)
+            except BaseException as exc:  # noqa: BLE001 - reported to the owner thread
+                self._attempt_error = exc
+            finally:
+                self._attempt_done.set()
+
+        self._attempt = threading.Thread(target=attempt, name="mqtt-connect", daemon=True)
+        self._attempt.start()
+
+    def step(self, timeout: float) -> None:
+        """Do what is due for at most about ``timeout`` seconds (never much longer)."""
+        now = time.monotonic()
+        if self._attempt is not None:
+            if not self._attempt_done.wait(timeout):
+                return
+            self._attempt = None
+            if self._attempt_error is not None:
+                self.last_error = f"cannot connect to {self.settings.host}:{self.settings.port}: {self._attempt_error}"
+                logger.warning("MQTT %s; retrying with backoff", self.last_error)
+                self._schedule_retry()
+                return
+            self._awaiting_connack_since = time.monotonic()
+            timeout = 0.0
+        if not self.connected and self._awaiting_connack_since is None:
+            if self.client.socket() is not None:
+                # A refused CONNACK or a lost link left a socket behind: close it first.
+                self.client.loop(timeout=0)
+                self._close_socket()
+            if now >= self._next_attempt:
+                self._start_attempt()
+            else:
+                self.stop.wait(min(timeout, self._next_attempt - now))
+            return
+        if self._awaiting_connack_since is not None and time.monotonic() - self._awaiting_connack_since > CONNACK_TIMEOUT_S:
+            self.last_error = "no CONNACK from the broker"
+            logger.warning("MQTT %s:%s sent no CONNACK in %.0f s; reconnecting", self.settings.host, self.settings.port, CONNACK_TIMEOUT_S)
+            self._awaiting_connack_since = None
+            self._close_socket()
+            self._schedule_retry()
+            return
+        rc = self.client.loop(timeout=timeout)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and (self.connected or self._awaiting_connack_since is not None):
+            # paho reports most drops through on_disconnect; this catches the rest.
+            self.connected = False
+            self._awaiting_connack_since = None
+            self._close_socket()
+            self._schedule_retry()
+
+    def _close_socket(self) -> None:
+        with contextlib.suppress(Exception):  # the socket is going away anyway
+            self.client.disconnect()
+        sock = self.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def publish(self, name: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        """Queue one message (written to the socket at once or on the next ``step``)."""
+        return self.client.publish(name, payload, qos=qos, retain=retain)
+
+    def flush(self, info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+        """Run the loop until ``info`` is acknowledged by the broker (PUBACK) or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.connected and not info.is_published() and time.monotonic() < deadline:
+            self.client.loop(timeout=0.05)
+        return info.is_published()
+
+    def close(self) -> None:
+        """Disconnect cleanly (the broker then drops the last will) if connected."""
+        if self._attempt is not None:
+            return  # a connect is still running in its helper; it ends on its own
+        if self.connected:
+            self.connected = False
+            self.client.disconnect()
+            self.client.loop(timeout=0.05)
+        self._close_socket()
+
+
+def link_settings(config: AgentConfig) -> LinkSettings:
+    """The agent's MQTT settings (password from the environment)."""
+    m = config.mqtt
+    return LinkSettings(
+        host=m.host, port=m.port, client_id=config.device_id, keepalive_s=m.keepalive_s,
+        username=m.username, password=m.password, tls=m.tls,
+        ca_file=None if m.ca_file is None else str(m.ca_file),
+        cert_file=None if m.cert_file is None else str(m.cert_file),
+        key_file=None if m.key_file is None else str(m.key_file),
+    )  # fmt: skip
+
+
+@dataclass
+class _Inflight:
+    """One sent batch (or one sample, all its chunks) waiting for the cloud's ack."""
+
+    kind: str
+    batch: str
+    seqs: list[int]
+    payloads: list[bytes]
+    sent_at: float
+    attempts: int = 1
+    rows: int = 0
+
+
+@dataclass
+class SyncStats:
+    """Counters of the sync thread, reported in the status message."""
+
+    batches_sent: int = 0
+    messages_sent: int = 0
+    resends: int = 0
+    acks: int = 0
+    rows_acked: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DATA_KINDS, 0))
+    last_ack_at: float | None = None
+    bad_acks: int = 0
+
+
+class SyncClient:
+    """Drain the agent's buffer to the cloud over MQTT; see the module docstring.
+
+    ``start()`` runs it in a daemon thread; ``stop()`` then ``join(timeout)`` ends it
+    within about a second (it publishes a retained ``offline`` status if connected).
+    ``status`` is a callable returning the agent's live state (model, camera, ...),
+    merged into each status message.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        status: Callable[[], dict[str, Any]] | None = None,
+        reconnect_min_s: float = RECONNECT_MIN_S,
+        reconnect_max_s: float = RECONNECT_MAX_S,
+    ) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.prefix = config.mqtt.topic_prefix
+        self._status_fn = status
+        self.stop_event = threading.Event()
+        self.stats = SyncStats()
+        self.error: BaseException | None = None
+        self._backoff = Backoff(reconnect_min_s, reconnect_max_s)
+        self._thread: threading.Thread | None = None
+        self._inflight: dict[str, _Inflight] = {}
+        self._cursor: dict[str, int] = dict.fromkeys(DATA_KINDS, 0)
+        self._acks: list[Ack] = []
+        self._to_mark: dict[str, list[tuple[int, int]]] = {}
+        self._last_mark = 0.0
+        self._ahead: dict[str, list[dict[str, Any]]] = {k: [] for k in DATA_KINDS}  # read, not yet sent
+        self._ids = itertools.count(1)
+        self._session = os.urandom(3).hex()
+        self._next_status = 0.0
+        self.link: MqttLink | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the sync thread (returns at once; the network is never waited for)."""
+        if self._thread is not None:
+            raise RuntimeError("SyncClient already started")
+        self._thread = threading.Thread(target=self._main, name="sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to finish: flush the offline status, disconnect, close the buffer."""
+        self.stop_event.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (at most ``timeout`` seconds)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def connected(self) -> bool:
+        return self.link is not None and self.link.connected
+
+    def snapshot(self) -> dict[str, Any]:
+        """Sync state for the agent's status (safe to call from any thread)."""
+        link = self.link
+        return {
+            "connected": self.connected,
+            "connected_since": None if link is None else link.connected_since,
+            "connects": 0 if link is None else link.connects,
+            "last_error": None if link is None else link.last_error,
+            "inflight": len(self._inflight),
+            "batches_sent": self.stats.batches_sent,
+            "resends": self.stats.resends,
+            "acks": self.stats.acks,
+            "rows_acked": dict(self.stats.rows_acked),
+            "last_ack_at": self.stats.last_ack_at,
+        }
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        from edge.buffer import Buffer
+
+        cfg = self.config
+        while not self.stop_event.is_set():
+            try:
+                # Its own connection: the inspection thread never shares (or waits on) it.
+                with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, synchronous=cfg.buffer.synchronous,
+                            device_id=cfg.device_id, integrity_check="off") as buf:  # fmt: skip
+                    self._run(buf)
+                return
+            except BufferStoreError as exc:
+                self.error = exc
+                logger.error("sync cannot use the buffer: %s; retrying in 5 s", exc)
+                if self.link is not None:
+                    self.link.close()
+                    self.link = None
+                if self.stop_event.wait(5.0):
+                    return
+            except Exception as exc:  # noqa: BLE001 - never take the agent down; log and retry
+                self.error = exc
+                logger.exception("sync thread failed; restarting it in 5 s")
+                if self.link is not None:
+                    self.link.close()
+                    self.link = None
+                if self.stop_event.wait(5.0):
+                    return
+
+    def _run(self, buf: Any) -> None:
+        will = encode_payload({"v": PAYLOAD_VERSION, "state": "offline", "device_id": self.device_id, "reason": "lost"})
+        self._inflight.clear()
+        self._to_mark.clear()
+        self._ahead = {k: [] for k in DATA_KINDS}
+        self._cursor = dict.fromkeys(DATA_KINDS, 0)
+        link = MqttLink(
+            link_settings(self.config),
+            stop=self.stop_event,
+            subscriptions=[(topic(self.prefix, self.device_id, ACK), 1)],
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            will=(topic(self.prefix, self.device_id, STATUS), will, 1, True),
+            backoff=self._backoff,
+            max_inflight_messages=max(20, self.config.mqtt.max_inflight * 2 + 4),
+        )
+        self.link = link
+        wait = IDLE_POLL_S
+        try:
+            while not self.stop_event.is_set():
+                link.step(wait)
+                wait = IDLE_POLL_S
+                self._take_acks()
+                if link.connected:
+                    now = time.monotonic()
+                    if now >= self._next_status:
+                        self._publish_status(buf)
+                        self._next_status = now + self.config.mqtt.status_interval_s
+                    self._resend_due(now)
+                    if self._fill(buf):
+                        wait = 0.0  # a full batch went out: more rows are waiting
+                self._mark_acked(buf)
+            self._shutdown(buf)
+        finally:
+            link.close()
+
+    def _shutdown(self, buf: Any) -> None:
+        link = self.link
+        if link is not None and link.connected:
+            # Take in the acks already on their way, then say goodbye with a retained offline.
+            link.client.loop(timeout=0.05)
+            self._take_acks()
+            self._mark_acked(buf, force=True)
+            payload = self._status_payload(buf, state="offline")
+            info = link.publish(topic(self.prefix, self.device_id, STATUS), payload, qos=1, retain=True)
+            if not link.flush(info, STOP_FLUSH_S):
+                logger.warning("offline status not confirmed by the broker before stop")
+        self._take_acks()
+        self._mark_acked(buf, force=True)
+
+    # -- connection events -----------------------------------------------------------------
+
+    def _on_connected(self) -> None:
+        # Acks published while we were away are gone (clean session): everything still in
+        # flight goes again now; the cloud dedups and acks again.
+        for item in self._inflight.values():
+            item.sent_at = float("-inf")
+        self._next_status = 0.0
+
+    def _on_message(self, message: mqtt.MQTTMessage) -> None:
+        try:
+            ack = Ack.model_validate_json(message.payload)
+        except ValidationError as exc:
+            self.stats.bad_acks += 1
+            logger.warning("ignored a malformed ack on %s: %s", message.topic, str(exc).splitlines()[0])
+            return
+        if ack.device_id != self.device_id:
+            self.stats.bad_acks += 1
+            logger.warning("ignored an ack for device %s on %s", ack.device_id, message.topic)
+            return
+        self._acks.append(ack)
+
+    # -- acks ------------------------------------------------------------------------------
+
+    def _take_acks(self) -> None:
+        """Retire the in-flight batches the received acks cover; queue their ranges to mark."""
+        if not self._acks:
+            return
+        acks, self._acks = self._acks, []
+        by_table: dict[str, list[tuple[int, int]]] = {}
+        for ack in acks:
+            self.stats.acks += 1
+            for table, ranges in ack.acked.items():
+                by_table.setdefault(table, []).extend(ranges)
+                self._to_mark.setdefault(table, []).extend(ranges)
+        self.stats.last_ack_at = time.time()
+        for ack in acks:
+            item = self._inflight.get(ack.batch)
+            if item is not None and _covered(item.seqs, list(ack.acked.get(item.kind, []))):  # type: ignore[call-overload]
+                self._done(ack.batch)
+        # Acks of an earlier send (other batch id) still settle what they cover.
+        for batch_id, item in list(self._inflight.items()):
+            if _covered(item.seqs, by_table.get(item.kind, [])):
+                self._done(batch_id)
+
+    def _mark_acked(self, buf: Any, *, force: bool = False) -> None:
+        """Mark what the cloud acked as synced: one transaction per table, MARK_INTERVAL_S apart.
+
+        Runs after the next batches went out, so this write overlaps the cloud's work, and
+        groups the acks of a busy drain into few commits (fewer fsyncs on an SD card). A crash
+        before it only means those rows are sent again and acked again.
+        """
+        if not self._to_mark:
+            return
+        now = time.monotonic()
+        if not force and self._inflight and now - self._last_mark < MARK_INTERVAL_S:
+            return
+        self._last_mark = now
+        pending, self._to_mark = self._to_mark, {}
+        for name, runs in pending.items():
+            merged = _merge(runs)
+            if len(merged) == 1:  # the common case: consecutive batches, one range UPDATE
+                buf.mark_synced(name, range(merged[0][0], merged[0][1] + 1))
+            else:
+                buf.mark_synced(name, [s for a, b in merged for s in range(a, b + 1)])
+
+    def _done(self, batch_id: str) -> None:
+        item = self._inflight.pop(batch_id)
+        self.stats.rows_acked[item.kind] = self.stats.rows_acked.get(item.kind, 0) + len(item.seqs)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _resend_due(self, now: float) -> None:
+        timeout = self.config.mqtt.ack_timeout_s
+        assert self.link is not None
+        for item in self._inflight.values():
+            if now - item.sent_at >= timeout:
+                if item.sent_at != float("-inf"):
+                    logger.info("no ack for %s batch %s after %.1f s (attempt %s); sending it again",
+                                item.kind, item.batch, timeout, item.attempts)  # fmt: skip
+                for payload in item.payloads:
+                    self.link.publish(topic(self.prefix, self.device_id, item.kind), payload, qos=1)
+                    self.stats.messages_sent += 1
+                item.sent_at = now
+                item.attempts += 1
+                self.stats.resends += 1
+
+    def _fill(self, buf: Any) -> bool:
+        """Send new batches round-robin over the tables while in-flight slots are free.
+
+        True when a batch was cut short by the row or byte limit (more rows are waiting).
+        """
+        limit = self.config.mqtt.max_inflight
+        more = False
+        active = list(DATA_KINDS)
+        while active and len(self._inflight) < limit:
+            for kind in list(active):
+                if len(self._inflight) >= limit:
+                    break
+                sent, full = self._send_next(buf, kind)
+                more = more or full
+                if not sent:
+                    active.remove(kind)
+        return more and len(self._inflight) < limit
+
+    def _new_batch_id(self, kind: str, first: int, last: int) -> str:
+        return f"{kind[0]}{first}-{last}.{self._session}{next(self._ids)}"
+
+    def _send_next(self, buf: Any, kind: str) -> tuple[bool, bool]:
+        """Send the next batch of ``kind`` after its cursor: (sent, batch was full)."""
+        if kind == SAMPLES:
+            return self._send_sample(buf)
+        max_rows = self.config.mqtt.batch_rows
+        ahead = self._ahead[kind]
+        if len(ahead) < max_rows:
+            # Read ahead several batches per query: fewer, larger reads of the buffer.
+            after = int(ahead[-1]["seq"]) if ahead else self._cursor[kind]
+            ahead.extend(buf.pending(kind, after_seq=after, limit=max_rows * READ_AHEAD_BATCHES))
+        if not ahead:
+            return False, False
+        rows = ahead[:max_rows]
+        full = len(ahead) >= max_rows
+        batch_id, payload = self._encode_rows(kind, rows)
+        while len(payload) > MAX_PAYLOAD_BYTES and len(rows) > 1:
+            # Estimate from the average row size, with a margin; shrink until it fits.
+            keep = max(1, min(len(rows) - 1, int(len(rows) * MAX_PAYLOAD_BYTES / len(payload) * 0.95)))
+            rows = rows[:keep]
+            full = True
+            batch_id, payload = self._encode_rows(kind, rows)
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            # One row alone is too big (cannot happen with the buffer's own limits): say so and
+            # move on; the row stays unsynced and visible in the device's backlog.
+            logger.error("%s row seq %s is %s bytes encoded, over the %s byte MQTT limit; it cannot be sent",
+                         kind, rows[0]["seq"], len(payload), MAX_PAYLOAD_BYTES)  # fmt: skip
+            self._cursor[kind] = rows[0]["seq"]
+            del ahead[:1]
+            return True, True
+        del ahead[: len(rows)]
+        seqs = [int(r["seq"]) for r in rows]
+        self._publish_new(_Inflight(kind, batch_id, seqs, [payload], time.monotonic(), rows=len(rows)))
+        self._cursor[kind] = seqs[-1]
+        return True, full
+
+    def _encode_rows(self, kind: str, rows: list[dict[str, Any]]) -> tuple[str, bytes]:
+        """(batch id, compact JSON) of rows as column arrays."""
+        seqs = [int(r["seq"]) for r in rows]
+        cols: dict[str, list[Any]] = {name: list(map(itemgetter(name), rows)) for name in COLUMNS[kind]}
+        if "passed" in cols:
+            cols["passed"] = [bool(v) for v in cols["passed"]]
+        if "detail" in cols:  # a damaged detail comes back as text: wrap it, keep the row
+            cols["detail"] = [v if isinstance(v, dict) else {"value": v} for v in cols["detail"]]
+        batch_id = self._new_batch_id(kind, seqs[0], seqs[-1])
+        return batch_id, encode_payload(
+            {"v": PAYLOAD_VERSION, "type": kind, "device_id": self.device_id, "batch": batch_id,
+             "first_seq": seqs[0], "last_seq": seqs[-1], "seq": seqs, "cols": cols}
+        )  # fmt: skip
+
+    def _send_sample(self, buf: Any) -> tuple[bool, bool]:
+        rows = buf.pending(SAMPLES, after_seq=self._cursor[SAMPLES], limit=1)
+        if not rows:
+            return False, False
+        row = rows[0]
+        seq = int(row["seq"])
+        self._cursor[SAMPLES] = seq
+        jpeg = row.get("jpeg") or b""
+        if not jpeg:
+            logger.warning("sample seq %s has no image bytes; it cannot be sent", seq)
+            return True, True
+        jpeg = bytes(jpeg)
+        if len(jpeg) > MAX_SAMPLE_BYTES:
+            logger.error("sample seq %s is %s bytes, over the %s byte limit of the protocol; it cannot be sent"
+                         " (lower sampling.max_side or jpeg_quality)", seq, len(jpeg), MAX_SAMPLE_BYTES)  # fmt: skip
+            return True, True
+        chunks = [jpeg[i : i + SAMPLE_CHUNK_BYTES] for i in range(0, len(jpeg), SAMPLE_CHUNK_BYTES)]
+        batch_id = self._new_batch_id(SAMPLES, seq, seq)
+        digest = hashlib.sha256(jpeg).hexdigest()
+        payloads = [
+            encode_payload(
+                {"v": PAYLOAD_VERSION, "type": "sample", "device_id": self.device_id, "batch": f"{batch_id}.{i}",
+                 "seq": seq, "result_seq": row.get("result_seq"), "ts": row.get("ts"), "reason": row.get("reason"),
+                 "label": row.get("label"), "score": row.get("score"), "width": row.get("width"),
+                 "height": row.get("height"), "bytes": len(jpeg), "sha256": digest, "chunk": i, "chunks": len(chunks),
+                 "data": base64.b64encode(part).decode("ascii")}
+            )  # fmt: skip
+            for i, part in enumerate(chunks)
+        ]
+        self._publish_new(_Inflight(SAMPLES, batch_id, [seq], payloads, time.monotonic(), rows=1))
+        return True, True
+
+    def _publish_new(self, item: _Inflight) -> None:
+        assert self.link is not None
+        for payload in item.payloads:
+            self.link.publish(topic(self.prefix, self.device_id, item.kind), payload, qos=1)
+            self.stats.messages_sent += 1
+        self._inflight[item.batch] = item
+        self.stats.batches_sent += 1
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _status_payload(self, buf: Any, *, state: str) -> bytes:
+        agent: dict[str, Any] = {}
+        if self._status_fn is not None:
+            try:
+                agent = dict(self._status_fn())
+            except Exception as exc:  # noqa: BLE001 - a status bug must not stop the sync
+                logger.warning("status callback failed: %s", exc)
+        try:
+            pending = buf.unsynced_counts()
+            counters = buf.counters()
+        except BufferStoreError as exc:
+            logger.warning("status: buffer not readable: %s", exc)
+            pending, counters = {}, {}
+        body: dict[str, Any] = {**agent}
+        if not body.get("evictions"):
+            body["evictions"] = counters
+        body.setdefault("groups", list(self.config.groups))
+        body.update(
+            {
+                "v": PAYLOAD_VERSION,
+                "state": state,
+                "device_id": self.device_id,
+                "ts": time.time(),
+                "reason": "stopped" if state == "offline" else None,
+                "model_version": agent.get("model_version") if isinstance(agent.get("model_version"), str) else None,
+                "unsynced": int(pending.get(RESULTS, 0)),
+                "pending": pending,
+                "sync": self.snapshot(),
+            }
+        )
+        if not isinstance(body.get("groups"), list):
+            body["groups"] = list(self.config.groups)
+        payload = encode_payload(json.loads(json.dumps(body, default=str)))
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            keep = ("v", "state", "device_id", "ts", "reason", "model_version", "unsynced", "pending", "groups", "sync")
+            payload = encode_payload(json.loads(json.dumps({k: body[k] for k in keep}, default=str)))
+        return payload
+
+    def _publish_status(self, buf: Any) -> None:
+        assert self.link is not None
+        self._mark_acked(buf, force=True)  # so the backlog it reports is current
+        self.link.publish(topic(self.prefix, self.device_id, STATUS), self._status_payload(buf, state="online"), qos=1, retain=True)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted inclusive ranges with overlapping and adjacent ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted((int(a), int(b)) for a, b in ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _covered(seqs: list[int], ranges: list[tuple[int, int]]) -> bool:
+    """Every seq (sorted, distinct) lies in one of the inclusive ranges."""
+    if not ranges:
+        return False
+    inside = sum(bisect.bisect_right(seqs, b) - bisect.bisect_left(seqs, a) for a, b in _merge(ranges))
+    return inside == len(seqs)

@@ -1,0 +1,493 @@
+"""Store-and-forward sync against a real Mosquitto and a real ingest process.
+
+The device side is a real process running edge.sync.SyncClient over a buffer the test
+fills (``DEVICE_SCRIPT``); the cloud side is ``linewatch cloud serve`` as a subprocess.
+Helpers here are shared with test_ingest.py and test_fleet.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge.buffer import Buffer, ResultRecord, SampleRecord
+from edge.config import load_config
+from edge.sync import Backoff, SyncClient
+from tests.conftest import LINEWATCH, Broker, make_broker, mosquitto_binary
+
+PREFIX = "lwtest"
+
+DEVICE_SCRIPT = """
+import logging, signal, sys, threading
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from edge.config import load_config
+from edge.sync import SyncClient
+cfg = load_config(sys.argv[1])
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+client = SyncClient(cfg, status=lambda: {"model_version": sys.argv[2]}, reconnect_min_s=0.1, reconnect_max_s=0.8)
+client.start()
+print("started", flush=True)
+while not stop.wait(0.2):  # a timed wait: the handler runs even if another thread got the signal
+    pass
+client.stop()
+client.join(3)
+print("stopped", flush=True)
+"""
+
+
+# -- helpers (also used by test_ingest.py and test_fleet.py) ------------------------------------
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value {value!r})")
+        time.sleep(interval)
+
+
+def write_cloud_config(directory: Path, broker: Broker, **sections: dict[str, Any]) -> Path:
+    """A cloud TOML for ``broker`` with short fleet timeouts; sections override keys."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data: dict[str, dict[str, Any]] = {
+        "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX},
+        "ingest": {"share_group": "ingest", "log_interval_s": 1.0},
+        "fleet": {"offline_after_s": 30, "dead_after_s": 60},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    lines = ['data_dir = "cloud-data"', 'store.path = "cloud.db"']
+    for name, values in data.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = directory / "cloud.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_agent_config(directory: Path, broker: Broker, device_id: str, *, max_bytes: int = 50_000_000, **mqtt_keys: Any) -> Path:
+    """An agent TOML whose only live parts here are [mqtt] and the buffer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mqtt_cfg = {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX, "ack_timeout_s": 1.0,
+                "status_interval_s": 0.5, "keepalive_s": 5, **mqtt_keys}  # fmt: skip
+    text = (
+        f'device_id = "{device_id}"\ngroups = ["line1"]\ncamera.source = "parts.mp4"\nmodel.path = "models"\n'
+        f'buffer.path = "buffer.db"\nbuffer.max_bytes = {max_bytes}\n[mqtt]\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in mqtt_cfg.items())
+    )
+    path = directory / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def fill_buffer(agent_toml: Path, n: int, *, start_part: int = 0, samples: Sequence[bytes] = (), events: int = 0) -> None:
+    """Commit ``n`` results (every third a fail), some samples and events, as the agent would."""
+    cfg = load_config(agent_toml)
+    with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, device_id=cfg.device_id) as buf:
+        now = time.time()
+        recs = [
+            ResultRecord(now + i * 1e-3, cfg.device_id, start_part + i, "m1", "scratch" if i % 3 == 0 else "ok",
+                         0.9 if i % 3 == 0 else 0.1, i % 3 != 0, 1.0, 0.5, 0.3)  # fmt: skip
+            for i in range(n)
+        ]
+        for i in range(0, n, 500):
+            buf.record_results(recs[i : i + 500])
+        for j, jpeg in enumerate(samples):
+            buf.record_sample(SampleRecord(now, "fail", "scratch", 0.9, 32, 24, jpeg, result_seq=j + 1))
+        for j in range(events):
+            buf.record_event("camera_up", source="parts.mp4", n=j)
+
+
+def unsynced(agent_toml: Path) -> dict[str, int]:
+    cfg = load_config(agent_toml)
+    with Buffer.open_readonly(cfg.buffer.path) as buf:
+        return buf.unsynced_counts()
+
+
+def all_synced(agent_toml: Path) -> bool:
+    return sum(unsynced(agent_toml).values()) == 0
+
+
+_STARTED: list[Proc] = []
+
+
+class Proc:
+    """A subprocess with its output in a file (no pipe to fill up), killable by pid."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with open(log, "ab") as fh:
+            self.proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        _STARTED.append(self)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        wait_until(lambda: text in self.output() or self.proc.poll() is not None, timeout, f"{text!r} in {self.log}")
+        assert text in self.output(), f"process exited early:\n{self.output()}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait()
+
+    def term(self, timeout: float = 10) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 10) -> int:
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture(name="reaper", autouse=True)
+def reaper_fixture() -> Iterator[None]:
+    """Whatever a test started and left running (it failed half-way) is killed by its pid."""
+    yield
+    while _STARTED:
+        p = _STARTED.pop()
+        if p.alive():
+            p.proc.send_signal(signal.SIGCONT)  # in case a test stopped it (SIGSTOP)
+            p.proc.kill()
+        p.proc.wait(10)
+
+
+def start_ingest(cloud_toml: Path, name: str = "ingest") -> Proc:
+    """``linewatch cloud serve`` as a subprocess, returned once it is connected."""
+    p = Proc([LINEWATCH, "-v", "cloud", "serve", "--config", str(cloud_toml)], cloud_toml.parent / f"{name}.log")
+    p.wait_for("connected to")
+    return p
+
+
+def start_device(agent_toml: Path, model_version: str = "m1") -> Proc:
+    """A device process running SyncClient over its buffer."""
+    p = Proc([sys.executable, "-c", DEVICE_SCRIPT, str(agent_toml), model_version], agent_toml.parent / "device.log")
+    p.wait_for("started")
+    return p
+
+
+def cloud_seqs(cloud_toml: Path, device_id: str, table: str = "results") -> list[int]:
+    """Every stored seq of one device, duplicates included if there were any."""
+    db = cloud_toml.parent / "cloud.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return [r[0] for r in conn.execute(f"SELECT seq FROM {table} WHERE device_id = ? ORDER BY rowid", (device_id,))]
+
+
+def cloud_query(cloud_toml: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(f"file:{cloud_toml.parent / 'cloud.db'}?mode=ro", uri=True) as conn:
+        return list(conn.execute(sql, params))
+
+
+def retained_status(broker: Broker, device_id: str, timeout: float = 5) -> dict[str, Any]:
+    """The retained status message of a device, read with a fresh subscriber."""
+    got: list[dict[str, Any]] = []
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{os.getpid()}-{random.random()}", protocol=mqtt.MQTTv5)
+    c.on_message = lambda _c, _u, m: got.append(json.loads(m.payload)) if m.retain and m.payload else None
+    c.connect(broker.host, broker.port)
+    c.subscribe(f"{PREFIX}/devices/{device_id}/status", qos=1)
+    c.loop_start()
+    try:
+        wait_until(lambda: got, timeout, f"retained status of {device_id}")
+    finally:
+        c.loop_stop()
+        c.disconnect()
+    return got[-1]
+
+
+class _QuietBroker(Broker):
+    """conftest's Broker, but the parent's handle on the log file is closed after the fork.
+
+    (conftest's start() leaves it to the garbage collector, which pytest reports as an
+    unraisable ResourceWarning, an error under filterwarnings=error.)
+    """
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: _listening(self) or self.proc is None or self.proc.poll() is not None, 10, f"mosquitto on {self.port}")
+        if not _listening(self):
+            raise RuntimeError(f"mosquitto did not start: {self.log.read_text()}")
+
+
+def _listening(b: Broker) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((b.host, b.port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(name="broker")
+def broker_fixture(tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto on a free port (overrides conftest's, see _QuietBroker)."""
+    base = make_broker(tmp_path / "broker")
+    b = _QuietBroker(port=base.port, conf=base.conf, log=base.log)
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(name="cloud")
+def cloud_fixture(tmp_path: Path, broker: Broker) -> Iterator[tuple[Path, Proc]]:
+    """A cloud config and one running ingest worker."""
+    toml = write_cloud_config(tmp_path / "cloud", broker)
+    p = start_ingest(toml)
+    yield toml, p
+    p.term()
+
+
+# -- tests -------------------------------------------------------------------------------------
+
+
+def test_backoff_grows_with_jitter_and_resets() -> None:
+    b = Backoff(0.5, 4.0, rng=random.Random(1))
+    delays = [b.next_delay() for _ in range(6)]
+    ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
+    assert len({round(d, 6) for d in delays[3:]}) == 3, "jitter: equal ceilings give different delays"
+    b.reset()
+    assert b.next_delay() <= 0.5
+    with pytest.raises(ValueError):
+        Backoff(0, 1)
+
+
+def test_backlog_reaches_cloud_exactly_once_in_order(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
+    cloud_toml, _ = cloud
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-a", batch_rows=200)
+    big = os.urandom(150_000)  # three chunks
+    small = os.urandom(2_000)
+    fill_buffer(agent, 1234, samples=[big, small], events=3)
+    dev = start_device(agent, model_version="v7")
+    wait_until(lambda: all_synced(agent), 30, "the backlog to be acked")
+    assert cloud_seqs(cloud_toml, "cam-a") == list(range(1, 1235))
+    assert cloud_seqs(cloud_toml, "cam-a", "events")  # at least the three camera events
+    rows = cloud_query(cloud_toml, "SELECT seq, path, bytes, label, reason FROM samples WHERE device_id = 'cam-a' ORDER BY seq")
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [(1, 150_000, "scratch", "fail"), (2, 2_000, "scratch", "fail")]
+    files = {r[0]: (cloud_toml.parent / "cloud-data" / "samples" / r[1]).read_bytes() for r in rows}
+    assert files == {1: big, 2: small}
+    assert cloud_query(cloud_toml, "SELECT count(*) FROM sample_chunks") == [(0,)]
+    first = cloud_query(cloud_toml, "SELECT part_id, label, passed, score, model_version FROM results WHERE device_id='cam-a' AND seq=1")
+    assert first == [(0, "scratch", 0, 0.9, "m1")]
+    assert dev.term() == 0
+    status = retained_status(broker, "cam-a")
+    assert status["state"] == "offline" and status["reason"] == "stopped" and status["unsynced"] == 0
+    assert status["model_version"] == "v7"
+
+
+def test_broker_outage_then_restart_delivers_everything_once(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
+    cloud_toml, ingest = cloud
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-b", batch_rows=100)
+    fill_buffer(agent, 300)
+    dev = start_device(agent)
+    wait_until(lambda: all_synced(agent), 20, "the first rows to be acked")
+    broker.stop()
+    # The line keeps running while the network is down: rows pile up in the buffer.
+    fill_buffer(agent, 500, start_part=300)
+    time.sleep(1.5)
+    assert unsynced(agent)["results"] == 500
+    assert dev.alive() and ingest.alive()
+    broker.start()
+    wait_until(lambda: all_synced(agent), 30, "the outage backlog to be acked")
+    seqs = cloud_seqs(cloud_toml, "cam-b")
+    assert sorted(seqs) == list(range(1, 801)) and len(seqs) == len(set(seqs))
+    parts = [r[0] for r in cloud_query(cloud_toml, "SELECT part_id FROM results WHERE device_id = 'cam-b' ORDER BY seq")]
+    assert parts == list(range(800)), "in seq order per device"
+    assert cloud_query(cloud_toml, "SELECT results FROM devices WHERE device_id = 'cam-b'") == [(800,)]
+    dev.term()
+
+
+def test_sync_process_killed_repeatedly_during_drain(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
+    cloud_toml, _ = cloud
+    # Small batches and one in flight: the drain takes long enough to be interrupted.
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-c", batch_rows=10, max_inflight=1)
+    n = 600
+    fill_buffer(agent, n, samples=[os.urandom(70_000)], events=2)
+    left = n
+    for _ in range(4):
+        dev = start_device(agent)
+        # Kill it as soon as it has made progress: in the middle of the drain, acks in flight.
+        wait_until(lambda: unsynced(agent)["results"] < left, 20, "drain progress", interval=0.01)  # noqa: B023
+        dev.kill9()
+        now_left = unsynced(agent)["results"]
+        assert 0 < now_left < left, "killed while rows were still draining"
+        left = now_left
+    dev = start_device(agent)
+    wait_until(lambda: all_synced(agent), 40, "the drain to finish after the kills")
+    seqs = cloud_seqs(cloud_toml, "cam-c")
+    assert sorted(seqs) == list(range(1, n + 1)) and len(seqs) == n
+    assert cloud_query(cloud_toml, "SELECT results, samples FROM devices WHERE device_id = 'cam-c'") == [(n, 1)]
+    dev.term()
+
+
+def test_evictions_show_as_gaps_in_the_cloud(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
+    cloud_toml, _ = cloud
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-d", max_bytes=256 * 1024)
+    # Offline: far more than the 256 KiB budget holds, so unsynced rows are evicted.
+    fill_buffer(agent, 8000)
+    cfg = load_config(agent)
+    with Buffer.open_readonly(cfg.buffer.path) as buf:
+        evicted = buf.counters()["evicted_unsynced_pass"] + buf.counters()["evicted_unsynced_fail"]
+        kept = buf.unsynced_counts()["results"]
+        gap_rows = buf.pending_gaps()
+    assert evicted > 0 and gap_rows and kept + evicted == 8000
+    dev = start_device(agent)
+    wait_until(lambda: all_synced(agent), 30, "rows and gaps to be acked")
+    gaps = cloud_query(cloud_toml, "SELECT table_name, first_seq, last_seq, count FROM gaps WHERE device_id = 'cam-d' ORDER BY seq")
+    assert [g[0] for g in gaps] == ["results"] * len(gap_rows)
+    assert sum(g[3] for g in gaps) == evicted
+    stored = set(cloud_seqs(cloud_toml, "cam-d"))
+    assert len(stored) == kept
+    missing = set(range(1, 8001)) - stored
+    covered = {s for _, a, b, _c in gaps for s in range(a, b + 1)}
+    assert missing <= covered, "every hole in the cloud is explained by a gap record"
+    assert cloud_query(cloud_toml, "SELECT gaps, evicted FROM devices WHERE device_id = 'cam-d'") == [(len(gaps), evicted)]
+    dev.term()
+
+
+def test_stop_is_prompt_and_leaves_a_retained_offline_status(tmp_path: Path, broker: Broker) -> None:
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-e")
+    fill_buffer(agent, 5)  # no ingest: nothing is acked, the rows stay unsynced
+    client = SyncClient(load_config(agent), status=lambda: {"model_version": "m9", "camera": {"state": "up"}})
+    client.start()
+    wait_until(lambda: client.connected, 10, "the connect")
+    online = retained_status(broker, "cam-e")
+    assert online["state"] == "online" and online["unsynced"] == 5 and online["camera"] == {"state": "up"}
+    assert online["groups"] == ["line1"] and online["v"] == 1
+    t0 = time.monotonic()
+    client.stop()
+    client.join(2)
+    assert not client.is_alive() and time.monotonic() - t0 < 1.5
+    offline = retained_status(broker, "cam-e")
+    assert offline["state"] == "offline" and offline["reason"] == "stopped" and offline["unsynced"] == 5
+    assert unsynced(agent)["results"] == 5, "no ack, no mark: rows stay in the buffer"
+
+
+def test_unreachable_broker_and_refused_connect(tmp_path: Path, broker: Broker) -> None:
+    # Mosquitto refusing anonymous clients answers CONNACK "not authorized".
+    broker.stop()
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+    broker.start()
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-f")
+    client = SyncClient(load_config(agent), reconnect_min_s=0.1, reconnect_max_s=0.4)
+    client.start()
+    wait_until(lambda: client.link is not None and client.link.connects == 0 and client.link.last_error
+               and "refused" in client.link.last_error, 10, "a refused connect")  # fmt: skip
+    time.sleep(0.8)
+    assert not client.connected and client.link is not None and client.link.connects == 0
+    assert client.link.backoff.attempts >= 2, "it keeps retrying with backoff"
+    # Nothing listening at all: stop still ends the thread within a second.
+    broker.stop()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    client.stop()
+    client.join(2)
+    assert not client.is_alive() and time.monotonic() - t0 < 1.5
+
+
+def test_stop_is_not_held_up_by_a_hanging_connect(tmp_path: Path, broker: Broker) -> None:
+    # A non-routable address: the TCP connect hangs (or fails at once without a route).
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-h", host="10.255.255.1")
+    client = SyncClient(load_config(agent))
+    client.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    client.stop()
+    client.join(2)
+    assert not client.is_alive() and time.monotonic() - t0 < 1.5
+    assert not client.connected
+
+
+def test_status_runs_while_acks_flow_and_inspection_is_not_blocked(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
+    """The agent's writer keeps committing at full speed while sync drains the same file."""
+    cloud_toml, _ = cloud
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-g", batch_rows=50)
+    cfg = load_config(agent)
+    client = SyncClient(cfg, status=lambda: {"model_version": "m1"})
+    stop = threading.Event()
+    worst: list[float] = []
+
+    def writer() -> None:
+        with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, device_id=cfg.device_id) as buf:
+            i = 0
+            while not stop.is_set() and i < 600:
+                t = time.perf_counter()
+                buf.record_result(ResultRecord(time.time(), cfg.device_id, i, "m1", "ok", 0.1, True))
+                worst.append(time.perf_counter() - t)
+                i += 1
+
+    fill_buffer(agent, 1)
+    client.start()
+    w = threading.Thread(target=writer)
+    w.start()
+    w.join(30)
+    wait_until(lambda: all_synced(agent), 20, "everything acked")
+    client.stop()
+    client.join(2)
+    assert sorted(cloud_seqs(cloud_toml, "cam-g")) == list(range(1, 602))
+    assert client.stats.rows_acked["results"] == 601
+    assert len(worst) == 600, "every decision was committed while sync ran"
+
+
+@pytest.mark.slow
+def test_real_agent_syncs_every_decision(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc], tiny_bundle: Path) -> None:
+    """`linewatch edge run` with the tiny real model: every decision reaches the cloud once."""
+    import cv2
+    import numpy as np
+
+    cloud_toml, _ = cloud
+    video = tmp_path / "parts.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 25, (160, 120))
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        img = np.full((120, 160, 3), 120, np.uint8) + rng.integers(0, 20, (120, 160, 3), dtype=np.uint8)
+        if i % 3 == 0:
+            cv2.line(img, (10, 10), (150, 100), (30, 30, 30), 2)
+        writer.write(img)
+    writer.release()
+    agent = tmp_path / "agent.toml"
+    agent.write_text(
+        f'device_id = "cam-real"\ngroups = ["line1"]\ncamera.source = "{video}"\nmodel.path = "{tiny_bundle}"\n'
+        f'buffer.path = "buffer.db"\noperator.enabled = false\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+        f'topic_prefix = "{PREFIX}"\nstatus_interval_s = 0.5\nack_timeout_s = 1.0\n'
+    )
+    proc = Proc([LINEWATCH, "edge", "run", "--config", str(agent)], tmp_path / "agent.log")
+    try:
+        wait_until(lambda: len(cloud_seqs(cloud_toml, "cam-real")) >= 40, 60, "40 decisions in the cloud")
+        wait_until(lambda: all_synced(agent), 20, "the agent's buffer to be synced")
+        seqs = cloud_seqs(cloud_toml, "cam-real")
+        assert sorted(seqs) == list(range(1, 41)) and len(seqs) == 40
+        wait_until(lambda: cloud_query(cloud_toml, "SELECT model_version, reported_state FROM devices WHERE device_id = 'cam-real'")
+                   == [("tiny-1", "online")], 10, "the agent's status")  # fmt: skip
+        status = retained_status(broker, "cam-real")
+        assert status["camera"]["state"] in ("up", "ended") and status["runtime"]
+    finally:
+        code = proc.term(15)
+    assert code == 0, proc.output()
+    assert retained_status(broker, "cam-real")["state"] == "offline"
