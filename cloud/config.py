@@ -30,6 +30,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloud.exceptions import CloudConfigError
+from edge.config import format_errors
 
 PASSWORD_ENV = "LINEWATCH_CLOUD_MQTT_PASSWORD"
 DEFAULT_CONFIG_FILE = "cloud.toml"
@@ -125,26 +126,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
-def format_errors(exc: ValidationError, source: str) -> str:
-    """pydantic errors as 'key.path = value: message' lines."""
-    lines = [f"{source}: {exc.error_count()} problem(s)"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (typo? see docs/sync.md for the cloud config keys)"
-        value = err.get("input")
-        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
-        lines.append(f"  {loc}{shown}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_cloud_config(raw: dict[str, Any], *, base: Path, source: str = "cloud config") -> CloudConfig:
     """Validate a config dict, resolving relative paths against ``base``."""
     try:
         return CloudConfig.model_validate(_resolve_paths(copy.deepcopy(raw), base))
     except ValidationError as exc:
-        raise CloudConfigError(format_errors(exc, source)) from exc
+        raise CloudConfigError(format_errors(exc, source, example="firmware-config/cloud.example.toml")) from exc
 
 
 def load_cloud_config(path: Path | None = None) -> CloudConfig:

@@ -206,14 +206,14 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
-def format_errors(exc: ValidationError, source: str) -> str:
-    """pydantic errors as 'key.path = value: message' lines, Frigate-style."""
+def format_errors(exc: ValidationError, source: str, example: str = "firmware-config/agent.example.toml") -> str:
+    """pydantic errors as 'key.path = value: message' lines, Frigate-style (cloud config too)."""
     lines = [f"{source}: {exc.error_count()} problem(s)"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (typo? see firmware-config/agent.example.toml)"
+            msg = f"unknown key (typo? see {example})"
         elif err["type"] == "missing":
             msg = "required key is missing"
         value = err.get("input")

@@ -96,3 +96,11 @@ def test_password_comes_from_environment_only(tmp_path: Path, monkeypatch: pytes
     path.write_text(GOOD)
     monkeypatch.setenv("LINEWATCH_MQTT_PASSWORD", "s3cret")
     assert load_config(path).mqtt.password == "s3cret"
+
+
+def test_cloud_example_template_is_valid() -> None:
+    from cloud.config import load_cloud_config
+
+    cfg = load_cloud_config(REPO / "firmware-config" / "cloud.example.toml")
+    assert cfg.store.path.name == "cloud.db"
+    assert cfg.mqtt.port == 1883

@@ -50,41 +50,9 @@ from edge.ota import (
 )
 from edge.protocol import MANIFEST_FILE, MODEL_FILE
 from edge.signing import generate_keypair, load_private_key, sign_bundle
-from tests.conftest import REPO, Broker, make_broker, mosquitto_binary, shared_bundle
+from tests.conftest import REPO, Broker, shared_bundle
 
 # -- fixtures --------------------------------------------------------------------------------------
-
-
-class _ClosedLogBroker(Broker):
-    """conftest's Broker with the parent's handle on the log file closed after the fork
-    (conftest's start() leaves it to the garbage collector: an unraisable ResourceWarning,
-    an error under filterwarnings=error)."""
-
-    def start(self) -> None:
-        import socket
-
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {self.log.read_text()}") from None
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port}")
-
-
-@pytest.fixture(name="broker")
-def broker_fixture(tmp_path: Path) -> Iterator[Broker]:
-    """A real Mosquitto on a free loopback port (overrides conftest's, see _ClosedLogBroker)."""
-    base = make_broker(tmp_path / "broker")
-    b = _ClosedLogBroker(port=base.port, conf=base.conf, log=base.log)
-    b.start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="session")

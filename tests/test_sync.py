@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.buffer import Buffer, ResultRecord, SampleRecord
 from edge.config import load_config
 from edge.sync import Backoff, SyncClient
-from tests.conftest import LINEWATCH, Broker, make_broker, mosquitto_binary
+from tests.conftest import LINEWATCH, Broker
 
 PREFIX = "lwtest"
 
@@ -217,41 +217,6 @@ def retained_status(broker: Broker, device_id: str, timeout: float = 5) -> dict[
         c.loop_stop()
         c.disconnect()
     return got[-1]
-
-
-class _QuietBroker(Broker):
-    """conftest's Broker, but the parent's handle on the log file is closed after the fork.
-
-    (conftest's start() leaves it to the garbage collector, which pytest reports as an
-    unraisable ResourceWarning, an error under filterwarnings=error.)
-    """
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: _listening(self) or self.proc is None or self.proc.poll() is not None, 10, f"mosquitto on {self.port}")
-        if not _listening(self):
-            raise RuntimeError(f"mosquitto did not start: {self.log.read_text()}")
-
-
-def _listening(b: Broker) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection((b.host, b.port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(name="broker")
-def broker_fixture(tmp_path: Path) -> Iterator[Broker]:
-    """A real Mosquitto on a free port (overrides conftest's, see _QuietBroker)."""
-    base = make_broker(tmp_path / "broker")
-    b = _QuietBroker(port=base.port, conf=base.conf, log=base.log)
-    b.start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture(name="cloud")
