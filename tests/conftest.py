@@ -121,7 +121,12 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def shared_bundle(tmp_path_factory: pytest.TempPathFactory, version: str, **kwargs: object) -> Path:
     """Build a bundle once per test run, whichever xdist worker asks first."""
-    root = tmp_path_factory.getbasetemp().parent  # shared by all workers of one run
+    # One folder per test run, shared by its xdist workers (never reused by a later run,
+    # so a changed trainer is always exercised).
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent / f"bundles-{run_id}" if run_id else base / "bundles"
+    root.mkdir(parents=True, exist_ok=True)
     target = root / f"bundle-{version}"
     with open(root / f"bundle-{version}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

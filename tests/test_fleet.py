@@ -13,9 +13,8 @@ from cloud.config import load_cloud_config, parse_cloud_config
 from cloud.exceptions import CloudConfigError
 from cloud.store import device_state
 from tests.conftest import LINEWATCH, Broker
-from tests.test_sync import (  # noqa: F401 - broker_fixture registers the `broker` fixture
+from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtures
     all_synced,
-    broker_fixture,
     cloud_query,
     fill_buffer,
     reaper_fixture,

@@ -35,7 +35,6 @@ from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtu
     PREFIX,
     Proc,
     all_synced,
-    broker_fixture,
     cloud_fixture,
     cloud_query,
     cloud_seqs,

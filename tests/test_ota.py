@@ -733,7 +733,8 @@ def test_real_agent_switches_between_frames_and_keeps_inspecting(
     config = config.model_copy(update={"camera": config.camera.model_copy(update={"loop": True, "fps": 100.0})})
     agent = Agent(config)
     agent.start()
-    client = OtaClient(config, agent)
+    client = agent.ota  # the agent starts its own OTA client when MQTT is enabled
+    assert isinstance(client, OtaClient)
     try:
         wait_for("decisions with tiny-1", lambda: agent.last is not None and agent.last.model_version == "tiny-1")
         before = agent.counts["results"]
@@ -742,7 +743,6 @@ def test_real_agent_switches_between_frames_and_keeps_inspecting(
         srv = ota_server()
         srv.offer(Transfer(desired.transfer, packed, str(desired.sha256), packed.stat().st_size, desired.chunk_bytes))
         srv.publish_desired(desired)
-        client.start()
         wait_for("active", state_is(client, ACTIVE, FAILED))
         assert client.state is not None and client.state["state"] == ACTIVE, client.state
         wait_for("decisions with tiny-2", lambda: agent.last is not None and agent.last.model_version == "tiny-2")
@@ -750,8 +750,6 @@ def test_real_agent_switches_between_frames_and_keeps_inspecting(
         wait_for("more decisions", lambda: agent.counts["results"] > during + 20)
         assert during > before and agent.counts["errors"] == 0
     finally:
-        client.stop()
-        client.join()
         agent.stop()
         agent.join(timeout=5)
     with Buffer.open_readonly(config.buffer.path) as buf:

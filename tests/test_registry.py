@@ -32,7 +32,6 @@ from edge.protocol import MANIFEST_FILE, StatusPayload
 from edge.signing import load_public_key, verify_bundle
 from tests.conftest import Broker, shared_bundle
 from tests.test_ota import Keys
-from tests.test_ota import broker_fixture as broker_fixture  # noqa: F401 - the fixture, used by name
 
 
 @pytest.fixture(scope="session")
