@@ -295,16 +295,20 @@ class Agent:
             frame = self.capture.get(timeout=0) if len(decided) < MAX_GROUP else None
         if not decided:
             return part_id
+        samples = {}
+        for i, (frame, image, pred, _) in enumerate(decided):
+            sample = self._sample(frame, image, pred)
+            if sample is not None:
+                samples[i] = sample
         t_rec = time.perf_counter()
-        seqs = self._commit(buffer, [rec for _, _, _, rec in decided])
+        seqs = self._commit(buffer, [rec for _, _, _, rec in decided], samples)
         if seqs is None:
             return part_id  # stopping while the buffer could not be written: nothing was reported
         record_ms = (time.perf_counter() - t_rec) * 1000.0
+        self.counts["samples"] += len(samples)
         now = time.time()
         for (frame, _image, pred, rec), seq in zip(decided, seqs, strict=True):
             self._report(Decision(seq, int(rec.part_id or 0), frame.ts, pred.label, pred.score, pred.passed, rec.model_version, (now - frame.ts) * 1000.0), record_ms)
-        for (frame, image, pred, _), seq in zip(decided, seqs, strict=True):
-            self._maybe_sample(buffer, frame, image, pred, seq)
         return part_id
 
     def _decide(self, buffer: Buffer, frame: Frame, part_id: int) -> tuple[Frame, np.ndarray, Prediction, ResultRecord] | None:
@@ -360,18 +364,19 @@ class Agent:
             )
             self.echo.flush()
 
-    def _maybe_sample(self, buffer: Buffer, frame: Frame, image: np.ndarray, pred: Prediction, seq: int) -> None:
+    def _sample(self, frame: Frame, image: np.ndarray, pred: Prediction) -> SampleRecord | None:
+        """The JPEG sample to keep with this decision, if the sampler wants one."""
         why = self.sampler.reason(pred, frame.ts)
         if not why:
-            return
+            return None
         try:
             jpeg, w, h = self.sampler.encode(image)
-            buffer.record_sample(SampleRecord(ts=frame.ts, reason=why, label=pred.label, score=pred.score, width=w, height=h, jpeg=jpeg, result_seq=seq))
-            self.counts["samples"] += 1
         except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept
-            logger.warning("sample for seq %s not kept: %s", seq, exc)
+            logger.warning("sample for part at %s not kept: %s", frame.ts, exc)
+            return None
+        return SampleRecord(ts=frame.ts, reason=why, label=pred.label, score=pred.score, width=w, height=h, jpeg=jpeg)
 
-    def _commit(self, buffer: Buffer, recs: list[ResultRecord]) -> list[int] | None:
+    def _commit(self, buffer: Buffer, recs: list[ResultRecord], samples: dict[int, SampleRecord]) -> list[int] | None:
         """Commit decisions in one transaction, retrying while the disk is full or the file is locked.
 
         Nothing is reported until the commit succeeds; meanwhile a live camera drops
@@ -380,7 +385,7 @@ class Agent:
         delay = 0.5
         while True:
             try:
-                seqs = buffer.record_results(recs)
+                seqs = buffer.record_results(recs, samples)
                 if self.buffer_error is not None:
                     logger.warning("buffer writable again")
                     self.buffer_error = None

@@ -839,11 +839,20 @@ class Buffer:
         """Insert one decision and COMMIT before returning its seq (durable under FULL)."""
         return self.record_results([rec])[0]
 
-    def record_results(self, recs: Iterable[ResultRecord]) -> list[int]:
-        """Insert several decisions in one transaction (group commit); their seqs in order."""
+    def record_results(
+        self, recs: Iterable[ResultRecord], samples: dict[int, SampleRecord] | None = None
+    ) -> list[int]:
+        """Insert several decisions in one transaction (group commit); their seqs in order.
+
+        ``samples`` maps an index into ``recs`` to the JPEG sample of that decision: it is
+        written in the same transaction with ``result_seq`` set, so a failed part costs no
+        second fsync. Samples that break the rules are dropped with a warning, never the
+        decisions.
+        """
         recs = list(recs)
         if not recs:
             return []
+        samples = {i: smp for i, smp in (samples or {}).items() if self._sample_ok(smp)}
         started = time.perf_counter()
         prev_ms = self.last_record_ms
         seqs: list[int] = []
@@ -868,11 +877,23 @@ class Buffer:
                     ),
                 )
                 seqs.append(int(cur.lastrowid or 0))
+            for i, smp in samples.items():
+                conn.execute(
+                    _INSERT_SAMPLE,
+                    (seqs[i], float(smp.ts), smp.reason, smp.label, float(smp.score), smp.width, smp.height, smp.jpeg),
+                )
         self.last_record_ms = (time.perf_counter() - started) * 1000.0
         return seqs
 
-    def record_sample(self, rec: SampleRecord) -> int:
-        """Insert one JPEG sample and commit; its seq."""
+    def _sample_ok(self, rec: SampleRecord) -> bool:
+        try:
+            self._check_sample(rec)
+        except (ValueError, BufferStoreError) as exc:
+            logger.warning("sample not kept: %s", exc)
+            return False
+        return True
+
+    def _check_sample(self, rec: SampleRecord) -> None:
         if rec.reason not in SAMPLE_REASONS:
             raise ValueError(f"sample reason {rec.reason!r}; use one of {', '.join(SAMPLE_REASONS)}")
         limit = self.max_bytes // MAX_SAMPLE_FRACTION
@@ -881,6 +902,10 @@ class Buffer:
                 f"sample of {len(rec.jpeg)} bytes is over 1/{MAX_SAMPLE_FRACTION} of buffer.max_bytes"
                 f" ({self.max_bytes}); lower the sample JPEG size or quality, or raise buffer.max_bytes"
             )
+
+    def record_sample(self, rec: SampleRecord) -> int:
+        """Insert one JPEG sample and commit; its seq."""
+        self._check_sample(rec)
         with self._write("record a sample") as conn:
             cur = conn.execute(
                 _INSERT_SAMPLE,

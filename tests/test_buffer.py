@@ -486,3 +486,13 @@ def test_kill_9_keeps_every_committed_row(tmp_path: Path) -> None:
         assert len(stored) == len(set(stored))
         assert set(printed) <= set(stored)  # every seq reported as committed is there
     assert len(printed) > 3
+
+
+def test_samples_ride_in_the_same_transaction_as_their_results(tmp_path: Path) -> None:
+    with Buffer(tmp_path / "b.db", max_bytes=1_000_000) as buf:
+        too_big = sample(reason="fail", jpeg=b"x" * (1_000_000 // 8 + 1))
+        got = buf.record_results([res(1), res(2, passed=False), res(3, passed=False)], {1: sample(reason="fail"), 2: too_big})
+        rows = buf.db.execute("SELECT result_seq, reason FROM samples").fetchall()
+    # the oversized sample is dropped, never the decisions
+    assert len(got) == 3
+    assert rows == [(got[1], "fail")]
