@@ -93,13 +93,15 @@ def model_rate(bundle: Path, path: Path) -> dict[str, float]:
     }
 
 
-def agent_run(bundle: Path, video: Path, work: Path, frames: int, fps: float | None = None) -> dict[str, float]:
+def agent_run(
+    bundle: Path, video: Path, work: Path, frames: int, fps: float | None = None, synchronous: str = "FULL"
+) -> dict[str, float]:
     cfg = work / "agent.toml"
     (work / "buffer.db").unlink(missing_ok=True)
     pace = f"fps = {fps}\n" if fps else ""
     cfg.write_text(
         f'device_id = "bench"\n[camera]\nsource = "{video}"\n{pace}[model]\npath = "{bundle}"\n'
-        f'[buffer]\npath = "{work / "buffer.db"}"\n[mqtt]\nenabled = false\n'
+        f'[buffer]\npath = "{work / "buffer.db"}"\nsynchronous = "{synchronous}"\n[mqtt]\nenabled = false\n'
     )
     exe = Path(sys.executable).parent / "linewatch"
     t_start = time.perf_counter()
@@ -170,6 +172,8 @@ def main() -> None:
         agent = agent_run(bundle, video, work, args.frames)
         # paced like a live camera at 30 fps: decision latency without queueing
         paced = agent_run(bundle, video, work, min(args.frames, 300), fps=30)
+        # the same with synchronous=NORMAL: how much of that latency is the fsync
+        paced_normal = agent_run(bundle, video, work, min(args.frames, 300), fps=30, synchronous="NORMAL")
     slowest = min(decode, model["fps"])
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}",
@@ -178,6 +182,7 @@ def main() -> None:
         "model": model,
         "agent": agent,
         "agent_paced_30fps": paced,
+        "agent_paced_30fps_sync_normal": paced_normal,
         "slowest_stage_fps": slowest,
         "agent_vs_slowest": agent["fps"] / slowest,
         "latency_p99_minus_invoke_p99_ms": paced["latency_p99_ms"] - model["invoke_p99_ms"],

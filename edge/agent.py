@@ -309,6 +309,8 @@ class Agent:
         now = time.time()
         for (frame, _image, pred, rec), seq in zip(decided, seqs, strict=True):
             self._report(Decision(seq, int(rec.part_id or 0), frame.ts, pred.label, pred.score, pred.passed, rec.model_version, (now - frame.ts) * 1000.0), record_ms)
+        if self.echo is not None:
+            self.echo.flush()  # once per group: the lines are already in order
         return part_id
 
     def _decide(self, buffer: Buffer, frame: Frame, part_id: int) -> tuple[Frame, np.ndarray, Prediction, ResultRecord] | None:
@@ -362,7 +364,6 @@ class Agent:
                 )
                 + "\n"
             )
-            self.echo.flush()
 
     def _sample(self, frame: Frame, image: np.ndarray, pred: Prediction) -> SampleRecord | None:
         """The JPEG sample to keep with this decision, if the sampler wants one."""
