@@ -358,8 +358,8 @@ def split_dataset(
     Order comes from each file's sha256, not its name, so renaming files or listing them in
     another order gives the same split. With ``groups``, samples that share a group key
     (near-duplicates: one part photographed twice, one tile under several exposures) always
-    land in the same split; groups are then assigned greedily so each split gets close to its
-    share of every class.
+    land in the same split; groups are then assigned greedily, largest first, each to the split
+    where it brings the per-class counts closest to their targets.
     """
     if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions}")
@@ -406,9 +406,13 @@ def _group_split(
     parts: tuple[list[Sample], list[Sample], list[Sample]] = ([], [], [])
     for key in keys:
         counts = np.array([sum(1 for s in members[key] if s.label == label) for label in labels], dtype=float)
-        # Place the group where its classes are most missing, relative to each split's target.
-        need = [float(np.sum(counts * (target[k] - current[k]) / np.maximum(target[k], 1.0))) for k in range(3)]
-        best = int(np.argmax(need))
+        # Place the group where it brings the split sizes closest to their targets
+        # (the change of a chi-square-like distance; ties go to train, then val).
+        change = [
+            float(np.sum(((current[k] + counts - target[k]) ** 2 - (current[k] - target[k]) ** 2) / np.maximum(target[k], 1.0)))
+            for k in range(3)
+        ]
+        best = int(np.argmin(change))
         current[best] += counts
         parts[best].extend(members[key])
     return parts

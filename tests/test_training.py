@@ -1,0 +1,448 @@
+"""The trainer's parts: data check, split, metrics, threshold, bundle contents, pack/unpack.
+
+Fast tests use images and tar files they make in tmp_path; the bundle tests use the real
+tiny int8 bundle that the trainer makes once per run (conftest's ``tiny_bundle``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.bundle import pack_bundle, unpack_bundle
+from edge.exceptions import BundleError, LinewatchError
+from edge.inference import Classifier, check_golden, sha256_file
+from edge.protocol import read_manifest
+from training.dataset import (
+    Sample,
+    dataset_fingerprint,
+    label_indices,
+    load_arrays,
+    number_groups,
+    scan_dataset,
+    split_dataset,
+)
+from training.evaluate import average_precision, choose_threshold, compute_metrics, roc_auc
+from training.exceptions import DataError, TrainingError
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_images(folder: Path, n: int, *, seed: int, size: int = 24, prefix: str = "img", color: bool = False) -> list[Path]:
+    """n distinct random images (png) in folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        shape = (size, size + 3, 3) if color else (size, size + 3)
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        path = folder / f"{prefix}_{i:04d}.png"
+        assert cv2.imwrite(str(path), img)
+        paths.append(path)
+    return paths
+
+
+def make_samples(counts: dict[str, int]) -> list[Sample]:
+    out = []
+    for label, n in counts.items():
+        for i in range(n):
+            digest = f"{label}-{i}".encode().hex().ljust(64, "0")[:64]
+            out.append(Sample(Path(f"/data/{label}/{label}_{i:05d}.png"), label, digest))
+    return out
+
+
+# --------------------------------------------------------------------------- data check
+
+
+def test_scan_counts_classes_and_fingerprints(tmp_path: Path) -> None:
+    write_images(tmp_path / "ok", 12, seed=1)
+    write_images(tmp_path / "scratch", 11, seed=2, color=True)
+    (tmp_path / "ok" / "notes.txt").write_text("not an image")
+    report = scan_dataset(tmp_path)
+    assert report.labels == ("ok", "scratch")
+    assert report.pass_label == "ok"
+    assert dict(report.class_counts) == {"ok": 12, "scratch": 11}
+    assert report.ignored == 1
+    assert report.unreadable == () and report.duplicates == () and report.warnings == ()
+    assert len(report.fingerprint) == 64
+
+
+def test_fingerprint_ignores_names_and_order(tmp_path: Path) -> None:
+    write_images(tmp_path / "a" / "ok", 10, seed=1)
+    write_images(tmp_path / "a" / "scratch", 10, seed=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for i, p in enumerate(sorted((tmp_path / "b" / "ok").iterdir())):
+        p.rename(p.with_name(f"renamed_{99 - i}.png"))
+    fa = scan_dataset(tmp_path / "a").fingerprint
+    assert fa == scan_dataset(tmp_path / "b").fingerprint
+    # A changed label changes the fingerprint.
+    moved = sorted((tmp_path / "b" / "ok").iterdir())[0]
+    moved.rename(tmp_path / "b" / "scratch" / moved.name)
+    assert scan_dataset(tmp_path / "b", min_per_class=5).fingerprint != fa
+    samples = scan_dataset(tmp_path / "a").samples
+    assert dataset_fingerprint(reversed(samples)) == fa
+
+
+def test_scan_reports_and_skips_unreadable_and_duplicates(tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "ok", 12, seed=1)
+    write_images(tmp_path / "scratch", 12, seed=2)
+    (tmp_path / "ok" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "scratch" / "empty.jpg").write_bytes(b"")
+    shutil.copy(paths[0], tmp_path / "ok" / "copy_of_first.png")
+    report = scan_dataset(tmp_path)
+    bad = {p.name: reason for p, reason in report.unreadable}
+    assert set(bad) == {"broken.png", "empty.jpg"}
+    assert "empty" in bad["empty.jpg"]
+    assert [(d.name, k.name) for d, k in report.duplicates] == [("img_0000.png", "copy_of_first.png")]
+    assert dict(report.class_counts) == {"ok": 12, "scratch": 12}
+    assert any("unreadable" in w for w in report.warnings)
+    text = "\n".join(report.summary_lines())
+    assert "broken.png" in text and "duplicate" in text
+
+
+def test_same_image_in_two_classes_is_dropped(tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "ok", 12, seed=1)
+    write_images(tmp_path / "scratch", 12, seed=2)
+    shutil.copy(paths[3], tmp_path / "scratch" / "mislabelled.png")
+    report = scan_dataset(tmp_path)
+    assert {p.name for p in report.conflicts} == {"img_0003.png", "mislabelled.png"}
+    assert dict(report.class_counts) == {"ok": 11, "scratch": 12}
+
+
+def test_scan_warns_on_extreme_imbalance(tmp_path: Path) -> None:
+    write_images(tmp_path / "ok", 42, seed=1, size=8)
+    write_images(tmp_path / "scratch", 10, seed=2, size=8)
+    assert scan_dataset(tmp_path, max_imbalance=20).warnings == ()
+    report = scan_dataset(tmp_path, max_imbalance=4)
+    assert any("imbalanced" in w and "class weighting" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize(
+    ("layout", "pass_label", "expected"),
+    [
+        (None, None, "does not exist"),
+        ({}, None, "no class folders"),
+        ({"ok": 12}, None, "single class"),
+        ({"ok": 0, "scratch": 0}, None, "no jpg/png/bmp images"),
+        ({"ok": 12, "scratch": 12}, "good", "'good' is not a class folder"),
+        ({"good": 12, "scratch": 12}, None, "pass --pass-label"),
+        ({"ok": 12, "scratch": 4}, None, "'scratch' has 4"),
+    ],
+)
+def test_scan_refuses_bad_data_with_one_line(tmp_path: Path, layout: dict[str, int] | None, pass_label: str | None, expected: str) -> None:
+    data = tmp_path / "data"
+    if layout is not None:
+        data.mkdir()
+        for i, (label, n) in enumerate(layout.items()):
+            (data / label).mkdir()
+            write_images(data / label, n, seed=i)
+    with pytest.raises(DataError) as info:
+        scan_dataset(data, pass_label=pass_label)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    assert isinstance(info.value, TrainingError) and isinstance(info.value, LinewatchError)
+
+
+def test_scan_names_the_classes_found_for_a_wrong_pass_label(tmp_path: Path) -> None:
+    write_images(tmp_path / "good", 10, seed=1)
+    write_images(tmp_path / "dent", 10, seed=2)
+    with pytest.raises(DataError, match=r"found: dent, good"):
+        scan_dataset(tmp_path, pass_label="ok")
+    assert scan_dataset(tmp_path, pass_label="good").defect_labels == ("dent",)
+
+
+def test_all_unreadable_is_an_error(tmp_path: Path) -> None:
+    for label in ("ok", "scratch"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            (tmp_path / label / f"x{i}.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="none of the 6 image files"):
+        scan_dataset(tmp_path)
+
+
+def test_load_arrays_uses_edge_preprocessing(tmp_path: Path) -> None:
+    from edge.preprocess import read_image, resize_uint8
+    from edge.protocol import Preprocessing
+
+    write_images(tmp_path / "ok", 10, seed=1, color=True)
+    write_images(tmp_path / "scratch", 10, seed=2)
+    report = scan_dataset(tmp_path)
+    prep = Preprocessing(width=16, height=12)
+    arrays = load_arrays(report.samples, prep)
+    assert arrays.shape == (20, 12, 16, 1) and arrays.dtype == np.uint8
+    np.testing.assert_array_equal(arrays[0], resize_uint8(read_image(report.samples[0].path), prep))
+    assert label_indices(report.samples, report.labels).tolist() == [0] * 10 + [1] * 10
+
+
+# --------------------------------------------------------------------------- split
+
+
+def test_split_is_stratified_and_reproducible() -> None:
+    samples = make_samples({"ok": 200, "scratch": 60, "dent": 20})
+    split = split_dataset(samples, seed=3)
+    sizes = split.class_sizes()
+    assert sizes["train"] == {"dent": 14, "ok": 140, "scratch": 42}
+    assert sizes["val"] == {"dent": 3, "ok": 30, "scratch": 9}
+    assert sizes["test"] == {"dent": 3, "ok": 30, "scratch": 9}
+    parts = [set(split.train), set(split.val), set(split.test)]
+    assert sum(len(p) for p in parts) == len(samples)
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    again = split_dataset(list(reversed(samples)), seed=3)
+    assert again == split
+    other = split_dataset(samples, seed=4)
+    assert set(other.test) != set(split.test)
+
+
+def test_split_gives_small_classes_a_val_and_test_image() -> None:
+    split = split_dataset(make_samples({"ok": 50, "rare": 4}), seed=0)
+    sizes = split.class_sizes()
+    assert sizes["val"]["rare"] == 1 and sizes["test"]["rare"] == 1 and sizes["train"]["rare"] == 2
+
+
+def test_group_split_never_straddles_and_stays_stratified() -> None:
+    # Tiles shot under 6 exposures: files numbered n, n+15, n+30 ... belong together.
+    samples = []
+    for tile in range(60):
+        label = "ok" if tile < 45 else "crack"
+        for exposure in range(6):
+            number = tile * 1000 + exposure * 15
+            samples.append(Sample(Path(f"/d/{label}/exp{exposure}_num_{number}.jpg"), label, f"{tile:04d}{exposure:02d}".ljust(64, "0")))
+    groups = number_groups(samples, gap=100)
+    assert len({groups(s) for s in samples}) == 60
+    split = split_dataset(samples, seed=1, groups=groups)
+    assert split.method == "stratified-group"
+    where = {}
+    for name in ("train", "val", "test"):
+        for s in getattr(split, name):
+            where.setdefault(groups(s), set()).add(name)
+    assert all(len(v) == 1 for v in where.values())
+    sizes = split.class_sizes()
+    for name, share in (("train", 0.70), ("val", 0.15), ("test", 0.15)):
+        for label, total in (("ok", 270), ("crack", 90)):
+            assert abs(sizes[name][label] - share * total) <= 6, (name, label, sizes)
+    assert split_dataset(samples, seed=1, groups=groups) == split
+
+
+def test_number_groups_cluster_across_classes() -> None:
+    samples = make_samples({"ok": 1, "scratch": 1})
+    samples = [
+        Sample(Path("/d/ok/exp1_num_100.jpg"), "ok", "a" * 64),
+        Sample(Path("/d/crack/exp2_num_130.jpg"), "crack", "b" * 64),
+        Sample(Path("/d/ok/exp1_num_900.jpg"), "ok", "c" * 64),
+        Sample(Path("/d/ok/no_number.jpg"), "ok", "d" * 64),
+    ]
+    g = number_groups(samples, gap=100)
+    assert g(samples[0]) == g(samples[1]) != g(samples[2])
+    assert g(samples[3]) not in {g(s) for s in samples[:3]}
+
+
+# --------------------------------------------------------------------------- metrics and threshold
+
+
+def test_metrics_on_a_hand_computed_example() -> None:
+    labels = ["ok", "ok", "ok", "ok", "scratch", "scratch", "dent", "dent"]
+    scores = np.array([0.1, 0.2, 0.6, 0.3, 0.9, 0.4, 0.7, 0.25])
+    m = compute_metrics(labels, scores, "ok", threshold=0.5)
+    # fail when score >= 0.5: ok fails 1 of 4 (0.6); defects fail 0.9 and 0.7 -> 2 of 4.
+    assert m["counts"] == {"tp": 2, "fn": 2, "fp": 1, "tn": 3}
+    assert m["n"] == 8
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["defect_recall"] == pytest.approx(0.5)
+    assert m["false_reject_rate"] == pytest.approx(0.25)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 0.75) / 2)
+    assert m["defect_precision"] == pytest.approx(2 / 3, abs=1e-6)
+    assert m["confusion"] == {
+        "ok": {"pass": 3, "fail": 1},
+        "dent": {"pass": 1, "fail": 1},
+        "scratch": {"pass": 1, "fail": 1},
+    }
+    assert m["per_class_recall"] == {"ok": 0.75, "dent": 0.5, "scratch": 0.5}
+    # AUC: of the 16 (defect, ok) pairs the defect scores higher in 4 + 3 + 4 + 2 = 13.
+    assert m["roc_auc"] == pytest.approx(13 / 16)
+    # Decision at the threshold itself fails (>=), as edge.inference.Classifier.decide does.
+    assert compute_metrics(["ok"], np.array([0.5]), "ok", 0.5)["counts"]["fp"] == 1
+
+
+def test_auc_and_average_precision_with_ties() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert roc_auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert average_precision(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx((1 + 2 / 3) / 2)
+    assert roc_auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
+    assert roc_auc(np.array([1, 1]), np.array([0.2, 0.3])) is None
+    assert roc_auc(y, np.array([0.0, 0.1, 0.9, 1.0])) == pytest.approx(1.0)
+
+
+def test_threshold_is_the_largest_that_reaches_target_recall() -> None:
+    rng = np.random.default_rng(0)
+    defect = rng.uniform(0.3, 1.0, 200)
+    good = rng.uniform(0.0, 0.6, 300)
+    y = np.r_[np.ones(200, bool), np.zeros(300, bool)]
+    s = np.r_[defect, good]
+    choice = choose_threshold(y, s, 0.99)
+    assert choice.reached and choice.recall >= 0.99
+    # 99 % of 200 -> 198 defects must fail: the threshold is the 198th highest defect score.
+    assert choice.threshold == pytest.approx(np.sort(defect)[::-1][197])
+    above = np.nextafter(choice.threshold, 1.0)
+    assert np.mean(defect >= above) < 0.99
+    assert choice.false_reject_rate == pytest.approx(np.mean(good >= choice.threshold))
+    assert choose_threshold(y, s, 1.0).threshold == pytest.approx(defect.min())
+    assert math.isclose(choose_threshold(y, s, 0.5).recall, 0.5)
+
+
+# --------------------------------------------------------------------------- packed bundle
+
+
+def _tar_with(path: Path, name: str, *, kind: bytes = tarfile.REGTYPE, data: bytes = b"x", linkname: str = "") -> Path:
+    with tarfile.open(path, "w") as tar:
+        manifest = tarfile.TarInfo("manifest.json")
+        manifest.size = 2
+        tar.addfile(manifest, io.BytesIO(b"{}"))
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        info.linkname = linkname
+        info.size = len(data) if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "linkname", "expected"),
+    [
+        ("/etc/evil", tarfile.REGTYPE, "", "absolute path"),
+        ("golden/../../evil", tarfile.REGTYPE, "", "outside the bundle"),
+        ("golden/link", tarfile.SYMTYPE, "/etc/passwd", "a link"),
+        ("golden/hard", tarfile.LNKTYPE, "manifest.json", "a link"),
+        ("golden/fifo", tarfile.FIFOTYPE, "", "special file"),
+    ],
+)
+def test_unpack_refuses_unsafe_entries(tmp_path: Path, name: str, kind: bytes, linkname: str, expected: str) -> None:
+    packed = _tar_with(tmp_path / "evil.lwb", name, kind=kind, linkname=linkname)
+    dest = tmp_path / "out"
+    with pytest.raises(BundleError, match=expected):
+        unpack_bundle(packed, dest)
+    assert not dest.exists()
+    assert not (tmp_path / "evil").exists()
+
+
+def test_unpack_refuses_non_bundles(tmp_path: Path) -> None:
+    (tmp_path / "junk.lwb").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(BundleError, match="not a valid packed bundle"):
+        unpack_bundle(tmp_path / "junk.lwb", tmp_path / "a")
+    with tarfile.open(tmp_path / "empty.lwb", "w"):
+        pass
+    with pytest.raises(BundleError, match="no manifest.json"):
+        unpack_bundle(tmp_path / "empty.lwb", tmp_path / "b")
+    with pytest.raises(BundleError, match="does not exist"):
+        unpack_bundle(tmp_path / "missing.lwb", tmp_path / "c")
+
+
+# --------------------------------------------------------------------------- the real tiny bundle
+
+
+def test_tiny_bundle_manifest_is_complete(tiny_bundle: Path) -> None:
+    m = read_manifest(tiny_bundle)
+    assert m.version == "tiny-1"
+    assert m.labels == ("ok", "scratch") and m.pass_label == "ok"
+    assert m.input.shape == (1, 64, 64, 1) and m.input.dtype == "int8"
+    assert m.output.shape == (1, 2) and m.output.dtype == "int8"
+    assert m.input.scale > 0 and -128 <= m.input.zero_point <= 127
+    assert m.model.sha256 == sha256_file(tiny_bundle / "model.tflite")
+    assert m.model.bytes == (tiny_bundle / "model.tflite").stat().st_size
+    assert 0.0 <= m.threshold <= 1.0
+    for part in ("float", "int8"):
+        for key in ("n", "accuracy", "balanced_accuracy", "defect_recall", "defect_precision", "false_reject_rate", "roc_auc", "pr_auc", "threshold", "confusion", "per_class_recall"):
+            assert key in m.metrics[part], (part, key)
+    sel = m.metrics["threshold_selection"]
+    assert sel["threshold"] == m.threshold and sel["split"] == "val" and sel["target_recall"] == 0.99
+    assert m.metrics["int8"]["threshold"] == m.threshold
+    assert "passed" in m.metrics["quantization_gate"]
+    assert len(m.dataset["fingerprint"]) == 64
+    assert m.dataset["class_counts"] == {"ok": 60, "scratch": 60}
+    assert sum(m.dataset["split"]["sizes"].values()) == 120
+    assert m.dataset["split"]["method"] == "stratified"
+    for key in ("epochs_run", "seed", "batch_size", "learning_rate", "augmentation", "durations_s", "tf_version"):
+        assert key in m.training, key
+    ref = m.reference
+    assert 0 < ref["input"]["pixel_mean"] < 255 and ref["input"]["pixel_std"] > 0
+    assert sum(ref["input"]["histogram"]["fraction"]) == pytest.approx(1.0, abs=1e-4)
+    for label in m.labels:
+        per = ref["scores"]["per_class"][label]
+        assert per["n"] > 0 and len(per["quantiles"]) == len(ref["scores"]["quantile_levels"])
+    assert m.latency_budget_ms >= 20
+    assert {g.label for g in m.golden} == {"ok", "scratch"}
+    assert len(m.golden) == 16
+    for g in m.golden:
+        assert (tiny_bundle / g.file).is_file()
+        assert len(g.expected) == 2
+
+
+def test_tiny_bundle_golden_outputs_reproduce(tiny_bundle: Path) -> None:
+    clf = Classifier(tiny_bundle)
+    result = check_golden(clf)
+    assert result.ok, result.failures
+    assert result.checked == 16
+    assert result.max_deviation == 0  # same runtime, same bytes: exact
+    golden = read_manifest(tiny_bundle).golden[0]
+    assert clf.predict_file(tiny_bundle / golden.file).raw == golden.expected
+
+
+def test_tiny_bundle_report(tiny_bundle: Path) -> None:
+    report = tiny_bundle / "report"
+    for name in ("confusion.png", "roc.png", "pr.png"):
+        image = cv2.imread(str(report / name))
+        assert image is not None and image.shape[0] > 100, name
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["metrics"]["int8"]["n"] == read_manifest(tiny_bundle).metrics["int8"]["n"]
+    card = (report / "model_card.md").read_text()
+    for heading in ("Intended use", "Data", "Metrics", "Threshold", "Limitations"):
+        assert f"## {heading}" in card
+    assert (report / "model_float32.tflite").stat().st_size > (tiny_bundle / "model.tflite").stat().st_size
+
+
+def test_pack_is_deterministic_and_round_trips(tiny_bundle: Path, tmp_path: Path) -> None:
+    a = pack_bundle(tiny_bundle, tmp_path / "a.lwb")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "manifest.json").touch()  # a new mtime must not change the packed bytes
+    b = pack_bundle(copy, tmp_path / "b.lwb")
+    assert a.read_bytes() == b.read_bytes()
+    out = unpack_bundle(a, tmp_path / "unpacked")
+    before = sorted(p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file())
+    after = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert before == after
+    assert sha256_file(out / "model.tflite") == read_manifest(out).model.sha256
+    assert check_golden(Classifier(out)).ok
+    with pytest.raises(BundleError, match="not an empty folder"):
+        unpack_bundle(a, out)
+
+
+@pytest.mark.slow
+def test_same_seed_gives_the_same_model_and_metrics(tiny_bundle: Path, tmp_path: Path) -> None:
+    from training.tiny import make_tiny_bundle
+
+    again = make_tiny_bundle(tmp_path / "again", seed=0, version="tiny-1")
+    first, second = read_manifest(tiny_bundle), read_manifest(again)
+    assert second.metrics["int8"] == first.metrics["int8"]
+    assert second.metrics["float"] == first.metrics["float"]
+    assert second.threshold == first.threshold
+    assert second.dataset["fingerprint"] == first.dataset["fingerprint"]
+    assert [h["val_loss"] for h in second.training["history"]] == [h["val_loss"] for h in first.training["history"]]
+    assert second.model.sha256 == first.model.sha256
+
+
+def test_out_dir_holding_other_files_is_refused(tmp_path: Path) -> None:
+    from training.bundle import check_out_dir
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(TrainingError, match="not a model bundle"):
+        check_out_dir(tmp_path)
+    check_out_dir(tmp_path / "new")  # fine: does not exist

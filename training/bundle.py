@@ -1,0 +1,264 @@
+"""Write a model bundle folder exactly as :mod:`edge.protocol` defines it.
+
+Layout (see edge/protocol.py)::
+
+    model.tflite        full-integer int8 model
+    manifest.json       edge.protocol.Manifest, validated before it is written
+    golden/*.png        test images at model size; their expected int8 outputs are in the manifest
+    report/             confusion.png, roc.png, pr.png, metrics.json, model_card.md,
+                        model_float32.tflite (the float twin, for comparisons; never loaded by the edge)
+
+A bundle is assembled in a staging folder beside the destination and moved into place
+at the end, so an interrupted run never leaves a half-written bundle under ``--out``.
+The single-file form (``.lwb``) is :func:`edge.bundle.pack_bundle`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge.inference import Classifier, check_golden, sha256_file
+from edge.protocol import (
+    GOLDEN_DIR,
+    MANIFEST_FILE,
+    MANIFEST_SCHEMA_VERSION,
+    MODEL_FILE,
+    REPORT_DIR,
+    Manifest,
+    parse_manifest,
+)
+from training.exceptions import TrainingError
+
+logger = logging.getLogger(__name__)
+
+GOLDEN_PER_CLASS = 8
+GOLDEN_TOLERANCE = 2  # int8 steps; the same runtime reproduces 0, another build may differ by 1
+SCORE_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+PIXEL_BINS = 16
+SCORE_BINS = 10
+FLOAT_MODEL_FILE = "model_float32.tflite"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def default_version() -> str:
+    """A sortable version when none is given: UTC date and time."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d.%H%M%S")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a bundle (never delete a user's files)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise TrainingError(f"--out {out_dir} is a file; pass a folder path for the bundle")
+        if any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
+            raise TrainingError(
+                f"--out {out_dir} exists and is not a model bundle; pass a new or empty folder (it would be replaced)"
+            )
+
+
+def staging_dir(out_dir: Path) -> Path:
+    """A fresh folder beside ``out_dir`` (same filesystem, so the final move is a rename)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / GOLDEN_DIR).mkdir(parents=True)
+    (staging / REPORT_DIR).mkdir()
+    return staging
+
+
+def install_bundle(staging: Path, out_dir: Path) -> Path:
+    """Move the finished staging folder to ``out_dir``, replacing an older bundle there."""
+    check_out_dir(out_dir)
+    old: Path | None = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def reference_statistics(
+    x_train: np.ndarray,
+    val_scores: np.ndarray,
+    val_labels: Sequence[str],
+    labels: Sequence[str],
+) -> dict[str, Any]:
+    """Drift references: input pixels on the training split, int8 defect scores per class on validation.
+
+    Pixels are the model-size uint8 values (0-255) after colour conversion and resize, the
+    values the agent sees right before quantization.
+    """
+    pixels = np.asarray(x_train, dtype=np.float64)
+    hist, edges = np.histogram(x_train, bins=PIXEL_BINS, range=(0, 256))
+    per_image_mean = pixels.mean(axis=tuple(range(1, pixels.ndim))) if len(pixels) else np.zeros(0)
+    scores = np.asarray(val_scores, dtype=np.float64)
+    score_edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
+    per_class: dict[str, Any] = {}
+    lab = np.asarray(list(val_labels), dtype=object)
+    for label in labels:
+        s = scores[lab == label]
+        h, _ = np.histogram(s, bins=score_edges)
+        per_class[label] = {
+            "n": len(s),
+            "mean": round(float(s.mean()), 6) if len(s) else None,
+            "quantiles": [round(float(q), 6) for q in np.quantile(s, SCORE_QUANTILES)] if len(s) else [],
+            "histogram": [round(float(v), 6) for v in (h / max(1, len(s)))],
+        }
+    return {
+        "input": {
+            "split": "train",
+            "n": len(pixels),
+            "pixel_mean": round(float(pixels.mean()), 4) if len(pixels) else None,
+            "pixel_std": round(float(pixels.std()), 4) if len(pixels) else None,
+            "image_mean_std": round(float(per_image_mean.std()), 4) if len(pixels) else None,
+            "histogram": {
+                "edges": [int(e) for e in edges],
+                "fraction": [round(float(v), 6) for v in hist / max(1, hist.sum())],
+            },
+        },
+        "scores": {
+            "split": "val",
+            "model": "int8",
+            "score": "1 - P(pass label)",
+            "quantile_levels": list(SCORE_QUANTILES),
+            "histogram_edges": [round(float(e), 3) for e in score_edges],
+            "per_class": per_class,
+        },
+    }
+
+
+def select_golden(labels_of: Sequence[str], per_class: int = GOLDEN_PER_CLASS) -> list[int]:
+    """Indices of up to ``per_class`` images of each class (the first ones, in split order)."""
+    picked: list[int] = []
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels_of):
+        if seen.get(label, 0) < per_class:
+            picked.append(i)
+            seen[label] = seen.get(label, 0) + 1
+    return picked
+
+
+def write_golden(bundle_dir: Path, images: Sequence[np.ndarray], labels_of: Sequence[str], color_mode: str) -> list[dict[str, str]]:
+    """Save model-size uint8 images as lossless PNGs under golden/; returns [{file, label}]."""
+    entries: list[dict[str, str]] = []
+    counters: dict[str, int] = {}
+    for image, label in zip(images, labels_of, strict=True):
+        n = counters.get(label, 0)
+        counters[label] = n + 1
+        rel = f"{GOLDEN_DIR}/{label}_{n:02d}.png"
+        out = image[:, :, 0] if image.shape[-1] == 1 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        if not cv2.imwrite(str(Path(bundle_dir) / rel), out):
+            raise TrainingError(f"cannot write golden image {rel} under {bundle_dir}; check disk space and permissions")
+        entries.append({"file": rel, "label": label})
+    return entries
+
+
+def golden_expectations(classifier: Classifier, entries: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
+    """Run each golden PNG through the edge classifier, exactly as OTA validation will."""
+    out = []
+    for e in entries:
+        pred = classifier.predict_file(classifier.bundle_dir / e["file"])
+        out.append({"file": e["file"], "label": e["label"], "expected": list(pred.raw)})
+    return out
+
+
+def write_manifest(bundle_dir: Path, manifest: Mapping[str, Any]) -> Manifest:
+    """Validate with the edge's own schema, then write manifest.json."""
+    parsed = parse_manifest(json.loads(json.dumps(manifest)), source="manifest being written")
+    path = Path(bundle_dir) / MANIFEST_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return parsed
+
+
+def build_manifest(
+    *,
+    bundle_dir: Path,
+    name: str,
+    version: str,
+    labels: Sequence[str],
+    pass_label: str,
+    threshold: float,
+    input_spec: Mapping[str, Any],
+    output_spec: Mapping[str, Any],
+    preprocessing: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    dataset: Mapping[str, Any],
+    training: Mapping[str, Any],
+    reference: Mapping[str, Any],
+    golden: Sequence[Mapping[str, Any]] = (),
+    golden_tolerance: int = GOLDEN_TOLERANCE,
+    latency_budget_ms: float = 50.0,
+    created: str | None = None,
+) -> dict[str, Any]:
+    """The manifest dict for ``bundle_dir/model.tflite`` (its sha256 and size are read here)."""
+    model_path = Path(bundle_dir) / MODEL_FILE
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "name": name,
+        "version": version,
+        "created": created or utc_now(),
+        "model": {"file": MODEL_FILE, "sha256": sha256_file(model_path), "bytes": model_path.stat().st_size},
+        "labels": list(labels),
+        "pass_label": pass_label,
+        "threshold": float(threshold),
+        "input": dict(input_spec),
+        "output": dict(output_spec),
+        "preprocessing": dict(preprocessing),
+        "metrics": dict(metrics),
+        "dataset": dict(dataset),
+        "training": dict(training),
+        "reference": dict(reference),
+        "golden": [dict(g) for g in golden],
+        "golden_tolerance": golden_tolerance,
+        "latency_budget_ms": float(latency_budget_ms),
+    }
+
+
+def verify_bundle(bundle_dir: Path) -> None:
+    """Load the bundle as the edge does and run its golden images; raise if anything is off."""
+    clf = Classifier(Path(bundle_dir))
+    result = check_golden(clf)
+    if not result.ok:
+        raise TrainingError(
+            f"the bundle written to {bundle_dir} fails its own golden check ({'; '.join(result.failures[:3])}); "
+            "this is a bug in the trainer, please report it"
+        )
+
+
+__all__ = [
+    "FLOAT_MODEL_FILE",
+    "GOLDEN_PER_CLASS",
+    "GOLDEN_TOLERANCE",
+    "build_manifest",
+    "check_out_dir",
+    "default_version",
+    "golden_expectations",
+    "install_bundle",
+    "reference_statistics",
+    "select_golden",
+    "staging_dir",
+    "utc_now",
+    "verify_bundle",
+    "write_golden",
+    "write_manifest",
+]

@@ -1,0 +1,257 @@
+"""``linewatch train``: synthetic data, training to an int8 bundle, evaluation.
+
+Loaded lazily by ``edge.cli`` as ``training.cli:train``. Nothing heavy is imported at
+module level (no TensorFlow, no OpenCV): ``linewatch --help`` must stay fast, and each
+command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+logger = logging.getLogger(__name__)
+
+# Before TensorFlow is ever imported by a command: keep its C++ logging to errors.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_SYNTH_COUNT = 2000
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Our errors -> click's one-line ``Error: ...`` with exit code 1, never a traceback."""
+    from edge.exceptions import LinewatchError
+
+    try:
+        yield
+    except LinewatchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:  # bad option combinations caught by the option dataclasses
+        raise click.ClickException(str(exc)) from exc
+
+
+def _quiet_tensorflow() -> None:
+    """TensorFlow and absl log to stderr on their own; keep only real errors."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in ("tensorflow", "absl", "keras", "h5py", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@click.group()
+def train() -> None:
+    """Make datasets, train int8 model bundles and evaluate them.
+
+    Example:
+
+        linewatch train synth data/ && linewatch train fit data/ --out bundle/
+    """
+
+
+@train.command("synth")
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--count", default=DEFAULT_SYNTH_COUNT, show_default=True, type=click.IntRange(min=1), help="Images to generate (half scratched).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same images.")
+@click.option("--size", default=160, show_default=True, type=click.IntRange(min=32), help="Image side in pixels.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Render in this many processes.")
+def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None:
+    """Write a synthetic dataset: OUT_DIR/ok/*.png and OUT_DIR/scratch/*.png.
+
+    Example:
+
+        linewatch train synth data/ --count 2000 --seed 1
+    """
+    with _one_line_errors():
+        from training.synth import generate_dataset
+
+        t0 = time.perf_counter()
+        counts = generate_dataset(out_dir, count=count, seed=seed, size=size, workers=workers)
+    click.echo(
+        f"wrote {sum(counts.values())} images to {out_dir} ("
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + f") in {time.perf_counter() - t0:.1f}s"
+    )
+
+
+@train.command("fit")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write (replaced if it holds a bundle).")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Maximum epochs (early stopping may end sooner).  [default: 30]")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for split, weights, augmentation.")
+@click.option("--pass-label", default=None, help="Class folder of good parts.  [default: ok]")
+@click.option("--target-recall", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Defect recall the threshold must reach on validation.")
+@click.option("--size", default=None, type=click.IntRange(8, 1024), help="Model input side in pixels.  [default: 128]")
+@click.option("--color", "color_mode", type=click.Choice(["gray", "rgb"]), default="gray", show_default=True, help="Model input colour mode.")
+@click.option("--version", "version", default=None, help="Bundle version.  [default: UTC date.time]")
+@click.option("--name", default=None, help="Bundle name.  [default: linewatch-<DATA_DIR name>]")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
+@click.option("--patience", default=6, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
+@click.option("--no-augment", is_flag=True, help="Train without augmentation.")
+@click.option("--group-by", type=click.Choice(["none", "number"]), default="none", show_default=True,
+              help="Keep near-duplicates in one split: 'number' groups files whose last file-name numbers are within --group-gap.")
+@click.option("--group-gap", default=100, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-quantization-drop", default=1.0, show_default=True, type=float,
+              help="Largest allowed int8 balanced-accuracy drop against float, in points.")
+@click.option("--allow-quantization-drop", is_flag=True, help="Write and accept the bundle even when the quantization gate fails.")
+def fit_command(
+    data_dir: Path,
+    out_dir: Path,
+    epochs: int | None,
+    seed: int,
+    pass_label: str | None,
+    target_recall: float,
+    size: int | None,
+    color_mode: str,
+    version: str | None,
+    name: str | None,
+    batch_size: int,
+    learning_rate: float,
+    patience: int,
+    no_augment: bool,
+    group_by: str,
+    group_gap: int,
+    max_quantization_drop: float,
+    allow_quantization_drop: bool,
+) -> None:
+    """Train on DATA_DIR (one folder per class) and write an int8 model bundle to --out.
+
+    Checks the data, splits it 70/15/15 (stratified, seeded), trains a small CNN,
+    quantizes it to int8, chooses the threshold on validation for --target-recall,
+    evaluates float and int8 on test and writes the bundle with its report. Exits
+    non-zero when int8 loses more than --max-quantization-drop points of balanced
+    accuracy against float, unless --allow-quantization-drop.
+
+    Example:
+
+        linewatch train fit data/ --out bundle/ --epochs 30 --seed 0 --version 1.0.0
+    """
+    with _one_line_errors():
+        from training.pipeline import DEFAULT_EPOCHS, DEFAULT_SIZE, FitOptions
+
+        options = FitOptions(
+            epochs=epochs or DEFAULT_EPOCHS,
+            seed=seed,
+            pass_label=pass_label,
+            target_recall=target_recall,
+            size=size or DEFAULT_SIZE,
+            color_mode=color_mode,
+            version=version,
+            name=name,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            patience=patience,
+            augment=not no_augment,
+            group_by=group_by,
+            group_gap=group_gap,
+            max_quantization_drop=max_quantization_drop,
+            allow_quantization_drop=allow_quantization_drop,
+        )
+        # fit() checks the data before it imports TensorFlow, so bad data fails in a second.
+        _quiet_tensorflow()
+        from training.pipeline import fit
+
+        t0 = time.perf_counter()
+        result = fit(data_dir, out_dir, options, echo=lambda line: click.echo(line))
+        click.echo(f"done in {time.perf_counter() - t0:.0f}s: {result.bundle_dir}")
+
+
+@train.command("eval")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Folder with one sub-folder per class.")
+@click.option("--pass-label", default=None, help="Pass folder in --data.  [default: the bundle's pass label]")
+@click.option("--runtime", type=click.Choice(["litert", "tflite-runtime", "tensorflow"]), default=None, help="Force one TFLite runtime.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_command(bundle_dir: Path, data_dir: Path, pass_label: str | None, runtime: str | None, as_json: bool) -> None:
+    """Score every image in --data with the bundle's int8 model, through the edge inference code.
+
+    The model file is checked against the manifest's sha256 first. Unreadable images are
+    counted and listed, not fatal.
+
+    Example:
+
+        linewatch train eval bundle/ --data holdout/ --json
+    """
+    with _one_line_errors():
+        if runtime is None or runtime == "tensorflow":
+            _quiet_tensorflow()
+        from training.evaluate import evaluate_bundle
+
+        result = evaluate_bundle(bundle_dir, data_dir, pass_label, runtime=runtime)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    _print_eval(result)
+
+
+def _print_eval(r: dict[str, Any]) -> None:
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f} %"
+
+    click.echo(f"{r['bundle']['name']} {r['bundle']['version']} on {r['data_dir']} ({r['n']} images, runtime {r['runtime']})")
+    for key in ("balanced_accuracy", "accuracy", "defect_recall", "false_reject_rate", "defect_precision"):
+        click.echo(f"  {key:>18}: {pct(r[key])}")
+    for key in ("roc_auc", "pr_auc", "threshold"):
+        click.echo(f"  {key:>18}: {'n/a' if r[key] is None else f'{r[key]:.4f}'}")
+    click.echo(f"  {'invoke p50/p99':>18}: {r['invoke_ms_p50']} / {r['invoke_ms_p99']} ms")
+    click.echo("  confusion (true class: passed / failed):")
+    for label, cell in r["confusion"].items():
+        click.echo(f"    {label:>16}: {cell['pass']:>6} / {cell['fail']:<6}")
+    if r["unreadable"]:
+        click.echo(f"  {r['unreadable']} unreadable image(s) skipped:", err=True)
+        for item in r["unreadable_files"][:20]:
+            click.echo(f"    {item['file']}", err=True)
+
+
+@train.command("check")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--pass-label", default=None, help="Class folder of good parts.  [default: ok]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def check_command(data_dir: Path, pass_label: str | None, as_json: bool) -> None:
+    """Run only the data check of `train fit`: counts, unreadable files, duplicates, imbalance.
+
+    Example:
+
+        linewatch train check data/ --pass-label good
+    """
+    with _one_line_errors():
+        from training.dataset import scan_dataset
+
+        report = scan_dataset(data_dir, pass_label=pass_label)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+        return
+    for line in report.summary_lines():
+        click.echo(line)
+
+
+@train.command("pack")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("out_file", type=click.Path(path_type=Path, dir_okay=False))
+def pack_command(bundle_dir: Path, out_file: Path) -> None:
+    """Pack a bundle folder into one deterministic .lwb file for transport.
+
+    Example:
+
+        linewatch train pack bundle/ model-1.0.0.lwb
+    """
+    with _one_line_errors():
+        from edge.bundle import pack_bundle
+        from edge.inference import sha256_file
+        from edge.protocol import read_manifest
+
+        read_manifest(bundle_dir)
+        path = pack_bundle(bundle_dir, out_file)
+    click.echo(f"{path} ({path.stat().st_size} bytes, sha256 {sha256_file(path)})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    train(sys.argv[1:])

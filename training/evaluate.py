@@ -1,0 +1,285 @@
+"""Metrics of a pass/fail inspector, the threshold choice, and scoring a bundle on a folder.
+
+Everything is computed from two arrays: whether each image is a defect (its folder is not
+the pass class) and its defect score ``1 - P(pass label)``. The decision rule is the
+edge's, :meth:`edge.inference.Classifier.decide`: *fail when score >= threshold*.
+
+- accuracy: share of correct pass/fail decisions.
+- balanced_accuracy: mean of defect recall and pass recall (1 - false_reject_rate), so a
+  line where 95 % of parts pass cannot score 0.95 by passing everything.
+- defect_recall: share of defect images failed. defect_precision: share of failed images
+  that are defects. false_reject_rate: share of pass images failed (good parts scrapped).
+- roc_auc (threshold-free ranking quality), pr_auc (average precision, defects positive).
+- confusion: per true class, how many images passed and failed.
+- per_class_recall: per class, the share decided correctly (passed for the pass class,
+  failed for a defect class).
+
+Pure numpy (no scikit-learn); this module does not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.exceptions import ImageError
+from edge.inference import Classifier
+from training.dataset import class_folders, list_images
+from training.exceptions import DataError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET_RECALL = 0.99
+
+
+def _safe_div(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def _cumulative(is_defect: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Defects and passes at or above each distinct score (highest first), and those scores."""
+    y = np.asarray(is_defect, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_each = np.r_[np.where(np.diff(s))[0], len(s) - 1] if len(s) else np.array([], dtype=int)
+    return np.cumsum(y)[last_of_each], np.cumsum(~y)[last_of_each], s[last_of_each]
+
+
+def roc_curve(is_defect: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), one point per distinct score, highest first.
+
+    The first point is (0, 0) at threshold +inf (nothing fails).
+    """
+    y = np.asarray(is_defect, dtype=bool)
+    tps, fps, thresholds = _cumulative(y, scores)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    tpr = np.r_[0.0, tps / max(n_pos, 1)]
+    fpr = np.r_[0.0, fps / max(n_neg, 1)]
+    return fpr, tpr, np.r_[np.inf, thresholds]
+
+
+def roc_auc(is_defect: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve (ties count half); None when one side has no images."""
+    y = np.asarray(is_defect, dtype=bool)
+    if y.all() or not y.any():
+        return None
+    fpr, tpr, _ = roc_curve(y, scores)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def pr_curve(is_defect: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, thresholds) for defects as positives, one point per distinct score.
+
+    The first point is (precision 1, recall 0) at threshold +inf.
+    """
+    y = np.asarray(is_defect, dtype=bool)
+    tps, fps, thresholds = _cumulative(y, scores)
+    precision = tps / np.maximum(tps + fps, 1)
+    recall = tps / max(int(y.sum()), 1)
+    return np.r_[1.0, precision], np.r_[0.0, recall], np.r_[np.inf, thresholds]
+
+
+def average_precision(is_defect: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the precision-recall curve as average precision (step-wise, no interpolation)."""
+    y = np.asarray(is_defect, dtype=bool)
+    if not y.any():
+        return None
+    precision, recall, _ = pr_curve(y, scores)
+    return float(np.sum(np.diff(recall) * precision[1:]))
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """The decision threshold picked on validation and what it costs there."""
+
+    threshold: float
+    target_recall: float
+    recall: float  # defect recall reached on validation
+    false_reject_rate: float  # share of validation pass images it fails
+    reached: bool
+    n_defect: int
+    n_pass: int
+    split: str = "val"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_threshold(
+    is_defect: np.ndarray, scores: np.ndarray, target_recall: float = DEFAULT_TARGET_RECALL, *, split: str = "val"
+) -> ThresholdChoice:
+    """The largest threshold whose defect recall reaches ``target_recall`` (fail when score >= threshold).
+
+    The largest such threshold fails the fewest good parts for that recall. With k defects
+    needed (ceil of target x defects), it is the k-th highest defect score.
+    """
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    y = np.asarray(is_defect, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    defect_scores = np.sort(s[y])[::-1]
+    n_def, n_pass = len(defect_scores), int((~y).sum())
+    if n_def == 0:
+        threshold = 0.5
+    else:
+        k = max(1, math.ceil(target_recall * n_def - 1e-9))
+        threshold = float(np.clip(defect_scores[k - 1], 0.0, 1.0))
+    failed = s >= threshold
+    recall = float(np.mean(failed[y])) if n_def else 0.0
+    frr = float(np.mean(failed[~y])) if n_pass else 0.0
+    return ThresholdChoice(
+        threshold=threshold,
+        target_recall=target_recall,
+        recall=recall,
+        false_reject_rate=frr,
+        reached=n_def > 0 and recall >= target_recall,
+        n_defect=n_def,
+        n_pass=n_pass,
+        split=split,
+    )
+
+
+def _round(v: float | None, digits: int = 6) -> float | None:
+    return None if v is None else round(float(v), digits)
+
+
+def compute_metrics(
+    true_labels: Sequence[str],
+    scores: np.ndarray,
+    pass_label: str,
+    threshold: float,
+    *,
+    failed: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Every metric of the module docstring for one set of images.
+
+    ``failed`` defaults to ``scores >= threshold`` (the edge's rule); pass the edge's own
+    decisions to evaluate exactly what the box decided.
+    """
+    labels = np.asarray(list(true_labels), dtype=object)
+    s = np.asarray(scores, dtype=np.float64)
+    if len(labels) != len(s):
+        raise ValueError("one score per image is needed")
+    y = labels != pass_label
+    fail = s >= threshold if failed is None else np.asarray(failed, dtype=bool)
+    tp = int(np.sum(fail & y))
+    fn = int(np.sum(~fail & y))
+    fp = int(np.sum(fail & ~y))
+    tn = int(np.sum(~fail & ~y))
+    n = len(s)
+    recall = _safe_div(tp, tp + fn)
+    pass_recall = _safe_div(tn, tn + fp)
+    balanced = None if recall is None or pass_recall is None else (recall + pass_recall) / 2
+    classes = sorted(set(labels.tolist()), key=lambda c: (c != pass_label, c))
+    confusion = {
+        c: {"pass": int(np.sum(~fail[labels == c])), "fail": int(np.sum(fail[labels == c]))} for c in classes
+    }
+    per_class = {
+        c: _round(float(np.mean(~fail[labels == c] if c == pass_label else fail[labels == c]))) for c in classes
+    }
+    return {
+        "n": n,
+        "n_defect": int(y.sum()),
+        "n_pass": int((~y).sum()),
+        "accuracy": _round((tp + tn) / n) if n else None,
+        "balanced_accuracy": _round(balanced),
+        "defect_recall": _round(recall),
+        "defect_precision": _round(_safe_div(tp, tp + fp)),
+        "false_reject_rate": _round(None if pass_recall is None else 1 - pass_recall),
+        "roc_auc": _round(roc_auc(y, s)),
+        "pr_auc": _round(average_precision(y, s)),
+        "threshold": float(threshold),
+        "confusion": confusion,
+        "counts": {"tp": tp, "fn": fn, "fp": fp, "tn": tn},
+        "per_class_recall": per_class,
+    }
+
+
+def percentile_ms(values: Sequence[float], q: float) -> float | None:
+    return round(float(np.percentile(np.asarray(values), q)), 4) if len(values) else None
+
+
+def evaluate_bundle(
+    bundle_dir: Path,
+    data_dir: Path,
+    pass_label: str | None = None,
+    *,
+    runtime: str | None = None,
+    num_threads: int | None = None,
+) -> dict[str, Any]:
+    """Score every image of a folder-per-class DATA_DIR through the edge's :class:`Classifier`.
+
+    The model file is verified against the manifest's sha256 first (a mismatch raises
+    :class:`edge.exceptions.ChecksumMismatch`). Decisions are the classifier's own. Images
+    that cannot be read are counted and listed, not fatal. ``pass_label`` names the pass
+    folder of DATA_DIR when it differs from the bundle's pass label.
+    """
+    t0 = time.perf_counter()
+    clf = Classifier(Path(bundle_dir), runtime=runtime, num_threads=num_threads)
+    manifest = clf.manifest
+    folders = [f.name for f in class_folders(Path(data_dir))]
+    wanted = pass_label if pass_label is not None else manifest.pass_label
+    if pass_label is not None and pass_label not in folders:
+        raise DataError(
+            f"pass label {pass_label!r} is not a class folder in {data_dir} (found: {', '.join(folders)}); "
+            "--pass-label must be one of them"
+        )
+    if wanted not in folders:
+        logger.warning("%s has no %r folder: pass-side metrics will be null", data_dir, wanted)
+    images = list_images(Path(data_dir))
+    true: list[str] = []
+    scores: list[float] = []
+    failed: list[bool] = []
+    invoke_ms: list[float] = []
+    preprocess_ms: list[float] = []
+    unreadable: list[dict[str, str]] = []
+    for path, label in images:
+        try:
+            pred = clf.predict_file(path)
+        except ImageError as exc:
+            unreadable.append({"file": str(path), "error": str(exc)})
+            continue
+        true.append(label)
+        scores.append(pred.score)
+        failed.append(not pred.passed)
+        invoke_ms.append(pred.invoke_ms)
+        preprocess_ms.append(pred.preprocess_ms)
+    if not true:
+        raise DataError(f"none of the {len(images)} images in {data_dir} could be read; check that they are jpg/png/bmp")
+    metrics = compute_metrics(true, np.array(scores), wanted, manifest.threshold, failed=np.array(failed))
+    metrics.update(
+        {
+            "pass_label": wanted,
+            "bundle": {"name": manifest.name, "version": manifest.version, "path": str(bundle_dir)},
+            "data_dir": str(data_dir),
+            "runtime": clf.runtime,
+            "invoke_ms_p50": percentile_ms(invoke_ms, 50),
+            "invoke_ms_p99": percentile_ms(invoke_ms, 99),
+            "preprocess_ms_p50": percentile_ms(preprocess_ms, 50),
+            "unreadable": len(unreadable),
+            "unreadable_files": unreadable,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    )
+    return metrics
+
+
+__all__ = [
+    "DEFAULT_TARGET_RECALL",
+    "ThresholdChoice",
+    "average_precision",
+    "choose_threshold",
+    "compute_metrics",
+    "evaluate_bundle",
+    "pr_curve",
+    "roc_auc",
+    "roc_curve",
+]

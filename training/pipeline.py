@@ -1,0 +1,547 @@
+"""``linewatch train fit`` end to end: data check -> split -> train -> int8 -> evaluate -> bundle.
+
+1. :func:`training.dataset.scan_dataset` verifies DATA_DIR and fingerprints it.
+2. A stratified (optionally grouped) train/val/test split, seeded.
+3. The CNN trains on train, early-stopping on val loss (:mod:`training.model`).
+4. Full-integer int8 conversion calibrated on training images, plus a float32 twin.
+5. The int8 model is loaded through :class:`edge.inference.Classifier`, the agent's code.
+   The threshold is chosen on its *validation* scores for the target defect recall; the
+   test split is scored once, at the end, by both the float and the int8 model.
+6. Quantization gate: int8 balanced accuracy may be at most ``max_quantization_drop``
+   points below float, unless ``allow_quantization_drop``.
+7. Golden images, reference statistics, report and manifest; the bundle is verified by
+   loading it as the edge does and moved into ``out_dir``.
+
+Imports TensorFlow (through :mod:`training.model`): import it inside commands only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge.inference import Classifier
+from edge.preprocess import quantize_lut, to_float
+from edge.protocol import MODEL_FILE, REPORT_DIR, Preprocessing
+from training import bundle as bundle_mod
+from training import report
+from training.dataset import (
+    DataReport,
+    Split,
+    label_indices,
+    load_arrays,
+    number_groups,
+    scan_dataset,
+    split_dataset,
+)
+from training.evaluate import (
+    DEFAULT_TARGET_RECALL,
+    ThresholdChoice,
+    choose_threshold,
+    compute_metrics,
+)
+from training.exceptions import QuantizationGateError, TrainingError
+
+logger = logging.getLogger(__name__)
+
+Echo = Callable[[str], None]
+DEFAULT_SIZE = 128
+DEFAULT_EPOCHS = 30
+MAX_QUANTIZATION_DROP = 1.0  # balanced-accuracy points
+LATENCY_SAMPLES = 200
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Every knob of ``train fit``; the defaults are the ones the CLI uses."""
+
+    epochs: int = DEFAULT_EPOCHS
+    seed: int = 0
+    pass_label: str | None = None
+    target_recall: float = DEFAULT_TARGET_RECALL
+    size: int = DEFAULT_SIZE
+    color_mode: str = "gray"
+    interpolation: str = "area"
+    version: str | None = None
+    name: str | None = None
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    patience: int = 6
+    filters: int = 16
+    augment: bool = True
+    group_by: str = "none"  # "none" or "number" (see training.dataset.number_groups)
+    group_gap: int = 100
+    max_quantization_drop: float = MAX_QUANTIZATION_DROP
+    allow_quantization_drop: bool = False
+    golden_per_class: int = bundle_mod.GOLDEN_PER_CLASS
+    min_per_class: int = 10
+    fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    latency_samples: int = LATENCY_SAMPLES
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ValueError("target recall must be in (0, 1]")
+        if not 8 <= self.size <= 1024:
+            raise ValueError("size must be between 8 and 1024 pixels")
+        if self.color_mode not in ("gray", "rgb"):
+            raise ValueError("color mode must be 'gray' or 'rgb'")
+        if self.group_by not in ("none", "number"):
+            raise ValueError("group_by must be 'none' or 'number'")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What ``fit`` produced: where the bundle is and the figures a person looks at first."""
+
+    bundle_dir: Path
+    manifest: dict[str, Any]
+    float_metrics: dict[str, Any]
+    int8_metrics: dict[str, Any]
+    threshold: ThresholdChoice
+    gate_passed: bool
+    seconds: float
+    durations: dict[str, float] = field(default_factory=dict)
+
+
+def _default_name(data_dir: Path) -> str:
+    base = re.sub(r"[^A-Za-z0-9._+-]+", "-", Path(data_dir).resolve().name).strip("-") or "model"
+    return f"linewatch-{base}"[:128]
+
+
+def _scores(probs: np.ndarray, pass_index: int) -> np.ndarray:
+    return np.clip(1.0 - probs[:, pass_index], 0.0, 1.0)
+
+
+def _int8_scores(clf: Classifier, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Scores and raw outputs through the edge classifier for model-size uint8 images.
+
+    Images are already colour-converted and resized by :func:`edge.preprocess.resize_uint8`,
+    so only the classifier's lookup-table quantization remains (what ``to_model_input`` does).
+    """
+    lut = quantize_lut(clf.manifest.preprocessing, clf.manifest.input)
+    scores, raws, times = [], [], []
+    for image in images:
+        t0 = time.perf_counter()
+        raw = clf.invoke(lut[image][None, ...])
+        times.append((time.perf_counter() - t0) * 1000.0)
+        _, score, _, _ = clf.decide(raw)
+        scores.append(score)
+        raws.append(raw)
+    return np.array(scores, dtype=np.float64), np.array(raws), times
+
+
+def _latency(invoke: Callable[[np.ndarray], Any], batches: list[np.ndarray], n: int) -> dict[str, float]:
+    """p50/p99 invoke time over ``n`` invokes (after a short warm-up)."""
+    for b in batches[:5]:
+        invoke(b)
+    times = []
+    for i in range(n):
+        b = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        invoke(b)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    arr = np.array(times)
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 4),
+        "p99_ms": round(float(np.percentile(arr, 99)), 4),
+        "n": n,
+    }
+
+
+def quantization_gate(
+    float_balanced: float | None,
+    int8_balanced: float | None,
+    max_drop_points: float,
+    *,
+    allow: bool,
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Compare int8 with float balanced accuracy; ``passed`` is False when int8 is worse by more than the limit.
+
+    ``allow`` (``--allow-quantization-drop``) accepts a failed comparison, and says so.
+    """
+    f, q = float(float_balanced or 0.0), float(int8_balanced or 0.0)
+    drop = 100.0 * (f - q)
+    within = drop <= max_drop_points
+    if within:
+        message = (
+            f"int8 balanced accuracy {q:.4f} vs float {f:.4f} ({-drop:+.2f} points, "
+            f"limit -{max_drop_points:.2f}): passed"
+        )
+    else:
+        where = f"the bundle in {out_dir}" if out_dir is not None else "the bundle"
+        message = (
+            f"int8 balanced accuracy {q:.4f} is {drop:.2f} points below float {f:.4f} "
+            f"(limit {max_drop_points:.2f}); "
+            + (
+                "accepted because of --allow-quantization-drop"
+                if allow
+                else f"{where} is marked as failing the gate: train longer or on more images, "
+                "or pass --allow-quantization-drop to accept it"
+            )
+        )
+    return {
+        "passed": within or allow,
+        "drop_points": round(drop, 4),
+        "max_drop_points": max_drop_points,
+        "allowed_by_flag": bool(allow and not within),
+        "metric": "balanced_accuracy",
+        "message": message,
+    }
+
+
+def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, echo: Echo | None = None) -> FitResult:
+    """Train, quantize, evaluate and write a bundle to ``out_dir``; see the module docstring.
+
+    Raises :class:`training.exceptions.DataError` for data it cannot train on and
+    :class:`QuantizationGateError` (after writing the bundle, whose manifest records the
+    failed gate) when int8 loses too much against float.
+    """
+    opts = options or FitOptions()
+    say: Echo = echo or (lambda line: logger.info("%s", line))
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    t_start = time.perf_counter()
+    durations: dict[str, float] = {}
+    bundle_mod.check_out_dir(out_dir)
+
+    # 1-2. Data check and split.
+    t0 = time.perf_counter()
+    data = scan_dataset(data_dir, pass_label=opts.pass_label, min_per_class=opts.min_per_class)
+    for line in data.summary_lines():
+        say(line)
+    groups = number_groups(data.samples, gap=opts.group_gap) if opts.group_by == "number" else None
+    split = split_dataset(data.samples, seed=opts.seed, fractions=opts.fractions, groups=groups)
+    say(
+        f"split ({split.method}, seed {opts.seed}): "
+        + ", ".join(f"{k} {v}" for k, v in split.sizes().items())
+        + (f", {len({groups(s) for s in data.samples})} groups" if groups else "")
+    )
+    if min(split.sizes().values()) == 0:
+        raise TrainingError("a split came out empty; add images (each class needs at least 10)")
+
+    prep = Preprocessing(color_mode=opts.color_mode, width=opts.size, height=opts.size, interpolation=opts.interpolation)  # type: ignore[arg-type]
+    labels = data.labels
+    pass_index = labels.index(data.pass_label)
+    raw_x = {name: load_arrays(getattr(split, name), prep) for name in ("train", "val", "test")}
+    ys = {name: label_indices(getattr(split, name), labels) for name in ("train", "val", "test")}
+    fx = {name: to_float(arr, prep) for name, arr in raw_x.items()}
+    durations["data"] = time.perf_counter() - t0
+
+    # 3. Train (TensorFlow is imported only from here on).
+    from training import export as export_mod
+    from training import model as model_mod
+
+    config = model_mod.TrainConfig(
+        epochs=opts.epochs,
+        batch_size=opts.batch_size,
+        learning_rate=opts.learning_rate,
+        patience=opts.patience,
+        seed=opts.seed,
+        width=opts.filters,
+        augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
+    )
+    say(
+        f"training: {opts.size}x{opts.size} {opts.color_mode}, up to {opts.epochs} epochs, batch {opts.batch_size}, "
+        f"lr {opts.learning_rate}, class weights {'on' if data.imbalance > 1.0 else 'balanced data'}"
+    )
+
+    def on_epoch(log: Any) -> None:
+        say(
+            f"  epoch {log.epoch:>3}/{opts.epochs}  loss {log.loss:.4f}  acc {log.accuracy:.3f}  "
+            f"val_loss {log.val_loss:.4f}  val_bal_acc {log.val_accuracy:.3f}  {log.seconds:5.1f}s"
+            + ("  *" if log.best else "")
+        )
+
+    trained = model_mod.train_model(fx["train"], ys["train"], fx["val"], ys["val"], len(labels), config, on_epoch=on_epoch)
+    durations["train"] = trained.seconds
+    say(f"  best epoch {trained.best_epoch} of {trained.epochs_run} (weights restored), {trained.seconds:.0f}s")
+
+    # 4. Quantize.
+    t0 = time.perf_counter()
+    representative = export_mod.representative_subset(fx["train"], seed=opts.seed)
+    int8_bytes = export_mod.convert_int8(trained.model, representative)
+    float_bytes = export_mod.convert_float(trained.model)
+    in_spec, out_spec = export_mod.tensor_specs(int8_bytes)
+    durations["quantize"] = time.perf_counter() - t0
+    say(
+        f"quantized: int8 {len(int8_bytes) / 1024:.1f} KiB (float32 {len(float_bytes) / 1024:.1f} KiB), "
+        f"calibrated on {len(representative)} training images; input scale {in_spec.scale:.6g} zero point {in_spec.zero_point}"
+    )
+
+    # 5. Evaluate: a provisional bundle lets the edge's Classifier load the int8 model.
+    t0 = time.perf_counter()
+    staging = bundle_mod.staging_dir(out_dir)
+    try:
+        result = _finish(
+            staging=staging,
+            out_dir=out_dir,
+            opts=opts,
+            data=data,
+            split=split,
+            prep=prep,
+            raw_x=raw_x,
+            fx=fx,
+            ys=ys,
+            pass_index=pass_index,
+            trained=trained,
+            config=config,
+            int8_bytes=int8_bytes,
+            float_bytes=float_bytes,
+            in_spec=in_spec,
+            out_spec=out_spec,
+            representative_n=len(representative),
+            durations=durations,
+            t_eval=t0,
+            t_start=t_start,
+            say=say,
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not result.gate_passed:
+        raise QuantizationGateError(result.manifest["metrics"]["quantization_gate"]["message"])
+    return result
+
+
+def _finish(
+    *,
+    staging: Path,
+    out_dir: Path,
+    opts: FitOptions,
+    data: DataReport,
+    split: Split,
+    prep: Preprocessing,
+    raw_x: dict[str, np.ndarray],
+    fx: dict[str, np.ndarray],
+    ys: dict[str, np.ndarray],
+    pass_index: int,
+    trained: Any,
+    config: Any,
+    int8_bytes: bytes,
+    float_bytes: bytes,
+    in_spec: Any,
+    out_spec: Any,
+    representative_n: int,
+    durations: dict[str, float],
+    t_eval: float,
+    t_start: float,
+    say: Echo,
+) -> FitResult:
+    import tensorflow as tf
+
+    from training import export as export_mod
+    from training import model as model_mod
+
+    labels = data.labels
+    pass_label = data.pass_label
+    (staging / MODEL_FILE).write_bytes(int8_bytes)
+    report_dir = staging / REPORT_DIR
+    (report_dir / bundle_mod.FLOAT_MODEL_FILE).write_bytes(float_bytes)
+    input_spec = {"shape": list(in_spec.shape), "dtype": in_spec.dtype, "scale": in_spec.scale, "zero_point": in_spec.zero_point}
+    output_spec = {"shape": list(out_spec.shape), "dtype": out_spec.dtype, "scale": out_spec.scale, "zero_point": out_spec.zero_point}
+    name = opts.name or _default_name(data.data_dir)
+    version = opts.version or bundle_mod.default_version()
+    created = bundle_mod.utc_now()
+    common = {
+        "bundle_dir": staging,
+        "name": name,
+        "version": version,
+        "labels": labels,
+        "pass_label": pass_label,
+        "input_spec": input_spec,
+        "output_spec": output_spec,
+        "preprocessing": prep.model_dump(),
+        "created": created,
+    }
+    bundle_mod.write_manifest(
+        staging,
+        bundle_mod.build_manifest(threshold=0.5, metrics={}, dataset={}, training={}, reference={}, **common),
+    )
+    with export_mod.quiet_native_output():  # the runtime announces its delegate on stderr
+        clf = Classifier(staging)
+
+    true = {name: [labels[i] for i in ys[name]] for name in ("val", "test")}
+    is_defect = {name: ys[name] != pass_index for name in ("val", "test")}
+    # int8, through the edge classifier: threshold on val, metrics on test.
+    int8_val, _, _ = _int8_scores(clf, raw_x["val"])
+    int8_test, _, _ = _int8_scores(clf, raw_x["test"])
+    choice = choose_threshold(is_defect["val"], int8_val, opts.target_recall)
+    int8_metrics = compute_metrics(true["test"], int8_test, pass_label, choice.threshold)
+    # float (the Keras model), judged the same way at its own validation threshold.
+    float_val = _scores(model_mod.predict_proba(trained.model, fx["val"]), pass_index)
+    float_test = _scores(model_mod.predict_proba(trained.model, fx["test"]), pass_index)
+    float_choice = choose_threshold(is_defect["val"], float_val, opts.target_recall)
+    float_metrics = compute_metrics(true["test"], float_test, pass_label, float_choice.threshold)
+    if not choice.reached:
+        say(f"warning: validation defect recall {choice.recall:.3f} does not reach the target {opts.target_recall}")
+
+    # Latency: int8 through the classifier and the float twin, same runtime, one thread each.
+    batches_u8 = [clf.quantize(img) for img in raw_x["test"][:50]]
+    with export_mod.quiet_native_output():
+        lat_clf = Classifier(staging, num_threads=1)
+    int8_latency = _latency(lat_clf.invoke, batches_u8, opts.latency_samples)
+    float_runner = export_mod.FloatTFLite(float_bytes, num_threads=1, runtime=lat_clf.runtime)
+    float_latency = _latency(float_runner.invoke, [x[None, ...] for x in fx["test"][:50]], opts.latency_samples)
+    latency = {"runtime": lat_clf.runtime, "num_threads": 1, "int8": int8_latency, "float32": float_latency}
+    latency_budget = round(max(20.0, 10.0 * int8_latency["p99_ms"]), 3)
+    durations["evaluate"] = time.perf_counter() - t_eval
+
+    gate = quantization_gate(
+        float_metrics["balanced_accuracy"],
+        int8_metrics["balanced_accuracy"],
+        opts.max_quantization_drop,
+        allow=opts.allow_quantization_drop,
+        out_dir=out_dir,
+    )
+    gate_message = gate["message"]
+
+    # Golden images from the test split, expected outputs through the classifier on the PNG files.
+    test_labels = true["test"]
+    picked = bundle_mod.select_golden(test_labels, opts.golden_per_class)
+    golden_entries = bundle_mod.write_golden(
+        staging, [raw_x["test"][i] for i in picked], [test_labels[i] for i in picked], prep.color_mode
+    )
+    golden = bundle_mod.golden_expectations(clf, golden_entries)
+
+    reference = bundle_mod.reference_statistics(raw_x["train"], int8_val, true["val"], labels)
+    durations["total"] = time.perf_counter() - t_start
+    metrics = {
+        "split": "test",
+        "float": float_metrics,
+        "int8": int8_metrics,
+        "threshold_selection": {**choice.to_dict(), "score": "1 - P(pass label)", "model": "int8"},
+        "float_threshold_selection": float_choice.to_dict(),
+        "quantization_gate": gate,
+        "latency": latency,
+        "runtime": clf.runtime,
+    }
+    dataset = {
+        "fingerprint": data.fingerprint,
+        "class_counts": dict(data.class_counts),
+        "images": len(data.samples),
+        "unreadable_skipped": len(data.unreadable),
+        "duplicates_removed": len(data.duplicates),
+        "split": split.to_dict() | ({"group_by": opts.group_by, "group_gap": opts.group_gap} if opts.group_by != "none" else {}),
+        "warnings": list(data.warnings),
+    }
+    training_info = {
+        "epochs": opts.epochs,
+        "epochs_run": trained.epochs_run,
+        "best_epoch": trained.best_epoch,
+        "stopped_early": trained.stopped_early,
+        "seed": opts.seed,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "lr_schedule": "cosine per epoch to 5 %",
+        "patience": config.patience,
+        "early_stopping": "val loss (class-weighted), best weights restored",
+        "class_weighting": "balanced (n / (classes x n_class))",
+        "augmentation": config.augmentation.to_dict(),
+        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width},
+        "parameters": int(trained.model.count_params()),
+        "representative_images": representative_n,
+        "quantization": "full-integer int8 post-training (TFLITE_BUILTINS_INT8, int8 input and output)",
+        "durations_s": {k: round(v, 2) for k, v in durations.items()},
+        "tf_version": tf.__version__,
+        "keras_version": __import__("keras").__version__,
+        "history": [asdict(h) for h in trained.history],
+    }
+    manifest = bundle_mod.build_manifest(
+        threshold=choice.threshold,
+        metrics=metrics,
+        dataset=dataset,
+        training=training_info,
+        reference=reference,
+        golden=golden,
+        latency_budget_ms=latency_budget,
+        **common,
+    )
+    bundle_mod.write_manifest(staging, manifest)
+
+    # Report for people.
+    report.plot_confusion(int8_metrics["confusion"], pass_label, report_dir / "confusion.png",
+                          f"int8 on test, threshold {choice.threshold:.3f}")
+    curves = {"float32": (is_defect["test"], float_test), "int8": (is_defect["test"], int8_test)}
+    points = {
+        "float32": (float_metrics["false_reject_rate"] or 0.0, float_metrics["defect_recall"] or 0.0),
+        "int8": (int8_metrics["false_reject_rate"] or 0.0, int8_metrics["defect_recall"] or 0.0),
+    }
+    report.plot_roc(curves, points, report_dir / "roc.png", "ROC on test (dot: chosen threshold)")
+    report.plot_pr(curves, report_dir / "pr.png", "Precision-recall on test (defects positive)")
+    (report_dir / "metrics.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "version": version,
+                "metrics": metrics,
+                "data_check": data.to_dict(),
+                "split": split.to_dict(),
+                "training": training_info,
+                "float_model": {"file": f"{REPORT_DIR}/{bundle_mod.FLOAT_MODEL_FILE}", "bytes": len(float_bytes)},
+                "test_scores": {
+                    "pass_label": pass_label,
+                    "files": [str(s.path) for s in split.test],
+                    "labels": true["test"],
+                    "int8": [round(float(v), 6) for v in int8_test],
+                    "float": [round(float(v), 6) for v in float_test],
+                },
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    (report_dir / "model_card.md").write_text(
+        report.model_card(
+            manifest,
+            {
+                "data_dir": str(data.data_dir),
+                "warnings": list(data.warnings),
+                "runtime": clf.runtime,
+                "gate_message": gate_message,
+            },
+        ),
+        encoding="utf-8",
+    )
+    del clf, lat_clf, float_runner
+    with export_mod.quiet_native_output():
+        bundle_mod.verify_bundle(staging)
+    final = bundle_mod.install_bundle(staging, out_dir)
+
+    say("evaluation on the test split (each model at its validation threshold):")
+    for line in report.metrics_table(float_metrics, int8_metrics):
+        say("  " + line)
+    say(
+        f"threshold {choice.threshold:.4f}: validation defect recall {choice.recall:.2%} "
+        f"(target {opts.target_recall:.2%}) at a false reject rate of {choice.false_reject_rate:.2%}"
+    )
+    say(
+        f"latency ({latency['runtime']}, 1 thread): int8 p50 {int8_latency['p50_ms']:.3f} ms, p99 {int8_latency['p99_ms']:.3f} ms; "
+        f"float32 p50 {float_latency['p50_ms']:.3f} ms; budget {latency_budget} ms"
+    )
+    say(f"quantization gate: {gate_message}")
+    say(f"bundle: {final} ({name} {version}); report: {final / REPORT_DIR}")
+    return FitResult(
+        bundle_dir=final,
+        manifest=manifest,
+        float_metrics=float_metrics,
+        int8_metrics=int8_metrics,
+        threshold=choice,
+        gate_passed=bool(gate["passed"]),
+        seconds=time.perf_counter() - t_start,
+        durations=durations,
+    )
+
+
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_SIZE", "FitOptions", "FitResult", "fit", "quantization_gate"]
