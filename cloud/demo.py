@@ -1,10 +1,12 @@
 """`linewatch demo`: the whole loop on one machine, with real parts.
 
-1. generate a synthetic labelled set and train an int8 bundle (report included);
+1. generate a synthetic labelled set and train two int8 bundles (reports included);
 2. render an inspection video of parts passing by;
-3. start Mosquitto on a free loopback port and the cloud ingest service;
+3. start Mosquitto on a free loopback port and the cloud service; sign both bundles;
+   install version 1 on the box;
 4. run the edge agent on the video, cut the broker mid-run, bring it back;
-5. show every decision arriving in the cloud exactly once.
+5. push version 2 over the air while the line runs;
+6. show every decision arriving in the cloud exactly once, across the outage and the switch.
 
 Every step runs the real ``linewatch`` commands as subprocesses, as a plant would.
 """
@@ -12,6 +14,7 @@ Every step runs the real ``linewatch`` commands as subprocesses, as a plant woul
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -92,7 +95,7 @@ def _stop(proc: subprocess.Popen[Any] | None) -> None:
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(path_type=Path), help="Working folder.")
 @click.option("--count", default=1200, show_default=True, help="Synthetic training images.")
 @click.option("--epochs", default=15, show_default=True, help="Training epochs (early stopping may end sooner).")
-@click.option("--parts", default=240, show_default=True, help="Parts in the inspection video.")
+@click.option("--parts", default=900, show_default=True, help="Parts in the inspection video (25 per second).")
 @click.option("--retrain/--reuse", default=False, help="Train again even if the bundle exists.")
 def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> None:
     """Train, deploy and run the whole loop on this machine.
@@ -105,13 +108,17 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
     out_dir.mkdir(parents=True, exist_ok=True)
     data, bundle = out_dir / "data", out_dir / "bundle-v1"
 
-    _step(f"1/5 synthetic dataset ({count} images) and training")
+    _step(f"1/6 synthetic dataset ({count} images) and training")
     if retrain or not (bundle / "manifest.json").exists():
         shutil.rmtree(data, ignore_errors=True)
         _run("train", "synth", str(data), "--count", str(count), "--seed", "1")
         subprocess.run([*_linewatch(), "train", "fit", str(data), "--out", str(bundle), "--epochs", str(epochs), "--seed", "1", "--version", "1.0.0"], check=True)
     else:
         click.echo(f"reusing {bundle} (--retrain to train again)")
+    bundle2 = out_dir / "bundle-v2"
+    if retrain or not (bundle2 / "manifest.json").exists():
+        click.echo("a second version (another seed), to push over the air later")
+        subprocess.run([*_linewatch(), "train", "fit", str(data), "--out", str(bundle2), "--epochs", str(epochs), "--seed", "2", "--version", "2.0.0"], check=True)
     metrics = _json("train", "eval", str(bundle), "--data", str(data), "--json")
     click.echo(
         f"int8 model on the whole synthetic set: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
@@ -119,7 +126,7 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
     )
     click.echo(f"bundle: {bundle}\nreport: {bundle / 'report'}")
 
-    _step(f"2/5 inspection video of {parts} parts")
+    _step(f"2/6 inspection video of {parts} parts")
     from training.synth import render_video
 
     video = out_dir / "line1.avi"
@@ -129,7 +136,7 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
     # The camera sees the part on a conveyor; the agent inspects the region where parts stop.
     roi = truth[0]["bbox"]
 
-    _step("3/5 Mosquitto and the cloud ingest service")
+    _step("3/6 Mosquitto, the cloud service, signing key, model v1 installed on the box")
     port = _free_port()
     run_dir = out_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -141,16 +148,26 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
     agent_cfg = run_dir / "agent.toml"
     agent_cfg.write_text(
         f'device_id = "line1-cam1"\ngroups = ["line1"]\nline = "demo line 1"\n\n'
-        f'[camera]\nsource = "{video}"\nfps = 25\nroi = {list(roi)}\n\n[model]\npath = "{bundle}"\n\n'
+        f'[camera]\nsource = "{video}"\nfps = 25\nroi = {list(roi)}\n\n[model]\npath = "models"\n\n'
+        f'[ota]\ntrusted_keys = ["{run_dir / "cloud-data" / "keys" / "signing.pub"}"]\nhealth_parts = 50\n\n'
         f'[buffer]\npath = "buffer.db"\nmax_bytes = 50_000_000\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\nstatus_interval_s = 1\nack_timeout_s = 3\n'
     )
+    keys = _run("cloud", "keys", "init", "--config", str(cloud_cfg)).stdout
+    pub = Path(re.search(r"public key:\s+(\S+)", keys).group(1))  # type: ignore[union-attr]
+    agent_cfg.write_text(agent_cfg.read_text().replace(str(run_dir / "cloud-data" / "keys" / "signing.pub"), str(pub)))
+    packed = {}
+    for b in (bundle, bundle2):
+        entry = _json("cloud", "models", "add", str(b), "--config", str(cloud_cfg), "--json")
+        packed[entry["version"]] = entry["path"]
+        click.echo(f"registered and signed {entry['version']}: {entry['path']}")
+    click.echo(_run("edge", "install-model", packed["1.0.0"], "--config", str(agent_cfg)).stdout.strip())
     broker = _mosquitto(port, run_dir)
     cloud = agent = None
     try:
         cloud = subprocess.Popen([*_linewatch(), "cloud", "serve", "--config", str(cloud_cfg)], stdout=open(run_dir / "cloud.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
         click.echo(f"broker on 127.0.0.1:{port}, cloud log {run_dir / 'cloud.log'}")
 
-        _step("4/5 edge agent on the video; the broker is cut mid-run")
+        _step("4/6 edge agent on the video; the broker is cut mid-run")
         agent = subprocess.Popen([*_linewatch(), "edge", "run", "--config", str(agent_cfg)], stdout=subprocess.DEVNULL, stderr=open(run_dir / "agent.log", "w"))  # noqa: SIM115
         status = lambda: _json("edge", "status", "--config", str(agent_cfg), "--json")  # noqa: E731
         _wait("the first decisions", lambda: status()["results"] >= len(truth) // 4, 120)
@@ -163,15 +180,24 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
         click.echo(f"while offline: {during['results']} decisions, {during['unsynced']} waiting in the buffer")
         broker = _mosquitto(port, run_dir)
         click.echo("broker back")
+        _step("5/6 model 2.0.0 over the air while the line runs")
+        before = status()
+        push = subprocess.run([*_linewatch(), "cloud", "push", "2.0.0", "--to", "line1", "--config", str(cloud_cfg), "--timeout", "120"], text=True)
+        if push.returncode != 0:
+            raise click.ClickException("the push did not complete; see the output above")
+        _wait("the agent to run 2.0.0", lambda: status()["model_version"] == "2.0.0", 60)
+        after = status()
+        click.echo(f"switched from {before['model_version']} to {after['model_version']} while inspecting "
+                   f"({before['results']} -> {after['results']} decisions)")
         final = _wait("the video to end", lambda: (s := status())["camera"]["state"] == "ended" and s, 300)
 
-        _step("5/5 results in the cloud")
+        _step("6/6 results in the cloud")
         _wait("the buffer to drain", lambda: status()["unsynced"] == 0, 120)
         fleet = _json("cloud", "fleet", "--config", str(cloud_cfg), "--json")
         final = status()
         for dev in fleet:
             click.echo(f"  {dev['device_id']}: state={dev['state']} results={dev['results']} model={dev['model_version']}")
-        cloud_rows = _json("cloud", "results", "--config", str(cloud_cfg), "--device", "line1-cam1", "--json")
+        cloud_rows = _json("cloud", "results", "--config", str(cloud_cfg), "--device", "line1-cam1", "--limit", "10000000", "--json")
         seqs = [r["seq"] for r in cloud_rows]
         click.echo(
             f"agent decided {final['results']} parts ({final['failed']} failed); cloud holds {len(seqs)} results, "
@@ -179,6 +205,10 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
         )
         if len(set(seqs)) != final["results"] or len(seqs) != len(set(seqs)):
             raise click.ClickException("the cloud does not hold every result exactly once")
+        part_ids = [r["part_id"] for r in cloud_rows]
+        versions = sorted({r["model_version"] for r in cloud_rows})
+        gapless = part_ids == list(range(part_ids[0], part_ids[0] + len(part_ids))) if part_ids else False
+        click.echo(f"model versions seen: {', '.join(versions)}; part ids without a gap across the switch: {gapless}")
         click.secho("every decision reached the cloud exactly once, through a broker outage", fg="green", bold=True)
     finally:
         _stop(agent)

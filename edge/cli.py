@@ -195,6 +195,42 @@ def results(config_file: Path, tail: int, as_json: bool) -> None:
         click.echo(f"{r['seq']:>8} {r['ts']} part={r['part_id']} {verdict} {r['label']} score={r['score']:.3f} model={r['model_version']}")
 
 
+@edge.command("install-model")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
+def install_model(bundle: Path, config_file: Path) -> None:
+    """Install a signed bundle (.lwb file or folder) into the agent's model store by hand.
+
+    The same checks as an over-the-air update: signature against ota.trusted_keys,
+    checksum, compatibility with the current model, golden images; then an atomic switch.
+    A running agent picks it up at its next start (pushes switch live models).
+
+    Example:
+
+        linewatch edge install-model model-1.0.0.lwb --config /etc/linewatch/agent.toml
+    """
+    from edge.config import load_config
+    from edge.exceptions import LinewatchError
+    from edge.inference import Classifier
+    from edge.models import ModelStore
+    from edge.ota import install_bundle
+
+    try:
+        config = load_config(config_file)
+        store = ModelStore(config.model.path)
+        store.root.mkdir(parents=True, exist_ok=True)
+        try:
+            current: Classifier | None = Classifier(store.current(), runtime=config.model.runtime)
+        except LinewatchError:
+            current = None  # first install on this box
+        result = install_bundle(bundle, store, config.ota, current, runtime=config.model.runtime)
+    except LinewatchError as exc:
+        raise fail(exc) from exc
+    if not result.ok:
+        raise click.ClickException(f"{bundle} refused at {result.stage}: {result.reason}; the current model is unchanged")
+    click.echo(f"installed {result.version} at {result.path} (signed by key {result.key_id})")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="linewatch")
