@@ -56,3 +56,18 @@ def test_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(cli, ["train", "fit", "data"])
     assert result.exit_code != 0
     assert "pip install 'linewatch[training]'" in result.output
+
+
+def test_install_model_refuses_an_unsigned_bundle_and_keeps_nothing(tmp_path, tiny_bundle) -> None:
+    from tests.conftest import run_cli
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        'device_id = "cam"\ncamera.source = "x.avi"\nmodel.path = "models"\nbuffer.path = "b.db"\n'
+        'ota.trusted_keys = []\n'
+    )
+    proc = run_cli("edge", "install-model", str(tiny_bundle), "--config", str(cfg))
+    assert proc.returncode != 0
+    assert "refused" in proc.stderr and "unsigned" in proc.stderr.lower(), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "models" / "current").exists()
