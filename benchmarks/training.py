@@ -49,7 +49,8 @@ def runtimes_available() -> list[str]:
     for name, _ in RUNTIMES:
         try:
             load_runtime(name)
-        except RuntimeUnavailable:
+        except (RuntimeUnavailable, AttributeError) as exc:  # AttributeError: see docs/training.md
+            log(f"    runtime {name} not usable here: {type(exc).__name__}: {exc}")
             continue
         names.append(name)
     return names

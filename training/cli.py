@@ -84,7 +84,7 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
 @train.command("fit")
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write (replaced if it holds a bundle).")
-@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Maximum epochs (early stopping may end sooner).  [default: 30]")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Maximum epochs (early stopping may end sooner).  [default: 40]")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for split, weights, augmentation.")
 @click.option("--pass-label", default=None, help="Class folder of good parts.  [default: ok]")
 @click.option("--target-recall", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Defect recall the threshold must reach on validation.")
@@ -94,7 +94,7 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
 @click.option("--name", default=None, help="Bundle name.  [default: linewatch-<DATA_DIR name>]")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
-@click.option("--patience", default=6, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
+@click.option("--patience", default=8, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
 @click.option("--no-augment", is_flag=True, help="Train without augmentation.")
 @click.option("--group-by", type=click.Choice(["none", "number"]), default="none", show_default=True,
               help="Keep near-duplicates in one split: 'number' groups files whose last file-name numbers are within --group-gap.")

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
 DEFAULT_SIZE = 128
-DEFAULT_EPOCHS = 30
+DEFAULT_EPOCHS = 40
 MAX_QUANTIZATION_DROP = 1.0  # balanced-accuracy points
 LATENCY_SAMPLES = 200
 
@@ -75,8 +75,8 @@ class FitOptions:
     name: str | None = None
     batch_size: int = 32
     learning_rate: float = 3e-3
-    patience: int = 6
-    filters: int = 16
+    patience: int = 8
+    filters: int = 8
     augment: bool = True
     group_by: str = "none"  # "none" or "number" (see training.dataset.number_groups)
     group_gap: int = 100
@@ -353,7 +353,7 @@ def _finish(
     name = opts.name or _default_name(data.data_dir)
     version = opts.version or bundle_mod.default_version()
     created = bundle_mod.utc_now()
-    common = {
+    common: dict[str, Any] = {
         "bundle_dir": staging,
         "name": name,
         "version": version,
