@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 RUNTIMES: tuple[tuple[str, str], ...] = (
     ("litert", "ai_edge_litert.interpreter"),
     ("tflite-runtime", "tflite_runtime.interpreter"),
-    ("tensorflow", "tensorflow.lite"),
+    ("tensorflow", "tensorflow.lite.python.interpreter"),
 )
 
 

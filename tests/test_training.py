@@ -220,7 +220,7 @@ def test_group_split_never_straddles_and_stays_stratified() -> None:
     assert len({groups(s) for s in samples}) == 60
     split = split_dataset(samples, seed=1, groups=groups)
     assert split.method == "stratified-group"
-    where = {}
+    where: dict[str, set[str]] = {}
     for name in ("train", "val", "test"):
         for s in getattr(split, name):
             where.setdefault(groups(s), set()).add(name)
@@ -233,7 +233,6 @@ def test_group_split_never_straddles_and_stays_stratified() -> None:
 
 
 def test_number_groups_cluster_across_classes() -> None:
-    samples = make_samples({"ok": 1, "scratch": 1})
     samples = [
         Sample(Path("/d/ok/exp1_num_100.jpg"), "ok", "a" * 64),
         Sample(Path("/d/crack/exp2_num_130.jpg"), "crack", "b" * 64),

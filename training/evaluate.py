@@ -33,6 +33,7 @@ from edge.exceptions import ImageError
 from edge.inference import Classifier
 from training.dataset import class_folders, list_images
 from training.exceptions import DataError
+from training.native import quiet_native_output
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,8 @@ def evaluate_bundle(
     folder of DATA_DIR when it differs from the bundle's pass label.
     """
     t0 = time.perf_counter()
-    clf = Classifier(Path(bundle_dir), runtime=runtime, num_threads=num_threads)
+    with quiet_native_output():  # the runtime announces its delegate on stderr
+        clf = Classifier(Path(bundle_dir), runtime=runtime, num_threads=num_threads)
     manifest = clf.manifest
     folders = [f.name for f in class_folders(Path(data_dir))]
     wanted = pass_label if pass_label is not None else manifest.pass_label

@@ -10,13 +10,8 @@ Imports TensorFlow: import this module only inside commands that train.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
-import tempfile
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +22,7 @@ import tensorflow as tf  # noqa: E402
 
 from edge.inference import load_runtime  # noqa: E402
 from training.exceptions import ExportError  # noqa: E402
+from training.native import quiet_native_output  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -49,36 +45,6 @@ def representative_subset(x_train: np.ndarray, count: int = REPRESENTATIVE_COUNT
         return x_train
     idx = np.sort(np.random.default_rng([seed, 7]).choice(len(x_train), size=count, replace=False))
     return x_train[idx]
-
-
-@contextlib.contextmanager
-def quiet_native_output() -> Iterator[list[str]]:
-    """Silence what the converter and the interpreters print from C++ on stdout/stderr.
-
-    They write straight to file descriptors 1 and 2 ("fully_quantize: ...", "Created
-    TensorFlow Lite XNNPACK delegate", MLIR notes), which no Python logging setting reaches.
-    The captured text is yielded (filled on exit) so a failure can still show it.
-    """
-    captured: list[str] = []
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        try:
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                yield captured
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            sink.seek(0)
-            captured.append(sink.read().decode("utf-8", "replace"))
 
 
 def _converter(model: Any) -> tf.lite.TFLiteConverter:
@@ -177,6 +143,7 @@ class FloatTFLite:
 
 __all__ = [
     "REPRESENTATIVE_COUNT",
+    "quiet_native_output",
     "FloatTFLite",
     "TensorSpec",
     "convert_float",

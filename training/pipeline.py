@@ -253,7 +253,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     )
     say(
         f"training: {opts.size}x{opts.size} {opts.color_mode}, up to {opts.epochs} epochs, batch {opts.batch_size}, "
-        f"lr {opts.learning_rate}, class weights {'on' if data.imbalance > 1.0 else 'balanced data'}"
+        f"lr {opts.learning_rate}, class-weighted loss (imbalance {data.imbalance:.1f}:1)"
     )
 
     def on_epoch(log: Any) -> None:

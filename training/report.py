@@ -54,9 +54,9 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], threshold_poin
     fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=110)
     for name, (y, s) in curves.items():
         fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=name, drawstyle="steps-post")
+        (line,) = ax.plot(fpr, tpr, label=name, drawstyle="steps-post")
         if name in threshold_points:
-            ax.plot(*threshold_points[name], "o", ms=5)
+            ax.plot(*threshold_points[name], "o", ms=5, color=line.get_color())
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
     ax.set_xlabel("false reject rate (good parts failed)")
     ax.set_ylabel("defect recall")
