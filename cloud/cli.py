@@ -16,19 +16,8 @@ from typing import Any
 
 import click
 
+from cloud.cli_common import CONFIG_HELP, load_config_or_fail
 from edge.cli import echo_json, fail
-
-CONFIG_HELP = "Cloud TOML file (default: ./cloud.toml if present, else built-in defaults)."
-
-
-def _config(config_file: Path | None) -> Any:
-    from cloud.config import load_cloud_config
-    from edge.exceptions import LinewatchError
-
-    try:
-        return load_cloud_config(config_file)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
 
 
 def _store(config: Any) -> Any:
@@ -65,7 +54,7 @@ def serve(config_file: Path) -> None:
     from cloud.ingest import run_ingest
     from edge.exceptions import LinewatchError
 
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     try:
         code = run_ingest(config)
     except LinewatchError as exc:
@@ -83,7 +72,7 @@ def fleet(config_file: Path | None, as_json: bool) -> None:
 
         linewatch cloud fleet --json
     """
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     with _store(config) as store:
         devices = store.fleet(now=time.time(), offline_after_s=config.fleet.offline_after_s, dead_after_s=config.fleet.dead_after_s)
     if as_json:
@@ -114,7 +103,7 @@ def results(device_id: str, config_file: Path | None, after_seq: int, limit: int
 
         linewatch cloud results --device line1-cam1 --limit 20 --json
     """
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     with _store(config) as store:
         rows = store.results(device_id, limit=limit, after_seq=after_seq)
     if as_json:
@@ -135,7 +124,7 @@ def counters(config_file: Path | None, as_json: bool) -> None:
 
         linewatch cloud counters --json
     """
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     with _store(config) as store:
         values = store.counters()
     if as_json:

@@ -16,28 +16,11 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
+from cloud.cli_common import config_option, load_config_or_fail
 from edge.cli import echo_json, fail
-
-CONFIG_HELP = "Cloud TOML file (default: ./cloud.toml if present, else built-in defaults)."
-
-
-def _config(config_file: Path | None) -> Any:
-    from cloud.config import load_cloud_config
-    from edge.exceptions import LinewatchError
-
-    try:
-        return load_cloud_config(config_file)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
-
-
-def _config_option(fn: Any) -> Any:
-    return click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)(fn)
-
 
 # -- keys -------------------------------------------------------------------------------------
 
@@ -53,7 +36,7 @@ def keys() -> None:
 
 
 @keys.command("init")
-@_config_option
+@config_option
 @click.option("--force", is_flag=True, help="Replace an existing key (every box must then get the new public key).")
 def keys_init(config_file: Path | None, force: bool) -> None:
     """Create the signing key pair in the cloud data_dir/keys (private key mode 0600).
@@ -68,7 +51,7 @@ def keys_init(config_file: Path | None, force: bool) -> None:
     from cloud.registry import init_keys
     from edge.exceptions import LinewatchError
 
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     try:
         kid, priv, pub = init_keys(config, force=force)
     except LinewatchError as exc:
@@ -94,7 +77,7 @@ def models() -> None:
 
 @models.command("add")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@_config_option
+@config_option
 @click.option("--check/--no-check", default=True, show_default=True, help="Run the golden images here before adding.")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry entry as JSON.")
 def models_add(bundle: Path, config_file: Path | None, check: bool, as_json: bool) -> None:
@@ -107,7 +90,7 @@ def models_add(bundle: Path, config_file: Path | None, check: bool, as_json: boo
     from cloud.registry import Registry, open_ota_store
     from edge.exceptions import LinewatchError
 
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     try:
         with open_ota_store(config) as store:
             model = Registry(config, store).add(bundle, check=check)
@@ -120,7 +103,7 @@ def models_add(bundle: Path, config_file: Path | None, check: bool, as_json: boo
 
 
 @models.command("list")
-@_config_option
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def models_list(config_file: Path | None, as_json: bool) -> None:
     """List registered models, newest first.
@@ -132,7 +115,7 @@ def models_list(config_file: Path | None, as_json: bool) -> None:
     from cloud.registry import Registry, open_ota_store
     from edge.exceptions import LinewatchError
 
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     try:
         with open_ota_store(config) as store:
             entries = Registry(config, store).list()
@@ -153,7 +136,7 @@ def models_list(config_file: Path | None, as_json: bool) -> None:
 
 @models.command("show")
 @click.argument("version")
-@_config_option
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, manifest included.")
 def models_show(version: str, config_file: Path | None, as_json: bool) -> None:
     """Show one registered model: checksums, key, metrics and manifest.
@@ -165,7 +148,7 @@ def models_show(version: str, config_file: Path | None, as_json: bool) -> None:
     from cloud.registry import Registry, open_ota_store
     from edge.exceptions import LinewatchError
 
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     try:
         with open_ota_store(config) as store:
             m = Registry(config, store).get(version)
@@ -184,7 +167,7 @@ def models_show(version: str, config_file: Path | None, as_json: bool) -> None:
 @click.command("push")
 @click.argument("model")
 @click.option("--to", "target", required=True, help="A device id, a group, or a comma-separated list of both.")
-@_config_option
+@config_option
 @click.option("--canary", default=None, help="Deploy to N devices (or N%) first; continue only if they succeed.")
 @click.option("--min-success", default=1.0, show_default=True, type=float, help="Success ratio needed to proceed (0-1].")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float, help="Seconds to wait for each phase.")
@@ -209,7 +192,7 @@ def push(
     from edge.exceptions import LinewatchError
     from edge.protocol import OTA_CHUNK_BYTES
 
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     try:
         with open_ota_store(config) as store:
             registry = Registry(config, store)
@@ -244,7 +227,7 @@ def rollout() -> None:
 
 
 @rollout.command("status")
-@_config_option
+@config_option
 @click.option("--rollout", "rollout_id", default=None, help="A rollout id (default: the latest).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def rollout_status_cmd(config_file: Path | None, rollout_id: str | None, as_json: bool) -> None:
@@ -257,7 +240,7 @@ def rollout_status_cmd(config_file: Path | None, rollout_id: str | None, as_json
     from cloud.rollout import rollout_status
     from edge.exceptions import LinewatchError
 
-    config = _config(config_file)
+    config = load_config_or_fail(config_file)
     try:
         report = rollout_status(config, rollout_id)
     except LinewatchError as exc:

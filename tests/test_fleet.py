@@ -27,6 +27,10 @@ from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtu
 )
 
 
+# Large enough that one-row round trips cannot drain it before the kill, even on an idle box.
+CRASHED_BACKLOG = 20_000
+
+
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LINEWATCH, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
@@ -54,13 +58,13 @@ def test_fleet_states_online_offline_buffering_and_dead(tmp_path: Path, broker: 
     fill_buffer(alive, 50)
     # crashed: one row per round trip so a backlog is still there when it is killed
     crashed = write_agent_config(tmp_path / "crashed", broker, "cam-crashed", batch_rows=1, max_inflight=1, status_interval_s=60)
-    fill_buffer(crashed, 400)
+    fill_buffer(crashed, CRASHED_BACKLOG)
     # frozen: the process stops (SIGSTOP) so its heartbeats stop but its socket stays open
     frozen = write_agent_config(tmp_path / "frozen", broker, "cam-frozen")
     devs = {name: start_device(path, model_version=f"{name}-1") for name, path in
             (("alive", alive), ("crashed", crashed), ("frozen", frozen))}  # fmt: skip
     wait_until(lambda: all_synced(alive), 20, "the alive device to drain")
-    wait_until(lambda: cloud_query(cloud_toml, "SELECT backlog FROM devices WHERE device_id = 'cam-crashed'") == [(400,)],
+    wait_until(lambda: cloud_query(cloud_toml, "SELECT backlog FROM devices WHERE device_id = 'cam-crashed'") == [(CRASHED_BACKLOG,)],
                10, "the crashed device's first status")  # fmt: skip
     # (the crashed one only sends a status on connect, so it is "online" for offline_after_s at most)
     wait_until(lambda: (f := fleet(cloud_toml.parent)).get("cam-frozen", {}).get("state") == "online"
@@ -79,8 +83,8 @@ def test_fleet_states_online_offline_buffering_and_dead(tmp_path: Path, broker: 
         assert state["cam-alive"]["backlog"] == 0 and state["cam-alive"]["groups"] == ["line1"]
         c = state["cam-crashed"]
         assert c["reported_state"] == "offline" and c["offline_reason"] == "lost", "the last will was seen"
-        assert c["backlog"] == 400, "backlog known from its last status"
-        assert 0 < int(str(c["results"])) < 400
+        assert c["backlog"] == CRASHED_BACKLOG, "backlog known from its last status"
+        assert 0 < int(str(c["results"])) < CRASHED_BACKLOG
         assert state["cam-frozen"]["reported_state"] == "online", "no last will: heartbeats just stopped"
         # No status or message for dead_after_s: dead; the alive one stays online.
         final = wait_until(lambda: (f := fleet(cloud_toml.parent))["cam-crashed"]["state"] == "dead" and f, 10, "dead")
