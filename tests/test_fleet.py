@@ -26,7 +26,6 @@ from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtu
     write_cloud_config,
 )
 
-
 # Large enough that one-row round trips cannot drain it before the kill, even on an idle box.
 CRASHED_BACKLOG = 20_000
 
