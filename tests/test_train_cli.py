@@ -232,3 +232,29 @@ def test_synth_fit_eval_end_to_end(tmp_path: Path) -> None:
     assert result["threshold"] == manifest.threshold
     assert result["runtime"] == "litert"
     assert sum(c["pass"] + c["fail"] for c in result["confusion"].values()) == 100
+
+
+def test_several_defect_classes_train_merged_or_separate(tmp_path: Path) -> None:
+    """Three class folders: by default the network learns pass vs defect (two outputs) and the
+    report still gives recall per defect folder; --defects separate keeps one output per folder."""
+    from training.synth import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(data, count=60, seed=7, size=32)
+    generate_dataset(tmp_path / "more", count=40, seed=8, size=32)
+    shutil.move(str(tmp_path / "more" / "scratch"), str(data / "dent"))  # other images: a second defect class
+    common = ["fit", str(data), "--epochs", "1", "--size", "32", "--seed", "7", "--allow-quantization-drop"]
+
+    code, out = invoke(*common, "--out", str(tmp_path / "merged"))
+    assert code == 0, out
+    assert "ok / defect (defect classes merged)" in out
+    merged = read_manifest(tmp_path / "merged")
+    assert merged.labels == ("ok", "defect") and merged.output.shape == (1, 2)
+    assert set(merged.metrics["int8"]["per_class_recall"]) == {"ok", "scratch", "dent"}
+    assert merged.dataset["class_counts"] == {"dent": 20, "ok": 30, "scratch": 30}
+    assert {g.label for g in merged.golden} == {"ok", "scratch", "dent"}
+
+    code, out = invoke(*common, "--out", str(tmp_path / "separate"), "--defects", "separate")
+    assert code == 0, out
+    separate = read_manifest(tmp_path / "separate")
+    assert separate.labels == ("dent", "ok", "scratch") and separate.output.shape == (1, 3)

@@ -99,6 +99,8 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
 @click.option("--group-by", type=click.Choice(["none", "number"]), default="none", show_default=True,
               help="Keep near-duplicates in one split: 'number' groups files whose last file-name numbers are within --group-gap.")
 @click.option("--group-gap", default=100, show_default=True, type=click.IntRange(min=0))
+@click.option("--defects", type=click.Choice(["merged", "separate"]), default="merged", show_default=True,
+              help="With several defect classes: 'merged' trains pass vs defect (the decision), 'separate' one output per class.")
 @click.option("--max-quantization-drop", default=1.0, show_default=True, type=float,
               help="Largest allowed int8 balanced-accuracy drop against float, in points.")
 @click.option("--allow-quantization-drop", is_flag=True, help="Write and accept the bundle even when the quantization gate fails.")
@@ -119,6 +121,7 @@ def fit_command(
     no_augment: bool,
     group_by: str,
     group_gap: int,
+    defects: str,
     max_quantization_drop: float,
     allow_quantization_drop: bool,
 ) -> None:
@@ -152,6 +155,7 @@ def fit_command(
             augment=not no_augment,
             group_by=group_by,
             group_gap=group_gap,
+            defects=defects,
             max_quantization_drop=max_quantization_drop,
             allow_quantization_drop=allow_quantization_drop,
         )

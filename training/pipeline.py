@@ -57,6 +57,8 @@ Echo = Callable[[str], None]
 DEFAULT_SIZE = 128
 DEFAULT_EPOCHS = 40
 MAX_QUANTIZATION_DROP = 1.0  # balanced-accuracy points
+# The model's defect output when several defect classes are merged (see FitOptions.defects).
+MERGED_DEFECT_LABEL = "defect"
 LATENCY_SAMPLES = 200
 
 
@@ -79,6 +81,11 @@ class FitOptions:
     filters: int = 8
     augment: bool = True
     group_by: str = "none"  # "none" or "number" (see training.dataset.number_groups)
+    # "merged": with more than one defect class the network learns pass vs defect (two
+    # outputs), which is the decision the line needs; small defect classes then add to one
+    # well-populated class instead of each getting a huge loss weight. Per-class recall is
+    # still reported. "separate": one softmax output per class folder.
+    defects: str = "merged"
     group_gap: int = 100
     max_quantization_drop: float = MAX_QUANTIZATION_DROP
     allow_quantization_drop: bool = False
@@ -98,6 +105,8 @@ class FitOptions:
             raise ValueError("color mode must be 'gray' or 'rgb'")
         if self.group_by not in ("none", "number"):
             raise ValueError("group_by must be 'none' or 'number'")
+        if self.defects not in ("merged", "separate"):
+            raise ValueError("defects must be 'merged' or 'separate'")
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,10 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     pass_index = labels.index(data.pass_label)
     raw_x = {name: load_arrays(getattr(split, name), prep) for name in ("train", "val", "test")}
     ys = {name: label_indices(getattr(split, name), labels) for name in ("train", "val", "test")}
+    # What the network outputs: the class folders, or pass vs defect (index 0 = pass).
+    merged = opts.defects == "merged" and len(labels) > 2
+    model_labels = [data.pass_label, MERGED_DEFECT_LABEL] if merged else list(labels)
+    model_ys = {name: (y != pass_index).astype(np.int64) for name, y in ys.items()} if merged else ys
     fx = {name: to_float(arr, prep) for name, arr in raw_x.items()}
     durations["data"] = time.perf_counter() - t0
 
@@ -254,6 +267,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     say(
         f"training: {opts.size}x{opts.size} {opts.color_mode}, up to {opts.epochs} epochs, batch {opts.batch_size}, "
         f"lr {opts.learning_rate}, class-weighted loss (imbalance {data.imbalance:.1f}:1)"
+        + (f", outputs {model_labels[0]} / {MERGED_DEFECT_LABEL} (defect classes merged)" if merged else "")
     )
 
     def on_epoch(log: Any) -> None:
@@ -263,7 +277,9 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
             + ("  *" if log.best else "")
         )
 
-    trained = model_mod.train_model(fx["train"], ys["train"], fx["val"], ys["val"], len(labels), config, on_epoch=on_epoch)
+    trained = model_mod.train_model(
+        fx["train"], model_ys["train"], fx["val"], model_ys["val"], len(model_labels), config, on_epoch=on_epoch
+    )
     durations["train"] = trained.seconds
     say(f"  best epoch {trained.best_epoch} of {trained.epochs_run} (weights restored), {trained.seconds:.0f}s")
 
@@ -294,6 +310,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
             fx=fx,
             ys=ys,
             pass_index=pass_index,
+            model_labels=model_labels,
             trained=trained,
             config=config,
             int8_bytes=int8_bytes,
@@ -326,6 +343,7 @@ def _finish(
     fx: dict[str, np.ndarray],
     ys: dict[str, np.ndarray],
     pass_index: int,
+    model_labels: list[str],
     trained: Any,
     config: Any,
     int8_bytes: bytes,
@@ -357,7 +375,7 @@ def _finish(
         "bundle_dir": staging,
         "name": name,
         "version": version,
-        "labels": labels,
+        "labels": model_labels,
         "pass_label": pass_label,
         "input_spec": input_spec,
         "output_spec": output_spec,
@@ -379,8 +397,9 @@ def _finish(
     choice = choose_threshold(is_defect["val"], int8_val, opts.target_recall)
     int8_metrics = compute_metrics(true["test"], int8_test, pass_label, choice.threshold)
     # float (the Keras model), judged the same way at its own validation threshold.
-    float_val = _scores(model_mod.predict_proba(trained.model, fx["val"]), pass_index)
-    float_test = _scores(model_mod.predict_proba(trained.model, fx["test"]), pass_index)
+    model_pass = model_labels.index(pass_label)
+    float_val = _scores(model_mod.predict_proba(trained.model, fx["val"]), model_pass)
+    float_test = _scores(model_mod.predict_proba(trained.model, fx["test"]), model_pass)
     float_choice = choose_threshold(is_defect["val"], float_val, opts.target_recall)
     float_metrics = compute_metrics(true["test"], float_test, pass_label, float_choice.threshold)
     if not choice.reached:
@@ -447,6 +466,7 @@ def _finish(
         "patience": config.patience,
         "early_stopping": "val loss (class-weighted), best weights restored",
         "class_weighting": "balanced (n / (classes x n_class))",
+        "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
         "augmentation": config.augmentation.to_dict(),
         "architecture": model_mod.model_summary(trained.model) | {"filters": config.width},
         "parameters": int(trained.model.count_params()),
