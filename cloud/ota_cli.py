@@ -4,7 +4,7 @@ Attach them to the ``cloud`` group with :func:`register` (cloud/cli.py)::
 
     linewatch cloud keys init
     linewatch cloud models add BUNDLE | list | show VERSION
-    linewatch cloud push MODEL --to TARGET [--canary N|N%] [--min-success R] [--timeout S]
+    linewatch cloud push MODEL --to TARGET [--canary N|N%] [--min-success R] [--timeout S] [--wait-health]
     linewatch cloud rollout status [--rollout ID]
 
 Every command reads the cloud config from ``--config`` (default ./cloud.toml, else the
@@ -171,7 +171,10 @@ def models_show(version: str, config_file: Path | None, as_json: bool) -> None:
 @click.option("--canary", default=None, help="Deploy to N devices (or N%) first; continue only if they succeed.")
 @click.option("--min-success", default=1.0, show_default=True, type=float, help="Success ratio needed to proceed (0-1].")
 @click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float, help="Seconds to wait for each phase.")
-@click.option("--wait-health/--no-wait-health", default=False, show_default=True, help="Count a device only after its health watch passed.")
+@click.option(
+    "--wait-health/--no-wait-health", default=False, show_default=True,
+    help="Count a device only after its health watch passed (ota.health_parts decisions of the new model).",
+)  # fmt: skip
 @click.option("--chunk-bytes", default=None, type=int, help="Chunk size (default and max 65536).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON at the end.")
 def push(
@@ -181,7 +184,8 @@ def push(
     """Roll a model out to devices, canaries first, serving its chunks until done.
 
     MODEL is a registered version, or a bundle folder / .lwb file (added and signed first).
-    Exit code 0 when the rollout is done, 1 when it halted or failed.
+    Exit code 0 when the rollout is done, 1 when it halted (canaries or later devices below
+    --min-success: every device that took the model is sent back to its previous one).
 
     Example:
 
@@ -208,7 +212,8 @@ def push(
     if as_json:
         echo_json(
             {"rollout": outcome.rollout_id, "version": outcome.version, "state": outcome.state, "canaries": list(outcome.canaries),
-             "devices": outcome.devices, "reasons": outcome.reasons, "success_ratio": outcome.success_ratio, "message": outcome.message}
+             "devices": outcome.devices, "reasons": outcome.reasons, "success_ratio": outcome.success_ratio, "message": outcome.message,
+             "rolled_back": outcome.rolled_back}
         )  # fmt: skip
     else:
         for d, why in sorted(outcome.reasons.items()):
@@ -256,7 +261,9 @@ def rollout_status_cmd(config_file: Path | None, rollout_id: str | None, as_json
         for d in report["deployments"]:
             progress = f" {d['received']}/{d['chunks']}" if d["received"] is not None and d["chunks"] else ""
             why = f" ({d['stage']}: {d['reason']})" if d["reason"] else ""
-            click.echo(f"  {d['device_id']:<24} {d['phase']:<7} {d['state'] or '-':<12}{progress} was {d['previous_version'] or '-'}{why}")
+            # a halted rollout points the device's row at the version it was sent back to
+            back = f" -> rolled back to {d['desired_version']}" if d["desired_version"] and d["desired_version"] != ro["version"] else ""
+            click.echo(f"  {d['device_id']:<24} {d['phase']:<7} {d['state'] or '-':<12}{progress} was {d['previous_version'] or '-'}{back}{why}")
     others = [d for d in report["devices"] if not ro or d["rollout"] != ro["id"]]
     if others:
         click.echo("other devices (last OTA state):")

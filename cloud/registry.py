@@ -40,9 +40,11 @@ import sqlite_utils
 from cloud.config import CloudConfig
 from cloud.exceptions import CloudError
 from cloud.store import SQLiteStore, open_store
+from edge.bundle import pack_bundle
+from edge.download import file_sha256
 from edge.exceptions import LinewatchError
 from edge.inference import Classifier, check_golden, sha256_file
-from edge.ota import file_sha256, pack_bundle, unpack_bundle
+from edge.install import unpack_bundle
 from edge.protocol import MANIFEST_FILE, PACKED_SUFFIX, read_manifest
 from edge.signing import (
     PRIVATE_KEY_FILE,

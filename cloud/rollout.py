@@ -2,7 +2,7 @@
 
 :class:`OtaServer` is the cloud end of the transfer in docs/ota.md. It subscribes to every
 device's ``ota/req`` and ``ota/state``, answers each request with binary chunks read from
-the registry file (``edge.ota.encode_chunk``), records every state in the store
+the registry file (``edge.ota_wire.encode_chunk``), records every state in the store
 (``ota_device_state``, ``ota_deployments``), and publishes the RETAINED ``ota/desired``
 messages. It runs inside ``linewatch cloud push`` while the push waits (the simple case),
 or inside ``cloud serve`` through :func:`start_ota_server`. Requests arrive through the
@@ -14,10 +14,13 @@ answered by one of them; any server finds a transfer in the store (``ota_transfe
     resolve TARGET (a device id, a group the devices announce in their status, or a
     comma-separated list of both) -> canaries = the first N (or N%) devices, sorted
     canary phase: desired -> canaries; wait until successes reach --min-success (proceed)
-                  or failures make that impossible / --timeout passes (halt: every canary
-                  that took the new model is told to go back to its previous version)
+                  or failures make that impossible / --timeout passes (halt)
     main phase:   desired -> the rest; wait; the rollout is ``done`` when the success ratio
-                  over all devices reaches --min-success, else ``failed``
+                  over all devices (canaries included) reaches --min-success; as soon as
+                  failures make that impossible, or at --timeout below it: halt
+    halt:         every device that may hold the new model (succeeded, or still pending)
+                  is told to go back to the version it ran before; the rollout is
+                  ``halted`` and its message says in which phase and what was rolled back
 
 A device succeeds when it reports ``active`` on the new version (with ``--wait-health``:
 and its health watch passed); it fails on ``failed``, ``rolled_back`` or the timeout.
@@ -46,7 +49,7 @@ from cloud.config import CloudConfig
 from cloud.exceptions import CloudError
 from cloud.registry import RegisteredModel, Registry, open_ota_store
 from cloud.store import SQLiteStore
-from edge.ota import (
+from edge.ota_wire import (
     ACTIVE,
     FAILED,
     HEALTH_OK,
@@ -112,14 +115,17 @@ class OtaServer:
         self.stop_event = threading.Event()
         self.stats: dict[str, int] = {
             "requests": 0, "chunks_sent": 0, "chunk_bytes_sent": 0, "bytes_sent": 0, "bytes_received": 0,
-            "unknown_transfer": 0, "bad_requests": 0, "states": 0, "store_errors": 0,
+            "unknown_transfer": 0, "bad_requests": 0, "states": 0, "store_errors": 0, "stale_requests": 0,
         }  # fmt: skip
         self.sent: dict[tuple[str, str, int], int] = {}  # (device, transfer, index) -> times sent
         self.states: dict[str, OtaStatePayload] = {}
         self._cond = threading.Condition()
         self._transfers: dict[str, Transfer] = {}
-        self._inbox: queue.Queue[tuple[str, str, bytes, bool]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, str, bytes, int]] = queue.Queue()
         self._connected = threading.Event()
+        # Which connection a message came in on (one more per CONNACK): a chunk request is
+        # answered only on the connection it arrived on (see _serve).
+        self._link = 0
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[OtaStatePayload], None]] = []
         cfg = config.mqtt
@@ -199,6 +205,7 @@ class OtaServer:
         # Requests through a shared subscription: with a server in `cloud serve` and one in a
         # `cloud push`, each request is answered once. States go to every server.
         client.subscribe([(shared_filter(SHARE_GROUP, topic(self.prefix, "+", OTA, REQ)), 1), (topic(self.prefix, "+", OTA, STATE), 1)])
+        self._link += 1
         self._connected.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
@@ -209,7 +216,7 @@ class OtaServer:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self.stats["bytes_received"] += len(msg.payload) + len(msg.topic)
         kind = msg.topic.rsplit("/", 1)[-1]
-        self._inbox.put((kind, msg.topic, bytes(msg.payload), bool(msg.retain)))
+        self._inbox.put((kind, msg.topic, bytes(msg.payload), self._link))
 
     # -- worker ----------------------------------------------------------------------------------
 
@@ -220,12 +227,12 @@ class OtaServer:
             store = open_ota_store(self.config)
             while not self.stop_event.is_set():
                 try:
-                    kind, name, payload, retained = self._inbox.get(timeout=0.2)
+                    kind, name, payload, link = self._inbox.get(timeout=0.2)
                 except queue.Empty:
                     continue
                 try:
                     if kind == REQ:
-                        self._serve(store, files, name, payload)
+                        self._serve(store, files, name, payload, link)
                     elif kind == STATE:
                         self._record_state(store, name, payload)
                 except Exception:  # noqa: BLE001 - the server outlives one bad message
@@ -251,7 +258,16 @@ class OtaServer:
         self._transfers[transfer] = t
         return t
 
-    def _serve(self, store: SQLiteStore, files: dict[Path, int], name: str, payload: bytes) -> None:
+    def _serve(self, store: SQLiteStore, files: dict[Path, int], name: str, payload: bytes, link: int) -> None:
+        """Publish the chunks a device asked for.
+
+        Only while the connection the request came in on is up: chunks published into a
+        broken link are queued by paho and flushed at the reconnect, often before the
+        device has subscribed again on a broker that lost its session (they would be lost
+        and asked for again: sent twice). The device asks again for what it misses (it
+        probes first after a lost session, edge/ota.py), and when the broker kept its
+        session it asks again after RESUME_GRACE_S.
+        """
         device = _device_of(self.prefix, name, REQ)
         try:
             req = parse_json(OtaRequest, payload)
@@ -278,6 +294,10 @@ class OtaServer:
                 continue
             data = os.pread(fd, t.chunk_bytes, i * t.chunk_bytes)
             self._pace(len(data))
+            if link != self._link or not self._connected.is_set():
+                self.stats["stale_requests"] += 1
+                logger.debug("OTA server: link to the broker changed; dropping %s's request for %s", device, req.indexes)
+                return
             msg = encode_chunk(t.transfer, i, data)
             self.client.publish(out, msg, qos=1)
             self.stats["chunks_sent"] += 1
@@ -404,12 +424,15 @@ class RolloutOutcome:
 
     rollout_id: str
     version: str
-    state: str  # done | halted | failed
+    state: str  # done | halted
     canaries: tuple[str, ...]
     devices: dict[str, str]  # device -> success | failure | pending (never reached)
     reasons: dict[str, str] = field(default_factory=dict)
     success_ratio: float = 0.0
     message: str = ""
+    # devices told to go back to their previous version when the rollout halted, and how
+    # that ended ("rolled back", "rollback failed: ...", ...)
+    rolled_back: dict[str, str] = field(default_factory=dict)
 
 
 def new_rollout_id() -> str:
@@ -437,6 +460,7 @@ class _Rollout:
         self.id = new_rollout_id()
         self.transfer = f"{self.id}.{model.sha256[:8]}"
         self.previous: dict[str, str | None] = {}
+        self.canaries: tuple[str, ...] = ()
         self._shown: dict[str, tuple[Any, ...]] = {}
 
     def _exec(self, sql: str, params: tuple[Any, ...]) -> None:
@@ -467,6 +491,7 @@ class _Rollout:
 
     def begin(self, target: str, canaries: list[str], min_success: float, canary_spec: str | None) -> None:
         now = time.time()
+        self.canaries = tuple(canaries)
         fleet = {r["device_id"]: r["model_version"] for r in self.store.db.conn.execute("SELECT device_id, model_version FROM devices")}
         self.previous = {d: fleet.get(d) for d in self.devices}
         self._exec(
@@ -486,12 +511,13 @@ class _Rollout:
     def set_state(self, state: str, message: str = "") -> None:
         self._exec("UPDATE ota_rollouts SET state = ?, message = ?, updated = ? WHERE id = ?", (state, message, time.time(), self.id))
 
-    def verdict(self, device: str, transfer: str, version: str) -> tuple[str, str | None]:
+    def verdict(self, device: str, transfer: str, version: str, *, health: bool = True) -> tuple[str, str | None]:
+        """SUCCESS, FAILURE or PENDING for ``device`` on ``transfer``; ``health=False`` ignores --wait-health."""
         st = self.server.states.get(device)
         if st is None or st.transfer != transfer:
             return PENDING, None
         if st.state == ACTIVE and st.version == version and not st.reason:
-            if self.wait_health and st.health != HEALTH_OK:
+            if health and self.wait_health and st.health != HEALTH_OK:
                 return PENDING, None
             return SUCCESS, None
         if st.state in (FAILED, ROLLED_BACK) or (st.state == ACTIVE and st.reason):
@@ -515,11 +541,12 @@ class _Rollout:
         self.echo(f"  {device}: {st.state} {st.version or ''}{progress}{extra}{why}")
 
     def wait(
-        self, devices: list[str], transfer: str, version: str, min_success: float, timeout_s: float, *, early_stop: bool
+        self, devices: list[str], transfer: str, version: str, need: int, timeout_s: float
     ) -> tuple[dict[str, str], dict[str, str]]:
+        """Wait until every device ended, or failures leave fewer than ``need`` possible successes,
+        or ``timeout_s``; returns device -> verdict and device -> reason."""
         deadline = time.monotonic() + timeout_s
         n = len(devices)
-        need = math.ceil(min_success * n - 1e-9)
         while True:
             verdicts = {d: self.verdict(d, transfer, version) for d in devices}
             for d in devices:
@@ -527,7 +554,7 @@ class _Rollout:
             ok = sum(1 for v, _ in verdicts.values() if v == SUCCESS)
             bad = sum(1 for v, _ in verdicts.values() if v == FAILURE)
             pending = n - ok - bad
-            if pending == 0 or (early_stop and (n - bad) < need):
+            if pending == 0 or (n - bad) < need:
                 break
             if time.monotonic() >= deadline:
                 break
@@ -570,7 +597,7 @@ class _Rollout:
         deadline = time.monotonic() + timeout_s
         while waiting and time.monotonic() < deadline:
             for d, (transfer, prev) in list(waiting.items()):
-                v, reason = self.verdict(d, transfer, prev)
+                v, reason = self.verdict(d, transfer, prev, health=False)
                 if v != PENDING:
                     out[d] = "rolled back" if v == SUCCESS else f"rollback failed: {reason}"
                     del waiting[d]
@@ -617,47 +644,83 @@ def run_push(
             echo(f"rollout {ro.id}: {model.version} ({model.size} bytes) to {len(devices)} device(s): {', '.join(devices)}")
             results: dict[str, str] = {}
             reasons: dict[str, str] = {}
+            need_all = math.ceil(min_success * len(devices) - 1e-9)
             if canaries:
                 echo(f"canary phase: {', '.join(canaries)} (need {min_success:.0%} success)")
                 ro.deploy(canaries)
-                res, why = ro.wait(canaries, ro.transfer, model.version, min_success, timeout_s, early_stop=True)
+                res, why = ro.wait(canaries, ro.transfer, model.version, math.ceil(min_success * len(canaries) - 1e-9), timeout_s)
                 results.update(res)
                 reasons.update(why)
                 ok = sum(1 for v in res.values() if v == SUCCESS)
-                ratio = ok / len(canaries)
-                if ratio < min_success:
+                if ok / len(canaries) < min_success:
                     echo(f"canaries: {ok}/{len(canaries)} succeeded, below {min_success:.0%}: halting, rolling canaries back")
-                    # Every canary that did not refuse may hold (or be about to hold) the new model.
-                    took = [d for d in canaries if res[d] != FAILURE]
-                    rb = ro.roll_back(took, Registry(config, store), min(timeout_s, 120.0))
-                    for d, what in rb.items():
-                        reasons[d] = f"{reasons.get(d, 'succeeded')}; {what}"
-                    msg = f"halted after canaries: {ok}/{len(canaries)} succeeded"
-                    ro.set_state("halted", msg)
                     for d in devices:
                         results.setdefault(d, PENDING)
-                    return RolloutOutcome(ro.id, model.version, "halted", tuple(canaries), results, reasons, ratio, msg)
+                    return _halt(ro, config, store, canaries, results, reasons, timeout_s,
+                                 f"halted after canaries: {ok}/{len(canaries)} succeeded")  # fmt: skip
                 echo(f"canaries: {ok}/{len(canaries)} succeeded; proceeding")
                 ro.set_state("running")
             rest = [d for d in devices if d not in canaries]
             if rest:
                 ro.deploy(rest)
-                res, why = ro.wait(rest, ro.transfer, model.version, min_success, timeout_s, early_stop=False)
+                # Canary successes count towards the whole rollout's --min-success.
+                need = need_all - sum(1 for v in results.values() if v == SUCCESS)
+                res, why = ro.wait(rest, ro.transfer, model.version, need, timeout_s)
                 results.update(res)
                 reasons.update(why)
             ok = sum(1 for v in results.values() if v == SUCCESS)
             ratio = ok / len(devices)
-            state = "done" if ratio >= min_success else "failed"
+            if ratio < min_success:
+                # Devices failed after the canaries passed (or without canaries): stop here
+                # and send back every device that may have taken the new model.
+                echo(f"{ok}/{len(devices)} succeeded, below {min_success:.0%}: halting, rolling back")
+                phase = "in main phase" if canaries else "without canaries"
+                return _halt(ro, config, store, devices, results, reasons, timeout_s,
+                             f"halted {phase}: {ok}/{len(devices)} succeeded, {need_all} needed")  # fmt: skip
             msg = f"{ok}/{len(devices)} devices on {model.version}"
-            ro.set_state(state, msg)
-            echo(f"rollout {ro.id} {state}: {msg}")
-            return RolloutOutcome(ro.id, model.version, state, tuple(canaries), results, reasons, ratio, msg)
+            ro.set_state("done", msg)
+            echo(f"rollout {ro.id} done: {msg}")
+            return RolloutOutcome(ro.id, model.version, "done", tuple(canaries), results, reasons, ratio, msg)
         finally:
             if own_server:
                 srv.stop()
                 srv.join()
     finally:
         store.close()
+
+
+def _halt(
+    ro: _Rollout,
+    config: CloudConfig,
+    store: SQLiteStore,
+    deployed: list[str],
+    results: dict[str, str],
+    reasons: dict[str, str],
+    timeout_s: float,
+    message: str,
+) -> RolloutOutcome:
+    """Stop a rollout: every deployed device that did not fail goes back to its previous version.
+
+    A device that failed either refused the model (it never switched) or rolled itself back
+    after its health watch; the others succeeded or are still on their way, so they may hold
+    the new model. The rollout row ends ``halted`` with a message naming what was rolled back.
+    """
+    took = [d for d in deployed if results.get(d) != FAILURE]
+    rb = ro.roll_back(took, Registry(config, store), min(timeout_s, 120.0)) if took else {}
+    for d, what in rb.items():
+        reasons[d] = f"{reasons.get(d, 'succeeded')}; {what}"
+    back = [d for d, what in rb.items() if what == "rolled back"]
+    not_back = [f"{d} ({what})" for d, what in rb.items() if what != "rolled back"]
+    if took:
+        message += f"; rolled back {len(back)} of {len(took)}" + (f": {', '.join(back)}" if back else "")
+    else:
+        message += "; nothing to roll back (every deployed device refused the model or went back by itself)"
+    if not_back:
+        message += f"; not rolled back: {', '.join(not_back)}"
+    ro.set_state("halted", message)
+    ro.echo(f"rollout {ro.id} halted: {message}")
+    ok = sum(1 for v in results.values() if v == SUCCESS)
+    return RolloutOutcome(ro.id, ro.model.version, "halted", ro.canaries, results, reasons, ok / len(ro.devices), message, rb)
 
 
 def rollout_status(config: CloudConfig, rollout_id: str | None = None) -> dict[str, Any]:

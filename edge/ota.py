@@ -1,36 +1,20 @@
 """Over-the-air model updates on the device: receive, verify, validate, switch, watch.
 
-Two layers, usable apart:
+:class:`OtaClient` receives bundles over MQTT (its own paho client, independent of the sync
+client), resumes transfers after cuts, runs :func:`edge.install.install_bundle`, hands the
+new model to the agent, reports states, and rolls back when the new model misbehaves in its
+first ``ota.health_parts`` parts. The wire protocol is in docs/ota.md.
 
-* :func:`install_bundle` is the validation pipeline, with no network at all. It unpacks a
-  packed bundle (or copies a bundle folder) into ``<store>/staging/<id>/``, and refuses it
-  unless every check passes, in this order:
+The parts live in a module each; their names are re-exported here for existing importers:
 
-  ========== ===========================================================================
-  stage      check
-  ========== ===========================================================================
-  store      model.path is an OTA store folder, not a single bundle
-  unpack     the .lwb tar is complete, holds only regular files and folders, no ``..``
-  signature  signature.json verifies with a key in ``ota.trusted_keys`` (edge.signing)
-  manifest   manifest.json validates (edge.protocol.Manifest)
-  checksum   model.tflite matches the manifest's sha256 and size
-  compatible same input shape and dtype, same labels and pass label as the running model
-  load       the runtime (LiteRT, ...) loads it and its tensors match the manifest
-  golden     every golden image gives the expected int8 output within golden_tolerance
-  latency    golden invoke p50 within manifest.latency_budget_ms
-  commit     files fsynced, staging renamed to versions/<version>-<manifest sha12>,
-             then ModelStore.activate (atomic symlink rename)
-  ========== ===========================================================================
-
-  Any refusal removes the staging folder and leaves the store untouched. The ``current``
-  link only ever moves by an atomic rename to a complete, fsynced, validated folder, so a
-  ``kill -9`` at any moment leaves it on a working model (old or new).
-  :func:`recover_store` removes leftover staging folders at start-up.
-
-* :class:`OtaClient` receives bundles over MQTT (its own paho client, independent of the
-  sync client), resumes transfers after cuts, runs :func:`install_bundle`, hands the new
-  model to the agent, reports states, and rolls back when the new model misbehaves in its
-  first ``ota.health_parts`` parts. The wire protocol is in docs/ota.md.
+=================== ===================================================================
+edge/install.py     install_bundle and its stages, recover_store, prune_versions
+edge/ota_wire.py    topics, payload models (OtaDesired, OtaRequest, OtaStatePayload),
+                    the binary chunk format, device states
+edge/download.py    Download (bundle.part + on-disk bitmap), file_sha256
+edge/health.py      HealthWatch, HealthVerdict
+edge/ota.py         OtaClient: the MQTT client and its worker thread
+=================== ===================================================================
 """
 
 from __future__ import annotations
@@ -39,709 +23,75 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import queue
-import shutil
-import struct
 import threading
 import time
-import uuid
-import zlib
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from edge import bundle as _bundle
 from edge.bundle import pack_bundle
-from edge.config import AgentConfig, OtaConfig
-from edge.exceptions import (
-    BundleError,
-    ConfigError,
-    LinewatchError,
-    ModelLoadError,
-    RuntimeUnavailable,
+from edge.config import AgentConfig
+from edge.download import DOWNLOADS, Download, file_sha256
+from edge.exceptions import BundleError, LinewatchError
+from edge.health import HealthVerdict, HealthWatch
+from edge.inference import Classifier, Prediction, check_golden
+from edge.install import (
+    STAGE_CHECKSUM,
+    STAGE_COMMIT,
+    STAGE_COMPATIBLE,
+    STAGE_DONE,
+    STAGE_GOLDEN,
+    STAGE_LATENCY,
+    STAGE_LOAD,
+    STAGE_MANIFEST,
+    STAGE_SIGNATURE,
+    STAGE_STORE,
+    STAGE_UNPACK,
+    STAGING,
+    InstallResult,
+    check_compatible,
+    install_bundle,
+    prune_versions,
+    recover_store,
+    rmtree,
+    unpack_bundle,
 )
-from edge.inference import Classifier, GoldenResult, Prediction, check_golden, sha256_file
-from edge.models import CURRENT, PREVIOUS, VERSIONS, ModelStore
-from edge.protocol import (
-    MAX_PAYLOAD_BYTES,
-    OTA_CHUNK_BYTES,
-    Manifest,
-    read_manifest,
-    topic,
+from edge.models import ModelStore
+from edge.ota_wire import (
+    ACTIVE,
+    CHUNK,
+    DESIRED,
+    DOWNLOADING,
+    FAILED,
+    HEALTH_OK,
+    HEALTH_WATCHING,
+    MAX_BUNDLE_BYTES,
+    MAX_REQ_INDEXES,
+    OTA,
+    REQ,
+    ROLLED_BACK,
+    STATE,
+    STATES,
+    TERMINAL_STATES,
+    VALIDATING,
+    VERIFYING,
+    OtaDesired,
+    OtaRequest,
+    OtaStatePayload,
+    decode_chunk,
+    encode_chunk,
+    ota_topic,
+    parse_json,
 )
-from edge.signing import verify_bundle
+from edge.protocol import read_manifest
 
 logger = logging.getLogger(__name__)
-
-STAGING = "staging"
-DOWNLOADS = "downloads"
-# The largest packed bundle a desired message may announce (edge/bundle.py's unpack limit).
-MAX_BUNDLE_BYTES = _bundle.MAX_UNPACKED_BYTES
-
-# Stages of install_bundle, in order (reported with every refusal).
-STAGE_STORE = "store"
-STAGE_UNPACK = "unpack"
-STAGE_SIGNATURE = "signature"
-STAGE_MANIFEST = "manifest"
-STAGE_CHECKSUM = "checksum"
-STAGE_COMPATIBLE = "compatible"
-STAGE_LOAD = "load"
-STAGE_GOLDEN = "golden"
-STAGE_LATENCY = "latency"
-STAGE_COMMIT = "commit"
-STAGE_DONE = "done"
-
-
-@dataclass(frozen=True)
-class InstallResult:
-    """What :func:`install_bundle` did: ``ok`` and the live folder, or the stage and reason it refused."""
-
-    ok: bool
-    stage: str
-    reason: str | None = None
-    version: str | None = None
-    path: Path | None = None
-    manifest_sha256: str | None = None
-    key_id: str | None = None
-    golden: GoldenResult | None = None
-    already_active: bool = False
-    # The validated model loaded from its final folder, ready for Agent.swap_model.
-    classifier: Classifier | None = field(default=None, compare=False, repr=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing: edge/bundle.py owns the .lwb format (deterministic tar, safe unpack).
-# ---------------------------------------------------------------------------------------------
-
-
-def unpack_bundle(packed: Path, dest: Path) -> Path:
-    """:func:`edge.bundle.unpack_bundle`, with every failure as a :class:`BundleError`."""
-    try:
-        return _bundle.unpack_bundle(Path(packed), Path(dest))
-    except (EOFError, zlib.error, ValueError) as exc:  # a damaged file may fail below tarfile's own errors
-        raise BundleError(f"{Path(packed).name}: truncated or damaged packed bundle ({exc}); push it again") from exc
-
-
-# ---------------------------------------------------------------------------------------------
-# Store housekeeping
-# ---------------------------------------------------------------------------------------------
-
-
-def recover_store(store: ModelStore) -> list[str]:
-    """Remove what an interrupted install left behind; returns what was removed.
-
-    Leftover staging folders and half-made link files go; version folders that neither
-    ``current`` nor ``previous`` point at (a crash between commit and activate) go too,
-    as they would never be used. ``current`` itself is never touched.
-    """
-    removed: list[str] = []
-    root = store.root
-    staging = root / STAGING
-    if staging.is_dir():
-        for p in staging.iterdir():
-            _rmtree(p)
-            removed.append(str(p))
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((f".{CURRENT}.tmp-", f".{PREVIOUS}.tmp-")):
-                p.unlink(missing_ok=True)
-                removed.append(str(p))
-    removed += prune_versions(store)
-    if removed:
-        logger.info("recovered model store %s: removed %s", root, ", ".join(removed))
-    return removed
-
-
-def prune_versions(store: ModelStore) -> list[str]:
-    """Delete version folders that are neither current nor previous."""
-    versions = store.root / VERSIONS
-    if not versions.is_dir() or store.is_single_bundle:
-        return []
-    keep = {p.resolve() for p in (store.root / CURRENT, store.root / PREVIOUS) if p.exists()}
-    removed = []
-    for d in versions.iterdir():
-        if d.resolve() not in keep:
-            _rmtree(d)
-            removed.append(str(d))
-    return removed
-
-
-def _rmtree(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file, then every folder bottom-up, so a rename publishes complete data."""
-    dirs: list[Path] = []
-    for dirpath, _dirnames, filenames in os.walk(root):
-        dirs.append(Path(dirpath))
-        for name in filenames:
-            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for d in reversed(dirs):
-        _fsync_dir(d)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------
-# The validation pipeline
-# ---------------------------------------------------------------------------------------------
-
-
-class _Refused(Exception):
-    def __init__(self, stage: str, reason: str) -> None:
-        super().__init__(reason)
-        self.stage = stage
-        self.reason = reason
-
-
-def check_compatible(new: Manifest, current: Manifest) -> list[str]:
-    """Why ``new`` cannot replace ``current`` on this line (empty when it can)."""
-    problems = []
-    if new.input.shape != current.input.shape:
-        problems.append(f"input shape {list(new.input.shape)} != running model's {list(current.input.shape)}")
-    if new.input.dtype != current.input.dtype:
-        problems.append(f"input dtype {new.input.dtype} != running model's {current.input.dtype}")
-    if tuple(new.labels) != tuple(current.labels):
-        problems.append(f"labels {list(new.labels)} != running model's {list(current.labels)}")
-    if new.pass_label != current.pass_label:
-        problems.append(f"pass label {new.pass_label!r} != running model's {current.pass_label!r}")
-    return problems
-
-
-def install_bundle(
-    source: Path,
-    store: ModelStore,
-    ota_config: OtaConfig,
-    current: Classifier | None,
-    *,
-    runtime: str | None = None,
-    num_threads: int | None = None,
-    activate: bool = True,
-    staging_id: str | None = None,
-) -> InstallResult:
-    """Validate a packed bundle (``.lwb``) or bundle folder and make it the live model.
-
-    Never raises for a bad bundle: the result says at which stage and why it was refused,
-    and the store is then exactly as before. ``current`` is the running model the new
-    one must be compatible with (None on a first install). With ``activate=False`` the
-    bundle is validated and committed to versions/ but ``current`` is not switched.
-    """
-    source = Path(source)
-    staging = store.root / STAGING / (staging_id or uuid.uuid4().hex[:12])
-    bundle = staging / "bundle"
-    version: str | None = None
-    manifest_sha: str | None = None
-    key: str | None = None
-    golden: GoldenResult | None = None
-    try:
-        if store.is_single_bundle:
-            raise _Refused(
-                STAGE_STORE,
-                f"{store.root} holds a single bundle; point model.path at a store folder to receive OTA updates",
-            )
-        # -- unpack ------------------------------------------------------------------------
-        _rmtree(staging)
-        staging.mkdir(parents=True)
-        try:
-            if source.is_dir():
-                shutil.copytree(source, bundle)
-            else:
-                unpack_bundle(source, bundle)
-        except (BundleError, OSError) as exc:
-            raise _Refused(STAGE_UNPACK, str(exc)) from exc
-        # -- signature ---------------------------------------------------------------------
-        try:
-            verified = verify_bundle(bundle, list(ota_config.trusted_keys), allow_unsigned=ota_config.allow_unsigned)
-        except (BundleError, ConfigError) as exc:
-            raise _Refused(STAGE_SIGNATURE, str(exc)) from exc
-        key, manifest_sha = verified.key_id, verified.manifest_sha256
-        # -- manifest ----------------------------------------------------------------------
-        try:
-            manifest = read_manifest(bundle)
-        except BundleError as exc:
-            raise _Refused(STAGE_MANIFEST, str(exc)) from exc
-        version = manifest.version
-        # -- checksum ----------------------------------------------------------------------
-        model_path = bundle / Path(manifest.model.file).name
-        if Path(manifest.model.file).name != manifest.model.file or not model_path.is_file():
-            raise _Refused(STAGE_CHECKSUM, f"model file {manifest.model.file!r} is missing from the bundle")
-        size = model_path.stat().st_size
-        if size != manifest.model.bytes:
-            raise _Refused(STAGE_CHECKSUM, f"model file is {size} bytes, the manifest says {manifest.model.bytes}")
-        actual = sha256_file(model_path)
-        if actual != manifest.model.sha256:
-            raise _Refused(
-                STAGE_CHECKSUM,
-                f"model sha256 {actual[:12]}… does not match the manifest's {manifest.model.sha256[:12]}…; damaged in transit or altered",
-            )
-        # -- compatibility -----------------------------------------------------------------
-        if current is not None:
-            problems = check_compatible(manifest, current.manifest)
-            if problems:
-                raise _Refused(STAGE_COMPATIBLE, "not compatible with the running model: " + "; ".join(problems))
-        # -- load --------------------------------------------------------------------------
-        try:
-            candidate = Classifier(bundle, runtime=runtime, num_threads=num_threads, verify_checksum=False)
-        except (ModelLoadError, RuntimeUnavailable, BundleError) as exc:
-            raise _Refused(STAGE_LOAD, str(exc)) from exc
-        except Exception as exc:  # noqa: BLE001 - a runtime crash on a hostile model is a refusal too
-            raise _Refused(STAGE_LOAD, f"the runtime cannot load the model ({type(exc).__name__}: {exc})") from exc
-        # -- golden ------------------------------------------------------------------------
-        golden = check_golden(candidate)
-        del candidate  # release the interpreter before the folder moves
-        if not golden.ok:
-            raise _Refused(STAGE_GOLDEN, "golden images check failed: " + "; ".join(golden.failures[:3]))
-        if golden.p50_invoke_ms > manifest.latency_budget_ms:
-            raise _Refused(
-                STAGE_LATENCY,
-                f"invoke p50 {golden.p50_invoke_ms:.2f} ms is over the manifest's budget of {manifest.latency_budget_ms} ms",
-            )
-        # -- commit ------------------------------------------------------------------------
-        final = store.install_dir(f"{version}-{manifest_sha[:12]}")
-        already = False
-        try:
-            if final.exists():
-                # Installed before (e.g. pushed again to roll back to it): the folder on disk
-                # came from a complete rename, keep it and drop the new copy.
-                already = True
-            else:
-                _fsync_tree(bundle)
-                os.rename(bundle, final)
-                _fsync_dir(final.parent)
-            live = Classifier(final, runtime=runtime, num_threads=num_threads)
-        except (OSError, LinewatchError) as exc:
-            raise _Refused(STAGE_COMMIT, f"could not commit {final.name}: {exc}") from exc
-        cur_link = store.root / CURRENT
-        already_active = cur_link.exists() and cur_link.resolve() == final.resolve()
-        if activate and not already_active:
-            try:
-                store.activate(final)
-            except (OSError, BundleError) as exc:
-                raise _Refused(STAGE_COMMIT, f"could not switch current to {final.name}: {exc}") from exc
-            prune_versions(store)
-        logger.info(
-            "model %s installed at %s%s", version, final, " (already active)" if already_active else " (reused)" if already else ""
-        )
-        return InstallResult(
-            ok=True,
-            stage=STAGE_DONE,
-            version=version,
-            path=final,
-            manifest_sha256=manifest_sha,
-            key_id=key,
-            golden=golden,
-            already_active=already_active,
-            classifier=live,
-        )
-    except _Refused as refused:
-        logger.warning("model %s refused at %s: %s", version or source.name, refused.stage, refused.reason)
-        return InstallResult(
-            ok=False,
-            stage=refused.stage,
-            reason=refused.reason,
-            version=version,
-            manifest_sha256=manifest_sha,
-            key_id=key,
-            golden=golden,
-        )
-    finally:
-        _rmtree(staging)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file (the packed bundle's transport checksum)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Wire: topics and payloads of the transfer (docs/ota.md). All under
-# <prefix>/devices/<device_id>/ota/, so the broker ACL that confines a device to its own
-# subtree covers OTA too.
-#
-#   desired  cloud -> device, RETAINED, JSON OtaDesired: the model this device should run
-#   req      device -> cloud, JSON OtaRequest: send me these chunks of this transfer
-#   chunk    cloud -> device, BINARY (encode_chunk): one chunk and its sha256
-#   state    device -> cloud, RETAINED, JSON OtaStatePayload: where the update stands
-# ---------------------------------------------------------------------------------------------
-
-OTA = "ota"
-DESIRED = "desired"
-REQ = "req"
-CHUNK = "chunk"
-STATE = "state"
-CHUNK_MAGIC = b"LWO1"
-MIN_CHUNK_BYTES = 1024
-MAX_REQ_INDEXES = 64
-_TRANSFER = r"^[A-Za-z0-9_.:-]{1,64}$"
-_DEVICE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-_VERSION = r"^[A-Za-z0-9._+-]{1,64}$"
-_SHA256 = r"^[0-9a-f]{64}$"
-_CHUNK_HEAD = struct.Struct(">I32s")  # index, sha256 digest
-
-# Device states reported on .../ota/state
-DOWNLOADING = "downloading"
-VERIFYING = "verifying"
-VALIDATING = "validating"
-ACTIVE = "active"
-FAILED = "failed"
-ROLLED_BACK = "rolled_back"
-STATES = (DOWNLOADING, VERIFYING, VALIDATING, ACTIVE, FAILED, ROLLED_BACK)
-TERMINAL_STATES = (ACTIVE, FAILED, ROLLED_BACK)
-# health field of an ``active`` state
-HEALTH_WATCHING = "watching"
-HEALTH_OK = "ok"
-
-
-def ota_topic(prefix: str, device_id: str, kind: str) -> str:
-    """``<prefix>/devices/<device_id>/ota/<kind>``."""
-    return topic(prefix, device_id, OTA, kind)
-
-
-class _Wire(BaseModel):
-    # Unknown keys are ignored so a newer cloud can add fields without breaking old boxes.
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class OtaDesired(_Wire):
-    """``ota/desired`` (retained): the model this device should run.
-
-    ``sha256``/``size``/``chunks`` describe the packed bundle to download. When they are
-    absent the device must already hold ``version`` (running, or kept as previous for
-    rollback) and switches to it without a download.
-    """
-
-    v: Literal[1]
-    type: Literal["ota_desired"] = "ota_desired"
-    device_id: str = Field(pattern=_DEVICE)
-    version: str = Field(pattern=_VERSION)
-    transfer: str = Field(pattern=_TRANSFER, description="id of this delivery; chunk replies carry it")
-    rollout: str | None = Field(default=None, max_length=64)
-    sha256: str | None = Field(default=None, pattern=_SHA256, description="of the packed .lwb file")
-    size: int | None = Field(default=None, ge=1, le=MAX_BUNDLE_BYTES)
-    chunks: int | None = Field(default=None, ge=1)
-    chunk_bytes: int = Field(default=OTA_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=OTA_CHUNK_BYTES)
-    ts: float | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> OtaDesired:
-        given = [x is not None for x in (self.sha256, self.size, self.chunks)]
-        if any(given) and not all(given):
-            raise ValueError("sha256, size and chunks come together")
-        if self.size is not None and self.chunks != -(-self.size // self.chunk_bytes):
-            raise ValueError(f"{self.size} bytes in chunks of {self.chunk_bytes} make {-(-self.size // self.chunk_bytes)} chunks, not {self.chunks}")
-        return self
-
-    @property
-    def download(self) -> bool:
-        return self.sha256 is not None
-
-
-class OtaRequest(_Wire):
-    """``ota/req``: the device asks for these chunks of ``transfer``."""
-
-    v: Literal[1]
-    type: Literal["ota_req"] = "ota_req"
-    device_id: str = Field(pattern=_DEVICE)
-    transfer: str = Field(pattern=_TRANSFER)
-    indexes: list[int] = Field(min_length=1, max_length=MAX_REQ_INDEXES)
-
-    @field_validator("indexes")
-    @classmethod
-    def _non_negative(cls, v: list[int]) -> list[int]:
-        if min(v) < 0:
-            raise ValueError("chunk indexes are >= 0")
-        return v
-
-
-class OtaStatePayload(_Wire):
-    """``ota/state`` (retained): where this device's update stands."""
-
-    v: Literal[1]
-    type: Literal["ota_state"] = "ota_state"
-    device_id: str = Field(pattern=_DEVICE)
-    state: Literal["downloading", "verifying", "validating", "active", "failed", "rolled_back"]
-    transfer: str | None = None
-    rollout: str | None = None
-    version: str | None = Field(default=None, description="the version this update is about")
-    model_version: str | None = Field(default=None, description="the version running now")
-    received: int | None = None
-    chunks: int | None = None
-    stage: str | None = None
-    reason: str | None = Field(default=None, max_length=1000)
-    health: str | None = None
-    ts: float
-
-
-def encode_chunk(transfer: str, index: int, data: bytes) -> bytes:
-    """One ``ota/chunk`` message: ``b"LWO1"``, 1-byte id length, transfer id, u32 index,
-    32-byte sha256 of ``data``, then ``data``.
-    """
-    tid = transfer.encode("ascii")
-    if not 1 <= len(tid) <= 64:
-        raise ValueError("transfer id must be 1..64 ASCII characters")
-    return CHUNK_MAGIC + bytes([len(tid)]) + tid + _CHUNK_HEAD.pack(index, hashlib.sha256(data).digest()) + data
-
-
-def decode_chunk(payload: bytes) -> tuple[str, int, bytes, bytes]:
-    """``(transfer, index, sha256 digest, data)`` of a chunk message; ValueError if malformed."""
-    if len(payload) < 5 or payload[:4] != CHUNK_MAGIC:
-        raise ValueError("not an OTA chunk (bad magic)")
-    n = payload[4]
-    head_end = 5 + n + _CHUNK_HEAD.size
-    if n < 1 or len(payload) < head_end:
-        raise ValueError("truncated OTA chunk header")
-    try:
-        transfer = payload[5 : 5 + n].decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise ValueError("transfer id is not ASCII") from exc
-    index, digest = _CHUNK_HEAD.unpack_from(payload, 5 + n)
-    return transfer, int(index), bytes(digest), bytes(payload[head_end:])
-
-
-def parse_json(model: type[_W], payload: bytes) -> _W:
-    """Validate a JSON payload into ``model`` (ValueError with pydantic's reason)."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ValueError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD_BYTES}")
-    try:
-        return model.model_validate_json(payload)
-    except ValidationError as exc:
-        raise ValueError("; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors())) from exc
-
-
-_W = TypeVar("_W", bound=_Wire)
-
-
-# ---------------------------------------------------------------------------------------------
-# A resumable download: the packed file at its offsets, one byte per chunk on disk
-# ---------------------------------------------------------------------------------------------
-
-
-class Download:
-    """``downloads/<transfer>/``: ``meta.json`` (the desired message), ``bundle.part``
-    (chunks written at their offsets) and ``bitmap``, one byte per chunk: 0 missing,
-    1 written, 2 requested and not yet received (so a restarted device can wait for chunks
-    its persistent MQTT session still holds instead of asking for them again).
-
-    The bitmap byte is written after its chunk's data, so after a killed process every
-    chunk marked received is in the file; fsync happens every second and at the end
-    (after a power loss the whole-file sha256 catches what the page cache lost, and the
-    transfer starts again).
-    """
-
-    def __init__(self, root: Path, desired: OtaDesired) -> None:
-        assert desired.size is not None and desired.chunks is not None
-        self.desired = desired
-        self.dir = Path(root) / desired.transfer
-        self.part = self.dir / "bundle.part"
-        self.bitmap_path = self.dir / "bitmap"
-        self.meta_path = self.dir / "meta.json"
-        self.size = desired.size
-        self.chunks = desired.chunks
-        self.chunk_bytes = desired.chunk_bytes
-        self.resumed = self._open_existing()
-        if not self.resumed:
-            self._create()
-        self.received = sum(1 for b in self.bitmap if b == 1)
-        self._last_sync = time.monotonic()
-
-    def _open_existing(self) -> bool:
-        try:
-            meta = json.loads(self.meta_path.read_text())
-            same = all(meta.get(k) == getattr(self.desired, k) for k in ("transfer", "sha256", "size", "chunk_bytes"))
-            if not same or self.part.stat().st_size != self.size or self.bitmap_path.stat().st_size != self.chunks:
-                return False
-            self.bitmap = bytearray(self.bitmap_path.read_bytes())
-        except (OSError, ValueError):
-            return False
-        if any(b not in (0, 1, 2) for b in self.bitmap):
-            return False
-        self._fd = os.open(self.part, os.O_RDWR)
-        self._bfd = os.open(self.bitmap_path, os.O_RDWR)
-        return True
-
-    def _create(self) -> None:
-        _rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self._fd, self.size)
-        self.bitmap = bytearray(self.chunks)
-        self._bfd = os.open(self.bitmap_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(self._bfd, bytes(self.bitmap))
-        os.fsync(self._fd)
-        os.fsync(self._bfd)
-        # meta.json last: a folder without it is not a resumable download
-        tmp = self.meta_path.with_name("meta.json.tmp")
-        tmp.write_text(self.desired.model_dump_json())
-        os.replace(tmp, self.meta_path)
-        _fsync_dir(self.dir)
-
-    def expected_len(self, index: int) -> int:
-        return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
-
-    def missing(self) -> list[int]:
-        """Chunks neither received nor requested."""
-        return [i for i, b in enumerate(self.bitmap) if b == 0]
-
-    def requested(self) -> list[int]:
-        """Chunks requested (maybe before a restart) and not received yet."""
-        return [i for i, b in enumerate(self.bitmap) if b == 2]
-
-    def mark_requested(self, indexes: list[int]) -> None:
-        for i in indexes:
-            if self.bitmap[i] == 0:
-                self.bitmap[i] = 2
-                os.pwrite(self._bfd, b"\x02", i)
-
-    @property
-    def complete(self) -> bool:
-        return self.received == self.chunks
-
-    def has(self, index: int) -> bool:
-        return self.bitmap[index] == 1
-
-    def write(self, index: int, data: bytes) -> None:
-        os.pwrite(self._fd, data, index * self.chunk_bytes)
-        os.pwrite(self._bfd, b"\x01", index)
-        self.bitmap[index] = 1
-        self.received += 1
-        if time.monotonic() - self._last_sync > 1.0:
-            self.sync()
-
-    def sync(self) -> None:
-        if self._fd < 0:
-            return
-        os.fsync(self._fd)
-        os.fsync(self._bfd)
-        self._last_sync = time.monotonic()
-
-    def reset(self) -> None:
-        """Forget every chunk (the whole file failed its sha256)."""
-        self.bitmap = bytearray(self.chunks)
-        os.pwrite(self._bfd, bytes(self.bitmap), 0)
-        self.received = 0
-        self.sync()
-
-    def close(self) -> None:
-        for fd in (self._fd, self._bfd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fd = self._bfd = -1
-
-    def remove(self) -> None:
-        self.close()
-        _rmtree(self.dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# Health watch after a switch
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HealthVerdict:
-    """The end of a health watch: ``ok`` or the reason to roll back."""
-
-    ok: bool
-    version: str
-    parts: int
-    reason: str | None = None
-
-
-class HealthWatch:
-    """Watches the first ``parts`` decisions of a new model against the previous one's.
-
-    Rollback when, among those parts:
-      * any output is NaN/inf (at once);
-      * invoke errors exceed max(2, parts/20) (at once);
-      * at the end, every raw output was identical while the previous model's were not;
-      * at the end, the fail rate is over 2 x the previous model's + 0.10 (needs 20
-        decisions of the previous model to compare with).
-    """
-
-    def __init__(self, version: str, parts: int, baseline: Sequence[tuple[bool, tuple[int, ...]]]) -> None:
-        self.version = version
-        self.parts = parts
-        self.baseline = list(baseline)
-        self.seen = 0
-        self.failed = 0
-        self.errors = 0
-        self.raws: set[tuple[int, ...]] = set()
-        self.verdict: HealthVerdict | None = None
-
-    def _trip(self, reason: str) -> HealthVerdict:
-        self.verdict = HealthVerdict(False, self.version, self.seen, reason)
-        return self.verdict
-
-    def add(self, prediction: Prediction) -> HealthVerdict | None:
-        """Count one decision of the new model; returns the verdict once there is one."""
-        if self.verdict is not None:
-            return None
-        self.seen += 1
-        values = (prediction.score, *prediction.probabilities)
-        if not all(math.isfinite(x) for x in values):
-            return self._trip(f"non-finite output (NaN or inf) at part {self.seen}")
-        self.failed += 0 if prediction.passed else 1
-        if len(self.raws) < 2:
-            self.raws.add(tuple(prediction.raw))
-        return self._maybe_finish()
-
-    def add_error(self, error: str) -> HealthVerdict | None:
-        """Count one invoke error of the new model."""
-        if self.verdict is not None:
-            return None
-        self.seen += 1
-        self.errors += 1
-        if self.errors > max(2, self.parts // 20):
-            return self._trip(f"{self.errors} invoke errors in {self.seen} parts (last: {error[:200]})")
-        return self._maybe_finish()
-
-    def _maybe_finish(self) -> HealthVerdict | None:
-        if self.seen < self.parts:
-            return None
-        decided = self.seen - self.errors
-        base = self.baseline
-        if decided >= 2 and len(self.raws) == 1 and len(base) >= 10 and len({r for _, r in base}) > 1:
-            return self._trip(f"constant output {list(next(iter(self.raws)))} over {decided} parts")
-        if len(base) >= 20 and decided > 0:
-            prev_rate = sum(1 for passed, _ in base if not passed) / len(base)
-            rate = self.failed / decided
-            if rate > 2 * prev_rate + 0.10:
-                return self._trip(f"fail rate {rate:.0%} over {decided} parts, previous model {prev_rate:.0%}")
-        self.verdict = HealthVerdict(True, self.version, self.seen)
-        return self.verdict
-
-
-# ---------------------------------------------------------------------------------------------
-# The device side of the transfer
-# ---------------------------------------------------------------------------------------------
 
 
 class AgentLike(Protocol):
@@ -807,6 +157,8 @@ class OtaClient:
         self._dl: Download | None = None
         self._todo: deque[int] = deque()
         self._outstanding: dict[int, float] = {}
+        # After a lost session: the one chunk asked for until its reply is in (see _handle_connected).
+        self._probe: int | None = None
         self._verify_failures = 0
         self._session_present: bool | None = None  # of the last connection; None before one
         self._last_progress = 0.0
@@ -991,10 +343,27 @@ class OtaClient:
             since = time.monotonic() - max(0.0, self.request_timeout_s - RESUME_GRACE_S)
             for i in self._outstanding:
                 self._outstanding[i] = since
-        else:
-            # session lost (new broker, expired): those replies are gone, ask again
-            self._todo.extendleft(sorted(self._outstanding, reverse=True))
-            self._outstanding.clear()
+        elif self._outstanding:
+            self._probe_after_lost_session(self._dl)
+
+    def _probe_after_lost_session(self, dl: Download) -> None:
+        """The session is gone (a broker restarted without persistence, or it expired).
+
+        Replies to the requests in flight may be lost, or still on their way: the cloud's
+        client sends again what the old broker had not acknowledged, and serves the
+        requests it already had. Asking again for all of them at once would get many sent
+        twice. So ask for ONE chunk first, one never asked for if there is one: the cloud
+        answers requests in order, so when its reply is in, whatever was still coming has
+        come. Then the window reopens and only what is still missing is asked for again.
+        """
+        suspect = sorted(self._outstanding)
+        self._outstanding.clear()
+        fresh = next((i for i in self._todo if not dl.has(i) and i not in suspect), None)
+        probe = fresh if fresh is not None else suspect[0]
+        rest = [i for i in self._todo if i != probe and i not in suspect]
+        self._todo = deque([probe, *(i for i in suspect if i != probe), *rest])
+        self._probe = probe
+        logger.info("OTA %s: session lost with %d chunk(s) in flight; probing with chunk %d", dl.desired.transfer, len(suspect), probe)
 
     def _handle_desired(self, payload: bytes) -> None:
         if not payload:
@@ -1050,6 +419,7 @@ class OtaClient:
             self._dl = None
         self._todo.clear()
         self._outstanding.clear()
+        self._probe = None
 
     def _prune_downloads(self, keep: str) -> None:
         """Partial downloads of older desired messages are never needed again."""
@@ -1058,7 +428,7 @@ class OtaClient:
             return
         for p in downloads.iterdir():
             if p.name != keep:
-                _rmtree(p)
+                rmtree(p)
 
     def _restore_download(self) -> None:
         """Pick up the download a previous run left (its meta.json is the desired message)."""
@@ -1082,6 +452,7 @@ class OtaClient:
         self._dl = dl
         self._todo = deque(dl.missing())
         self._outstanding.clear()
+        self._probe = None
         if self._session_present is False:
             self._todo.extendleft(reversed(dl.requested()))
         else:
@@ -1109,6 +480,8 @@ class OtaClient:
             self.stats["bad_messages"] += 1
             return
         self._outstanding.pop(index, None)
+        if index == self._probe:
+            self._probe = None  # the cloud's backlog has drained: reopen the window
         if dl.has(index):
             self.stats["duplicates"] += 1
             return
@@ -1132,9 +505,13 @@ class OtaClient:
             del self._outstanding[i]
             self._todo.appendleft(i)
             self.stats["re_requested"] += 1
-        if self._connected.is_set():
+        window = 1 if self._probe is not None else self.window
+        # Ask in batches of half a window rather than one chunk per chunk received: half the
+        # request messages (and their acks), so less Python work per chunk on the box, where
+        # it shares the interpreter with the inspection loop.
+        if self._connected.is_set() and (window - len(self._outstanding) >= max(1, window // 2) or not self._outstanding):
             want: list[int] = []
-            while self._todo and len(self._outstanding) + len(want) < self.window and len(want) < MAX_REQ_INDEXES:
+            while self._todo and len(self._outstanding) + len(want) < window and len(want) < MAX_REQ_INDEXES:
                 i = self._todo.popleft()
                 if not dl.has(i) and i not in self._outstanding:
                     want.append(i)
@@ -1165,6 +542,7 @@ class OtaClient:
             dl.reset()
             self._todo = deque(dl.missing())
             self._outstanding.clear()
+            self._probe = None
             self._report(DOWNLOADING, desired, note=True, detail={"restart": "sha256 mismatch"})
             return
         self._report(VALIDATING, desired, note=True)
@@ -1339,12 +717,42 @@ def _version_of(bundle_dir: Path) -> str | None:
 
 
 __all__ = [
+    # re-exported from edge.install, edge.ota_wire, edge.download, edge.health (importers predate the split)
     "ACTIVE",
+    "CHUNK",
+    "DESIRED",
     "DOWNLOADING",
+    "DOWNLOADS",
     "FAILED",
+    "HEALTH_OK",
+    "HEALTH_WATCHING",
+    "MAX_BUNDLE_BYTES",
+    "MAX_REQ_INDEXES",
+    "OTA",
+    "OTA_THREAD_NICE",
+    "REQ",
+    "RESUME_GRACE_S",
     "ROLLED_BACK",
+    "SESSION_EXPIRY_S",
+    "STAGE_CHECKSUM",
+    "STAGE_COMMIT",
+    "STAGE_COMPATIBLE",
+    "STAGE_DONE",
+    "STAGE_GOLDEN",
+    "STAGE_LATENCY",
+    "STAGE_LOAD",
+    "STAGE_MANIFEST",
+    "STAGE_SIGNATURE",
+    "STAGE_STORE",
+    "STAGE_UNPACK",
+    "STAGING",
+    "STATE",
+    "STATES",
+    "STATE_FILE",
+    "TERMINAL_STATES",
     "VALIDATING",
     "VERIFYING",
+    "AgentLike",
     "Download",
     "HealthVerdict",
     "HealthWatch",
@@ -1356,9 +764,11 @@ __all__ = [
     "check_compatible",
     "decode_chunk",
     "encode_chunk",
+    "file_sha256",
     "install_bundle",
     "ota_topic",
     "pack_bundle",
+    "parse_json",
     "prune_versions",
     "recover_store",
     "unpack_bundle",

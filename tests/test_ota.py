@@ -584,6 +584,100 @@ def test_protocol_edge_cases_bad_unknown_duplicate_out_of_order_chunks(
     pub.loop_stop()
 
 
+def test_lost_session_probes_with_one_chunk_before_asking_again(
+    tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys, clients: list[OtaClient]
+) -> None:
+    """A broker restart without persistence loses the session with 4 chunks in flight.
+
+    The device asks for ONE chunk it never asked for (the cloud answers in order, so its
+    reply comes after any late ones), asks for nothing else until that reply is in, and
+    then asks again only for the chunks in flight that did not arrive meanwhile.
+    """
+    packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=60_000)
+    data = packed.read_bytes()
+    cb = 4096
+    desired = desired_for("cam1", "t-probe", packed, "tiny-2", cb)
+    n = int(desired.chunks or 0)
+    assert n > 12
+    chunk_topic = ota_topic("linewatch", "cam1", "chunk")
+
+    def connect() -> tuple[mqtt.Client, Spy]:
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect(broker.host, broker.port)
+        pub.loop_start()
+        return pub, Spy(broker, ota_topic("linewatch", "cam1", "req"))
+
+    def send(pub: mqtt.Client, *indexes: int) -> None:
+        for i in indexes:
+            pub.publish(chunk_topic, encode_chunk("t-probe", i, data[i * cb : (i + 1) * cb]), qos=1).wait_for_publish(5)
+
+    def asked(spy: Spy) -> list[list[int]]:
+        return [json.loads(p)["indexes"] for p in spy.payloads()]
+
+    pub, spy = connect()
+    pub.publish(ota_topic("linewatch", "cam1", "desired"), desired.model_dump_json(), qos=1, retain=True).wait_for_publish(5)
+    client = OtaClient(agent_cfg(tmp_path, live_store, broker, keys), Host(Classifier(live_store.current())))
+    clients.append(client)
+    client.start()
+    wait_for("first request", lambda: asked(spy) == [[0, 1, 2, 3]])
+    send(pub, 0, 1)
+    wait_for("window refilled", lambda: sorted(i for r in asked(spy) for i in r) == [0, 1, 2, 3, 4, 5])
+    time.sleep(0.2)  # the broker's PUBACKs reach the device (else paho would send those requests again)
+    pub.disconnect()
+    pub.loop_stop()
+    spy.close()
+
+    broker.stop()  # no persistence: the device's session and everything in flight are gone
+    broker.start()
+    pub, spy = connect()  # subscribed before the device's reconnect (its first retry is after 1 s)
+    wait_for("probe", lambda: asked(spy) == [[6]], timeout=15)
+    send(pub, 3)  # a late reply to a request from before the restart
+    time.sleep(0.5)
+    assert asked(spy) == [[6]], "asked for more before the probe's reply came"
+    send(pub, 6)
+    wait_for("window reopened", lambda: len({i for r in asked(spy) for i in r}) >= 5)
+    again = [i for r in asked(spy)[1:] for i in r]
+    assert again[:3] == [2, 4, 5], again  # the chunks in flight that did not come; not 3
+    assert client.stats["duplicates"] == 0
+
+    send(pub, *[i for i in range(n) if i not in (0, 1, 3, 6)])
+    wait_for("active", state_is(client, ACTIVE, FAILED))
+    assert client.state is not None and client.state["state"] == ACTIVE, client.state
+    spy.close()
+    pub.disconnect()
+    pub.loop_stop()
+
+
+def test_broker_restart_without_persistence_resumes_the_transfer(
+    tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
+    ota_server: Callable[..., Any], clients: list[OtaClient],
+) -> None:  # fmt: skip
+    """The whole path (real cloud server, real device) through a broker restart that loses every session.
+
+    What the broker held when it stopped is gone, so a chunk may have to be sent again, but
+    never more than the request window: the device probes before asking again, and the
+    cloud drops requests that came in on the broken link. (How many in practice, usually
+    0 or 1, is measured by benchmarks/ota.py; it depends on timing.)
+    """
+    from cloud.rollout import Transfer
+
+    packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=400_000)
+    desired = desired_for("cam1", "t-broker", packed, "tiny-2", 8192)
+    srv = ota_server(rate_limit_bps=300_000)  # ~2 s for the file: room to restart in the middle
+    srv.offer(Transfer(desired.transfer, packed, str(desired.sha256), packed.stat().st_size, desired.chunk_bytes))
+    srv.publish_desired(desired)
+    client = OtaClient(agent_cfg(tmp_path, live_store, broker, keys), Host(Classifier(live_store.current())))
+    clients.append(client)
+    client.start()
+    wait_for("40% in", lambda: client.stats["chunks"] >= 0.4 * int(desired.chunks or 0))
+    broker.stop()
+    broker.start()
+    wait_for("active", state_is(client, ACTIVE, FAILED), timeout=60)
+    assert client.state is not None and client.state["state"] == ACTIVE, client.state
+    twice = [k for k, n in srv.sent.items() if n > 1]
+    assert len(twice) <= client.window and all(n <= 2 for n in srv.sent.values()), srv.sent
+
+
 def test_refused_bundle_over_mqtt_reports_failed_and_is_not_retried(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v48: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
