@@ -2,21 +2,42 @@
 
 Threads (one stop Event shared by all; every loop notices it within a second):
 
-    capture     camera -> bounded queue            (edge.capture.Capture)
-    inspect     queue -> model -> SQLite commit    (this module; never touches the network)
-    sync        SQLite outbox -> MQTT              (edge.sync.SyncClient, optional)
-    watchdog    restarts a stuck capture, writes the live status file
+    capture     camera -> bounded queue               (edge.capture.Capture)
+    inspect     queue -> model -> decided queue        (this module; never touches the network)
+    writer      decided queue -> SQLite group commit -> report  (this module; owns the buffer)
+    checkpoint  WAL -> main file, off the commit path  (edge.buffer.Checkpointer)
+    sync        SQLite outbox -> MQTT                  (edge.sync.SyncClient, optional)
+    watchdog    restarts a stuck live capture
+    status      refreshes buffer counts on its own connection, writes the live status file
+
+The checkpoint and status threads run at a lower CPU priority (nice +10, per thread):
+on a 2-core box they must never take a core from capture, inspection or the writer.
+
+Inspection and commits overlap: while the writer waits for one group's fsync, the
+inspect thread decides the next frames (both LiteRT's invoke and SQLite's fsync
+release the GIL). The writer commits whatever is waiting as one group, so a paced
+camera gets one commit per decision and a backlog gets one fsync per group. The
+decided queue is bounded: when commits stall (a full disk), inspection waits, a file
+source waits behind it and a live camera drops its oldest frames (counted).
+
+A decision does not wait for its JPEG sample: the writer encodes the samples of a
+committed group while it would otherwise idle, and they ride in the next transaction
+(alone after 0.2 s without parts). ``kill -9`` can lose such a sample, never a decision.
 
 Shutdown (SIGTERM/SIGINT) stops them in reverse order of dependency: capture stops
-producing, inspection finishes the frame in flight and commits it, sync flushes, the
-buffer closes. A decision is reported (``--echo``, status, MQTT) only after its commit.
+producing, inspection finishes the frame in flight, the writer commits what is queued,
+sync flushes, the buffer closes. A decision is reported (``--echo``, status, MQTT) only
+after its commit, and decisions are committed in frame order (one inspect thread, one
+FIFO, one writer).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+import queue
 import random
 import signal
 import sys
@@ -30,7 +51,7 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
-from edge.buffer import Buffer, ResultRecord, SampleRecord
+from edge.buffer import Buffer, ResultRecord, SampleRecord, nice_this_thread
 from edge.capture import CameraState, Capture, Frame, open_source, parse_source
 from edge.config import AgentConfig
 from edge.exceptions import BufferStoreError
@@ -40,7 +61,14 @@ from edge.models import ModelStore
 logger = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 1.0
-MAX_GROUP = 16  # decisions committed together when a backlog is waiting
+MAX_GROUP = 32  # decisions committed together at most, when a backlog is waiting
+# Decided but not yet committed. Bounded so a stalled disk cannot grow memory: only
+# decisions that keep a sample hold their frame, so this is at most ~30 MB of frames.
+DECIDED_QUEUE = 32
+RETRY_MAX_S = 2.0  # longest wait between attempts to write a buffer that failed
+# A file replayed faster than inspection: how long the writer may wait to fill a group.
+BACKLOG_LINGER_S = 0.05
+LINGER_POLL_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -55,6 +83,16 @@ class Decision:
     passed: bool
     model_version: str
     latency_ms: float  # frame grabbed -> decision committed
+
+
+@dataclass(frozen=True, slots=True)
+class _Decided:
+    """A decision on its way from the inspect thread to the writer (not reported yet)."""
+
+    rec: ResultRecord
+    frame_ts: float
+    sample_reason: str | None  # the writer encodes the JPEG after the commit, off the inspect thread
+    image: np.ndarray | None  # only held when a sample is wanted
 
 
 class Sampler:
@@ -105,6 +143,11 @@ class Agent:
         self.config = config
         self.stop_event = threading.Event()
         self.echo = echo
+        # The agent's threads are its parallelism (capture, inspect, writer). OpenCV's own
+        # pool would split each preprocessing resize across the cores capture and the
+        # writer need, and its idle workers spin in sched_yield (seen with perf): keep it
+        # to the threads the model stage is given.
+        cv2.setNumThreads(config.model.threads)
         self.models = ModelStore(config.model.path)
         self.classifier = self._load_classifier(self.models.current())
         self._next_classifier: Classifier | None = None
@@ -121,14 +164,23 @@ class Agent:
         self.started_at = time.time()
         self.first_decision_at: float | None = None
         self.counts = {"results": 0, "passed": 0, "failed": 0, "samples": 0, "errors": 0}
+        self._counts_lock = threading.Lock()  # "errors" is counted by two threads
         self.last: Decision | None = None
-        self._events: list[tuple[str, dict[str, Any]]] = []  # recorded by the inspect thread
+        self._events: list[tuple[str, dict[str, Any]]] = []  # written by the writer thread
         self._events_lock = threading.Lock()
+        self._decided: queue.Queue[_Decided] = queue.Queue(maxsize=DECIDED_QUEUE)
+        self._inspect_done = threading.Event()
+        self._writer_done = threading.Event()
+        self._buffer_ready = threading.Event()
+        self._first_part_id = 0
+        self._checkpointer_stats: Callable[[], dict[str, float]] | None = None
         self._threads: list[threading.Thread] = []
+        self.buffer_stats: dict[str, Any] = {}
         self.sync: Any = None
         self.operator: Any = None
         self.ota: Any = None
         self.buffer_error: str | None = None
+        self.buffer_error_since: float | None = None
         self.fatal: BaseException | None = None
 
     # -- model -----------------------------------------------------------------------------
@@ -146,9 +198,18 @@ class Agent:
     # -- events ----------------------------------------------------------------------------
 
     def note_event(self, kind: str, **detail: Any) -> None:
-        """Queue an event for the inspection thread to write (it owns the buffer connection)."""
+        """Queue an event for the writer thread to record (it owns the buffer connection)."""
         with self._events_lock:
             self._events.append((kind, detail))
+
+    def _take_events(self) -> list[tuple[str, dict[str, Any]]]:
+        with self._events_lock:
+            events, self._events = self._events, []
+        return events
+
+    def _count_error(self) -> None:
+        with self._counts_lock:
+            self.counts["errors"] += 1
 
     def _on_camera_change(self, old: CameraState, new: CameraState) -> None:
         if new.state in ("up", "down", "ended"):
@@ -157,17 +218,20 @@ class Agent:
     # -- threads ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._buffer_ready = threading.Event()
-        inspect = threading.Thread(target=self._inspect_main, name="inspect", daemon=True)
-        inspect.start()
+        writer = threading.Thread(target=self._writer_main, name="writer", daemon=True)
+        writer.start()
         # The buffer is opened (and recovered if corrupt) before capture starts producing.
         self._buffer_ready.wait(30)
         if self.fatal:
             raise self.fatal
+        inspect = threading.Thread(target=self._inspect_main, name="inspect", daemon=True)
+        inspect.start()
         self.capture.start()
         watchdog = threading.Thread(target=self._watchdog_main, name="watchdog", daemon=True)
         watchdog.start()
-        self._threads = [inspect, watchdog]
+        status = threading.Thread(target=self._status_main, name="status", daemon=True)
+        status.start()
+        self._threads = [inspect, writer, watchdog, status]
         if self.config.mqtt.enabled:
             self._start_sync()
             self._start_ota()
@@ -223,97 +287,56 @@ class Agent:
     # -- inspection ------------------------------------------------------------------------
 
     def _inspect_main(self) -> None:
-        cfg = self.config
+        """Frames -> decisions, in frame order, handed to the writer (never reported here)."""
+        part_id = self._first_part_id
         try:
-            buffer = Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, synchronous=cfg.buffer.synchronous, device_id=cfg.device_id)
-        except BaseException as exc:
-            self.fatal = exc
-            self._buffer_ready.set()
-            self.stop_event.set()
-            return
-        with buffer:
-            self.buffer_stats = buffer.stats()
-            self.counts["results"] = self.buffer_stats.get("results", 0)
-            self.counts["passed"] = self.buffer_stats.get("passed", 0)
-            self.counts["failed"] = self.buffer_stats.get("failed", 0)
-            buffer.record_event("start", pid=os.getpid(), model_version=self.classifier.version, runtime=self.classifier.runtime)
-            buffer.record_event("model_loaded", version=self.classifier.version, path=str(self.classifier.bundle_dir))
-            self._buffer_ready.set()
-            part_id = int(buffer.meta_get("last_part_id") or 0)
-            last_stats = 0.0
             while not self.stop_event.is_set():
                 try:
-                    self._flush_events(buffer)
-                    self._maybe_swap(buffer)
+                    self._maybe_swap()
                     frame = self.capture.get(timeout=0.2)
                     if frame is None:
                         continue
-                    part_id = self._inspect_batch(buffer, frame, part_id)
-                    now = time.monotonic()
-                    if now - last_stats >= STATUS_INTERVAL_S:
-                        self.buffer_stats = buffer.stats()
-                        buffer.meta_set("last_part_id", str(part_id))
-                        last_stats = now
+                    part_id += 1
+                    item = self._decide(frame, part_id)
+                    if item is not None and not self._hand_over(item):
+                        break
                 except Exception as exc:  # noqa: BLE001 - the inspection thread must outlive any one failure
-                    self.counts["errors"] += 1
+                    self._count_error()
                     logger.exception("inspection loop error (continuing): %s", exc)
                     self.stop_event.wait(1.0)
-            # Frames already captured are drained only for finite sources (nothing is lost by
-            # stopping a live camera; a file replay resumes nowhere anyway).
-            try:
-                self._flush_events(buffer)
-                buffer.meta_set("last_part_id", str(part_id))
-                buffer.record_event("stop", results=self.counts["results"])
-                self.buffer_stats = buffer.stats()
-            except BufferStoreError as exc:  # every decision is already committed
-                logger.error("stop event not recorded: %s", exc)
+        finally:
+            self._inspect_done.set()
 
-    def _maybe_swap(self, buffer: Buffer) -> None:
+    def _hand_over(self, item: _Decided) -> bool:
+        """Queue a decision for the writer; waits while the queue is full (backpressure).
+
+        False when it cannot be handed over: the writer is gone, or a stop came and the
+        writer has not made room for a second (the decision was never reported).
+        """
+        stop_seen: float | None = None
+        while True:
+            try:
+                self._decided.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                if self._writer_done.is_set():
+                    return False
+                if self.stop_event.is_set():
+                    stop_seen = stop_seen or time.monotonic()
+                    if time.monotonic() - stop_seen > 1.0:
+                        logger.warning("stopping with a decision the buffer did not take; it was never reported")
+                        return False
+
+    def _maybe_swap(self) -> None:
         with self._swap_lock:
             nxt, self._next_classifier = self._next_classifier, None
         if nxt is not None:
             old = self.classifier
             self.classifier = nxt
-            buffer.record_event("model_switched", old=old.version, new=nxt.version)
+            self.note_event("model_switched", old=old.version, new=nxt.version)
             logger.info("model switched %s -> %s", old.version, nxt.version)
 
-    def _inspect_batch(self, buffer: Buffer, first: Frame, part_id: int) -> int:
-        """Decide ``first`` and any frames already waiting, commit them together, then report.
-
-        Adaptive group commit: a paced camera leaves the queue empty, so each decision is
-        committed alone (lowest latency); a backlog is committed in groups of up to
-        MAX_GROUP (one fsync for several decisions). Nothing is reported before its commit.
-        Returns the last part id used.
-        """
-        decided: list[tuple[Frame, np.ndarray, Prediction, ResultRecord]] = []
-        frame: Frame | None = first
-        while frame is not None:
-            part_id += 1
-            item = self._decide(buffer, frame, part_id)
-            if item is not None:
-                decided.append(item)
-            frame = self.capture.get(timeout=0) if len(decided) < MAX_GROUP else None
-        if not decided:
-            return part_id
-        samples = {}
-        for i, (frame, image, pred, _) in enumerate(decided):
-            sample = self._sample(frame, image, pred)
-            if sample is not None:
-                samples[i] = sample
-        t_rec = time.perf_counter()
-        seqs = self._commit(buffer, [rec for _, _, _, rec in decided], samples)
-        if seqs is None:
-            return part_id  # stopping while the buffer could not be written: nothing was reported
-        record_ms = (time.perf_counter() - t_rec) * 1000.0
-        self.counts["samples"] += len(samples)
-        now = time.time()
-        for (frame, _image, pred, rec), seq in zip(decided, seqs, strict=True):
-            self._report(Decision(seq, int(rec.part_id or 0), frame.ts, pred.label, pred.score, pred.passed, rec.model_version, (now - frame.ts) * 1000.0), record_ms)
-        if self.echo is not None:
-            self.echo.flush()  # once per group: the lines are already in order
-        return part_id
-
-    def _decide(self, buffer: Buffer, frame: Frame, part_id: int) -> tuple[Frame, np.ndarray, Prediction, ResultRecord] | None:
+    def _decide(self, frame: Frame, part_id: int) -> _Decided | None:
         clf = self.classifier
         image = frame.image
         roi = self.config.camera.roi
@@ -329,9 +352,9 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the line
             if self.ota is not None:
                 self.ota.observe_error(exc, clf.version)
-            self.counts["errors"] += 1
+            self._count_error()
             logger.warning("frame %s could not be decided: %s", frame.index, exc)
-            buffer.record_event("inference_error", frame=frame.index, error=str(exc)[:500])
+            self.note_event("inference_error", frame=frame.index, error=str(exc)[:500])
             return None
         rec = ResultRecord(
             ts=frame.ts,
@@ -345,7 +368,175 @@ class Agent:
             preprocess_ms=pred.preprocess_ms,
             invoke_ms=pred.invoke_ms,
         )
-        return frame, image, pred, rec
+        why = self.sampler.reason(pred, frame.ts)
+        return _Decided(rec, frame.ts, why, image if why else None)
+
+    # -- the writer ------------------------------------------------------------------------
+
+    def _writer_main(self) -> None:
+        """Owns the buffer: group commits in frame order, then reports; events and meta ride along."""
+        cfg = self.config
+        try:
+            buffer = Buffer(
+                cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, synchronous=cfg.buffer.synchronous,
+                device_id=cfg.device_id, checkpoint="background",
+            )
+        except BaseException as exc:
+            self.fatal = exc
+            self._writer_done.set()
+            self._buffer_ready.set()
+            self.stop_event.set()
+            return
+        try:
+            with buffer:
+                self._writer_loop(buffer)
+        finally:
+            self._writer_done.set()
+
+    def _writer_loop(self, buffer: Buffer) -> None:
+        if buffer.checkpointer is not None:
+            self._checkpointer_stats = buffer.checkpointer.stats
+        self.buffer_stats = buffer.stats()
+        self.counts["results"] = self.buffer_stats.get("results", 0)
+        self.counts["passed"] = self.buffer_stats.get("passed", 0)
+        self.counts["failed"] = self.buffer_stats.get("failed", 0)
+        last = self.buffer_stats.get("last_result") or {}
+        # The newest committed row is exact even after kill -9; meta covers an emptied table.
+        part_id = max(int(buffer.meta_get("last_part_id") or 0), int(last.get("part_id") or 0))
+        self._first_part_id = part_id
+        buffer.record_results(
+            [],
+            events=[
+                ("start", {"pid": os.getpid(), "model_version": self.classifier.version, "runtime": self.classifier.runtime}),
+                ("model_loaded", {"version": self.classifier.version, "path": str(self.classifier.bundle_dir)}),
+            ],
+        )
+        self._buffer_ready.set()
+        last_meta = time.monotonic()
+        stop_seen: float | None = None
+        # Samples go in *after* their decision: a decision is committed and reported
+        # without waiting for its JPEG, which is encoded while the writer would idle
+        # and rides in the next transaction (no fsync of its own while parts flow).
+        unencoded: list[tuple[int, _Decided]] = []
+        encoded: list[SampleRecord] = []
+        while True:
+            if unencoded:
+                items = self._take(timeout=0)  # a backlog commits with these samples at once
+                encoded += self._encode(unencoded)
+                unencoded = []
+                if not items:
+                    items = self._take(timeout=0.2)
+            else:
+                items = self._take(timeout=0.2)
+            if items and len(items) < MAX_GROUP and self._replaying_behind():
+                items += self._linger(len(items))
+            events = self._take_events()
+            meta: dict[str, str] | None = None
+            if items:
+                part_id = int(items[-1].rec.part_id or part_id)
+                if time.monotonic() - last_meta >= STATUS_INTERVAL_S:
+                    meta, last_meta = {"last_part_id": str(part_id)}, time.monotonic()
+            if items or events or encoded:
+                try:
+                    committed = self._commit_and_report(buffer, items, encoded, events, meta)
+                except Exception as exc:  # noqa: BLE001 - the writer must outlive any one failure
+                    self._count_error()
+                    logger.exception("writer error (continuing): %s", exc)
+                    encoded = []
+                    self.stop_event.wait(1.0)
+                    continue
+                if committed is None:
+                    break  # stopping while the buffer cannot be written: nothing was reported
+                encoded = []
+                unencoded = committed
+            elif self.stop_event.is_set():
+                # Done when inspection has handed over its last decision (or is stuck).
+                stop_seen = stop_seen or time.monotonic()
+                if self._decided.empty() and (self._inspect_done.is_set() or time.monotonic() - stop_seen > 1.0):
+                    break
+        try:
+            last_samples = encoded + self._encode(unencoded)
+            buffer.record_results(
+                [], prior_samples=last_samples,
+                events=[*self._take_events(), ("stop", {"results": self.counts["results"]})],
+                meta={"last_part_id": str(part_id)},
+            )
+            self.counts["samples"] += len(last_samples)
+            self.buffer_stats = buffer.stats()
+        except BufferStoreError as exc:  # every reported decision is already committed
+            logger.error("stop event not recorded: %s", exc)
+
+    def _take(self, timeout: float, limit: int = MAX_GROUP) -> list[_Decided]:
+        """Whatever is waiting (at most ``limit``), after waiting up to ``timeout`` for the first."""
+        try:
+            items = [self._decided.get(timeout=timeout)] if timeout > 0 else [self._decided.get_nowait()]
+        except queue.Empty:
+            return []
+        while len(items) < limit:
+            try:
+                items.append(self._decided.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _replaying_behind(self) -> bool:
+        """A file or folder replayed faster than it is inspected: frames wait for inspection.
+
+        Its decisions' latency is queueing anyway, so the writer may gather a larger group
+        (fewer fsyncs, less CPU per frame). A live camera never waits for this.
+        """
+        return not self.config.live_camera and self.capture.queued > 0
+
+    def _linger(self, have: int) -> list[_Decided]:
+        """Up to BACKLOG_LINGER_S more for decisions to fill the group (file replay only).
+
+        Polls the queue's length every few ms rather than waking for each decision: one
+        wake-up per poll instead of two thread switches per frame.
+        """
+        deadline = time.monotonic() + BACKLOG_LINGER_S
+        while have + self._decided.qsize() < MAX_GROUP and time.monotonic() < deadline:
+            if self.stop_event.wait(LINGER_POLL_S):
+                break
+        return self._take(timeout=0, limit=MAX_GROUP - have)
+
+    def _commit_and_report(
+        self,
+        buffer: Buffer,
+        items: list[_Decided],
+        samples: list[SampleRecord],
+        events: list[tuple[str, dict[str, Any]]],
+        meta: dict[str, str] | None,
+    ) -> list[tuple[int, _Decided]] | None:
+        """Commit decisions (with earlier decisions' samples, events, meta) in one transaction, then report.
+
+        Returns the committed decisions that want a sample, with their seqs; None when
+        stopping while the buffer could not be written (nothing was reported).
+        """
+        t_rec = time.perf_counter()
+        seqs = self._commit(buffer, [item.rec for item in items], samples, events, meta)
+        if seqs is None:
+            return None
+        record_ms = (time.perf_counter() - t_rec) * 1000.0
+        self.counts["samples"] += len(samples)
+        now = time.time()
+        for item, seq in zip(items, seqs, strict=True):
+            r = item.rec
+            self._report(
+                Decision(seq, int(r.part_id or 0), item.frame_ts, r.label, r.score, r.passed, r.model_version, (now - item.frame_ts) * 1000.0),
+                record_ms,
+            )
+        if items and self.echo is not None:
+            self.echo.flush()  # once per group: the lines are already in order
+        return [(seq, item) for item, seq in zip(items, seqs, strict=True) if item.sample_reason is not None]
+
+    def _encode(self, committed: list[tuple[int, _Decided]]) -> list[SampleRecord]:
+        """JPEG samples of committed decisions (a failed encoding loses the sample, never the decision)."""
+        out = []
+        for seq, item in committed:
+            sample = self._sample(item, seq)
+            if sample is not None:
+                out.append(sample)
+        return out
 
     def _report(self, decision: Decision, record_ms: float) -> None:
         """A committed decision: counters, operator page, echo stream."""
@@ -365,49 +556,63 @@ class Agent:
                 + "\n"
             )
 
-    def _sample(self, frame: Frame, image: np.ndarray, pred: Prediction) -> SampleRecord | None:
-        """The JPEG sample to keep with this decision, if the sampler wants one."""
-        why = self.sampler.reason(pred, frame.ts)
-        if not why:
+    def _sample(self, item: _Decided, result_seq: int) -> SampleRecord | None:
+        """The JPEG sample the sampler asked for with this decision."""
+        if item.image is None or item.sample_reason is None:
             return None
         try:
-            jpeg, w, h = self.sampler.encode(image)
+            jpeg, w, h = self.sampler.encode(item.image)
         except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept
-            logger.warning("sample for part at %s not kept: %s", frame.ts, exc)
+            logger.warning("sample for part at %s not kept: %s", item.frame_ts, exc)
             return None
-        return SampleRecord(ts=frame.ts, reason=why, label=pred.label, score=pred.score, width=w, height=h, jpeg=jpeg)
+        r = item.rec
+        return SampleRecord(
+            ts=item.frame_ts, reason=item.sample_reason, label=r.label, score=r.score, width=w, height=h, jpeg=jpeg,
+            result_seq=result_seq,
+        )
 
-    def _commit(self, buffer: Buffer, recs: list[ResultRecord], samples: dict[int, SampleRecord]) -> list[int] | None:
-        """Commit decisions in one transaction, retrying while the disk is full or the file is locked.
+    def _commit(
+        self,
+        buffer: Buffer,
+        recs: list[ResultRecord],
+        samples: list[SampleRecord],
+        events: list[tuple[str, dict[str, Any]]],
+        meta: dict[str, str] | None,
+    ) -> list[int] | None:
+        """Commit in one transaction, retrying while the disk is full or the file is locked.
 
-        Nothing is reported until the commit succeeds; meanwhile a live camera drops
-        frames (counted) and a file source waits, so no decision is lost or invented.
+        Nothing is reported until the commit succeeds; meanwhile the decided queue fills,
+        inspection waits, a live camera drops its oldest frames (counted) and a file source
+        waits, so no decision is lost or invented and memory stays bounded. Once writable
+        again, a ``buffer_unwritable`` event records how long it lasted.
         """
-        delay = 0.5
+        delay = 0.25
         while True:
             try:
-                seqs = buffer.record_results(recs, samples)
-                if self.buffer_error is not None:
-                    logger.warning("buffer writable again")
-                    self.buffer_error = None
-                return seqs
+                seqs = buffer.record_results(recs, prior_samples=samples, events=events, meta=meta)
             except BufferStoreError as exc:
                 if self.buffer_error is None:
-                    logger.error("cannot record decisions: %s; retrying (free disk space or fix permissions)", exc)
+                    self.buffer_error_since = time.time()
+                    logger.error(
+                        "cannot record decisions: %s; retrying until it can. Decisions are held, not lost:"
+                        " a file source waits, a live camera drops its oldest frames (counted in status)", exc,
+                    )
                 self.buffer_error = str(exc)
                 if self.stop_event.wait(delay):
                     return None
-                delay = min(delay * 2, 5.0)
-
-    def _flush_events(self, buffer: Buffer) -> None:
-        with self._events_lock:
-            events, self._events = self._events, []
-        for kind, detail in events:
-            buffer.record_event(kind, **detail)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            if self.buffer_error is not None:
+                since = self.buffer_error_since or time.time()
+                logger.warning("buffer writable again after %.1f s", time.time() - since)
+                self.note_event("buffer_unwritable", error=self.buffer_error, since=since, seconds=round(time.time() - since, 3))
+                self.buffer_error = self.buffer_error_since = None
+            return seqs
 
     # -- watchdog and status ---------------------------------------------------------------
 
     def _watchdog_main(self) -> None:
+        # Normal priority: a capture thread it restarts inherits this thread's nice value.
         limit = self.config.camera.watchdog_s
         while not self.stop_event.wait(STATUS_INTERVAL_S):
             cam = self.capture.state()
@@ -415,7 +620,37 @@ class Agent:
                 logger.warning("camera gave no frame for %.0f s; restarting capture", limit)
                 self.note_event("capture_restarted", seconds=limit)
                 self.capture.restart()
-            self._write_status_file(state="running")
+
+    def _status_main(self) -> None:
+        nice_this_thread()  # status work must never take a core from inspection
+        reader: Buffer | None = None
+        try:
+            while not self.stop_event.wait(STATUS_INTERVAL_S):
+                reader = self._refresh_stats(reader)
+                self._write_status_file(state="running")
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _refresh_stats(self, reader: Buffer | None) -> Buffer | None:
+        """Buffer counts for status, read on this thread's own connection.
+
+        Counting rows takes time on a large buffer: here it never delays a commit.
+        """
+        try:
+            if reader is None:
+                reader = Buffer.open_readonly(self.config.buffer.path)
+            stats = reader.stats()
+        except BufferStoreError as exc:
+            logger.debug("buffer stats not refreshed: %s", exc)
+            if reader is not None:
+                reader.close()
+            return None
+        ck = self._checkpointer_stats
+        if ck is not None:
+            stats["checkpoints"] = ck()
+        self.buffer_stats = stats
+        return reader
 
     def status_snapshot(self) -> dict[str, Any]:
         """Live state for the status file and the sync client's status messages."""
@@ -447,6 +682,8 @@ class Agent:
             "session": dict(self.counts),
             "unsynced": stats.get("unsynced"),
             "buffer_error": self.buffer_error,
+            "buffer_error_since": self.buffer_error_since,
+            "decisions_waiting": self._decided.qsize(),
             "buffer_bytes": stats.get("bytes_used"),
             "evictions": stats.get("evictions"),
             "last_decision": None
@@ -481,6 +718,9 @@ def run_agent(config: AgentConfig, *, echo: TextIO | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     agent.start()
+    # Everything loaded so far lives as long as the process: keep it out of the cyclic
+    # collector's full passes, which would otherwise pause inspection to rescan it.
+    gc.freeze()
     print(
         f"linewatch agent {config.device_id}: model {agent.classifier.version} ({agent.classifier.runtime}), "
         f"camera {config.camera.source}, buffer {config.buffer.path}",

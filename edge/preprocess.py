@@ -77,4 +77,7 @@ def quantize_lut(prep: Preprocessing, spec: InputSpec) -> np.ndarray:
 
 def to_model_input(image: np.ndarray, prep: Preprocessing, lut: np.ndarray) -> np.ndarray:
     """Frame -> quantized NHWC batch of one, ready for ``set_tensor``."""
-    return lut[resize_uint8(image, prep)][None, ...]
+    small = resize_uint8(image, prep)
+    # cv2.LUT is the same table lookup as lut[small], bit for bit, ~7x faster than numpy's
+    # fancy indexing; it drops a trailing channel axis of 1, hence the reshape.
+    return cv2.LUT(small, lut).reshape(small.shape)[None, ...]

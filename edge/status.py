@@ -80,6 +80,10 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "dropped_frames": camera.get("dropped", 0),
         "buffer_bytes": stats.get("bytes_used"),
         "buffer_max_bytes": config.buffer.max_bytes,
+        # set while the agent cannot write its buffer (disk full, permissions): decisions wait
+        "buffer_error": live.get("buffer_error") if state == "running" else None,
+        "buffer_error_since": live.get("buffer_error_since") if state == "running" else None,
+        "decisions_waiting": live.get("decisions_waiting") if state == "running" else None,
         "evictions": stats.get("evictions", {}),
         "session": live.get("session"),
     }

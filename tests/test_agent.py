@@ -127,6 +127,10 @@ def test_every_frame_one_row_in_order_then_status(tmp_path: Path, tiny_bundle: P
     got = rows(tmp_path / "buffer.db")
     assert [r[1] for r in got] == list(range(1, 61)), "one row per frame, in order"
     assert [d["seq"] for d in decisions] == [r[0] for r in got]
+    con = sqlite3.connect(tmp_path / "buffer.db")
+    failed = {seq for seq, _, _, passed in got if not passed}
+    kept = dict(con.execute("SELECT result_seq, reason FROM samples WHERE reason = 'fail'").fetchall())
+    assert set(kept) == failed, "every failed part keeps a sample, linked to its decision"
     for key in ("device_id", "results", "passed", "failed", "unsynced", "model_version", "runtime", "camera"):
         assert key in status
     assert status["results"] == 60 and status["passed"] + status["failed"] == 60
@@ -234,3 +238,94 @@ def test_bad_model_is_one_clear_error(tmp_path: Path, bundle_copy: Path, case: s
     assert expect in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2, proc.stderr
+
+
+# The one emulated piece of hardware: the disk's capacity. The agent process is real; this
+# launcher applies SQLite's page limit (read from a file the test rewrites) to the agent's
+# writes, so its buffer meets the genuine SQLITE_FULL ("database or disk is full") that a
+# full filesystem gives, without root to mount a small one.
+_SMALL_DISK = """
+import contextlib, sys
+from pathlib import Path
+import edge.buffer
+
+capacity = Path(sys.argv[1])
+_write = edge.buffer.Buffer._write
+
+@contextlib.contextmanager
+def write_on_small_disk(self, what):
+    if not self.readonly:
+        self.db.conn.execute(f"PRAGMA max_page_count = {int(capacity.read_text())}")
+    with _write(self, what) as conn:
+        yield conn
+
+edge.buffer.Buffer._write = write_on_small_disk
+from edge.cli import main
+sys.argv = ["linewatch", *sys.argv[2:]]
+main()
+"""
+
+
+def test_full_disk_holds_decisions_reports_it_and_resumes(tmp_path: Path, tiny_bundle: Path) -> None:
+    import queue
+    import sys
+    import threading
+
+    frames = 240
+    video = tmp_path / "parts.avi"
+    write_video(video, frames)
+    cfg = agent_config(tmp_path, tiny_bundle, str(video))
+    capacity = tmp_path / "capacity"
+    capacity.write_text("1000000")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SMALL_DISK, str(capacity), "edge", "run", "--config", str(cfg), "--echo"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+    )
+    lines: queue.Queue[dict] = queue.Queue()
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    threading.Thread(target=lambda: [lines.put(json.loads(x)) for x in stdout], daemon=True).start()
+
+    def drain(until: float) -> list[dict]:
+        got: list[dict] = []
+        while time.monotonic() < until:
+            try:
+                got.append(lines.get(timeout=max(0.01, until - time.monotonic())))
+            except queue.Empty:
+                break
+        return got
+
+    try:
+        reported = [lines.get(timeout=60) for _ in range(10)]
+        capacity.write_text("1")  # the disk is full: the file may not grow by one page
+        status = wait_status(cfg, lambda s: s.get("buffer_error") is not None)
+        assert "disk is full; free space" in status["buffer_error"]
+        assert status["buffer_error_since"] is not None
+        reported += drain(time.monotonic() + 0.5)  # decisions committed before the disk filled
+        held = len(reported)
+        assert held < frames, "the disk never filled"
+        time.sleep(2.0)
+        reported += drain(time.monotonic() + 0.1)
+        assert len(reported) == held, "a decision was reported while it could not be committed"
+        assert proc.poll() is None, "the agent must keep running on a full disk"
+        live = json.loads((tmp_path / "buffer.status.json").read_text())
+        assert live["decisions_waiting"] <= 32  # bounded: a file source waits behind it
+        assert live["camera"]["dropped"] == 0
+
+        capacity.write_text("1000000")  # space returns
+        deadline = time.monotonic() + 60
+        while len(reported) < frames and time.monotonic() < deadline:
+            reported += drain(time.monotonic() + 1.0)
+        assert len(reported) == frames
+        wait_status(cfg, lambda s: s.get("buffer_error") is None)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+    assert "disk is full; free space on the device" in proc.stderr_text  # type: ignore[attr-defined]
+    got = rows(tmp_path / "buffer.db")
+    assert [r[1] for r in got] == list(range(1, frames + 1)), "every frame once, in order, none lost"
+    assert [d["seq"] for d in reported] == [r[0] for r in got]
+    con = sqlite3.connect(tmp_path / "buffer.db")
+    (detail,) = con.execute("SELECT detail FROM events WHERE kind = 'buffer_unwritable'").fetchone()
+    assert json.loads(detail)["seconds"] >= 2.0
+    assert "disk is full" in json.loads(detail)["error"]

@@ -496,3 +496,97 @@ def test_samples_ride_in_the_same_transaction_as_their_results(tmp_path: Path) -
     # the oversized sample is dropped, never the decisions
     assert len(got) == 3
     assert rows == [(got[1], "fail")]
+
+
+# ------------------------------------------------- full disk, checkpoints
+
+
+def test_full_disk_is_a_clear_error_loses_nothing_committed_and_resumes(tmp_path: Path) -> None:
+    # SQLite's own page limit makes the genuine SQLITE_FULL ("database or disk is full")
+    # that a full filesystem gives, without needing root to mount a small one.
+    path = tmp_path / "b.db"
+    with Buffer(path) as buf:
+        committed = buf.record_results([res(i) for i in range(20)])
+        conn = buf.db.conn
+        conn.execute("PRAGMA max_page_count = 1")  # clamped to the current size: no growth
+        with pytest.raises(BufferStoreError, match="disk is full; free space") as info:
+            for i in range(500):  # until a page must be added
+                committed += buf.record_results([res(100 + i)], {0: sample(reason="fail")})
+        assert "database or disk is full" in str(info.value)
+        assert not conn.in_transaction  # rolled back whole: no half-written group
+        with raw(path) as other:
+            assert other.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            stored = [r[0] for r in other.execute("SELECT seq FROM results ORDER BY seq")]
+        assert stored == committed  # every committed row, nothing of the failed group
+        # space returns: the same group goes in, seqs continue
+        conn.execute("PRAGMA max_page_count = 1000000")
+        again = buf.record_results([res(999)], {0: sample(reason="fail")})
+        assert again[0] > committed[-1]
+        assert buf.stats()["results"] == len(committed) + 1
+
+
+def test_background_checkpoints_copy_the_wal_outside_commits(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    with Buffer(path, checkpoint="background") as buf:
+        ck = buf.checkpointer
+        assert ck is not None
+        conn = buf.db.conn
+        usual = max(16, min(1000, buf.max_bytes // 4096 // 16))
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == usual * 4  # only a backstop
+        for i in range(50):  # well under the backstop: only the background thread checkpoints
+            buf.record_results([res(i)], {0: sample(reason="fail")})
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        deadline = time.monotonic() + 10
+        # the file grows during the round, its counter moves after it: wait for both
+        while (path.stat().st_size < pages * 4096 or ck.stats()["runs"] < 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.stat().st_size >= pages * 4096, f"the main file never received the WAL's pages: {ck.stats()}"
+        assert ck.stats()["runs"] >= 1 and ck.stats()["errors"] == 0, ck.stats()
+        thread = ck._thread
+    assert thread is not None
+    thread.join(10)  # close() asked it to stop; a slow disk may finish one last round first
+    assert not thread.is_alive()
+    with raw(path) as other:
+        assert other.execute("SELECT count(*) FROM results").fetchone()[0] == 50
+    with pytest.raises(ValueError, match="checkpoint="):
+        Buffer(tmp_path / "c.db", checkpoint="sometimes")  # type: ignore[arg-type]
+
+
+def test_events_and_meta_ride_in_the_results_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    with Buffer(path) as buf:
+        seqs = buf.record_results([res(1), res(2)], events=[("camera_up", {"source": "x"})], meta={"last_part_id": "2"})
+        assert seqs == [1, 2]
+        assert buf.events_tail(1)[0]["kind"] == "camera_up"
+        assert buf.meta_get("last_part_id") == "2"
+        assert buf.record_results([], events=[("stop", {"results": 2})]) == []  # events alone still go in
+        assert buf.events_tail(1)[0]["detail"] == {"results": 2}
+        record_ms = buf.last_record_ms
+        buf.record_results([], meta={"last_part_id": "3"})
+        assert buf.last_record_ms == record_ms  # only decisions count as a record time
+        assert buf.meta_get("last_part_id") == "3"
+
+
+def test_full_disk_makes_room_from_synced_rows_only(tmp_path: Path) -> None:
+    path = tmp_path / "b.db"
+    with Buffer(path) as buf:
+        old = buf.record_results([res(i) for i in range(300)], {i: sample(reason="fail") for i in range(0, 300, 3)})
+        buf.mark_synced("results", old)
+        buf.mark_synced("samples", range(1, 1000))
+        keep = buf.record_results([res(1000 + i, passed=False) for i in range(50)])  # not in the cloud yet
+        buf.db.conn.execute("PRAGMA max_page_count = 1")  # the disk is full from here on
+        new = []
+        for i in range(100):  # far more than the free space left in the file's pages
+            new += buf.record_results([res(2000 + i)], {0: sample(reason="fail")})
+        counters = buf.counters()
+        assert counters["evicted_synced"] > 0 and counters["evicted_unsynced_pass"] == counters["evicted_unsynced_fail"] == 0
+        stored = set(seqs(path, "results"))
+        assert set(keep) | set(new) <= stored  # every unsynced row kept
+        assert buf.pending_gaps() == []  # nothing the cloud lacks was evicted
+        assert any(e["kind"] == "eviction" and e["detail"]["reason"] == "disk_full" for e in buf.events_tail(50))
+        # once every synced row is gone, a full disk is an error again (the agent retries)
+        with pytest.raises(BufferStoreError, match="disk is full"):
+            for i in range(2000):
+                buf.record_results([res(5000 + i)], {0: sample(reason="fail")})
+        assert buf.counters()["evicted_unsynced_pass"] == 0
+        assert set(keep) | set(new) <= set(seqs(path, "results"))
