@@ -244,6 +244,7 @@ class Registry:
             if not model_path.is_file() or sha256_file(model_path) != manifest.model.sha256:
                 raise CloudError(f"{bundle}: model file missing or not matching the manifest's sha256; export the bundle again")
             if check:
+                self._check_gate(bundle, manifest.metrics)
                 self._check_runs(work, runtime)
             key: str | None = None
             if sign:
@@ -291,6 +292,16 @@ class Registry:
             raise
         logger.info("registered model %s as %s (%d bytes, key %s)", manifest.version, final.name, row["size"], key)
         return self._row_to_model(row)
+
+    @staticmethod
+    def _check_gate(bundle: Path, metrics: dict[str, Any]) -> None:
+        """Refuse what the trainer itself flagged: an int8 model that lost too much against float."""
+        gate = metrics.get("quantization_gate")
+        if isinstance(gate, dict) and gate.get("passed") is False:
+            raise CloudError(
+                f"{bundle}: the trainer's quantization gate failed ({gate.get('message') or 'int8 lost too much against float'}); "
+                "retrain it, or pass --no-check to register it anyway"
+            )
 
     @staticmethod
     def _check_runs(bundle: Path, runtime: str | None) -> None:

@@ -154,7 +154,14 @@ def test_models_add_refusals(tmp_path: Path, cfg: CloudConfig, v1: Path) -> None
         (changed / MANIFEST_FILE).write_text(json.dumps(raw))
         with pytest.raises(CloudError, match="sha256"):
             reg.add(changed)
+        # a bundle whose int8 model failed the trainer's quantization gate
+        raw["model"]["sha256"] = json.loads((v1 / MANIFEST_FILE).read_text())["model"]["sha256"]
+        raw["metrics"]["quantization_gate"] = {"passed": False, "message": "int8 is 3.0 points below float"}
+        (changed / MANIFEST_FILE).write_text(json.dumps(raw))
+        with pytest.raises(CloudError, match=r"quantization gate failed \(int8 is 3.0 points below float\).*--no-check"):
+            reg.add(changed)
         assert [m.version for m in reg.list()] == ["tiny-1"]
+        assert reg.add(changed, check=False).version == "tiny-1b"  # the operator's explicit override
 
 
 def test_add_without_key_says_how_to_make_one(tmp_path: Path, v1: Path) -> None:
