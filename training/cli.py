@@ -92,6 +92,8 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
 @click.option("--color", "color_mode", type=click.Choice(["gray", "rgb"]), default="gray", show_default=True, help="Model input colour mode.")
 @click.option("--version", "version", default=None, help="Bundle version.  [default: UTC date.time]")
 @click.option("--name", default=None, help="Bundle name.  [default: linewatch-<DATA_DIR name>]")
+@click.option("--filters", default=8, show_default=True, type=click.IntRange(2, 128),
+              help="Filters of the first conv layer (later layers 2x-16x): wider learns faster, costs inference time.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
 @click.option("--patience", default=8, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
@@ -115,6 +117,7 @@ def fit_command(
     color_mode: str,
     version: str | None,
     name: str | None,
+    filters: int,
     batch_size: int,
     learning_rate: float,
     patience: int,
@@ -149,6 +152,7 @@ def fit_command(
             color_mode=color_mode,
             version=version,
             name=name,
+            filters=filters,
             batch_size=batch_size,
             learning_rate=learning_rate,
             patience=patience,
