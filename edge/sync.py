@@ -6,6 +6,24 @@ table. The inspection thread never waits on it: it only commits rows; this threa
 the buffer for unsynced rows (every ``IDLE_POLL_S`` when idle, at once when the last
 batch was full).
 
+Sharing the box with inspection (issue 4: decision latency p99 may rise by at most 10 %
+while a backlog drains; docs/sync.md "Sharing the box with inspection" has the figures).
+While the line runs (new results appeared in the buffer within ``LINE_HOLD_S``):
+
+- Marks go in transactions of at most ``MARK_CHUNK_ROWS`` rows, so the write lock the
+  agent's commit may wait for is held under a millisecond. This connection is
+  ``synchronous=NORMAL``: a mark lost in a power cut is a resend, and the agent's next
+  FULL commit fsyncs the WAL anyway.
+- The drain is paced: one unit of work per slice (a batch, or a mark chunk once one is
+  due), then a pause of ``(1 - BUSY_DUTY) / BUSY_DUTY`` times the slice; within a slice,
+  reads of ``BUSY_READ_ROWS`` and column-wise encoding with a short sleep between pieces
+  hand the GIL to the agent's threads at once instead of after the 5 ms switch interval.
+- A stopped line gets the flat-out drain (read ahead, every in-flight slot filled, marks
+  grouped every ``MARK_INTERVAL_S``).
+
+An idle poll never walks the synced history: when nothing is pending after the cursor,
+the cursor moves up to the last seq that existed before the read.
+
 Protocol (docs/sync.md has the whole of it; the payload models are in edge.protocol):
 
 - Rows leave as batches in seq order: results, gaps and events as column arrays of at
@@ -71,8 +89,15 @@ from edge.protocol import (
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.2  # how often an idle outbox looks for new rows
-READ_AHEAD_BATCHES = 4  # rows read from the buffer per query, in batches
+READ_AHEAD_BATCHES = 4  # rows read from the buffer per query, in batches (line stopped)
 MARK_INTERVAL_S = 0.25  # acks are marked synced in groups at most this far apart while busy
+MARK_CHUNK_ROWS = 200  # rows marked synced per transaction while the line runs (~1 ms of write lock)
+LINE_CHECK_S = 0.25  # how often the sync thread looks whether the agent is committing results
+LINE_HOLD_S = 2.0  # the line counts as running this long after its last new result
+BUSY_DUTY = 0.25  # while the line runs, the drain works at most this share of the time
+MAX_PAUSE_S = 0.1  # longest pause between two slices of drain work
+BUSY_READ_ROWS = 100  # rows per buffer read while the line runs (~0.4 ms of GIL)
+BREATHE_S = 0.0003  # sleep between sub-slices of drain work while the line runs
 CONNECT_TIMEOUT_S = 5.0  # TCP + TLS handshake; runs beside the loop so stop() is not held up
 CONNACK_TIMEOUT_S = 10.0
 RECONNECT_MIN_S = 0.5
@@ -350,6 +375,8 @@ class SyncStats:
     rows_acked: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DATA_KINDS, 0))
     last_ack_at: float | None = None
     bad_acks: int = 0
+    mark_commits: int = 0  # transactions that marked rows synced
+    paced_s: float = 0.0  # pauses left to the running line during drains
 
 
 class SyncClient:
@@ -387,6 +414,11 @@ class SyncClient:
         self._ids = itertools.count(1)
         self._session = os.urandom(3).hex()
         self._next_status = 0.0
+        self._line_head: int | None = None  # results.last_seq at the last look
+        self._line_until = 0.0  # monotonic time until which the line counts as running
+        self._next_line_check = 0.0
+        self._resume_at = 0.0  # paced drain: no work before this monotonic time
+        self._next_kind = 0  # paced drain: the table the next slice starts with
         self.link: MqttLink | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -428,6 +460,9 @@ class SyncClient:
             "acks": self.stats.acks,
             "rows_acked": dict(self.stats.rows_acked),
             "last_ack_at": self.stats.last_ack_at,
+            "mark_commits": self.stats.mark_commits,
+            "line_running": time.monotonic() < self._line_until,
+            "paced_s": round(self.stats.paced_s, 3),
         }
 
     # -- the thread ------------------------------------------------------------------------
@@ -439,7 +474,9 @@ class SyncClient:
         while not self.stop_event.is_set():
             try:
                 # Its own connection: the inspection thread never shares (or waits on) it.
-                with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, synchronous=cfg.buffer.synchronous,
+                # NORMAL: this connection only writes marks; a mark lost in a power cut is a
+                # resend, and no fsync means the write lock is held for the UPDATE alone.
+                with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, synchronous="NORMAL",
                             device_id=cfg.device_id, integrity_check="off") as buf:  # fmt: skip
                     self._run(buf)
                 return
@@ -466,6 +503,8 @@ class SyncClient:
         self._to_mark.clear()
         self._ahead = {k: [] for k in DATA_KINDS}
         self._cursor = dict.fromkeys(DATA_KINDS, 0)
+        self._line_head = None
+        self._resume_at = 0.0
         link = MqttLink(
             link_settings(self.config),
             stop=self.stop_event,
@@ -483,15 +522,29 @@ class SyncClient:
                 link.step(wait)
                 wait = IDLE_POLL_S
                 self._take_acks()
+                now = time.monotonic()
+                if now < self._resume_at:  # paced drain: acks are taken in, the work waits
+                    wait = self._resume_at - now
+                    continue
+                started = time.perf_counter()
+                busy = self._line_running(buf, now)
                 if link.connected:
-                    now = time.monotonic()
                     if now >= self._next_status:
                         self._publish_status(buf)
                         self._next_status = now + self.config.mqtt.status_interval_s
                     self._resend_due(now)
-                    if self._fill(buf):
+                    # Line running: one unit of work per slice, marks first once a chunk
+                    # is due, so the marks keep up with the sends.
+                    marks_due = busy and sum(b - a + 1 for runs in self._to_mark.values() for a, b in runs) >= MARK_CHUNK_ROWS
+                    if not marks_due and self._fill(buf, busy=busy):
                         wait = 0.0  # a full batch went out: more rows are waiting
-                self._mark_acked(buf)
+                if self._mark_acked(buf, busy=busy):
+                    wait = 0.0  # more acked rows to mark
+                if busy:
+                    # The line is inspecting: leave it the CPU, the GIL and the disk for a while.
+                    pause = min(MAX_PAUSE_S, (time.perf_counter() - started) * (1 - BUSY_DUTY) / BUSY_DUTY)
+                    self._resume_at = time.monotonic() + pause
+                    self.stats.paced_s += pause
             self._shutdown(buf)
         finally:
             link.close()
@@ -555,26 +608,42 @@ class SyncClient:
             if _covered(item.seqs, by_table.get(item.kind, [])):
                 self._done(batch_id)
 
-    def _mark_acked(self, buf: Any, *, force: bool = False) -> None:
-        """Mark what the cloud acked as synced: one transaction per table, MARK_INTERVAL_S apart.
+    def _mark_acked(self, buf: Any, *, force: bool = False, busy: bool = False) -> bool:
+        """Mark what the cloud acked as synced; True when acked rows are left for the next slice.
 
-        Runs after the next batches went out, so this write overlaps the cloud's work, and
-        groups the acks of a busy drain into few commits (fewer fsyncs on an SD card). A crash
-        before it only means those rows are sent again and acked again.
+        Runs after the next batches went out, so this write overlaps the cloud's work. With
+        the line stopped, a drain's acks are grouped MARK_INTERVAL_S apart into one
+        transaction per table. With the line running (``busy``), at most MARK_CHUNK_ROWS
+        rows are marked per call, so the agent's commit never waits long for the write lock.
+        A crash before the mark only means those rows are sent again and acked again.
         """
         if not self._to_mark:
-            return
+            return False
         now = time.monotonic()
-        if not force and self._inflight and now - self._last_mark < MARK_INTERVAL_S:
-            return
+        if not force and not busy and self._inflight and now - self._last_mark < MARK_INTERVAL_S:
+            return False
         self._last_mark = now
+        chunked = busy and not force
+        wrote = False
         pending, self._to_mark = self._to_mark, {}
         for name, runs in pending.items():
             merged = _merge(runs)
+            if not merged:
+                continue
+            if chunked and wrote:
+                self._to_mark[name] = merged  # one transaction per slice: this table is next
+                continue
+            if chunked:
+                merged, rest = _split(merged, MARK_CHUNK_ROWS)
+                if rest:
+                    self._to_mark[name] = rest
             if len(merged) == 1:  # the common case: consecutive batches, one range UPDATE
                 buf.mark_synced(name, range(merged[0][0], merged[0][1] + 1))
             else:
                 buf.mark_synced(name, [s for a, b in merged for s in range(a, b + 1)])
+            self.stats.mark_commits += 1
+            wrote = True
+        return bool(self._to_mark)
 
     def _done(self, batch_id: str) -> None:
         item = self._inflight.pop(batch_id)
@@ -597,48 +666,65 @@ class SyncClient:
                 item.attempts += 1
                 self.stats.resends += 1
 
-    def _fill(self, buf: Any) -> bool:
+    def _fill(self, buf: Any, *, busy: bool = False) -> bool:
         """Send new batches round-robin over the tables while in-flight slots are free.
 
         True when a batch was cut short by the row or byte limit (more rows are waiting).
+        With the line running (``busy``) one batch at most; the loop paces the next one,
+        which starts from the next table so that none waits behind a long backlog.
         """
         limit = self.config.mqtt.max_inflight
         more = False
-        active = list(DATA_KINDS)
+        active = list(DATA_KINDS[self._next_kind :] + DATA_KINDS[: self._next_kind])
         while active and len(self._inflight) < limit:
             for kind in list(active):
                 if len(self._inflight) >= limit:
                     break
-                sent, full = self._send_next(buf, kind)
+                sent, full = self._send_next(buf, kind, busy=busy)
                 more = more or full
                 if not sent:
                     active.remove(kind)
+                elif busy:
+                    self._next_kind = (DATA_KINDS.index(kind) + 1) % len(DATA_KINDS)
+                    return len(self._inflight) < limit
         return more and len(self._inflight) < limit
 
     def _new_batch_id(self, kind: str, first: int, last: int) -> str:
         return f"{kind[0]}{first}-{last}.{self._session}{next(self._ids)}"
 
-    def _send_next(self, buf: Any, kind: str) -> tuple[bool, bool]:
+    def _send_next(self, buf: Any, kind: str, *, busy: bool = False) -> tuple[bool, bool]:
         """Send the next batch of ``kind`` after its cursor: (sent, batch was full)."""
         if kind == SAMPLES:
             return self._send_sample(buf)
         max_rows = self.config.mqtt.batch_rows
         ahead = self._ahead[kind]
         if len(ahead) < max_rows:
-            # Read ahead several batches per query: fewer, larger reads of the buffer.
-            after = int(ahead[-1]["seq"]) if ahead else self._cursor[kind]
-            ahead.extend(buf.pending(kind, after_seq=after, limit=max_rows * READ_AHEAD_BATCHES))
+            # Line stopped: read ahead several batches in one query (fewer, larger reads).
+            # Line running: one batch, in reads of BUSY_READ_ROWS with a breather between.
+            want = len(ahead) + max_rows * (1 if busy else READ_AHEAD_BATCHES)
+            while len(ahead) < want:
+                step = min(want - len(ahead), BUSY_READ_ROWS if busy else want)
+                if ahead:
+                    got = buf.pending(kind, after_seq=int(ahead[-1]["seq"]), limit=step)
+                else:
+                    got = self._pending_after_cursor(buf, kind, step)
+                ahead.extend(got)
+                if len(got) < step:
+                    break  # nothing more is waiting
+                if busy:
+                    _breathe()
         if not ahead:
             return False, False
         rows = ahead[:max_rows]
         full = len(ahead) >= max_rows
-        batch_id, payload = self._encode_rows(kind, rows)
+        breathe = _breathe if busy else None
+        batch_id, payload = self._encode_rows(kind, rows, breathe=breathe)
         while len(payload) > MAX_PAYLOAD_BYTES and len(rows) > 1:
             # Estimate from the average row size, with a margin; shrink until it fits.
             keep = max(1, min(len(rows) - 1, int(len(rows) * MAX_PAYLOAD_BYTES / len(payload) * 0.95)))
             rows = rows[:keep]
             full = True
-            batch_id, payload = self._encode_rows(kind, rows)
+            batch_id, payload = self._encode_rows(kind, rows, breathe=breathe)
         if len(payload) > MAX_PAYLOAD_BYTES:
             # One row alone is too big (cannot happen with the buffer's own limits): say so and
             # move on; the row stays unsynced and visible in the device's backlog.
@@ -653,22 +739,57 @@ class SyncClient:
         self._cursor[kind] = seqs[-1]
         return True, full
 
-    def _encode_rows(self, kind: str, rows: list[dict[str, Any]]) -> tuple[str, bytes]:
-        """(batch id, compact JSON) of rows as column arrays."""
+    def _encode_rows(
+        self, kind: str, rows: list[dict[str, Any]], *, breathe: Callable[[], None] | None = None
+    ) -> tuple[str, bytes]:
+        """(batch id, compact JSON) of rows as column arrays: the bytes of ``encode_payload``.
+
+        Encoded a column at a time, calling ``breathe`` between columns: one json.dumps of
+        a 500-row batch holds the GIL for 2-3 ms, a column for a fraction of that.
+        """
         seqs = [int(r["seq"]) for r in rows]
-        cols: dict[str, list[Any]] = {name: list(map(itemgetter(name), rows)) for name in COLUMNS[kind]}
-        if "passed" in cols:
-            cols["passed"] = [bool(v) for v in cols["passed"]]
-        if "detail" in cols:  # a damaged detail comes back as text: wrap it, keep the row
-            cols["detail"] = [v if isinstance(v, dict) else {"value": v} for v in cols["detail"]]
         batch_id = self._new_batch_id(kind, seqs[0], seqs[-1])
-        return batch_id, encode_payload(
-            {"v": PAYLOAD_VERSION, "type": kind, "device_id": self.device_id, "batch": batch_id,
-             "first_seq": seqs[0], "last_seq": seqs[-1], "seq": seqs, "cols": cols}
-        )  # fmt: skip
+        head = {"v": PAYLOAD_VERSION, "type": kind, "device_id": self.device_id, "batch": batch_id,
+                "first_seq": seqs[0], "last_seq": seqs[-1]}  # fmt: skip
+        parts = [_dumps(head)[:-1], ',"seq":', _dumps(seqs), ',"cols":{']
+        for i, name in enumerate(COLUMNS[kind]):
+            col: list[Any] = list(map(itemgetter(name), rows))
+            if name == "passed":
+                col = [bool(v) for v in col]
+            elif name == "detail":  # a damaged detail comes back as text: wrap it, keep the row
+                col = [v if isinstance(v, dict) else {"value": v} for v in col]
+            parts += ["," if i else "", _dumps(name), ":", _dumps(col)]
+            if breathe is not None and i % 3 == 2:
+                breathe()
+        parts.append("}}")
+        return batch_id, "".join(parts).encode("utf-8")
+
+    def _pending_after_cursor(self, buf: Any, kind: str, limit: int) -> list[dict[str, Any]]:
+        """Unsynced rows after the cursor; with none, the cursor skips the synced history.
+
+        ``pending`` walks the primary key from the cursor past synced rows, so an idle poll
+        from an old cursor would scan the whole synced history (100,000 rows: ~20 ms, five
+        times a second). Every row up to the table's last seq read *before* the query was
+        committed when the query ran, so none of them is unsynced past the cursor.
+        """
+        head = buf.last_seq(kind)
+        rows: list[dict[str, Any]] = buf.pending(kind, after_seq=self._cursor[kind], limit=limit)
+        if not rows and head > self._cursor[kind]:
+            self._cursor[kind] = head
+        return rows
+
+    def _line_running(self, buf: Any, now: float) -> bool:
+        """Whether the agent committed new results within LINE_HOLD_S (checked every LINE_CHECK_S)."""
+        if now >= self._next_line_check:
+            self._next_line_check = now + LINE_CHECK_S
+            head = buf.last_seq(RESULTS)
+            if self._line_head is not None and head > self._line_head:
+                self._line_until = now + LINE_HOLD_S
+            self._line_head = head
+        return now < self._line_until
 
     def _send_sample(self, buf: Any) -> tuple[bool, bool]:
-        rows = buf.pending(SAMPLES, after_seq=self._cursor[SAMPLES], limit=1)
+        rows = self._pending_after_cursor(buf, SAMPLES, 1)
         if not rows:
             return False, False
         row = rows[0]
@@ -762,6 +883,35 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((a, b))
     return out
+
+
+def _dumps(value: Any) -> str:
+    """One piece of a payload, encoded exactly as ``encode_payload`` encodes the whole."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _breathe() -> None:
+    """Let the agent's threads take the GIL now (a paced drain's sub-slices end here).
+
+    A thread that releases the GIL for a moment (SQLite, a socket) usually takes it back
+    before a waiting thread wakes up, which then waits for the 5 ms switch interval; a
+    real sleep hands it over at once.
+    """
+    time.sleep(BREATHE_S)
+
+
+def _split(ranges: list[tuple[int, int]], rows: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Sorted disjoint inclusive ranges cut after the first ``rows`` seqs: (head, rest)."""
+    head: list[tuple[int, int]] = []
+    for i, (a, b) in enumerate(ranges):
+        n = b - a + 1
+        if n >= rows:
+            head.append((a, a + rows - 1))
+            rest = ranges[i + 1 :] if n == rows else [(a + rows, b), *ranges[i + 1 :]]
+            return head, rest
+        head.append((a, b))
+        rows -= n
+    return head, []
 
 
 def _covered(seqs: list[int], ranges: list[tuple[int, int]]) -> bool:

@@ -26,7 +26,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge.buffer import Buffer, ResultRecord, SampleRecord
 from edge.config import load_config
-from edge.sync import Backoff, SyncClient
+from edge.protocol import COLUMNS, encode_payload
+from edge.sync import MARK_CHUNK_ROWS, Backoff, SyncClient, _split
 from tests.conftest import LINEWATCH, Broker
 
 PREFIX = "lwtest"
@@ -456,3 +457,81 @@ def test_real_agent_syncs_every_decision(tmp_path: Path, broker: Broker, cloud: 
         code = proc.term(15)
     assert code == 0, proc.output()
     assert retained_status(broker, "cam-real")["state"] == "offline"
+
+
+def test_split_cuts_acked_ranges_into_mark_chunks() -> None:
+    assert _split([(1, 1000)], 500) == ([(1, 500)], [(501, 1000)])
+    assert _split([(1, 500)], 500) == ([(1, 500)], [])
+    assert _split([(1, 10), (20, 29), (40, 1000)], 25) == ([(1, 10), (20, 29), (40, 44)], [(45, 1000)])
+    assert _split([(5, 6)], 500) == ([(5, 6)], [])
+
+
+def test_idle_poll_skips_the_synced_history(tmp_path: Path, broker: Broker) -> None:
+    """With nothing pending, the cursor moves to the head: the next poll does not walk old rows."""
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-i")
+    fill_buffer(agent, 3000)
+    cfg = load_config(agent)
+    client = SyncClient(cfg)
+    with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, integrity_check="off") as buf:
+        buf.mark_synced("results", range(1, 2001))
+        rows = client._pending_after_cursor(buf, "results", 5000)
+        assert [r["seq"] for r in rows] == list(range(2001, 3001)), "unsynced rows are found after synced ones"
+        assert client._cursor["results"] == 0, "rows found: the cursor moves only when they are sent"
+        buf.mark_synced("results", range(2001, 3001))
+        assert client._pending_after_cursor(buf, "results", 500) == []
+        assert client._cursor["results"] == 3000
+        seq = buf.record_result(ResultRecord(time.time(), cfg.device_id, 9, "m1", "ok", 0.1, True))
+        assert [r["seq"] for r in client._pending_after_cursor(buf, "results", 500)] == [seq]
+
+
+def test_drain_is_paced_while_the_line_commits(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
+    """A backlog drained while new decisions keep arriving: paced, marked in chunks, all once."""
+    cloud_toml, _ = cloud
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-p", batch_rows=100)
+    cfg = load_config(agent)
+    client = SyncClient(cfg, status=lambda: {"model_version": "m1"})
+    stop = threading.Event()
+    made: list[int] = []
+
+    def line() -> None:  # a camera at ~50 parts/s
+        with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, device_id=cfg.device_id) as buf:
+            while not stop.wait(0.02):
+                made.append(buf.record_result(ResultRecord(time.time(), cfg.device_id, len(made), "m1", "ok", 0.1, True)))
+
+    w = threading.Thread(target=line)
+    w.start()
+    try:
+        client.start()
+        wait_until(lambda: client.snapshot()["line_running"], 20, "the sync thread to see the line running")
+        fill_buffer(agent, 3000, start_part=100_000)  # the backlog arrives while the line runs
+        wait_until(lambda: client.stats.rows_acked["results"] >= 3000 + len(made) - 5, 60, "the backlog acked")
+        assert client.snapshot()["line_running"]
+    finally:
+        stop.set()
+        w.join(10)
+    wait_until(lambda: all_synced(agent), 20, "everything acked")
+    client.stop()
+    client.join(3)
+    assert sorted(cloud_seqs(cloud_toml, "cam-p")) == list(range(1, 3000 + len(made) + 1))
+    assert client.stats.paced_s > 0, "the drain paced itself while the line ran"
+    assert client.stats.mark_commits >= 3000 // MARK_CHUNK_ROWS
+
+
+def test_column_wise_encoding_is_the_one_wire_encoding(tmp_path: Path, broker: Broker) -> None:
+    """Batches encoded a column at a time (with breathers) are exactly ``encode_payload``'s bytes."""
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-e")
+    fill_buffer(agent, 50, events=2)
+    cfg = load_config(agent)
+    client = SyncClient(cfg)
+    breaths: list[int] = []
+    with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, integrity_check="off") as buf:
+        buf.record_event("note", text="Prüfung ✓", n=3)
+        for kind in ("results", "events"):
+            rows = buf.pending(kind, limit=500)
+            _, payload = client._encode_rows(kind, rows, breathe=lambda: breaths.append(1))
+            assert payload == encode_payload(json.loads(payload))
+            body = json.loads(payload)
+            assert body["seq"] == [r["seq"] for r in rows] and body["first_seq"] == rows[0]["seq"]
+            assert list(body["cols"]) == list(COLUMNS[kind])
+    assert body["cols"]["detail"][-1] == {"n": 3, "text": "Prüfung ✓"}
+    assert breaths, "the encoder gave the GIL away between columns"
