@@ -32,6 +32,7 @@ Target: median drain p99 / median idle p99 <= 1.10.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -383,6 +384,8 @@ def agent_run(kind: str, index: int, ctx: dict[str, Any], args: argparse.Namespa
     with open(run_dir / "agent.log", "wb") as log:
         proc = subprocess.Popen([LINEWATCH, "edge", "run", "--config", str(cfg), "--echo"], stdout=subprocess.PIPE,
                                 stderr=log, text=True, bufsize=1, env=env)  # fmt: skip
+    if args.pin:
+        pin(proc.pid, AGENT_CPU)
     decisions: list[tuple[float, float, float]] = []
 
     def read() -> None:
@@ -441,6 +444,17 @@ def pct(values: np.ndarray, q: float) -> float:
     return round(float(np.percentile(values, q)), 2) if len(values) else float("nan")
 
 
+AGENT_CPU, CLOUD_CPU = 1, 0
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pin a process (all its threads) to one CPU, when the machine has it."""
+    if hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
+        for tid in os.listdir(f"/proc/{pid}/task") if Path(f"/proc/{pid}/task").is_dir() else [str(pid)]:
+            with contextlib.suppress(OSError):  # a thread may have exited meanwhile
+                os.sched_setaffinity(int(tid), {cpu})
+
+
 def latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """The latency part: pairs of agent runs, idle vs draining, in alternating order."""
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -456,6 +470,9 @@ def latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         video = work / "line.avi"
         render(video, 900)  # 30 s at 30 fps; the agent loops it
         ingest, log = start_ingest(work, broker.port)
+        if args.pin:  # the cloud side runs on another machine in a plant: keep it off the agent's core
+            pin(ingest.pid, CLOUD_CPU)
+            pin(broker.proc.pid, CLOUD_CPU)
         watcher = Watcher(broker.port)
         ctx = {"broker": broker, "watcher": watcher, "work": work, "video": video, "bundle": bundle}
         pairs = []
@@ -528,6 +545,7 @@ def latency_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "idle": {"p50_ms": pct(pooled_i[:, 0], 50), "p99_ms": pct(pooled_i[:, 0], 99)},
             "p99_ratio": round(pct(pooled_d[:, 0], 99) / pct(pooled_i[:, 0], 99), 3),
         },
+        "pinned": bool(args.pin),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "target": {"p99_ratio": TARGET_P99_RATIO},
@@ -547,6 +565,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=60, help="latency: decisions before the link may come up")
     ap.add_argument("--idle-span", type=float, default=10.0, help="latency: s an idle run lasts after connect (at least)")
     ap.add_argument("--bundle", type=Path, default=None, help="latency: model bundle (default: the pipeline benchmark's)")
+    ap.add_argument("--pin", action="store_true",
+                    help="latency: pin the agent to CPU 1 and Mosquitto + cloud serve to CPU 0 (in a plant they run elsewhere)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-out" / "sync.json")
     args = ap.parse_args()
     if args.pairs < 1 or args.rows < 1:
