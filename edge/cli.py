@@ -212,8 +212,8 @@ def install_model(bundle: Path, config_file: Path) -> None:
     from edge.config import load_config
     from edge.exceptions import LinewatchError
     from edge.inference import Classifier
+    from edge.install import install_bundle
     from edge.models import ModelStore
-    from edge.ota import install_bundle
 
     try:
         config = load_config(config_file)

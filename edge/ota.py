@@ -35,32 +35,18 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.bundle import pack_bundle
 from edge.config import AgentConfig
 from edge.download import DOWNLOADS, Download, file_sha256
 from edge.exceptions import BundleError, LinewatchError
 from edge.health import HealthVerdict, HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
 from edge.install import (
-    STAGE_CHECKSUM,
-    STAGE_COMMIT,
-    STAGE_COMPATIBLE,
-    STAGE_DONE,
     STAGE_GOLDEN,
-    STAGE_LATENCY,
     STAGE_LOAD,
-    STAGE_MANIFEST,
-    STAGE_SIGNATURE,
     STAGE_STORE,
-    STAGE_UNPACK,
-    STAGING,
-    InstallResult,
-    check_compatible,
     install_bundle,
-    prune_versions,
     recover_store,
     rmtree,
-    unpack_bundle,
 )
 from edge.models import ModelStore
 from edge.ota_wire import (
@@ -71,21 +57,16 @@ from edge.ota_wire import (
     FAILED,
     HEALTH_OK,
     HEALTH_WATCHING,
-    MAX_BUNDLE_BYTES,
     MAX_REQ_INDEXES,
-    OTA,
     REQ,
     ROLLED_BACK,
     STATE,
-    STATES,
-    TERMINAL_STATES,
     VALIDATING,
     VERIFYING,
     OtaDesired,
     OtaRequest,
     OtaStatePayload,
     decode_chunk,
-    encode_chunk,
     ota_topic,
     parse_json,
 )
@@ -716,60 +697,4 @@ def _version_of(bundle_dir: Path) -> str | None:
         return None
 
 
-__all__ = [
-    # re-exported from edge.install, edge.ota_wire, edge.download, edge.health (importers predate the split)
-    "ACTIVE",
-    "CHUNK",
-    "DESIRED",
-    "DOWNLOADING",
-    "DOWNLOADS",
-    "FAILED",
-    "HEALTH_OK",
-    "HEALTH_WATCHING",
-    "MAX_BUNDLE_BYTES",
-    "MAX_REQ_INDEXES",
-    "OTA",
-    "OTA_THREAD_NICE",
-    "REQ",
-    "RESUME_GRACE_S",
-    "ROLLED_BACK",
-    "SESSION_EXPIRY_S",
-    "STAGE_CHECKSUM",
-    "STAGE_COMMIT",
-    "STAGE_COMPATIBLE",
-    "STAGE_DONE",
-    "STAGE_GOLDEN",
-    "STAGE_LATENCY",
-    "STAGE_LOAD",
-    "STAGE_MANIFEST",
-    "STAGE_SIGNATURE",
-    "STAGE_STORE",
-    "STAGE_UNPACK",
-    "STAGING",
-    "STATE",
-    "STATES",
-    "STATE_FILE",
-    "TERMINAL_STATES",
-    "VALIDATING",
-    "VERIFYING",
-    "AgentLike",
-    "Download",
-    "HealthVerdict",
-    "HealthWatch",
-    "InstallResult",
-    "OtaClient",
-    "OtaDesired",
-    "OtaRequest",
-    "OtaStatePayload",
-    "check_compatible",
-    "decode_chunk",
-    "encode_chunk",
-    "file_sha256",
-    "install_bundle",
-    "ota_topic",
-    "pack_bundle",
-    "parse_json",
-    "prune_versions",
-    "recover_store",
-    "unpack_bundle",
-]
+__all__ = ["OTA_THREAD_NICE", "RESUME_GRACE_S", "SESSION_EXPIRY_S", "STATE_FILE", "AgentLike", "OtaClient"]

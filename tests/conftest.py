@@ -164,3 +164,14 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
     """Run the installed ``linewatch`` command as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([LINEWATCH, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+# Two compatible versions of the tiny model, for OTA, registry and rollout tests.
+@pytest.fixture(scope="session")
+def v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_bundle(tmp_path_factory, "tiny-1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_bundle(tmp_path_factory, "tiny-2", seed=1)

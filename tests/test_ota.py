@@ -22,13 +22,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from edge.bundle import pack_bundle
 from edge.config import AgentConfig, OtaConfig, parse_config
+from edge.download import file_sha256
+from edge.health import HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
-from edge.models import ModelStore
-from edge.ota import (
-    ACTIVE,
-    FAILED,
-    ROLLED_BACK,
+from edge.install import (
     STAGE_CHECKSUM,
     STAGE_COMPATIBLE,
     STAGE_GOLDEN,
@@ -37,32 +36,25 @@ from edge.ota import (
     STAGE_SIGNATURE,
     STAGE_STORE,
     STAGE_UNPACK,
-    HealthWatch,
-    OtaClient,
+    install_bundle,
+    recover_store,
+)
+from edge.models import ModelStore
+from edge.ota import OtaClient
+from edge.ota_wire import (
+    ACTIVE,
+    FAILED,
+    ROLLED_BACK,
     OtaDesired,
     decode_chunk,
     encode_chunk,
-    file_sha256,
-    install_bundle,
     ota_topic,
-    pack_bundle,
-    recover_store,
 )
 from edge.protocol import MANIFEST_FILE, MODEL_FILE
 from edge.signing import generate_keypair, load_private_key, sign_bundle
 from tests.conftest import REPO, Broker, shared_bundle
 
 # -- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_bundle(tmp_path_factory, "tiny-1", seed=0)
-
-
-@pytest.fixture(scope="session")
-def v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_bundle(tmp_path_factory, "tiny-2", seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -290,7 +282,7 @@ KILL_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from edge.config import OtaConfig
     from edge.models import ModelStore
-    from edge.ota import install_bundle
+    from edge.install import install_bundle
     root, key, a, b = sys.argv[1:5]
     store = ModelStore(Path(root))
     cfg = OtaConfig(trusted_keys=[Path(key)])

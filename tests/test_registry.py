@@ -23,25 +23,18 @@ from cloud.ota_cli import register
 from cloud.registry import Registry, open_ota_store, public_key_path
 from cloud.rollout import parse_canary, resolve_targets, run_push
 from cloud.store import open_store
+from edge.bundle import pack_bundle
 from edge.config import parse_config
 from edge.exceptions import LinewatchError
 from edge.inference import Classifier
+from edge.install import install_bundle
 from edge.models import ModelStore
-from edge.ota import ACTIVE, FAILED, OtaClient, install_bundle, pack_bundle
+from edge.ota import OtaClient
+from edge.ota_wire import ACTIVE, FAILED
 from edge.protocol import MANIFEST_FILE, StatusPayload
 from edge.signing import load_public_key, verify_bundle
-from tests.conftest import Broker, shared_bundle
+from tests.conftest import Broker
 from tests.test_ota import Keys
-
-
-@pytest.fixture(scope="session")
-def v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_bundle(tmp_path_factory, "tiny-1", seed=0)
-
-
-@pytest.fixture(scope="session")
-def v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_bundle(tmp_path_factory, "tiny-2", seed=1)
 
 
 @click.group()
@@ -110,7 +103,7 @@ def test_models_add_signs_and_stores_by_content(tmp_path: Path, runner: CliRunne
 
     assert hashlib.sha256(packed.read_bytes()).hexdigest() == entry["sha256"]
     # The packed bundle verifies with the exported public key, as a device will check it.
-    from edge.ota import unpack_bundle
+    from edge.install import unpack_bundle
 
     unpack_bundle(packed, tmp_path / "check")
     pub = load_public_key(public_key_path(cfg))

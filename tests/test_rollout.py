@@ -28,18 +28,8 @@ from edge.models import ModelStore
 from edge.ota import OtaClient
 from edge.ota_wire import ACTIVE, FAILED, HEALTH_WATCHING, ROLLED_BACK
 from edge.protocol import StatusPayload
-from tests.conftest import LINEWATCH, Broker, shared_bundle
+from tests.conftest import LINEWATCH, Broker
 from tests.test_ota import Host, Keys, state_is, wait_for
-
-
-@pytest.fixture(scope="session")
-def v1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_bundle(tmp_path_factory, "tiny-1", seed=0)
-
-
-@pytest.fixture(scope="session")
-def v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_bundle(tmp_path_factory, "tiny-2", seed=1)
 
 
 class Line:
