@@ -6,7 +6,7 @@ Threads (one stop Event shared by all; every loop notices it within a second):
     inspect     queue -> model -> decided queue        (this module; never touches the network)
     writer      decided queue -> SQLite group commit -> report  (this module; owns the buffer)
     checkpoint  WAL -> main file, off the commit path  (edge.buffer.Checkpointer)
-    sync        SQLite outbox -> MQTT                  (edge.sync.SyncClient, optional)
+    sync        SQLite outbox -> MQTT, own process     (edge.sync_process.SyncProcess, optional)
     watchdog    restarts a stuck live capture
     status      refreshes buffer counts on its own connection, writes the live status file
 
@@ -172,6 +172,7 @@ class Agent:
         self._inspect_done = threading.Event()
         self._writer_done = threading.Event()
         self._buffer_ready = threading.Event()
+        self._status_due = threading.Event()  # a state change: rewrite the status file now
         self._first_part_id = 0
         self._checkpointer_stats: Callable[[], dict[str, float]] | None = None
         self._threads: list[threading.Thread] = []
@@ -214,6 +215,7 @@ class Agent:
     def _on_camera_change(self, old: CameraState, new: CameraState) -> None:
         if new.state in ("up", "down", "ended"):
             self.note_event(f"camera_{new.state}", source=new.source, error=new.last_error, reconnects=new.reconnects)
+        self._status_due.set()  # the sync process reports camera state from the status file
 
     # -- threads ---------------------------------------------------------------------------
 
@@ -233,6 +235,8 @@ class Agent:
         status.start()
         self._threads = [inspect, writer, watchdog, status]
         if self.config.mqtt.enabled:
+            # The sync process reads the agent's live state from the status file: have one.
+            self._write_status_file(state="running")
             self._start_sync()
             self._start_ota()
         if self.config.operator.enabled:
@@ -256,16 +260,17 @@ class Agent:
         self.operator.start()
 
     def _start_sync(self) -> None:
+        from edge.sync_process import SyncProcess
+
         try:
-            from edge.sync import SyncClient
-        except ImportError as exc:  # pragma: no cover - the edge extra brings paho
-            logger.warning("sync disabled: %s", exc)
-            return
-        self.sync = SyncClient(self.config, status=self.status_snapshot)
-        self.sync.start()
+            self.sync = SyncProcess(self.config)
+            self.sync.start()
+        except OSError as exc:  # no process to spare must not stop the line; the watchdog retries
+            logger.warning("sync process not started: %s; retrying", exc)
 
     def stop(self) -> None:
         self.stop_event.set()
+        self._status_due.set()
 
     def join(self, timeout: float = 2.0) -> None:
         """Stop producers first, then consumers; everything is closed within ``timeout``."""
@@ -334,6 +339,7 @@ class Agent:
             old = self.classifier
             self.classifier = nxt
             self.note_event("model_switched", old=old.version, new=nxt.version)
+            self._status_due.set()
             logger.info("model switched %s -> %s", old.version, nxt.version)
 
     def _decide(self, frame: Frame, part_id: int) -> _Decided | None:
@@ -620,12 +626,21 @@ class Agent:
                 logger.warning("camera gave no frame for %.0f s; restarting capture", limit)
                 self.note_event("capture_restarted", seconds=limit)
                 self.capture.restart()
+            if self.sync is not None:
+                try:
+                    self.sync.check()
+                except OSError as exc:
+                    logger.warning("sync process not restarted: %s", exc)
 
     def _status_main(self) -> None:
         nice_this_thread()  # status work must never take a core from inspection
         reader: Buffer | None = None
         try:
-            while not self.stop_event.wait(STATUS_INTERVAL_S):
+            while not self.stop_event.is_set():
+                self._status_due.wait(STATUS_INTERVAL_S)
+                self._status_due.clear()
+                if self.stop_event.is_set():
+                    break
                 reader = self._refresh_stats(reader)
                 self._write_status_file(state="running")
         finally:
@@ -691,6 +706,7 @@ class Agent:
             else {"seq": last.seq, "part_id": last.part_id, "ts": last.ts, "label": last.label, "score": last.score,
                   "passed": last.passed, "latency_ms": last.latency_ms},
             "ota": None if self.ota is None else self.ota.state,
+            "sync_process": None if self.sync is None else self.sync.snapshot(),
             "operator_url": None if self.operator is None else f"http://{self.config.operator.host}:{self.operator.port}/",
             "first_decision_s": None if self.first_decision_at is None else self.first_decision_at - self.started_at,
         }

@@ -451,12 +451,61 @@ def test_real_agent_syncs_every_decision(tmp_path: Path, broker: Broker, cloud: 
         assert sorted(seqs) == list(range(1, 41)) and len(seqs) == 40
         wait_until(lambda: cloud_query(cloud_toml, "SELECT model_version, reported_state FROM devices WHERE device_id = 'cam-real'")
                    == [("tiny-1", "online")], 10, "the agent's status")  # fmt: skip
-        status = retained_status(broker, "cam-real")
-        assert status["camera"]["state"] in ("up", "ended") and status["runtime"]
+        # The sync process reports the agent's status file, rewritten on camera changes.
+        wait_until(lambda: retained_status(broker, "cam-real")["camera"]["state"] in ("up", "ended"), 10, "camera state")
+        assert retained_status(broker, "cam-real")["runtime"]
     finally:
         code = proc.term(15)
     assert code == 0, proc.output()
     assert retained_status(broker, "cam-real")["state"] == "offline"
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` is a live process (a zombie nobody reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+def test_sync_process_restarts_after_a_crash_and_ends_with_its_agent(tmp_path: Path, broker: Broker, tiny_bundle: Path) -> None:
+    """The drain runs in a child of the agent: a dead child is restarted; a dead agent takes it along."""
+    images = tmp_path / "frames"
+    images.mkdir()
+    import cv2
+    import numpy as np
+
+    for i in range(5):
+        cv2.imwrite(str(images / f"{i}.png"), np.full((60, 80), 100 + i, np.uint8))
+    agent = tmp_path / "agent.toml"
+    agent.write_text(
+        f'device_id = "cam-sp"\ncamera.source = "{images}"\ncamera.fps = 5\ncamera.loop = true\n'
+        f'model.path = "{tiny_bundle}"\nbuffer.path = "buffer.db"\noperator.enabled = false\n[mqtt]\n'
+        f'host = "{broker.host}"\nport = {broker.port}\ntopic_prefix = "{PREFIX}"\nstatus_interval_s = 0.3\n'
+    )
+    proc = Proc([LINEWATCH, "edge", "run", "--config", str(agent)], tmp_path / "agent.log")
+
+    def status() -> dict[str, Any]:
+        try:
+            return retained_status(broker, "cam-sp", timeout=1)
+        except pytest.fail.Exception:  # nothing retained yet
+            return {}
+
+    try:
+        first = wait_until(lambda: status().get("sync_pid"), 30, "a status from the sync process")
+        assert first != proc.proc.pid and _running(first)
+        os.kill(first, signal.SIGKILL)
+        second = wait_until(lambda: (status().get("sync_pid") or first) != first and status()["sync_pid"], 20, "a restarted sync process")
+        live = json.loads((tmp_path / "buffer.status.json").read_text())
+        assert live["sync_process"]["restarts"] == 1 and live["camera"]["state"] == "up"
+        proc.kill9()
+        wait_until(lambda: not _running(second), 5, "the sync process to end with its agent")
+        # It vanished without a goodbye, so the broker published the last will.
+        final = wait_until(lambda: (s := status()).get("state") == "offline" and s, 10, "the last will")
+        assert final["reason"] == "lost"
+    finally:
+        proc.kill9()
 
 
 def test_split_cuts_acked_ranges_into_mark_chunks() -> None:
