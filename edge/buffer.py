@@ -1220,6 +1220,10 @@ class Buffer:
                 changed += cur.rowcount
         return changed
 
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes whenever another connection commits."""
+        return int(self._scalar("PRAGMA data_version"))
+
     def unsynced_counts(self) -> dict[str, int]:
         """How many rows of each table wait for the cloud."""
         return {t: int(self._scalar(f"SELECT count(*) FROM {t} WHERE synced = 0")) for t in TABLES}

@@ -91,7 +91,11 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2  # how often an idle outbox looks for new rows
 READ_AHEAD_BATCHES = 4  # rows read from the buffer per query, in batches (line stopped)
 MARK_INTERVAL_S = 0.25  # acks are marked synced in groups at most this far apart while busy
-MARK_CHUNK_ROWS = 200  # rows marked synced per transaction while the line runs (~1 ms of write lock)
+MARK_CHUNK_ROWS = 300  # rows marked synced per transaction while the line runs (~1 ms of write lock)
+# While the line runs, a mark waits for the agent's next commit and follows it at once: the
+# write lock is then free for a whole frame interval, so the agent's commit finds it free.
+MARK_ALIGN_POLL_S = 0.0005
+MARK_ALIGN_MAX_S = 0.06
 LINE_CHECK_S = 0.25  # how often the sync thread looks whether the agent is committing results
 LINE_HOLD_S = 2.0  # the line counts as running this long after its last new result
 BUSY_DUTY = 0.25  # while the line runs, the drain works at most this share of the time
@@ -419,6 +423,7 @@ class SyncClient:
         self._next_line_check = 0.0
         self._resume_at = 0.0  # paced drain: no work before this monotonic time
         self._next_kind = 0  # paced drain: the table the next slice starts with
+        self._aligned_s = 0.0  # this slice's wait for the agent's commit (see _follow_line_commit)
         self.link: MqttLink | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -527,6 +532,7 @@ class SyncClient:
                     wait = self._resume_at - now
                     continue
                 started = time.perf_counter()
+                self._aligned_s = 0.0
                 busy = self._line_running(buf, now)
                 if link.connected:
                     if now >= self._next_status:
@@ -542,7 +548,8 @@ class SyncClient:
                     wait = 0.0  # more acked rows to mark
                 if busy:
                     # The line is inspecting: leave it the CPU, the GIL and the disk for a while.
-                    pause = min(MAX_PAUSE_S, (time.perf_counter() - started) * (1 - BUSY_DUTY) / BUSY_DUTY)
+                    worked = time.perf_counter() - started - self._aligned_s
+                    pause = min(MAX_PAUSE_S, max(0.0, worked) * (1 - BUSY_DUTY) / BUSY_DUTY)
                     self._resume_at = time.monotonic() + pause
                     self.stats.paced_s += pause
             self._shutdown(buf)
@@ -637,6 +644,7 @@ class SyncClient:
                 merged, rest = _split(merged, MARK_CHUNK_ROWS)
                 if rest:
                     self._to_mark[name] = rest
+                self._follow_line_commit(buf)
             if len(merged) == 1:  # the common case: consecutive batches, one range UPDATE
                 buf.mark_synced(name, range(merged[0][0], merged[0][1] + 1))
             else:
@@ -644,6 +652,24 @@ class SyncClient:
             self.stats.mark_commits += 1
             wrote = True
         return bool(self._to_mark)
+
+    def _follow_line_commit(self, buf: Any) -> None:
+        """Wait (at most MARK_ALIGN_MAX_S) until the agent has just committed.
+
+        A mark that lands while the agent's writer wants the lock costs that commit SQLite's
+        busy-handler sleep (1 ms at best); right after a commit the next one is a frame
+        interval away. The wait is not drain work: the pacing does not count it.
+        """
+        t0 = time.perf_counter()
+        try:
+            before = buf.data_version()
+            deadline = t0 + MARK_ALIGN_MAX_S
+            while not self.stop_event.is_set() and time.perf_counter() < deadline:
+                time.sleep(MARK_ALIGN_POLL_S)
+                if buf.data_version() != before:
+                    break
+        finally:
+            self._aligned_s += time.perf_counter() - t0
 
     def _done(self, batch_id: str) -> None:
         item = self._inflight.pop(batch_id)
