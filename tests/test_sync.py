@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge.buffer import Buffer, ResultRecord, SampleRecord
 from edge.config import load_config
 from edge.protocol import COLUMNS, encode_payload
+from edge import sync as sync_mod
 from edge.sync import MARK_CHUNK_ROWS, Backoff, SyncClient, _split
 from tests.conftest import LINEWATCH, Broker
 
@@ -584,3 +585,35 @@ def test_column_wise_encoding_is_the_one_wire_encoding(tmp_path: Path, broker: B
             assert list(body["cols"]) == list(COLUMNS[kind])
     assert body["cols"]["detail"][-1] == {"n": 3, "text": "Prüfung ✓"}
     assert breaths, "the encoder gave the GIL away between columns"
+
+
+def test_a_mark_waits_for_the_lines_next_commit(tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the line runs, a mark is written just after one of the agent's commits, so the
+    agent's following commit finds SQLite's write lock free."""
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-align")
+    fill_buffer(agent, 5)
+    cfg = load_config(agent)
+    client = SyncClient(cfg)
+    with Buffer(cfg.buffer.path, device_id=cfg.device_id, integrity_check="off") as buf:
+        # Nobody commits: it gives up after MARK_ALIGN_MAX_S rather than hold the drain.
+        t0 = time.perf_counter()
+        client._follow_line_commit(buf)
+        assert time.perf_counter() - t0 >= sync_mod.MARK_ALIGN_MAX_S
+        # The agent commits (another connection) a little later: the wait ends right after it.
+        monkeypatch.setattr(sync_mod, "MARK_ALIGN_MAX_S", 30.0)
+        committed: list[float] = []
+
+        def line() -> None:
+            time.sleep(0.2)
+            fill_buffer(agent, 1, start_part=100)
+            committed.append(time.perf_counter())
+
+        client._aligned_s = 0.0
+        worker = threading.Thread(target=line)
+        t1 = time.perf_counter()
+        worker.start()
+        client._follow_line_commit(buf)
+        returned = time.perf_counter()
+        worker.join()
+        assert committed and returned - t1 >= 0.15 and returned < committed[0] + 5.0
+        assert client._aligned_s >= 0.15  # the wait is booked apart: the pacing does not count it
