@@ -24,10 +24,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge import sync as sync_mod
 from edge.buffer import Buffer, ResultRecord, SampleRecord
 from edge.config import load_config
 from edge.protocol import COLUMNS, encode_payload
-from edge import sync as sync_mod
 from edge.sync import MARK_CHUNK_ROWS, Backoff, SyncClient, _split
 from tests.conftest import LINEWATCH, Broker
 
