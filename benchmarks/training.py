@@ -177,16 +177,16 @@ def bench_synth(out: Path) -> dict[str, Any]:
     return result
 
 
-def bench_tiles(out: Path, epochs: int, filters: int) -> dict[str, Any]:
+def bench_tiles(out: Path, epochs: int, filters: int, size: int = 128) -> dict[str, Any]:
     if not TILES.is_dir():
         msg = f"skipped: {TILES} not found (set LINEWATCH_TILES to the magnetic-tile folder)"
         log("(b) " + msg)
         return {"skipped": msg}
     log(f"(b) magnetic tiles from {TILES}: ok vs every defect (merged), grouped split by file number (gap 100), "
-        f"up to {epochs} epochs, {filters} first-layer filters")
+        f"up to {epochs} epochs, {filters} first-layer filters, {size}x{size} input")
     # No time target on this set, and it keeps improving long after the synthetic default's 40 epochs.
     bundle, seconds, _ = run_fit(TILES, out / "bundle-tiles", version="bench-tiles", group_by="number", group_gap=100,
-                                 epochs=epochs, patience=max(8, epochs // 4), filters=filters,
+                                 epochs=epochs, patience=max(8, epochs // 4), filters=filters, size=size,
                                  allow_quantization_drop=True)
     result = summarize_fit(bundle, seconds)
     result["data"] = str(TILES)
@@ -202,6 +202,7 @@ def main() -> int:
     parser.add_argument("--skip-synth", action="store_true")
     parser.add_argument("--skip-tiles", action="store_true")
     parser.add_argument("--tiles-filters", type=int, default=16, help="first-layer filters for the magnetic-tile fit")
+    parser.add_argument("--tiles-size", type=int, default=128, help="model input side for the magnetic-tile fit (tiles are 200-600 px)")
     parser.add_argument("--tiles-epochs", type=int, default=120, help="epochs for the magnetic-tile fit (patience a quarter of it)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,7 @@ def main() -> int:
     if not args.skip_synth:
         report["synth"] = bench_synth(args.out)
     if not args.skip_tiles:
-        report["magnetic_tile"] = bench_tiles(args.out, args.tiles_epochs, args.tiles_filters)
+        report["magnetic_tile"] = bench_tiles(args.out, args.tiles_epochs, args.tiles_filters, args.tiles_size)
     text = json.dumps(report, indent=2)
     (args.out / "training.json").write_text(text + "\n")
     print(text)

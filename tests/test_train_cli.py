@@ -258,3 +258,29 @@ def test_several_defect_classes_train_merged_or_separate(tmp_path: Path) -> None
     assert code == 0, out
     separate = read_manifest(tmp_path / "separate")
     assert separate.labels == ("dent", "ok", "scratch") and separate.output.shape == (1, 3)
+
+
+def test_non_square_input_keeps_the_cameras_aspect(tmp_path: Path) -> None:
+    """`--size WxH`: the bundle's input is H x W, and the edge classifier takes a 4:3 frame."""
+    from edge.inference import Classifier
+    from training.synth import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(data, count=40, seed=9, size=48)
+    code, out = invoke("fit", str(data), "--out", str(tmp_path / "b"), "--epochs", "1", "--size", "40x30",
+                       "--allow-quantization-drop")  # fmt: skip
+    assert code == 0, out
+    assert "training: 40x30 gray" in out
+    manifest = read_manifest(tmp_path / "b")
+    assert (manifest.preprocessing.width, manifest.preprocessing.height) == (40, 30)
+    assert manifest.input.shape == (1, 30, 40, 1)
+    clf = Classifier(tmp_path / "b")
+    frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    pred = clf.predict(frame)
+    assert pred.label in manifest.labels and 0.0 <= pred.score <= 1.0
+
+
+@pytest.mark.parametrize("size", ["40y30", "x30", "4x2000", "0"])
+def test_bad_input_size_is_one_line(tmp_path: Path, size: str) -> None:
+    code, out = invoke("fit", str(tmp_path), "--out", str(tmp_path / "b"), "--size", size)
+    assert code == 2 and "Invalid value for '--size'" in out and "Traceback" not in out

@@ -70,7 +70,8 @@ class FitOptions:
     seed: int = 0
     pass_label: str | None = None
     target_recall: float = DEFAULT_TARGET_RECALL
-    size: int = DEFAULT_SIZE
+    size: int = DEFAULT_SIZE  # model input width, and height unless ``height`` is set
+    height: int | None = None  # a non-square input keeps the camera's aspect ratio
     color_mode: str = "gray"
     interpolation: str = "area"
     version: str | None = None
@@ -99,7 +100,7 @@ class FitOptions:
             raise ValueError("epochs must be at least 1")
         if not 0.0 < self.target_recall <= 1.0:
             raise ValueError("target recall must be in (0, 1]")
-        if not 8 <= self.size <= 1024:
+        if not 8 <= self.size <= 1024 or not 8 <= (self.height or self.size) <= 1024:
             raise ValueError("size must be between 8 and 1024 pixels")
         if self.color_mode not in ("gray", "rgb"):
             raise ValueError("color mode must be 'gray' or 'rgb'")
@@ -239,7 +240,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     if min(split.sizes().values()) == 0:
         raise TrainingError("a split came out empty; add images (each class needs at least 10)")
 
-    prep = Preprocessing(color_mode=opts.color_mode, width=opts.size, height=opts.size, interpolation=opts.interpolation)  # type: ignore[arg-type]
+    prep = Preprocessing(color_mode=opts.color_mode, width=opts.size, height=opts.height or opts.size, interpolation=opts.interpolation)  # type: ignore[arg-type]
     labels = data.labels
     pass_index = labels.index(data.pass_label)
     raw_x = {name: load_arrays(getattr(split, name), prep) for name in ("train", "val", "test")}
@@ -265,7 +266,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
     )
     say(
-        f"training: {opts.size}x{opts.size} {opts.color_mode}, up to {opts.epochs} epochs, batch {opts.batch_size}, "
+        f"training: {opts.size}x{opts.height or opts.size} {opts.color_mode}, up to {opts.epochs} epochs, batch {opts.batch_size}, "
         f"lr {opts.learning_rate}, class-weighted loss (imbalance {data.imbalance:.1f}:1)"
         + (f", outputs {model_labels[0]} / {MERGED_DEFECT_LABEL} (defect classes merged)" if merged else "")
     )
