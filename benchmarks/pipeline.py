@@ -290,7 +290,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None, help="model bundle (default: bench-out/bundle-synth if trained)")
     ap.add_argument("--frames", type=int, default=1200, help="frames for the flat-out run")
-    ap.add_argument("--paced-frames", type=int, default=450, help="frames for each 30 fps run (p99 needs a few hundred)")
+    ap.add_argument("--paced-frames", type=int, default=1800, help="frames for each 30 fps run (1 min; a p99 over fewer rests on a handful of frames)")
     ap.add_argument("--dir", type=Path, default=None, help="where the video and buffer go (the disk being measured)")
     args = ap.parse_args()
     bundle = args.bundle or default_bundle()
