@@ -201,9 +201,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench-out")
     parser.add_argument("--skip-synth", action="store_true")
     parser.add_argument("--skip-tiles", action="store_true")
-    parser.add_argument("--tiles-filters", type=int, default=16, help="first-layer filters for the magnetic-tile fit")
-    parser.add_argument("--tiles-size", type=int, default=128, help="model input side for the magnetic-tile fit (tiles are 200-600 px)")
-    parser.add_argument("--tiles-epochs", type=int, default=120, help="epochs for the magnetic-tile fit (patience a quarter of it)")
+    parser.add_argument("--tiles-filters", type=int, default=8, help="first-layer filters for the magnetic-tile fit")
+    parser.add_argument("--tiles-size", type=int, default=192, help="model input side for the magnetic-tile fit (tiles are 200-600 px)")
+    parser.add_argument("--tiles-epochs", type=int, default=60, help="epochs for the magnetic-tile fit (patience a quarter of it)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import tensorflow as tf
