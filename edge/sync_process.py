@@ -62,6 +62,9 @@ class SyncProcess:
         proc = subprocess.Popen(
             [sys.executable, "-m", "edge.sync_process", str(os.getpid()), str(level)],
             stdin=subprocess.PIPE,
+            # Never the agent's stdout: that is the --echo stream, and a reader waiting for its
+            # end must not wait for this child too. Logs go to the shared stderr.
+            stdout=subprocess.DEVNULL,
             env=env,
             close_fds=True,
         )
