@@ -86,4 +86,6 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "decisions_waiting": live.get("decisions_waiting") if state == "running" else None,
         "evictions": stats.get("evictions", {}),
         "session": live.get("session"),
+        # the MQTT drain's child process: {pid, alive, restarts}; None with mqtt.enabled = false
+        "sync_process": live.get("sync_process") if state == "running" else None,
     }

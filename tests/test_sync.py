@@ -498,8 +498,12 @@ def test_sync_process_restarts_after_a_crash_and_ends_with_its_agent(tmp_path: P
         assert first != proc.proc.pid and _running(first)
         os.kill(first, signal.SIGKILL)
         second = wait_until(lambda: (status().get("sync_pid") or first) != first and status()["sync_pid"], 20, "a restarted sync process")
-        live = json.loads((tmp_path / "buffer.status.json").read_text())
+        # The status file is rewritten every second: wait for the one after the restart.
+        live = wait_until(lambda: (d := json.loads((tmp_path / "buffer.status.json").read_text()))["sync_process"]["pid"] == second and d,
+                          10, "the status file to show the new sync process")  # fmt: skip
         assert live["sync_process"]["restarts"] == 1 and live["camera"]["state"] == "up"
+        shown = subprocess.run([LINEWATCH, "edge", "status", "--config", str(agent), "--json"], capture_output=True, text=True, timeout=60)
+        assert json.loads(shown.stdout)["sync_process"] == {"pid": second, "alive": True, "restarts": 1}, shown.stdout
         proc.kill9()
         wait_until(lambda: not _running(second), 5, "the sync process to end with its agent")
         # It vanished without a goodbye, so the broker published the last will.
