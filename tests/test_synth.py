@@ -64,20 +64,24 @@ def test_layout_counts_and_metadata(tmp_path: Path) -> None:
     counts = generate_dataset(tmp_path, count=11, seed=3, scratch_fraction=0.3,
                               progress=lambda done, total: calls.append((done, total)))
     assert counts == {"ok": 8, "scratch": 3}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "scratch", "synth.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks", "ok", "scratch", "synth.json"]
     for cls in CLASSES:
         files = sorted((tmp_path / cls).iterdir())
         assert len(files) == counts[cls]
         assert all(re.fullmatch(rf"{cls}_\d{{5}}\.png", f.name) for f in files)
     # every index is used once across the two classes
-    indices = sorted(int(p.stem.split("_")[1]) for p in tmp_path.rglob("*.png"))
+    images = [p for cls in CLASSES for p in (tmp_path / cls).glob("*.png")]
+    indices = sorted(int(p.stem.split("_")[1]) for p in images)
     assert indices == list(range(11))
+    # one mask per scratched image, under the same name, and none for good parts
+    masks = sorted(p.name for p in (tmp_path / "masks" / "scratch").iterdir())
+    assert masks == sorted(p.name for p in (tmp_path / "scratch").iterdir())
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["scratch"]
     assert calls[-1] == (11, 11) and [d for d, _ in calls] == list(range(1, 12))
     meta = json.loads((tmp_path / "synth.json").read_text())
     assert meta["counts"] == counts and meta["seed"] == 3 and meta["count"] == 11
     assert meta["size"] == 160 and meta["pass_label"] == "ok"
-    assert {m["file"] for m in meta["images"]} == {
-        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png")}
+    assert {m["file"] for m in meta["images"]} == {str(p.relative_to(tmp_path)) for p in images}
     for m in meta["images"]:
         assert (m["scratches"] > 0) == m["file"].startswith("scratch/")
 
@@ -100,7 +104,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     generate_dataset(tmp_path / "c", count=8, seed=8)
     a, b, c = (_hashes(tmp_path / d) for d in "abc")
     assert a == b
-    assert len(a) == 9  # 8 images + synth.json
+    assert len(a) == 13  # 8 images, the 4 scratched ones' masks and synth.json
     pngs = [k for k in a if k.endswith(".png")]
     assert all(a[k] != c.get(k) for k in pngs)
 
@@ -119,7 +123,9 @@ def test_rerun_replaces_an_earlier_dataset(tmp_path: Path) -> None:
     (tmp_path / "ok" / "notes.txt").write_text("keep me")
     counts = generate_dataset(tmp_path, count=4, seed=2)
     assert sum(counts.values()) == 4
-    assert len(list(tmp_path.rglob("*.png"))) == 4
+    assert len(list(tmp_path.glob("[os]*/*.png"))) == 4
+    # the old masks went with their images: one mask per scratched image of the new set
+    assert len(list((tmp_path / "masks" / "scratch").glob("*.png"))) == counts["scratch"]
     assert (tmp_path / "ok" / "notes.txt").read_text() == "keep me"
 
 
@@ -239,3 +245,26 @@ def test_render_video_mp4_and_bad_suffix(tmp_path: Path) -> None:
     assert n == len(truth) == 2
     with pytest.raises(ValueError, match="suffix"):
         render_video(tmp_path / "parts.gif", parts=1)
+
+
+def test_the_mask_marks_where_the_scratches_are() -> None:
+    """The mask of a scratched part covers the pixels where it differs from the same part
+    rendered without scratches, and little else; an unscratched part's mask is empty."""
+    from training.synth import render_part_and_mask
+
+    checked = 0
+    for i in range(30):
+        a, mask, desc = render_part_and_mask(np.random.default_rng([21, i]), 160, True)
+        b, empty, _ = render_part_and_mask(np.random.default_rng([21, i]), 160, False)
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert not empty.any()
+        assert np.array_equal(a, render_part(np.random.default_rng([21, i]), 160, True)[0])
+        diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        if desc["faint"] or diff.max() < 20:
+            continue  # faint strokes sit in the noise; the comparison needs a clear one
+        strong = diff >= 20
+        near = cv2.dilate(mask, np.ones((5, 5), np.uint8)) > 0  # defocus spreads a stroke by a pixel or two
+        assert strong[near].sum() >= 0.95 * strong.sum(), i
+        assert mask.mean() / 255 < 0.2
+        checked += 1
+    assert checked >= 15

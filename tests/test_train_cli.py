@@ -205,14 +205,15 @@ def test_synth_fit_eval_end_to_end(tmp_path: Path) -> None:
 
     proc = run("synth", str(data), "--count", "100", "--seed", "3", "--size", "48")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in data.iterdir() if p.is_dir()) == ["ok", "scratch"]
+    assert sorted(p.name for p in data.iterdir() if p.is_dir()) == ["masks", "ok", "scratch"]
     (data / "ok" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
 
     proc = run("fit", str(data), "--out", str(bundle), "--epochs", "2", "--size", "48", "--seed", "3",
                "--version", "e2e-1", "--allow-quantization-drop")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for needle in ("data check: 100 images", "corrupt.png", "epoch   1/2", "epoch   2/2", "quantized: int8",
+    for needle in ("data check: 100 images", "corrupt.png", "defect masks: 50 of 50", "map_loss",
+                   "epoch   1/2", "epoch   2/2", "quantized: int8",
                    "balanced_accuracy", "quantization gate", f"bundle: {bundle}"):
         assert needle in out, (needle, out)
     assert "Traceback" not in proc.stderr
@@ -221,6 +222,8 @@ def test_synth_fit_eval_end_to_end(tmp_path: Path) -> None:
     manifest = read_manifest(bundle)
     assert manifest.version == "e2e-1" and manifest.input.shape == (1, 48, 48, 1)
     assert manifest.dataset["unreadable_skipped"] == 1
+    assert manifest.training["masks"]["used"] is True
+    assert 30 <= manifest.training["masks"]["train_images_with_defect_mask"] <= 35  # of 35 training defects
 
     proc = run("eval", str(bundle), "--data", str(data), "--json")
     assert proc.returncode == 0, proc.stderr

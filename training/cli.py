@@ -118,6 +118,9 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
 @click.option("--patience", default=8, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
 @click.option("--no-augment", is_flag=True, help="Train without augmentation.")
+@click.option("--masks", "masks_dir", default=None, type=click.Path(path_type=Path),
+              help="Defect masks, <class>/<image name> (white = defect); any number of defect images may have one.  "
+              "[default: DATA_DIR/masks if it exists]")
 @click.option("--group-by", type=click.Choice(["none", "number"]), default="none", show_default=True,
               help="Keep near-duplicates in one split: 'number' groups files whose last file-name numbers are within --group-gap.")
 @click.option("--group-gap", default=100, show_default=True, type=click.IntRange(min=0))
@@ -142,6 +145,7 @@ def fit_command(
     learning_rate: float,
     patience: int,
     no_augment: bool,
+    masks_dir: Path | None,
     group_by: str,
     group_gap: int,
     defects: str,
@@ -178,6 +182,7 @@ def fit_command(
             learning_rate=learning_rate,
             patience=patience,
             augment=not no_augment,
+            masks=masks_dir,
             group_by=group_by,
             group_gap=group_gap,
             defects=defects,

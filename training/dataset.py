@@ -42,6 +42,11 @@ MIN_PER_CLASS = 10
 # Above this largest:smallest ratio the data check warns (training weights classes anyway).
 MAX_IMBALANCE = 20.0
 DEFAULT_FRACTIONS = (0.70, 0.15, 0.15)
+# DATA_DIR/masks/<class>/<image's path in its class folder> holds optional defect masks
+# (white = defect). It is not a class folder.
+MASKS_FOLDER = "masks"
+# A mask pixel counts as defect above this grey level (masks saved as JPEG stay usable).
+MASK_LEVEL = 127
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class DataReport:
     warnings: tuple[str, ...] = ()
     fingerprint: str = ""
     class_counts: Mapping[str, int] = field(default_factory=dict)
+    masks_dir: Path | None = None  # where defect masks were looked for, when that folder exists
+    masks: Mapping[Path, Path] = field(default_factory=dict)  # defect image -> its mask file
 
     @property
     def defect_labels(self) -> tuple[str, ...]:
@@ -96,6 +103,12 @@ class DataReport:
             lines.extend(f"    {dup} == {kept}" for dup, kept in self.duplicates[:20])
             if len(self.duplicates) > 20:
                 lines.append(f"    ... and {len(self.duplicates) - 20} more")
+        if self.masks_dir is not None:
+            defects = sum(1 for s in self.samples if s.label != self.pass_label)
+            lines.append(
+                f"  defect masks: {len(self.masks)} of {defects} defect images have one ({self.masks_dir}); "
+                "the network is told where those defects are"
+            )
         lines.extend(f"  warning: {w}" for w in self.warnings)
         lines.append(f"  fingerprint {self.fingerprint[:16]}…")
         return lines
@@ -115,6 +128,8 @@ class DataReport:
             "ignored_non_images": self.ignored,
             "imbalance": round(self.imbalance, 3),
             "warnings": list(self.warnings),
+            "masks_dir": str(self.masks_dir) if self.masks_dir is not None else None,
+            "masks": len(self.masks),
         }
 
 
@@ -140,7 +155,9 @@ def class_folders(data_dir: Path) -> list[Path]:
         )
     if not data_dir.is_dir():
         raise DataError(f"{data_dir} is a file, not a folder; pass a folder with one sub-folder of images per class")
-    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(
+        p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != MASKS_FOLDER
+    )
     if not folders:
         raise DataError(
             f"{data_dir} has no class folders; put the images in one sub-folder per class "
@@ -192,8 +209,14 @@ def scan_dataset(
     pass_label: str | None = None,
     min_per_class: int = MIN_PER_CLASS,
     max_imbalance: float = MAX_IMBALANCE,
+    masks_dir: Path | None = None,
 ) -> DataReport:
     """Check DATA_DIR before training and return what will be trained on.
+
+    Defect masks are looked for in ``masks_dir`` (default DATA_DIR/masks, when it exists):
+    ``<masks_dir>/<class>/<the image's path in its class folder>``, or the same name with
+    a ``.png`` suffix. Masks are optional and may cover only some defect images; masks of
+    pass-class images are not needed (a passing part has no defect pixels).
 
     Raises :class:`DataError` (one line that says what to do) for: a missing or empty folder,
     a single class, a ``pass_label`` that is not a class, no readable image at all, or a class
@@ -286,6 +309,7 @@ def scan_dataset(
         )
     if ignored:
         logger.info("ignored %s non-image files under %s", ignored, data_dir)
+    found_dir, masks = _find_masks(data_dir, masks_dir, samples, wanted, warnings)
 
     return DataReport(
         data_dir=data_dir,
@@ -299,7 +323,40 @@ def scan_dataset(
         warnings=tuple(warnings),
         fingerprint=dataset_fingerprint(samples),
         class_counts=class_counts,
+        masks_dir=found_dir,
+        masks=masks,
     )
+
+
+def _find_masks(
+    data_dir: Path, masks_dir: Path | None, samples: Sequence[Sample], pass_label: str, warnings: list[str]
+) -> tuple[Path | None, dict[Path, Path]]:
+    """Pair defect images with their mask files; a problem is a warning, never fatal."""
+    if masks_dir is None:
+        masks_dir = data_dir / MASKS_FOLDER
+        if not masks_dir.is_dir():
+            return None, {}
+    elif not masks_dir.is_dir():
+        raise DataError(f"masks folder {masks_dir} does not exist; pass a folder laid out as <class>/<image name>")
+    found: dict[Path, Path] = {}
+    for s in samples:
+        if s.label == pass_label:
+            continue
+        rel = s.path.relative_to(data_dir / s.label)
+        for candidate in (masks_dir / s.label / rel, (masks_dir / s.label / rel).with_suffix(".png")):
+            if candidate.is_file():
+                found[s.path] = candidate
+                break
+    files, _ = image_files(masks_dir)
+    unused = len(files) - len(set(found.values()))
+    if files and not found:
+        warnings.append(
+            f"{masks_dir} holds {len(files)} image(s) but none matches a defect image; masks go to "
+            f"{masks_dir}/<class>/<the image's file name>"
+        )
+    elif unused:
+        logger.info("%s mask file(s) in %s match no defect image and are ignored", unused, masks_dir)
+    return masks_dir, found
 
 
 @dataclass(frozen=True)
@@ -457,6 +514,49 @@ def load_arrays(samples: Sequence[Sample], prep: Preprocessing) -> np.ndarray:
     return out
 
 
+def load_masks(
+    samples: Sequence[Sample], masks: Mapping[Path, Path], images: np.ndarray, pass_label: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Defect masks at model size: (N, H, W) float32 defect coverage in [0, 1] and
+    (N,) bool, True where the mask is known.
+
+    A pass-class image is known to be clean (an all-zero mask). A defect image has a
+    known mask only when ``masks`` names its file. ``images`` are the model-size arrays of
+    :func:`load_arrays` (for the output size). A mask whose size differs from its image's,
+    or that cannot be read, is a :class:`DataError`: it was drawn for another picture.
+    """
+    n, h, w = images.shape[:3]
+    out = np.zeros((n, h, w), dtype=np.float32)
+    known = np.zeros(n, dtype=bool)
+    for i, s in enumerate(samples):
+        if s.label == pass_label:
+            known[i] = True
+            continue
+        mask_path = masks.get(s.path)
+        if mask_path is None:
+            continue
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise DataError(f"mask {mask_path} cannot be decoded; replace it with a png (white = defect) or delete it")
+        shape = _image_size(s.path)
+        if mask.shape != shape:
+            raise DataError(
+                f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {s.path} is "
+                f"{shape[1]}x{shape[0]}; a mask must have its image's size"
+            )
+        binary = (mask > MASK_LEVEL).astype(np.float32)
+        out[i] = cv2.resize(binary, (w, h), interpolation=cv2.INTER_AREA)
+        known[i] = True
+    return out, known
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise DataError(f"{path} can no longer be decoded (it changed since the data check; run again)")
+    return int(image.shape[0]), int(image.shape[1])
+
+
 def label_indices(samples: Sequence[Sample], labels: Sequence[str]) -> np.ndarray:
     """Class index of each sample in ``labels`` order."""
     index = {label: i for i, label in enumerate(labels)}
@@ -465,6 +565,7 @@ def label_indices(samples: Sequence[Sample], labels: Sequence[str]) -> np.ndarra
 
 __all__ = [
     "DEFAULT_PASS_LABEL",
+    "MASKS_FOLDER",
     "MAX_IMBALANCE",
     "MIN_PER_CLASS",
     "DataReport",
@@ -476,6 +577,7 @@ __all__ = [
     "label_indices",
     "list_images",
     "load_arrays",
+    "load_masks",
     "number_groups",
     "scan_dataset",
     "split_dataset",

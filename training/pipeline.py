@@ -39,6 +39,7 @@ from training.dataset import (
     Split,
     label_indices,
     load_arrays,
+    load_masks,
     number_groups,
     scan_dataset,
     split_dataset,
@@ -81,6 +82,7 @@ class FitOptions:
     patience: int = 8
     filters: int = 8
     augment: bool = True
+    masks: Path | None = None  # defect masks folder; default DATA_DIR/masks when it exists
     group_by: str = "none"  # "none" or "number" (see training.dataset.number_groups)
     # "merged": with more than one defect class the network learns pass vs defect (two
     # outputs), which is the decision the line needs; small defect classes then add to one
@@ -227,7 +229,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
 
     # 1-2. Data check and split.
     t0 = time.perf_counter()
-    data = scan_dataset(data_dir, pass_label=opts.pass_label, min_per_class=opts.min_per_class)
+    data = scan_dataset(data_dir, pass_label=opts.pass_label, min_per_class=opts.min_per_class, masks_dir=opts.masks)
     for line in data.summary_lines():
         say(line)
     groups = number_groups(data.samples, gap=opts.group_gap) if opts.group_by == "number" else None
@@ -250,6 +252,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     model_labels = [data.pass_label, MERGED_DEFECT_LABEL] if merged else list(labels)
     model_ys = {name: (y != pass_index).astype(np.int64) for name, y in ys.items()} if merged else ys
     fx = {name: to_float(arr, prep) for name, arr in raw_x.items()}
+    masks_train, mask_known = load_masks(split.train, data.masks, raw_x["train"], data.pass_label)
     durations["data"] = time.perf_counter() - t0
 
     # 3. Train (TensorFlow is imported only from here on).
@@ -270,16 +273,28 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         f"lr {opts.learning_rate}, class-weighted loss (imbalance {data.imbalance:.1f}:1)"
         + (f", outputs {model_labels[0]} / {MERGED_DEFECT_LABEL} (defect classes merged)" if merged else "")
     )
+    n_masked = int(np.sum(mask_known & (ys["train"] != pass_index)))
+    if n_masked:
+        say(f"  defect masks for {n_masked} of {int(np.sum(ys['train'] != pass_index))} training defects: the defect map learns from them")
 
     def on_epoch(log: Any) -> None:
         say(
             f"  epoch {log.epoch:>3}/{opts.epochs}  loss {log.loss:.4f}  acc {log.accuracy:.3f}  "
-            f"val_loss {log.val_loss:.4f}  val_bal_acc {log.val_accuracy:.3f}  {log.seconds:5.1f}s"
+            + (f"map_loss {log.map_loss:.4f}  " if log.map_loss is not None else "")
+            + f"val_loss {log.val_loss:.4f}  val_bal_acc {log.val_accuracy:.3f}  {log.seconds:5.1f}s"
             + ("  *" if log.best else "")
         )
 
     trained = model_mod.train_model(
-        fx["train"], model_ys["train"], fx["val"], model_ys["val"], len(model_labels), config, on_epoch=on_epoch
+        fx["train"],
+        model_ys["train"],
+        fx["val"],
+        model_ys["val"],
+        len(model_labels),
+        config,
+        masks_train=masks_train,
+        mask_known=mask_known,
+        on_epoch=on_epoch,
     )
     durations["train"] = trained.seconds
     say(f"  best epoch {trained.best_epoch} of {trained.epochs_run} (weights restored), {trained.seconds:.0f}s")
@@ -469,7 +484,13 @@ def _finish(
         "class_weighting": "balanced (n / (classes x n_class))",
         "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
         "augmentation": config.augmentation.to_dict(),
-        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width},
+        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": config.head},
+        "masks": {
+            "used": trained.used_masks,
+            "train_images_with_defect_mask": trained.masked_images,
+            "mask_weight": config.mask_weight,
+            "mask_pos_weight": config.mask_pos_weight,
+        },
         "parameters": int(trained.model.count_params()),
         "representative_images": representative_n,
         "quantization": "full-integer int8 post-training (TFLITE_BUILTINS_INT8, int8 input and output)",

@@ -52,6 +52,7 @@ import cv2
 import numpy as np
 
 from edge.exceptions import CameraError, ImageError
+from training.dataset import MASKS_FOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ DEFECT_LABEL = "scratch"
 CLASSES = (PASS_LABEL, DEFECT_LABEL)
 SURFACES = ("brushed_metal", "glass", "matte_plastic")
 FAINT_FRACTION = 0.15
+# A mask pixel is a defect pixel where the scratch covers at least this much of it.
+MASK_COVERAGE = 0.1
 VIDEO_FOURCC = {".avi": "MJPG", ".mkv": "MJPG", ".mp4": "mp4v"}
 
 _SS = 4  # supersampling factor for strokes and dots
@@ -451,11 +454,13 @@ def _scratch_path(rng: Rng, size: int, length: float) -> np.ndarray:
 
 
 def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma: float,
-               kind: str, mean: float) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Dark and bright (absolute) scratch deltas to apply to the face, and descriptions."""
+               kind: str, mean: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Dark and bright (absolute) scratch deltas to apply to the face, the scratches'
+    footprint (coverage in [0, 1], lips included) and descriptions."""
     k = size / 160
     dark = np.zeros((size, size), np.float32)
     bright = np.zeros((size, size), np.float32)
+    footprint = np.zeros((size, size), np.float32)
     count = int(rng.choice([1, 2, 3], p=[0.65, 0.25, 0.1]))
     idx = np.flatnonzero(face_w.ravel() > 0.99)
     descs: list[dict[str, Any]] = []
@@ -509,13 +514,15 @@ def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma
             lip_pts = pts + normal * side * (width * 0.5 + 0.6 * k)
             lip = _stroke(size, lip_pts, np.maximum(0.5 * k, widths * 0.5), profile * 0.9) * face_w
             np.maximum(bright, np.float32(contrast * rng.uniform(0.4, 0.9)) * lip, out=bright)
+            np.maximum(footprint, lip, out=footprint)
+        np.maximum(footprint, mask, out=footprint)
         if polarity == "dark":
             dark = np.maximum(dark, np.float32(contrast) * mask)
         else:
             bright = np.maximum(bright, np.float32(contrast) * mask)
         descs.append({"polarity": polarity, "width_px": round(width, 2), "length_px": round(length, 1),
                       "contrast": round(float(contrast), 4), "highlight": bool(highlight)})
-    return dark, bright, descs
+    return dark, bright, footprint, descs
 
 
 def _debris(rng: Rng, size: int) -> tuple[np.ndarray, np.ndarray, int, int]:
@@ -586,6 +593,15 @@ def render_part(rng: Rng, size: int, scratched: bool, kind: str | None = None
     Two generators in the same state give the same part for ``scratched`` True and
     False, differing only by the scratches (handy for paired checks).
     """
+    img, _mask, desc = render_part_and_mask(rng, size, scratched, kind)
+    return img, desc
+
+
+def render_part_and_mask(rng: Rng, size: int, scratched: bool, kind: str | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """:func:`render_part` plus the defect mask: uint8 ``size`` x ``size``, 255 where a
+    scratch (or its lip) covers at least a tenth of a pixel, 0 elsewhere and on every
+    unscratched part. The same generator state gives the same image as render_part."""
     kind = _pick_kind(rng, kind)
     face, info = _texture(rng, size, kind)
     gain, glare, n_glare = _lighting(rng, size, info)
@@ -600,13 +616,15 @@ def render_part(rng: Rng, size: int, scratched: bool, kind: str | None = None
     face_w = np.ones_like(face) if d is None else np.clip(d - 8 * size / 160, 0, 1)
     scratches: list[dict[str, Any]] = []
     faint = False
+    mask = np.zeros((size, size), np.uint8)
     # scratches draw from their own stream, so the rest of the picture is the same part
     # whether or not it is scratched: render_part(rng_a, s, True) and (rng_b, s, False)
     # with equal generators differ only by the scratches
     scratch_rng = np.random.default_rng(int(rng.integers(2**63)))
     if scratched:
         faint = bool(scratch_rng.random() < FAINT_FRACTION)
-        s_dark, s_bright, scratches = _scratches(scratch_rng, size, face_w, faint, sigma, kind, mean)
+        s_dark, s_bright, footprint, scratches = _scratches(scratch_rng, size, face_w, faint, sigma, kind, mean)
+        mask[footprint >= MASK_COVERAGE] = 255
         face = face * (1 - s_dark / max(mean, 1e-3)) + s_bright
     img = _compose_geometry(rng, face, d, size)
     dust_dark, dust_bright, n_dust, n_fibres = _debris(rng, size)
@@ -626,7 +644,7 @@ def render_part(rng: Rng, size: int, scratched: bool, kind: str | None = None
         "faint": faint,
         "scratch": scratches,
     }
-    return out, desc
+    return out, mask, desc
 
 
 def _check_args(count: int, size: int, scratch_fraction: float) -> None:
@@ -646,6 +664,13 @@ def _assign(rng: Rng, count: int, scratch_fraction: float) -> np.ndarray:
     return rng.permutation(flags)
 
 
+def _png(img: np.ndarray, i: int) -> bytes:
+    ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
+    if not ok:  # pragma: no cover - PNG encoding of a uint8 array does not fail
+        raise ImageError(f"OpenCV could not encode image {i} as PNG; check the OpenCV install")
+    return buf.tobytes()
+
+
 def _write_images(out_dir: Path, seed: int, size: int, digits: int,
                   items: list[tuple[int, bool]]) -> list[dict[str, Any]]:
     """Render, encode and write the images ``items`` = [(index, scratched)]; return
@@ -653,12 +678,11 @@ def _write_images(out_dir: Path, seed: int, size: int, digits: int,
     written: list[dict[str, Any]] = []
     for i, scratched in items:
         cls = DEFECT_LABEL if scratched else PASS_LABEL
-        img, desc = render_part(np.random.default_rng([seed, i]), size, scratched)
-        ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
-        if not ok:  # pragma: no cover - PNG encoding of a uint8 array does not fail
-            raise ImageError(f"OpenCV could not encode image {i} as PNG; check the OpenCV install")
+        img, mask, desc = render_part_and_mask(np.random.default_rng([seed, i]), size, scratched)
         rel = f"{cls}/{cls}_{i:0{digits}d}.png"
-        (out_dir / rel).write_bytes(buf.tobytes())
+        (out_dir / rel).write_bytes(_png(img, i))
+        if scratched:  # unscratched parts need no mask: the pass class has no defect pixels
+            (out_dir / MASKS_FOLDER / rel).write_bytes(_png(mask, i))
         written.append({"file": rel, **desc})
     return written
 
@@ -673,9 +697,11 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
     Files are named ``<class>_<index>.png`` where index is the image's position in the
     dataset; image i is drawn from ``default_rng([seed, i])``, and the same arguments
     give byte-identical files, whatever ``workers`` is. Exactly
-    ``round(count * scratch_fraction)`` images are scratched. Old ``ok_*.png`` and
-    ``scratch_*.png`` files in those folders are removed first so a rerun never mixes
-    two datasets; other files are left alone.
+    ``round(count * scratch_fraction)`` images are scratched. Each scratched image gets
+    its defect mask (see :func:`render_part_and_mask`) at OUT_DIR/masks/scratch/ under
+    the same name: `train fit` uses masks to tell the network where the defects are.
+    Old ``ok_*.png`` and ``scratch_*.png`` files in those folders are removed first so a
+    rerun never mixes two datasets; other files are left alone.
 
     ``workers`` > 1 renders in that many spawned processes (worth it from a few thousand
     images on an otherwise idle machine); ``progress(done, total)`` is then called per
@@ -691,8 +717,7 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
     out_dir = Path(out_dir)
     flags = _assign(np.random.default_rng([seed, 2**31]), count, scratch_fraction)
     removed = 0
-    for cls in CLASSES:
-        folder = out_dir / cls
+    for folder in [out_dir / cls for cls in CLASSES] + [out_dir / MASKS_FOLDER / DEFECT_LABEL]:
         folder.mkdir(parents=True, exist_ok=True)
         for old in folder.iterdir():
             if _FILE_RE.match(old.name):
