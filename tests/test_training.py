@@ -26,6 +26,7 @@ from training.dataset import (
     dataset_fingerprint,
     label_indices,
     load_arrays,
+    load_masks,
     number_groups,
     scan_dataset,
     split_dataset,
@@ -181,6 +182,65 @@ def test_load_arrays_uses_edge_preprocessing(tmp_path: Path) -> None:
     assert arrays.shape == (20, 12, 16, 1) and arrays.dtype == np.uint8
     np.testing.assert_array_equal(arrays[0], resize_uint8(read_image(report.samples[0].path), prep))
     assert label_indices(report.samples, report.labels).tolist() == [0] * 10 + [1] * 10
+
+
+def test_masks_are_paired_by_name_and_resized_with_their_image(tmp_path: Path) -> None:
+    """DATA_DIR/masks/<class>/<name> (same name, or .png for a .jpg) is the mask of a defect
+    image; masks is not a class; pass images count as known-clean; a defect image without
+    a mask is unknown. A wrong-size mask is a one-line error naming both files."""
+    from edge.protocol import Preprocessing
+
+    write_images(tmp_path / "ok", 10, seed=1)
+    defects = write_images(tmp_path / "scratch", 10, seed=2)
+    masks = tmp_path / "masks" / "scratch"
+    masks.mkdir(parents=True)
+    mask = np.zeros((24, 27), np.uint8)
+    mask[:, 9:12] = 255  # a vertical band, columns 9-11 of 27
+    for path in defects[:4]:
+        assert cv2.imwrite(str(masks / path.name), mask)
+    (masks / "stray.png").write_bytes(b"not read")
+    report = scan_dataset(tmp_path)
+    assert report.labels == ("ok", "scratch")
+    assert report.masks_dir == tmp_path / "masks" and len(report.masks) == 4
+    assert any("defect masks: 4 of 10" in line for line in report.summary_lines())
+    assert report.to_dict()["masks"] == 4
+
+    prep = Preprocessing(width=9, height=8)
+    images = load_arrays(report.samples, prep)
+    cover, known = load_masks(report.samples, report.masks, images, "ok")
+    assert cover.shape == (20, 8, 9) and known.tolist() == [True] * 10 + [True] * 4 + [False] * 6
+    assert not cover[:10].any() and not cover[14:].any()
+    # 27 -> 9 columns: the band lands on column 3, fully, and nowhere else
+    np.testing.assert_allclose(cover[10, :, 3], 1.0)
+    assert cover[10].sum() == pytest.approx(8.0)
+
+    assert cv2.imwrite(str(masks / defects[0].name), np.zeros((10, 10), np.uint8))
+    with pytest.raises(DataError, match=r"mask .*scratch/img_0000.png is 10x10 but its image .* is 27x24"):
+        load_masks(scan_dataset(tmp_path).samples, scan_dataset(tmp_path).masks, images, "ok")
+    with pytest.raises(DataError, match="masks folder .*nowhere does not exist"):
+        scan_dataset(tmp_path, masks_dir=tmp_path / "nowhere")
+
+
+def test_masks_move_with_their_images_and_become_map_cells() -> None:
+    pytest.importorskip("tensorflow")
+    from training.model import Augmentation, augment_with_masks, map_targets
+
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 32, 32, 1)).astype(np.float32)
+    m = np.zeros((16, 32, 32), np.float32)
+    m[:, 2, 5] = 1.0  # one defect pixel, in cell (0, 0)
+    x[:, 2, 5, 0] = 5.0  # and the image marks the same pixel (clipped to 1 by augment)
+    aug = Augmentation(brightness=0.0, contrast=0.0, noise=0.0)
+    xa, ma = augment_with_masks(x, m, aug, np.random.default_rng(1))
+    assert ma is not None
+    for i in range(16):
+        assert np.argwhere(ma[i] == 1.0).tolist() == np.argwhere(xa[i, :, :, 0] == 1.0).tolist()
+    cells = map_targets(ma, 4, 4)
+    assert cells.shape == (16, 4, 4, 1) and cells.sum() == 16
+    corners = {tuple(np.argwhere(c[:, :, 0])[0]) for c in cells}
+    assert corners <= {(0, 0), (0, 3), (3, 0), (3, 3)} and len(corners) > 1  # flips and turns moved it
+    weak = np.full((1, 16, 16), 0.2, np.float32)  # under MAP_CELL_COVERAGE everywhere
+    assert map_targets(weak, 2, 2).sum() == 0
 
 
 # --------------------------------------------------------------------------- split

@@ -484,7 +484,7 @@ def _finish(
         "class_weighting": "balanced (n / (classes x n_class))",
         "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
         "augmentation": config.augmentation.to_dict(),
-        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": config.head},
+        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head},
         "masks": {
             "used": trained.used_masks,
             "train_images_with_defect_mask": trained.masked_images,

@@ -174,7 +174,14 @@ def model_card(manifest: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
         "",
         f"{tr['epochs_run']} epochs (best {tr['best_epoch']}), batch {tr['batch_size']}, learning rate "
         f"{tr['learning_rate']}, seed {tr['seed']}, TensorFlow {tr['tf_version']}; "
-        f"{tr['parameters']} parameters; trained in {tr['durations_s'].get('train', 0):.0f} s.",
+        f"{tr['parameters']} parameters ({tr.get('architecture', {}).get('head', 'features')} head); "
+        f"trained in {tr['durations_s'].get('train', 0):.0f} s."
+        + (
+            f" Defect masks of {tr['masks']['train_images_with_defect_mask']} training images taught the defect map "
+            "where the defects are."
+            if tr.get("masks", {}).get("used")
+            else ""
+        ),
         "",
         "## Limitations",
         "",
