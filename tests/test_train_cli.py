@@ -223,6 +223,7 @@ def test_synth_fit_eval_end_to_end(tmp_path: Path) -> None:
     assert manifest.version == "e2e-1" and manifest.input.shape == (1, 48, 48, 1)
     assert manifest.dataset["unreadable_skipped"] == 1
     assert manifest.training["masks"]["used"] is True
+    assert manifest.training["architecture"]["head"] == "map"
     assert 30 <= manifest.training["masks"]["train_images_with_defect_mask"] <= 35  # of 35 training defects
 
     proc = run("eval", str(bundle), "--data", str(data), "--json")
