@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import time
@@ -56,7 +57,20 @@ logger = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
 DEFAULT_SIZE = 128
-DEFAULT_EPOCHS = 40
+# Without --epochs a fit gets about this many training-image passes, whatever the data size:
+# about 400 s of training on the 2-core build box (~140 images/s). 4000 synthetic images
+# (2800 to train) for 20 epochs learned more than 2000 for 30 (validation ROC AUC 0.95
+# against 0.92): images seen once are worth more than images seen again.
+AUTO_EPOCH_IMAGES = 56_000
+AUTO_EPOCHS_RANGE = (10, 60)
+
+
+def auto_epochs(n_train: int) -> int:
+    """Epochs for ``n_train`` training images when --epochs is not given."""
+    low, high = AUTO_EPOCHS_RANGE
+    return max(low, min(high, math.ceil(AUTO_EPOCH_IMAGES / max(1, n_train))))
+
+
 MAX_QUANTIZATION_DROP = 1.0  # balanced-accuracy points
 # The model's defect output when several defect classes are merged (see FitOptions.defects).
 MERGED_DEFECT_LABEL = "defect"
@@ -67,7 +81,7 @@ LATENCY_SAMPLES = 200
 class FitOptions:
     """Every knob of ``train fit``; the defaults are the ones the CLI uses."""
 
-    epochs: int = DEFAULT_EPOCHS
+    epochs: int | None = None  # None: auto_epochs(training images)
     seed: int = 0
     pass_label: str | None = None
     target_recall: float = DEFAULT_TARGET_RECALL
@@ -98,7 +112,7 @@ class FitOptions:
     latency_samples: int = LATENCY_SAMPLES
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
+        if self.epochs is not None and self.epochs < 1:
             raise ValueError("epochs must be at least 1")
         if not 0.0 < self.target_recall <= 1.0:
             raise ValueError("target recall must be in (0, 1]")
@@ -255,12 +269,15 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     masks_train, mask_known = load_masks(split.train, data.masks, raw_x["train"], data.pass_label)
     durations["data"] = time.perf_counter() - t0
 
+    epochs = opts.epochs or auto_epochs(len(split.train))
+
     # 3. Train (TensorFlow is imported only from here on).
     from training import export as export_mod
     from training import model as model_mod
 
     config = model_mod.TrainConfig(
-        epochs=opts.epochs,
+        epochs=epochs,
+        min_epochs=max(1, epochs // 2),
         batch_size=opts.batch_size,
         learning_rate=opts.learning_rate,
         patience=opts.patience,
@@ -269,7 +286,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
     )
     say(
-        f"training: {opts.size}x{opts.height or opts.size} {opts.color_mode}, up to {opts.epochs} epochs, batch {opts.batch_size}, "
+        f"training: {opts.size}x{opts.height or opts.size} {opts.color_mode}, up to {epochs} epochs{'' if opts.epochs else ' (auto)'}, batch {opts.batch_size}, "
         f"lr {opts.learning_rate}, class-weighted loss (imbalance {data.imbalance:.1f}:1)"
         + (f", outputs {model_labels[0]} / {MERGED_DEFECT_LABEL} (defect classes merged)" if merged else "")
     )
@@ -279,7 +296,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
 
     def on_epoch(log: Any) -> None:
         say(
-            f"  epoch {log.epoch:>3}/{opts.epochs}  loss {log.loss:.4f}  acc {log.accuracy:.3f}  "
+            f"  epoch {log.epoch:>3}/{epochs}  loss {log.loss:.4f}  acc {log.accuracy:.3f}  "
             + (f"map_loss {log.map_loss:.4f}  " if log.map_loss is not None else "")
             + f"val_loss {log.val_loss:.4f}  val_bal_acc {log.val_accuracy:.3f}  {log.seconds:5.1f}s"
             + ("  *" if log.best else "")
@@ -471,7 +488,8 @@ def _finish(
         "warnings": list(data.warnings),
     }
     training_info = {
-        "epochs": opts.epochs,
+        "epochs": config.epochs,
+        "epochs_chosen": "given" if opts.epochs else f"auto: ceil({AUTO_EPOCH_IMAGES} / training images) in {list(AUTO_EPOCHS_RANGE)}",
         "epochs_run": trained.epochs_run,
         "best_epoch": trained.best_epoch,
         "stopped_early": trained.stopped_early,
@@ -586,4 +604,4 @@ def _finish(
     )
 
 
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_SIZE", "FitOptions", "FitResult", "fit", "quantization_gate"]
+__all__ = ["AUTO_EPOCH_IMAGES", "DEFAULT_SIZE", "FitOptions", "FitResult", "auto_epochs", "fit", "quantization_gate"]

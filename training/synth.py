@@ -56,7 +56,7 @@ from training.dataset import MASKS_FOLDER
 
 logger = logging.getLogger(__name__)
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 2  # 2: defect masks in masks/<class>/
 PASS_LABEL = "ok"
 DEFECT_LABEL = "scratch"
 CLASSES = (PASS_LABEL, DEFECT_LABEL)
