@@ -184,8 +184,8 @@ def build_networks(
     2x2 max pooling (a thin scratch survives a max, a strided convolution can step over
     it), a depthwise-separable block at 1/8 and the 1x1 convolution that makes the defect
     map. ``head="map"`` (two classes, trained with masks): the input first loses its local
-    level (:func:`_local_contrast`) and the softmax reads the map's max and mean (a defect
-    anywhere fails the part). ``head="features"`` (no masks, or more than two
+    level (:func:`_local_contrast`) and the softmax reads the map's max (a defect anywhere
+    fails the part). ``head="features"`` (no masks, or more than two
     classes): a second separable block at 1/16, global average + max pooling and a dense
     softmax, which can tell defect kinds apart and sees overall shading (the magnetic
     tiles' "uneven" defects); the map is then an auxiliary output, trained only on masks.
@@ -206,15 +206,14 @@ def build_networks(
     x = _separable_block(x, filters * 8, 1, "sep4")
     defect_map = keras.layers.Conv2D(1, 1, name="defect_map")(x)
     if head == "map":
-        features = [
-            keras.layers.GlobalMaxPooling2D(name="map_max")(defect_map),
-            keras.layers.GlobalAveragePooling2D(name="map_mean")(defect_map),
-        ]
+        # The max alone: the map's mean would be its quantized range's lower clip for the
+        # many strongly clean cells, and it moved int8 scores off float (docs/training.md).
+        features = [keras.layers.GlobalMaxPooling2D(name="map_max")(defect_map)]
     else:
         x = keras.layers.MaxPooling2D(name="pool4")(x)
         x = _separable_block(x, filters * 16, 1, "sep5")
         features = [keras.layers.GlobalAveragePooling2D(name="gap")(x), keras.layers.GlobalMaxPooling2D(name="gmp")(x)]
-    pooled = keras.layers.Concatenate(name="pool")(features)
+    pooled = features[0] if len(features) == 1 else keras.layers.Concatenate(name="pool")(features)
     if dropout > 0 and head == "features":
         pooled = keras.layers.Dropout(dropout, name="dropout")(pooled)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(pooled)
@@ -450,6 +449,35 @@ def train_model(
     )
 
 
+def center_operating_point(
+    model: keras.Model, x_val: np.ndarray, is_defect_val: np.ndarray, pass_index: int, target_recall: float
+) -> float:
+    """Move a two-class model's operating point to the middle of its output range.
+
+    The target-recall threshold usually lands low (0.05-0.15 on the synthetic set: most
+    good parts score there), where the int8 softmax output has its coarsest resolution in
+    logit terms (a 1/256 step is 4x the logit change it is at 0.5) and a thick cluster of
+    good parts' scores sits on it, so rounding alone moved the false-reject rate by
+    points. Adding log((1 - t) / t) to the defect output's bias, with t the float model's
+    threshold for ``target_recall`` on validation, maps t to 0.5. The order of the scores,
+    and so every curve and threshold-based figure, is unchanged. Returns the shift.
+    """
+    probs = predict_proba(model, x_val)
+    scores = 1.0 - probs[:, pass_index]
+    defect_scores = np.sort(scores[np.asarray(is_defect_val, dtype=bool)])[::-1]
+    if probs.shape[1] != 2 or defect_scores.size == 0:
+        return 0.0
+    k = max(1, math.ceil(target_recall * defect_scores.size - 1e-9))
+    t = float(np.clip(defect_scores[k - 1], 1e-4, 1 - 1e-4))
+    shift = float(np.clip(math.log((1 - t) / t), -8.0, 8.0))
+    dense = model.get_layer("probabilities")
+    kernel, bias = dense.get_weights()
+    bias = bias.copy()
+    bias[1 - pass_index] += shift
+    dense.set_weights([kernel, bias])
+    return shift
+
+
 def model_summary(model: keras.Model) -> dict[str, Any]:
     """Parameter count and layer names, for the manifest."""
     return {"name": model.name, "parameters": int(model.count_params()), "layers": len(model.layers)}
@@ -464,6 +492,7 @@ __all__: Sequence[str] = [
     "augment_with_masks",
     "build_model",
     "build_networks",
+    "center_operating_point",
     "class_weights",
     "map_targets",
     "predict_proba",

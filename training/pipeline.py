@@ -302,6 +302,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
             + ("  *" if log.best else "")
         )
 
+    t_train = time.perf_counter()
     trained = model_mod.train_model(
         fx["train"],
         model_ys["train"],
@@ -313,8 +314,16 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         mask_known=mask_known,
         on_epoch=on_epoch,
     )
-    durations["train"] = trained.seconds
     say(f"  best epoch {trained.best_epoch} of {trained.epochs_run} (weights restored), {trained.seconds:.0f}s")
+
+    shift = 0.0
+    if len(model_labels) == 2:
+        model_pass = model_labels.index(data.pass_label)
+        shift = model_mod.center_operating_point(
+            trained.model, fx["val"], model_ys["val"] != model_pass, model_pass, opts.target_recall
+        )
+        say(f"  operating point moved to the middle of the output range (defect logit {shift:+.2f})")
+    durations["train"] = time.perf_counter() - t_train
 
     # 4. Quantize.
     t0 = time.perf_counter()
@@ -346,6 +355,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
             model_labels=model_labels,
             trained=trained,
             config=config,
+            shift=shift,
             int8_bytes=int8_bytes,
             float_bytes=float_bytes,
             in_spec=in_spec,
@@ -378,6 +388,7 @@ def _finish(
     pass_index: int,
     model_labels: list[str],
     trained: Any,
+    shift: float,
     config: Any,
     int8_bytes: bytes,
     float_bytes: bytes,
@@ -500,6 +511,7 @@ def _finish(
         "patience": config.patience,
         "early_stopping": "val loss (class-weighted), best weights restored",
         "class_weighting": "balanced (n / (classes x n_class))",
+        "operating_point_shift": round(shift, 4),
         "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
         "augmentation": config.augmentation.to_dict(),
         "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head},
