@@ -171,6 +171,7 @@ def build_networks(
     filters: int = 8,
     dropout: float = 0.2,
     head: str = "map",
+    pass_index: int = 0,
 ) -> tuple[keras.Model, keras.Model]:
     """The inspection CNN, as (classifier, trainer).
 
@@ -216,7 +217,15 @@ def build_networks(
     pooled = features[0] if len(features) == 1 else keras.layers.Concatenate(name="pool")(features)
     if dropout > 0 and head == "features":
         pooled = keras.layers.Dropout(dropout, name="dropout")(pooled)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(pooled)
+    dense = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")
+    outputs = dense(pooled)
+    if head == "map":
+        # Start with P(defect) = sigmoid(map max): the map's training turns into image
+        # decisions from the first step. A random start can have the wrong sign, and then
+        # the class loss pushes the map's max down on defect images, against the masks
+        # (seen as a run stuck at chance with the map half-trained).
+        dense.set_weights([np.array([[-0.5, 0.5]] if pass_index == 0 else [[0.5, -0.5]], np.float32),
+                           np.zeros(2, np.float32)])
     classifier = keras.Model(inputs, outputs, name="linewatch_cnn")
     trainer = keras.Model(inputs, [outputs, defect_map], name="linewatch_cnn_with_map")
     return classifier, trainer
@@ -330,10 +339,12 @@ def train_model(
     *,
     masks_train: np.ndarray | None = None,
     mask_known: np.ndarray | None = None,
+    pass_index: int = 0,
     on_epoch: Callable[[EpochLog], None] | None = None,
 ) -> TrainResult:
     """Train from float inputs in [0, 1] with class weighting and early stopping on val loss.
 
+    ``pass_index``: the pass class's output (the map head starts as "defect = map max").
     ``masks_train`` (N, H, W) defect coverage and ``mask_known`` (N,) bool: where a mask is
     known, the defect map is trained on it as well (weighted binary cross-entropy per
     cell, ``config.mask_weight``); a pass image is known to be clean. Without any known
@@ -361,6 +372,7 @@ def train_model(
         filters=config.width,
         dropout=config.dropout,
         head=head,
+        pass_index=pass_index,
     )
     map_h, map_w = int(trainer.outputs[1].shape[1]), int(trainer.outputs[1].shape[2])
     mask_w = mask_known.astype(np.float32) if use_masks else np.zeros(n, np.float32)

@@ -312,6 +312,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         config,
         masks_train=masks_train,
         mask_known=mask_known,
+        pass_index=model_labels.index(data.pass_label),
         on_epoch=on_epoch,
     )
     say(f"  best epoch {trained.best_epoch} of {trained.epochs_run} (weights restored), {trained.seconds:.0f}s")
