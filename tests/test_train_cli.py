@@ -191,6 +191,9 @@ def test_gate_decision() -> None:
     assert failed["passed"] is False and failed["drop_points"] == pytest.approx(2.0)
     assert quantization_gate(0.97, 0.95, 1.0, allow=True)["passed"] is True
     assert quantization_gate(0.90, 0.95, 1.0, allow=False)["passed"] is True  # int8 better
+    # exactly the limit is not "more than" it (0.705 - 0.695 is 1.0000000000000009 in floats)
+    assert quantization_gate(0.705, 0.695, 1.0, allow=False)["passed"] is True
+    assert quantization_gate(0.705, 0.6949, 1.0, allow=False)["passed"] is False
 
 
 # --------------------------------------------------------------------------- end to end
