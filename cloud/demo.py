@@ -49,6 +49,19 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def _fit(data: Path, bundle: Path, epochs: int, *, seed: int, version: str) -> None:
+    """`train fit` with its progress on the terminal.
+
+    The demo accepts a failed quantization gate (and says so): its short fits stop at a
+    steep point of the ROC, where int8 and float land a point or two apart from run to run
+    (docs/training.md). A plant's own fits keep the gate.
+    """
+    cmd = [*_linewatch(), "train", "fit", str(data), "--out", str(bundle), "--epochs", str(epochs),
+           "--seed", str(seed), "--version", version, "--allow-quantization-drop"]
+    if subprocess.run(cmd).returncode != 0:
+        raise click.ClickException(f"`linewatch train fit` for {bundle.name} failed (see above)")
+
+
 def _json(*args: str) -> Any:
     return json.loads(_run(*args).stdout)
 
@@ -114,13 +127,13 @@ def demo(out_dir: Path, count: int, epochs: int, parts: int, retrain: bool) -> N
     if retrain or not (bundle / "manifest.json").exists():
         shutil.rmtree(data, ignore_errors=True)
         _run("train", "synth", str(data), "--count", str(count), "--seed", "1")
-        subprocess.run([*_linewatch(), "train", "fit", str(data), "--out", str(bundle), "--epochs", str(epochs), "--seed", "1", "--version", "1.0.0"], check=True)
+        _fit(data, bundle, epochs, seed=1, version="1.0.0")
     else:
         click.echo(f"reusing {bundle} (--retrain to train again)")
     bundle2 = out_dir / "bundle-v2"
     if retrain or not (bundle2 / "manifest.json").exists():
         click.echo("a second version (another seed), to push over the air later")
-        subprocess.run([*_linewatch(), "train", "fit", str(data), "--out", str(bundle2), "--epochs", str(epochs), "--seed", "2", "--version", "2.0.0"], check=True)
+        _fit(data, bundle2, epochs, seed=2, version="2.0.0")
     metrics = _json("train", "eval", str(bundle), "--data", str(data), "--json")
     click.echo(
         f"int8 model on the whole synthetic set: balanced accuracy {metrics['balanced_accuracy']:.3f}, "
