@@ -347,8 +347,8 @@ def train_model(
     ``pass_index``: the pass class's output (the map head starts as "defect = map max").
     ``masks_train`` (N, H, W) defect coverage and ``mask_known`` (N,) bool: where a mask is
     known, the defect map is trained on it as well (weighted binary cross-entropy per
-    cell, ``config.mask_weight``); a pass image is known to be clean. Without any known
-    defect mask the map learns from the image labels alone (its max decides the image).
+    cell, ``config.mask_weight``); a pass image is known to be clean. Without any mask that
+    shows a defect the map is not trained, and head "auto" picks the features head.
 
     The weights of the epoch with the lowest (class-weighted) validation loss are restored.
     Same arrays + same ``config`` give the same weights: seeds are set here, TF ops are
@@ -357,11 +357,13 @@ def train_model(
     set_seed(config.seed)
     t_start = time.perf_counter()
     n = len(x_train)
-    if masks_train is None or mask_known is None:
-        masks_train, mask_known = np.zeros(x_train.shape[:3], np.float32), np.zeros(n, bool)
+    if mask_known is None:
+        mask_known = np.zeros(n, bool)
     # With only clean masks (pass images) the map would learn "never a defect": then the
-    # image labels alone train it.
-    masked_images = int(np.sum(mask_known & (masks_train.reshape(n, -1).max(axis=1) > 0)))
+    # image labels alone train the network.
+    masked_images = (
+        int(np.sum(mask_known & (masks_train.reshape(n, -1).max(axis=1) > 0))) if masks_train is not None else 0
+    )
     use_masks = masked_images > 0
     head = config.head if config.head != "auto" else ("map" if use_masks else "features")
     model, trainer = build_networks(
@@ -412,7 +414,9 @@ def train_model(
         optimizer.learning_rate.assign(lr)
         rng = np.random.default_rng([config.seed, epoch])
         order = rng.permutation(n)
-        xb, mb = augment_with_masks(x_train[order], masks_train[order] if use_masks else None, config.augmentation, rng)
+        xb, mb = augment_with_masks(
+            x_train[order], masks_train[order] if use_masks and masks_train is not None else None, config.augmentation, rng
+        )
         cells = map_targets(mb, map_h, map_w) if mb is not None else np.zeros((n, map_h, map_w, 1), np.float32)
         yb, wb, cwb = y_train[order], sample_w[order], mask_w[order]
         losses, map_losses, correct = [], [], 0.0
