@@ -195,14 +195,33 @@ class SQLiteStore:
             conn.row_factory = sqlite3.Row
             self.db = sqlite_utils.Database(conn, execute_plugins=False)
             if not readonly:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
-                self._migrate()
+                self._prepare(conn, synchronous, busy_timeout_s)
             elif not self.db["results"].exists():
                 raise StoreError(f"{self.path} is not a Linewatch cloud store (no results table)")
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the cloud store ({exc}); check the path and its permissions") from exc
         self.conn = conn
+
+    def _prepare(self, conn: sqlite3.Connection, synchronous: str, busy_timeout_s: float) -> None:
+        """WAL mode and the schema, retried while another process does the same.
+
+        Switching a new database to WAL takes an exclusive lock, and SQLite answers
+        "database is locked" at once, without its busy handler, when two workers start
+        on the same file together; the second one waits here instead.
+        """
+        deadline = time.monotonic() + busy_timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+                self._migrate()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                time.sleep(0.05)
 
     # -- plumbing ----------------------------------------------------------------------------
 
