@@ -231,23 +231,6 @@ def build_networks(
     return classifier, trainer
 
 
-def build_model(
-    num_classes: int,
-    *,
-    height: int = 128,
-    width: int = 128,
-    channels: int = 1,
-    filters: int = 8,
-    dropout: float = 0.2,
-    head: str = "map",
-) -> keras.Model:
-    """The exported classifier of :func:`build_networks` alone."""
-    classifier, _ = build_networks(
-        num_classes, height=height, width=width, channels=channels, filters=filters, dropout=dropout, head=head
-    )
-    return classifier
-
-
 def augment(images: np.ndarray, aug: Augmentation, rng: np.random.Generator) -> np.ndarray:
     """Float images (N, H, W, C) in [0, 1] -> a randomly changed copy, still in [0, 1]."""
     return augment_with_masks(images, None, aug, rng)[0]
@@ -506,7 +489,6 @@ __all__: Sequence[str] = [
     "TrainResult",
     "augment",
     "augment_with_masks",
-    "build_model",
     "build_networks",
     "center_operating_point",
     "class_weights",
