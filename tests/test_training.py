@@ -223,24 +223,35 @@ def test_masks_are_paired_by_name_and_resized_with_their_image(tmp_path: Path) -
 
 def test_masks_move_with_their_images_and_become_map_cells() -> None:
     pytest.importorskip("tensorflow")
-    from training.model import Augmentation, augment_with_masks, map_targets
+    import tensorflow as tf
+
+    from training.model import Augmentation, augment_batch, map_cells
 
     rng = np.random.default_rng(0)
-    x = rng.random((16, 32, 32, 1)).astype(np.float32)
-    m = np.zeros((16, 32, 32), np.float32)
+    x = rng.random((32, 32, 32, 1)).astype(np.float32)
+    m = np.zeros((32, 32, 32, 1), np.float32)
     m[:, 2, 5] = 1.0  # one defect pixel, in cell (0, 0)
     x[:, 2, 5, 0] = 5.0  # and the image marks the same pixel (clipped to 1 by augment)
     aug = Augmentation(brightness=0.0, contrast=0.0, noise=0.0)
-    xa, ma = augment_with_masks(x, m, aug, np.random.default_rng(1))
-    assert ma is not None
-    for i in range(16):
-        assert np.argwhere(ma[i] == 1.0).tolist() == np.argwhere(xa[i, :, :, 0] == 1.0).tolist()
-    cells = map_targets(ma, 4, 4)
-    assert cells.shape == (16, 4, 4, 1) and cells.sum() == 16
+    seed = tf.constant([1, 7], tf.int64)
+    xa, ma = augment_batch(tf.constant(x), tf.constant(m), aug, seed)
+    xa, ma = xa.numpy(), ma.numpy()
+    for i in range(32):
+        assert np.argwhere(ma[i, :, :, 0] == 1.0).tolist() == np.argwhere(xa[i, :, :, 0] == 1.0).tolist()
+    cells = map_cells(tf.constant(ma), 4, 4).numpy()
+    assert cells.shape == (32, 4, 4, 1) and cells.sum() == 32
     corners = {tuple(np.argwhere(c[:, :, 0])[0]) for c in cells}
-    assert corners <= {(0, 0), (0, 3), (3, 0), (3, 3)} and len(corners) > 1  # flips and turns moved it
-    weak = np.full((1, 16, 16), 0.2, np.float32)  # under MAP_CELL_COVERAGE everywhere
-    assert map_targets(weak, 2, 2).sum() == 0
+    assert corners == {(0, 0), (0, 3), (3, 0), (3, 3)}  # flips and turns moved it everywhere
+    # deterministic for a seed, different for another
+    again = augment_batch(tf.constant(x), tf.constant(m), aug, seed)[0].numpy()
+    other = augment_batch(tf.constant(x), tf.constant(m), aug, tf.constant([1, 8], tf.int64))[0].numpy()
+    assert np.array_equal(again, xa) and not np.array_equal(other, xa)
+    # photometric changes keep the image in [0, 1] and leave masks alone
+    noisy, same = augment_batch(tf.constant(x), tf.constant(m), Augmentation(), seed)
+    assert 0.0 <= float(tf.reduce_min(noisy)) and float(tf.reduce_max(noisy)) <= 1.0
+    assert sorted(np.unique(same.numpy()).tolist()) == [0.0, 1.0]
+    weak = np.full((1, 16, 16, 1), 0.2, np.float32)  # under MAP_CELL_COVERAGE everywhere
+    assert float(tf.reduce_sum(map_cells(tf.constant(weak), 2, 2))) == 0
 
 
 def test_masks_choose_the_map_head_which_sees_local_contrast() -> None:

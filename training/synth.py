@@ -56,7 +56,7 @@ from training.dataset import MASKS_FOLDER
 
 logger = logging.getLogger(__name__)
 
-SYNTH_VERSION = 2  # 2: defect masks in masks/<class>/
+SYNTH_VERSION = 3  # 2: defect masks in masks/<class>/; 3: every scratch visible in the picture
 PASS_LABEL = "ok"
 DEFECT_LABEL = "scratch"
 CLASSES = (PASS_LABEL, DEFECT_LABEL)
@@ -64,6 +64,9 @@ SURFACES = ("brushed_metal", "glass", "matte_plastic")
 FAINT_FRACTION = 0.15
 # A mask pixel is a defect pixel where the scratch covers at least this much of it.
 MASK_COVERAGE = 0.1
+# A scratch must change at least this many pixels (at 160 px) visibly, else it is redrawn.
+VISIBLE_PIXELS = 20
+_VISIBLE_ATTEMPTS = 6
 VIDEO_FOURCC = {".avi": "MJPG", ".mkv": "MJPG", ".mp4": "mp4v"}
 
 _SS = 4  # supersampling factor for strokes and dots
@@ -600,8 +603,14 @@ def render_part(rng: Rng, size: int, scratched: bool, kind: str | None = None
 def render_part_and_mask(rng: Rng, size: int, scratched: bool, kind: str | None = None
                          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """:func:`render_part` plus the defect mask: uint8 ``size`` x ``size``, 255 where a
-    scratch (or its lip) covers at least a tenth of a pixel, 0 elsewhere and on every
-    unscratched part. The same generator state gives the same image as render_part."""
+    scratch (or its lip) covers at least a tenth of a pixel and the picture shows it, 0
+    elsewhere and on every unscratched part. The same generator state gives the same
+    image as render_part.
+
+    Every scratched part shows its scratches: the picture is rendered with and without
+    them (same edges, dust, lighting and sensor noise) and a scratch that changes fewer
+    than VISIBLE_PIXELS pixels beyond the noise (swallowed by saturated glare, drawn on
+    the chamfer) is drawn again, up to a few times."""
     kind = _pick_kind(rng, kind)
     face, info = _texture(rng, size, kind)
     gain, glare, n_glare = _lighting(rng, size, info)
@@ -621,24 +630,43 @@ def render_part_and_mask(rng: Rng, size: int, scratched: bool, kind: str | None 
     # whether or not it is scratched: render_part(rng_a, s, True) and (rng_b, s, False)
     # with equal generators differ only by the scratches
     scratch_rng = np.random.default_rng(int(rng.integers(2**63)))
+    rest = rng.bit_generator.state  # what edges, debris, lighting and the sensor draw from
+
+    def finish(face_in: np.ndarray) -> np.ndarray:
+        rng.bit_generator.state = rest  # the same edges, dust and noise on every call
+        img = _compose_geometry(rng, face_in, d, size)
+        dust_dark, dust_bright, n_dust[0], n_fibres[0] = _debris(rng, size)
+        img = img * (1 - np.minimum(2 * dust_dark, 0.9)) + dust_bright
+        return _finish(rng, img * gain + glare, size, noise)
+
+    n_dust, n_fibres = [0], [0]
+    out = finish(face)
     if scratched:
         faint = bool(scratch_rng.random() < FAINT_FRACTION)
-        s_dark, s_bright, footprint, scratches = _scratches(scratch_rng, size, face_w, faint, sigma, kind, mean)
-        mask[footprint >= MASK_COVERAGE] = 255
-        face = face * (1 - s_dark / max(mean, 1e-3)) + s_bright
-    img = _compose_geometry(rng, face, d, size)
-    dust_dark, dust_bright, n_dust, n_fibres = _debris(rng, size)
-    img = img * (1 - np.minimum(2 * dust_dark, 0.9)) + dust_bright
-    img = img * gain + glare
-    out = _finish(rng, img, size, noise)
+        clean = out.astype(np.int16)
+        # Under saturated glare, on the background or off the image a scratch can vanish
+        # from the picture; a label the camera cannot show is noise, so redraw it. Visible:
+        # at least VISIBLE_PIXELS pixels changed by max(3 grey levels, 1 sigma of the
+        # sensor noise), about a 20 px stretch of a 1 px line at 160 px.
+        need = max(3.0, 255.0 * math.sqrt(noise[0] ** 2 + noise[1] ** 2 * min(1.0, mean)))
+        for _attempt in range(_VISIBLE_ATTEMPTS):
+            s_dark, s_bright, footprint, scratches = _scratches(scratch_rng, size, face_w, faint, sigma, kind, mean)
+            out = finish(face * (1 - s_dark / max(mean, 1e-3)) + s_bright)
+            changed = np.abs(out.astype(np.int16) - clean)
+            if int(np.count_nonzero((changed >= need) & (footprint > 0))) >= VISIBLE_PIXELS * (size / 160):
+                break
+        # the mask is the footprint where the picture shows it (the blur spreads a stroke by
+        # a pixel, hence the dilation), not where glare or the background swallowed it
+        shown = cv2.dilate((changed >= 2).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        mask[(footprint >= MASK_COVERAGE) & shown] = 255
     desc: dict[str, Any] = {
         "surface": kind,
         "brush": info.get("brush"),
         "edge": geo["edge"],
         "hole": geo["hole"],
         "glare": n_glare,
-        "dust": n_dust,
-        "fibres": n_fibres,
+        "dust": n_dust[0],
+        "fibres": n_fibres[0],
         "scratched": bool(scratched),
         "scratches": len(scratches),
         "faint": faint,
