@@ -179,8 +179,11 @@ def test_quantization_gate_refuses_and_can_be_overridden(tmp_path: Path) -> None
     assert manifest.metrics["quantization_gate"]["passed"] is False
     code, out = invoke(*common, "--out", str(tmp_path / "accepted"), "--allow-quantization-drop")
     assert code == 0, out
-    gate = read_manifest(tmp_path / "accepted").metrics["quantization_gate"]
+    accepted = read_manifest(tmp_path / "accepted")
+    gate = accepted.metrics["quantization_gate"]
     assert gate["passed"] is True and gate["allowed_by_flag"] is True
+    # both models are judged at the threshold the bundle ships, not each at its own
+    assert gate["threshold"] == accepted.threshold and f"at threshold {accepted.threshold:.4f}" in gate["message"]
 
 
 def test_gate_decision() -> None:
