@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 # Before TensorFlow is ever imported by a command: keep its C++ logging to errors.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-DEFAULT_SYNTH_COUNT = 4000
+DEFAULT_SYNTH_COUNT = 8000
 
 class InputSize(click.ParamType):
     """``N`` (square) or ``WxH`` -> (width, height), each 8-1024 pixels."""
@@ -104,8 +104,8 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write (replaced if it holds a bundle).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
-              help="Maximum epochs (early stopping may end sooner).  [default: about 56,000 training-image passes: "
-              "20 for 2800 training images, 10 to 60]")
+              help="Maximum epochs (early stopping may end sooner).  [default: about 112,000 training-image passes: "
+              "20 for 5600 training images, 10 to 60]")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for split, weights, augmentation.")
 @click.option("--pass-label", default=None, help="Class folder of good parts.  [default: ok]")
 @click.option("--target-recall", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Defect recall the threshold must reach on validation.")

@@ -58,10 +58,10 @@ logger = logging.getLogger(__name__)
 Echo = Callable[[str], None]
 DEFAULT_SIZE = 128
 # Without --epochs a fit gets about this many training-image passes, whatever the data size:
-# about 400 s of training on the 2-core build box (~140 images/s). 4000 synthetic images
-# (2800 to train) for 20 epochs learned more than 2000 for 30 (validation ROC AUC 0.95
-# against 0.92): images seen once are worth more than images seen again.
-AUTO_EPOCH_IMAGES = 56_000
+# about 260 s of training on the quiet 2-core build box (~430 images/s since augmentation
+# runs in the graph). Twice the passes of the earlier 56,000 gave +0.01 test ROC AUC on the
+# synthetic set, whether as 8000 images x 20 epochs or 4000 x 40 (docs/training.md).
+AUTO_EPOCH_IMAGES = 112_000
 AUTO_EPOCHS_RANGE = (10, 60)
 
 
