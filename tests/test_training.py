@@ -288,6 +288,32 @@ def test_masks_choose_the_map_head_which_sees_local_contrast() -> None:
     np.testing.assert_allclose(flat[0], flat[1], atol=1e-5)
 
 
+def test_bounded_activations_and_map_floor_fix_the_int8_ranges() -> None:
+    """ReLU6 everywhere and the map's floor give every int8 activation a range set by the
+    network, not by the calibration images' outliers (ReLU outputs were calibrated up to 30)."""
+    pytest.importorskip("tensorflow")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from training.export import convert_int8
+    from training.model import build_networks
+
+    rng = np.random.default_rng(0)
+    classifier, _ = build_networks(2, height=32, width=32, filters=4, head="map", relu_max=6.0, map_floor=6.0)
+    # big weights: without the bounds, these activations would reach far beyond 6
+    classifier.set_weights([w * 8 if w.ndim == 4 else w for w in classifier.get_weights()])
+    model = convert_int8(classifier, rng.random((40, 32, 32, 1)).astype(np.float32))
+    interpreter = Interpreter(model_content=model)
+    ranges = {}
+    for t in interpreter.get_tensor_details():
+        scale, zero = t["quantization"]
+        if scale > 0 and len(t["shape"]) == 4:
+            ranges[t["name"]] = ((-128 - zero) * scale, (127 - zero) * scale, scale)
+    relus = [r for name, r in ranges.items() if "relu" in name.lower() and "map_floor" not in name]
+    assert len(relus) >= 4 and all(hi <= 6.0 + step for _, hi, step in relus), relus
+    floor = [r for name, r in ranges.items() if "map_floor_down" in name]
+    assert floor and -6.0 - 2 * floor[0][2] <= floor[0][0] <= -5.0, floor  # the floor, to a step
+
+
 # --------------------------------------------------------------------------- split
 
 

@@ -82,8 +82,10 @@ class TrainConfig:
     mask_weight: float = 1.0  # defect-map loss against the class loss, where masks exist
     # Defect cells are few (a scratch covers ~5 % of the cells of its image): weigh them up.
     mask_pos_weight: float = 5.0
-    first_kernel: int = 3
-    with_level: bool = False
+    relu_max: float | None = None
+    map_floor: float | None = None
+    context: bool = False
+    hard_fraction: float = 0.0
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,19 +132,19 @@ def set_seed(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def _conv_bn_relu(x: Any, filters: int, strides: int, name: str, kernel: int = 3) -> Any:
-    x = keras.layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+def _conv_bn_relu(x: Any, filters: int, strides: int, name: str, relu_max: float | None = None) -> Any:
+    x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_bn")(x)
-    return keras.layers.ReLU(name=f"{name}_relu")(x)
+    return keras.layers.ReLU(max_value=relu_max, name=f"{name}_relu")(x)
 
 
-def _separable_block(x: Any, filters: int, strides: int, name: str) -> Any:
+def _separable_block(x: Any, filters: int, strides: int, name: str, relu_max: float | None = None) -> Any:
     x = keras.layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False, name=f"{name}_dw")(x)
     x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_dw_bn")(x)
-    x = keras.layers.ReLU(name=f"{name}_dw_relu")(x)
+    x = keras.layers.ReLU(max_value=relu_max, name=f"{name}_dw_relu")(x)
     x = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_pw")(x)
     x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_pw_bn")(x)
-    return keras.layers.ReLU(name=f"{name}_pw_relu")(x)
+    return keras.layers.ReLU(max_value=relu_max, name=f"{name}_pw_relu")(x)
 
 
 def _local_contrast(x: Any, height: int, width: int) -> Any:
@@ -174,8 +176,9 @@ def build_networks(
     dropout: float = 0.2,
     head: str = "map",
     pass_index: int = 0,
-    first_kernel: int = 3,
-    with_level: bool = False,
+    relu_max: float | None = None,
+    map_floor: float | None = None,
+    context: bool = False,
 ) -> tuple[keras.Model, keras.Model]:
     """The inspection CNN, as (classifier, trainer).
 
@@ -205,20 +208,34 @@ def build_networks(
         head = "features"
     inputs = keras.Input((height, width, channels), name="image")
     x = _local_contrast(inputs, height, width) if head == "map" else inputs
-    if head == "map" and with_level:
-        x = keras.layers.Concatenate(name="contrast_and_level")([x, inputs])
     for i, mult in enumerate((1, 2, 4)):
-        x = _conv_bn_relu(x, filters * mult, 1, f"conv{i + 1}", kernel=first_kernel if i == 0 else 3)
+        x = _conv_bn_relu(x, filters * mult, 1, f"conv{i + 1}", relu_max=relu_max)
         x = keras.layers.MaxPooling2D(name=f"pool{i + 1}")(x)
-    x = _separable_block(x, filters * 8, 1, "sep4")
+    x = _separable_block(x, filters * 8, 1, "sep4", relu_max=relu_max)
+    if context and head == "map":
+        # Each cell's brightest, darkest and mean raw pixel, beside the features: a thin line
+        # where the level jumps is a part's edge or chamfer, one inside a flat face is not.
+        c = MAP_CELL
+        hi = keras.layers.MaxPooling2D(c, name="ctx_max")(inputs)
+        neg = keras.layers.Rescaling(-1.0, name="ctx_neg")(inputs)
+        lo = keras.layers.Rescaling(-1.0, name="ctx_min")(keras.layers.MaxPooling2D(c, name="ctx_negmax")(neg))
+        mean = keras.layers.AveragePooling2D(c, name="ctx_mean")(inputs)
+        x = keras.layers.Concatenate(name="ctx")([x, hi, lo, mean])
+        x = _separable_block(x, filters * 8, 1, "ctx5", relu_max=relu_max)
     defect_map = keras.layers.Conv2D(1, 1, name="defect_map")(x)
     if head == "map":
         # The max alone: the map's mean would be its quantized range's lower clip for the
         # many strongly clean cells, and it moved int8 scores off float (docs/training.md).
-        features = [keras.layers.GlobalMaxPooling2D(name="map_max")(defect_map)]
+        decided = defect_map
+        if map_floor is not None:
+            # max(map, -floor): clean cells below the floor do not widen the int8 range
+            decided = keras.layers.Rescaling(1.0, offset=map_floor, name="map_floor_up")(decided)
+            decided = keras.layers.ReLU(name="map_floor")(decided)
+            decided = keras.layers.Rescaling(1.0, offset=-map_floor, name="map_floor_down")(decided)
+        features = [keras.layers.GlobalMaxPooling2D(name="map_max")(decided)]
     else:
         x = keras.layers.MaxPooling2D(name="pool4")(x)
-        x = _separable_block(x, filters * 16, 1, "sep5")
+        x = _separable_block(x, filters * 16, 1, "sep5", relu_max=relu_max)
         features = [keras.layers.GlobalAveragePooling2D(name="gap")(x), keras.layers.GlobalMaxPooling2D(name="gmp")(x)]
     pooled = features[0] if len(features) == 1 else keras.layers.Concatenate(name="pool")(features)
     if dropout > 0 and head == "features":
@@ -366,8 +383,9 @@ def train_model(
         dropout=config.dropout,
         head=head,
         pass_index=pass_index,
-        first_kernel=config.first_kernel,
-        with_level=config.with_level,
+        relu_max=config.relu_max,
+        map_floor=config.map_floor,
+        context=config.context,
     )
     map_h, map_w = int(trainer.outputs[1].shape[1]), int(trainer.outputs[1].shape[2])
     mask_w = mask_known.astype(np.float32) if use_masks else np.zeros(n, np.float32)
@@ -401,7 +419,7 @@ def train_model(
         optimizer.apply_gradients(zip(grads, trainer.trainable_variables, strict=True))
         correct = tf.cast(tf.equal(tf.argmax(probs, axis=1), tf.cast(y, tf.int64)), tf.float32)
         size = tf.cast(tf.shape(y)[0], tf.float32)
-        return class_loss * size, map_loss * size, tf.reduce_sum(correct)
+        return class_loss * size, map_loss * size, tf.reduce_sum(correct), ce
 
     history: list[EpochLog] = []
     best_loss = math.inf
@@ -409,22 +427,34 @@ def train_model(
     best_epoch = 0
     stale = 0
     bs = config.batch_size
+    image_loss = np.ones(n, np.float64)  # last epoch's class loss per training image
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         # Cosine decay per epoch, down to 5 % of the initial rate.
         frac = (epoch - 1) / max(1, config.epochs - 1)
         lr = config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         optimizer.learning_rate.assign(lr)
-        order = np.random.default_rng([config.seed, epoch]).permutation(n)
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.permutation(n)
+        if config.hard_fraction > 0 and epoch > 1:
+            # part of the epoch drawn by last epoch's loss: the faint scratches and the
+            # edges that look like one come back more often than the plain faces
+            k = int(config.hard_fraction * n)
+            hard = rng.choice(n, k, p=image_loss / image_loss.sum())
+            order = rng.permutation(np.concatenate([order[: n - k], hard]))
         # Sums stay tensors until the epoch ends: reading one per step would make every
         # step wait for the previous one.
         sums: list[tuple[tf.Tensor, ...]] = []
+        batches: list[np.ndarray] = []
         for b, i in enumerate(range(0, n, bs)):
             idx = order[i : i + bs]
             mb = masks_train[idx][..., None] if use_masks and masks_train is not None else None
             seed = np.array([config.seed, epoch * 100_003 + b], np.int64)
             sums.append(step(x_train[idx], mb, y_train[idx], sample_w[idx], mask_w[idx], seed))
-        loss_sum, map_loss_sum, correct = np.sum([[float(v) for v in t] for t in sums], axis=0)
+            batches.append(idx)
+        loss_sum, map_loss_sum, correct = np.sum([[float(v) for v in t[:3]] for t in sums], axis=0)
+        for idx, t in zip(batches, sums, strict=True):
+            image_loss[idx] = np.asarray(t[3]) + 1e-3
         probs = predict_proba(model, x_val)
         val_loss = _weighted_loss(probs, y_val, weights)
         improved = val_loss < best_loss - 1e-4
