@@ -279,17 +279,22 @@ def test_masks_choose_the_map_head_which_sees_local_contrast() -> None:
     names = {layer.name for layer in without.model.layers}
     assert "sep5_dw" in names and "local_contrast" not in names
 
-    # the level is resized back to any input size, 4:3 and odd ones included
-    classifier, trainer = build_networks(2, height=30, width=42, head="map")
-    probs, cells = trainer(np.full((2, 30, 42, 1), 0.5, np.float32))
-    assert probs.shape == (2, 2) and cells.shape == (2, 3, 5, 1)
-    # a flat picture has no local contrast: brightness alone does not move the decision
+    # the level is resized back to any input size, 4:3 and odd ones included, and the
+    # cells' context pools to the map's own grid
+    for context in (False, True):
+        classifier, trainer = build_networks(2, height=30, width=42, head="map", context=context)
+        probs, cells = trainer(np.full((2, 30, 42, 1), 0.5, np.float32))
+        assert probs.shape == (2, 2) and cells.shape == (2, 3, 5, 1)
+        assert ("ctx_conv" in {layer.name for layer in classifier.layers}) == context
+    # without the context a flat picture has no local contrast: brightness alone does not
+    # move the decision (the context gives the map head the level on purpose: edges)
+    classifier, _ = build_networks(2, height=30, width=42, head="map", context=False)
     flat = classifier(np.stack([np.full((30, 42, 1), v, np.float32) for v in (0.1, 0.9)]), training=False)
     np.testing.assert_allclose(flat[0], flat[1], atol=1e-5)
 
 
-def test_bounded_activations_and_map_floor_fix_the_int8_ranges() -> None:
-    """ReLU6 everywhere and the map's floor give every int8 activation a range set by the
+def test_bounded_activations_and_map_clip_fix_the_int8_ranges() -> None:
+    """ReLU6 everywhere and the map's clip give every int8 activation a range set by the
     network, not by the calibration images' outliers (ReLU outputs were calibrated up to 30)."""
     pytest.importorskip("tensorflow")
     from ai_edge_litert.interpreter import Interpreter
@@ -298,7 +303,7 @@ def test_bounded_activations_and_map_floor_fix_the_int8_ranges() -> None:
     from training.model import build_networks
 
     rng = np.random.default_rng(0)
-    classifier, _ = build_networks(2, height=32, width=32, filters=4, head="map", relu_max=6.0, map_floor=6.0)
+    classifier, _ = build_networks(2, height=32, width=32, filters=4, head="map", relu_max=6.0, map_clip=6.0)
     # big weights: without the bounds, these activations would reach far beyond 6
     classifier.set_weights([w * 8 if w.ndim == 4 else w for w in classifier.get_weights()])
     model = convert_int8(classifier, rng.random((40, 32, 32, 1)).astype(np.float32))
@@ -308,10 +313,12 @@ def test_bounded_activations_and_map_floor_fix_the_int8_ranges() -> None:
         scale, zero = t["quantization"]
         if scale > 0 and len(t["shape"]) == 4:
             ranges[t["name"]] = ((-128 - zero) * scale, (127 - zero) * scale, scale)
-    relus = [r for name, r in ranges.items() if "relu" in name.lower() and "map_floor" not in name]
-    assert len(relus) >= 4 and all(hi <= 6.0 + step for _, hi, step in relus), relus
-    floor = [r for name, r in ranges.items() if "map_floor_down" in name]
-    assert floor and -6.0 - 2 * floor[0][2] <= floor[0][0] <= -5.0, floor  # the floor, to a step
+    relus = [r for name, r in ranges.items() if "relu" in name.lower() and "map_clip" not in name]
+    assert len(relus) >= 5 and all(hi <= 6.0 + step for _, hi, step in relus), relus
+    clipped = [r for name, r in ranges.items() if "map_clip_down" in name]
+    assert clipped, ranges
+    lo, hi, step = clipped[0]
+    assert -6.0 - 2 * step <= lo <= -5.0 and 5.0 <= hi <= 6.0 + 2 * step, clipped  # the clip, to a step
 
 
 # --------------------------------------------------------------------------- split
