@@ -248,7 +248,7 @@ def test_masks_move_with_their_images_and_become_map_cells() -> None:
     assert np.array_equal(again, xa) and not np.array_equal(other, xa)
     # photometric changes keep the image in [0, 1] and leave masks alone
     noisy, same = augment_batch(tf.constant(x), tf.constant(m), Augmentation(), seed)
-    assert 0.0 <= float(tf.reduce_min(noisy)) and float(tf.reduce_max(noisy)) <= 1.0
+    assert float(tf.reduce_min(noisy)) >= 0.0 and float(tf.reduce_max(noisy)) <= 1.0
     assert sorted(np.unique(same.numpy()).tolist()) == [0.0, 1.0]
     weak = np.full((1, 16, 16, 1), 0.2, np.float32)  # under MAP_CELL_COVERAGE everywhere
     assert float(tf.reduce_sum(map_cells(tf.constant(weak), 2, 2))) == 0
