@@ -196,7 +196,11 @@ def bench_synth(out: Path) -> dict[str, Any]:
     result["targets"] = {
         "int8_defect_recall>=0.99": (i8["defect_recall"] or 0) >= 0.99,
         "int8_false_reject_rate<=0.02": (i8["false_reject_rate"] if i8["false_reject_rate"] is not None else 1) <= 0.02,
-        "int8_balanced_accuracy_within_1pt": (fl["balanced_accuracy"] or 0) - (i8["balanced_accuracy"] or 0) <= 0.01,
+        # as the quantization gate judges it: both models at the shipped threshold
+        "int8_balanced_accuracy_within_1pt": bool(result["quantization_gate"]["passed"])
+        and not result["quantization_gate"].get("allowed_by_flag"),
+        "int8_balanced_accuracy_within_1pt_each_at_own_threshold": (fl["balanced_accuracy"] or 0)
+        - (i8["balanced_accuracy"] or 0) <= 0.01,
         "int8_p50<=0.6xfloat_p50": (lat.get("int8_over_float_p50") or 99) <= 0.6,
         "fit_under_600s": seconds <= 600,
     }
