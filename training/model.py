@@ -87,7 +87,6 @@ class TrainConfig:
     relu_max: float | None = 6.0
     map_clip: float | None = 6.0
     context: bool = True
-    zero_mean: bool = False
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,19 +133,8 @@ def set_seed(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-class ZeroMean(keras.constraints.Constraint):
-    """Keeps each filter's weights summing to zero: the filter ignores the local level."""
-
-    def __call__(self, w: Any) -> Any:
-        return w - keras.ops.mean(w, axis=(0, 1, 2), keepdims=True)
-
-
-def _conv_bn_relu(
-    x: Any, filters: int, strides: int, name: str, relu_max: float | None = None, constraint: Any = None
-) -> Any:
-    x = keras.layers.Conv2D(
-        filters, 3, strides=strides, padding="same", use_bias=False, kernel_constraint=constraint, name=f"{name}_conv"
-    )(x)
+def _conv_bn_relu(x: Any, filters: int, strides: int, name: str, relu_max: float | None = None) -> Any:
+    x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_bn")(x)
     return keras.layers.ReLU(max_value=relu_max, name=f"{name}_relu")(x)
 
@@ -192,7 +180,6 @@ def build_networks(
     relu_max: float | None = 6.0,
     map_clip: float | None = 6.0,
     context: bool = True,
-    zero_mean: bool = False,
 ) -> tuple[keras.Model, keras.Model]:
     """The inspection CNN, as (classifier, trainer).
 
@@ -233,10 +220,9 @@ def build_networks(
     if num_classes > 2:
         head = "features"
     inputs = keras.Input((height, width, channels), name="image")
-    x = _local_contrast(inputs, height, width) if head == "map" and not zero_mean else inputs
+    x = _local_contrast(inputs, height, width) if head == "map" else inputs
     for i, mult in enumerate((1, 2, 4)):
-        zm = ZeroMean() if zero_mean and head == "map" and i == 0 else None
-        x = _conv_bn_relu(x, filters * mult, 1, f"conv{i + 1}", relu_max=relu_max, constraint=zm)
+        x = _conv_bn_relu(x, filters * mult, 1, f"conv{i + 1}", relu_max=relu_max)
         x = keras.layers.MaxPooling2D(name=f"pool{i + 1}")(x)
     x = _separable_block(x, filters * 8, 1, "sep4", relu_max=relu_max)
     if context and head == "map":
@@ -420,7 +406,6 @@ def train_model(
         relu_max=config.relu_max,
         map_clip=config.map_clip,
         context=config.context,
-        zero_mean=config.zero_mean,
     )
     map_h, map_w = int(trainer.outputs[1].shape[1]), int(trainer.outputs[1].shape[2])
     mask_w = mask_known.astype(np.float32) if use_masks else np.zeros(n, np.float32)
