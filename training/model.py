@@ -1,15 +1,16 @@
 """The small CNN, its augmentation and a reproducible training loop (Keras 3).
 
-The network is sized for edge CPUs and for full-integer quantization: Conv-BN-ReLU blocks
-with max pooling, a
-depthwise-separable block, BatchNorm that the TFLite converter folds into the
-convolutions, ReLU only (its clipped range quantizes well), and a defect map (one logit per
-8x8-pixel cell) whose max and mean decide the part; see :func:`build_networks`. Defect
-masks, where a dataset has some, train the map directly beside the image labels.
+The network is sized for edge CPUs and for full-integer quantization: Conv-BN-ReLU6
+blocks with max pooling, depthwise-separable blocks, BatchNorm that the TFLite converter
+folds into the convolutions, ReLU6 only (its fixed [0, 6] range quantizes well), and a
+defect map (one logit per 8x8-pixel cell) whose clipped max decides the part; see
+:func:`build_networks`. Defect masks, where a dataset has some, train the map directly
+beside the image labels.
 
-Augmentation (flips, 90-degree rotations, brightness/contrast jitter, sensor noise) happens
-in numpy before each epoch, from a generator seeded with ``(seed, epoch)``; it is not part
-of the exported model, so the edge runs exactly the network that was evaluated.
+Augmentation (flips and transposes, brightness/contrast jitter, sensor noise) happens in
+the training step on each batch, from stateless random ops seeded per batch
+(:func:`augment_batch`); it is not part of the exported model, so the edge runs exactly
+the network that was evaluated.
 
 Imports TensorFlow: import this module only inside commands that train.
 """
