@@ -199,7 +199,8 @@ def build_networks(
     classes): a second separable block at 1/16, global average + max pooling and a dense
     softmax, which can tell defect kinds apart and sees overall shading (the magnetic
     tiles' "uneven" defects); the map is then an auxiliary output, trained only on masks.
-    With ``filters=8`` at 128x128x1: about 11 M multiply-adds either way; 14.7 k parameters
+    With ``filters=8`` at 128x128x1: about 12.6 M multiply-adds with the map head (its context
+    block adds 1.4 M), 11 M with features; 14.7 k parameters
     with the map head, 18.8 k with features.
 
     int8 and context (all from the default synthetic fit, docs/training.md):
