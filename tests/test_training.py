@@ -321,6 +321,48 @@ def test_bounded_activations_and_map_clip_fix_the_int8_ranges() -> None:
     assert -6.0 - 2 * step <= lo <= -5.0 and 5.0 <= hi <= 6.0 + 2 * step, clipped  # the clip, to a step
 
 
+def test_training_sees_the_level_as_int8_computes_it() -> None:
+    """The float network rounds the local-contrast level as the int8 model does on the box
+    (whole grey levels after the pool and after the resize), in training and at inference;
+    the int8 export leaves the rounding to the int8 kernels (no ROUND op)."""
+    pytest.importorskip("tensorflow")
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+
+    from training.export import convert_int8
+    from training.model import build_networks
+
+    # a lighting gradient: where int8 rounding of the level draws its steps
+    yy, xx = np.mgrid[0:32, 0:32]
+    ramp = ((40 + 3.3 * xx + 1.7 * yy) / 255.0).astype(np.float32)[None, :, :, None]
+    classifier, _ = build_networks(2, height=32, width=32, filters=4, head="map")
+    level = keras.Model(classifier.input, classifier.get_layer("level_int8").output)
+    trained_on = level(ramp, training=True).numpy()
+    assert np.allclose(trained_on * 255, np.round(trained_on * 255), atol=1e-3)  # whole grey levels
+    np.testing.assert_array_equal(level(ramp, training=False).numpy(), trained_on)  # float inference too
+    plain = keras.Model(classifier.input, classifier.get_layer("level").output)(ramp).numpy()
+
+    model = convert_int8(classifier, np.random.default_rng(0).random((20, 32, 32, 1)).astype(np.float32))
+    interpreter = Interpreter(model_content=model, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    assert "ROUND" not in {op["op_name"] for op in interpreter._get_ops_details()}
+    inp = interpreter.get_input_details()[0]
+    scale, zero = inp["quantization"]
+    interpreter.set_tensor(inp["index"], np.round(ramp / scale + zero).astype(np.int8))
+    interpreter.invoke()
+    resized = [t for t in interpreter.get_tensor_details()
+               if "level" in t["name"] and "pool" not in t["name"] and list(t["shape"]) == [1, 32, 32, 1]]
+    assert resized, [t["name"] for t in interpreter.get_tensor_details()]
+    t = resized[0]
+    on_box = (interpreter.get_tensor(t["index"]).astype(np.float32) - t["quantization"][1]) * t["quantization"][0]
+    # what training saw is what the box computes, but for ties and the fixed-point
+    # resize, which round some pixels the other way (never by more than a grey level);
+    # the float level is off by fractions of a grey level nearly everywhere
+    assert np.abs(on_box - trained_on).max() <= 1.01 / 255
+    assert np.mean(np.abs(on_box - trained_on) < 0.01 / 255) > 0.8
+    assert np.mean(np.abs(on_box - plain) < 0.01 / 255) < 0.2
+
+
 # --------------------------------------------------------------------------- split
 
 

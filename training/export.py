@@ -22,6 +22,7 @@ import tensorflow as tf  # noqa: E402
 
 from edge.inference import load_runtime  # noqa: E402
 from training.exceptions import ExportError  # noqa: E402
+from training.model import int8_native_rounding  # noqa: E402
 from training.native import quiet_native_output  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -78,13 +79,14 @@ def convert_int8(model: Any, representative: np.ndarray) -> bytes:
         for image in representative:
             yield [image[None, ...].astype(np.float32)]
 
-    converter = _converter(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = gen
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    data = _convert(converter, "int8")
+    with int8_native_rounding(model):  # traced (and calibrated) without its ROUND ops
+        converter = _converter(model)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = gen
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+        data = _convert(converter, "int8")
     inp, out = tensor_specs(data)
     if inp.dtype != "int8" or out.dtype != "int8":
         raise ExportError(f"converter produced {inp.dtype} input / {out.dtype} output, not int8; check the TensorFlow version")
