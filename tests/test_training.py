@@ -287,9 +287,11 @@ def test_masks_choose_the_map_head_which_sees_local_contrast() -> None:
         assert probs.shape == (2, 2) and cells.shape == (2, 3, 5, 1)
         assert ("ctx_conv" in {layer.name for layer in classifier.layers}) == context
     # without the context a flat picture has no local contrast: brightness alone does not
-    # move the decision (the context gives the map head the level on purpose: edges)
+    # move the decision (the context gives the map head the level on purpose: edges). The
+    # levels are whole grey levels, as a camera's are: the level is rounded to them
     classifier, _ = build_networks(2, height=30, width=42, head="map", context=False)
-    flat = classifier(np.stack([np.full((30, 42, 1), v, np.float32) for v in (0.1, 0.9)]), training=False)
+    levels = (26 / 255, 230 / 255)
+    flat = classifier(np.stack([np.full((30, 42, 1), v, np.float32) for v in levels]), training=False)
     np.testing.assert_allclose(flat[0], flat[1], atol=1e-5)
 
 
