@@ -709,8 +709,9 @@ def _halt(
     rb = ro.roll_back(took, Registry(config, store), min(timeout_s, 120.0)) if took else {}
     for d, what in rb.items():
         reasons[d] = f"{reasons.get(d, 'succeeded')}; {what}"
-    back = [d for d, what in rb.items() if what == "rolled back"]
-    not_back = [f"{d} ({what})" for d, what in rb.items() if what != "rolled back"]
+    # devices answer in any order; name them sorted so the message reads the same every time
+    back = [d for d, what in sorted(rb.items()) if what == "rolled back"]
+    not_back = [f"{d} ({what})" for d, what in sorted(rb.items()) if what != "rolled back"]
     if took:
         message += f"; rolled back {len(back)} of {len(took)}" + (f": {', '.join(back)}" if back else "")
     else:
