@@ -136,18 +136,53 @@ def set_seed(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+@keras.saving.register_keras_serializable(package="linewatch")
+class FusedBatchNorm(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization, trained through TensorFlow's fused kernel.
+
+    Keras 3 computes training-time moments with separate reductions; on this CPU that made
+    the full-resolution block's BatchNorm cost more than its convolution (21 against 6 ms
+    per 32-image step for conv1, `benchmarks/` notes in docs/training.md). FusedBatchNormV3
+    does the same arithmetic in one pass. Inference (and so the export, where the converter
+    folds BatchNorm into the convolution) is Keras' own code, untouched; the weights and the
+    moving-statistics update are Keras' as well.
+    """
+
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        if not training or self.axis not in (-1, len(inputs.shape) - 1) or len(inputs.shape) != 4:
+            return super().call(inputs, training=training, mask=mask)
+        zeros = tf.zeros_like(self.moving_mean)
+        y, mean, var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs,
+            scale=self.gamma if self.scale else tf.ones_like(zeros),
+            offset=self.beta if self.center else zeros,
+            mean=zeros,
+            variance=zeros,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+        # The fused kernel returns the unbiased variance; Keras keeps the biased one.
+        n = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), var.dtype)
+        var = var * (n - 1.0) / n
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + var * (1.0 - self.momentum))
+        return y
+
+
 def _conv_bn_relu(x: Any, filters: int, strides: int, name: str, relu_max: float | None = None) -> Any:
     x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = FusedBatchNorm(momentum=_BN_MOMENTUM, name=f"{name}_bn")(x)
     return keras.layers.ReLU(max_value=relu_max, name=f"{name}_relu")(x)
 
 
 def _separable_block(x: Any, filters: int, strides: int, name: str, relu_max: float | None = None) -> Any:
     x = keras.layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False, name=f"{name}_dw")(x)
-    x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_dw_bn")(x)
+    x = FusedBatchNorm(momentum=_BN_MOMENTUM, name=f"{name}_dw_bn")(x)
     x = keras.layers.ReLU(max_value=relu_max, name=f"{name}_dw_relu")(x)
     x = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_pw")(x)
-    x = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"{name}_pw_bn")(x)
+    x = FusedBatchNorm(momentum=_BN_MOMENTUM, name=f"{name}_pw_bn")(x)
     return keras.layers.ReLU(max_value=relu_max, name=f"{name}_pw_relu")(x)
 
 
@@ -293,7 +328,7 @@ def build_networks(
         # first trained model lost 0.06 ROC AUC to int8 that way.
         ctx = keras.layers.Concatenate(name="ctx_pixels")([hi, lo, mean])
         ctx = keras.layers.Conv2D(filters, 1, use_bias=False, name="ctx_conv")(ctx)
-        ctx = keras.layers.BatchNormalization(momentum=_BN_MOMENTUM, name="ctx_bn")(ctx)
+        ctx = FusedBatchNorm(momentum=_BN_MOMENTUM, name="ctx_bn")(ctx)
         ctx = keras.layers.ReLU(max_value=relu_max, name="ctx_relu")(ctx)
         x = keras.layers.Concatenate(name="ctx")([x, ctx])
         x = _separable_block(x, filters * 8, 1, "ctx5", relu_max=relu_max)
