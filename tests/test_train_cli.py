@@ -62,6 +62,13 @@ def test_cli_module_does_not_import_tensorflow() -> None:
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
+
+def test_cli_defaults_are_the_pipelines() -> None:
+    from training.pipeline import DEFAULT_FILTERS, FitOptions
+
+    fit_params = {p.name: p.default for p in train.commands["fit"].params}
+    assert fit_params["filters"] == DEFAULT_FILTERS == FitOptions().filters
+
 # --------------------------------------------------------------------------- bad data for fit
 
 

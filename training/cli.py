@@ -115,7 +115,8 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
 @click.option("--color", "color_mode", type=click.Choice(["gray", "rgb"]), default="gray", show_default=True, help="Model input colour mode.")
 @click.option("--version", "version", default=None, help="Bundle version.  [default: UTC date.time]")
 @click.option("--name", default=None, help="Bundle name.  [default: linewatch-<DATA_DIR name>]")
-@click.option("--filters", default=8, show_default=True, type=click.IntRange(2, 128),
+# default = training.pipeline.DEFAULT_FILTERS, written out so --help needs no pipeline import (a test checks)
+@click.option("--filters", default=16, show_default=True, type=click.IntRange(2, 128),
               help="Filters of the first conv layer (later layers 2x-16x): wider learns faster, costs inference time.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")

@@ -45,6 +45,7 @@ def make_tiny_bundle(
             epochs=epochs,
             seed=seed,
             size=size,
+            filters=8,  # small and quick: these bundles test the plumbing, not accuracy
             version=version,
             name="linewatch-tiny",
             patience=epochs,
