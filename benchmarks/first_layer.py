@@ -6,7 +6,8 @@ XNNPACK's int8 convolution is slow with one input channel: on the shipped model'
 128x128x1 input the first 3x3 convolution (1 -> 16) is the largest part of the int8
 invoke while costing little in float. This times, with LiteRT on one thread, int8 and
 float32 versions (random weights, converted with the trainer's converter settings) of:
-that convolution; the same as a depthwise convolution with 16 multipliers; and
+that convolution; the same on two channels (the map head's [image, level] input); the
+same as a depthwise convolution with 16 multipliers; and
 space-to-depth (2x2 pixels -> 4 channels at 64x64) followed by a 3x3 4 -> 16
 convolution, which replaces convolution + 2x2 max pool. Figures in docs/benchmarks.md
 (Training). Not in `make bench`'s default list: run it by name.
@@ -51,6 +52,8 @@ def main() -> None:
     cases: list[tuple[str, Callable[[Any], Any]]] = [
         ("conv 3x3 1->16 at 128x128", lambda x: relu6(keras.layers.Conv2D(16, 3, padding="same")(x))),
         ("depthwise 3x3 x16 at 128x128", lambda x: relu6(keras.layers.DepthwiseConv2D(3, depth_multiplier=16, padding="same")(x))),
+        ("conv 3x3 2->16 at 128x128 (image and level, LocalContrastConv)",
+         lambda x: relu6(keras.layers.Conv2D(16, 3, padding="same")(keras.layers.Concatenate()([x, x])))),
         ("space-to-depth, conv 3x3 4->16 at 64x64",
          lambda x: relu6(keras.layers.Conv2D(16, 3, padding="same")(keras.layers.Lambda(lambda t: tf.nn.space_to_depth(t, 2))(x)))),
     ]
