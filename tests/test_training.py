@@ -254,6 +254,40 @@ def test_masks_move_with_their_images_and_become_map_cells() -> None:
     assert float(tf.reduce_sum(map_cells(tf.constant(weak), 2, 2))) == 0
 
 
+def test_the_float_level_is_the_int8_kernels_level_grey_for_grey() -> None:
+    """The map head's level (4x4 average, bilinear back to full size) runs as int8 kernels
+    on the box, which break rounding ties their own way; the float network it was trained
+    as must see the very same grey levels, or int8 draws faint lines it never saw."""
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from edge.inference import load_runtime
+    from training.export import convert_int8
+    from training.model import _local_level
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (24, 32, 32, 1))
+    grey[0], grey[1] = 0, 255  # calibration sees the full range: the level keeps scale 1/255
+    x = (grey / 255.0).astype(np.float32)
+    inputs = keras.Input((32, 32, 1))
+    model = keras.Model(inputs, _local_level(inputs, 32, 32))
+    _, interpreter_cls = load_runtime()
+    interp = interpreter_cls(model_content=convert_int8(model, x[:8]))
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    assert out["quantization"][1] == -128 and abs(out["quantization"][0] - 1 / 255) < 1e-9
+    int8_levels, float_levels = [], []
+    for g, image in zip(grey, x, strict=True):
+        interp.set_tensor(inp["index"], (g - 128).astype(np.int8)[None])
+        interp.invoke()
+        int8_levels.append(interp.get_tensor(out["index"])[0].astype(int) + 128)
+        float_levels.append(np.asarray(model(image[None]))[0] * 255.0)
+    float_grey = np.concatenate(float_levels)
+    assert np.abs(float_grey - np.round(float_grey)).max() < 1e-3  # whole grey levels
+    # 1/16 of the pooled sums are ties: tf.round's half-to-even missed about 3 % of them
+    assert np.array_equal(np.round(float_grey).astype(int), np.concatenate(int8_levels))
+
+
 def test_masks_choose_the_map_head_which_sees_local_contrast() -> None:
     """With masks that show defects the network reads its decision off the defect map, on
     an input whose local level is taken away; without, it is the plain features network."""
