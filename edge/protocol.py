@@ -85,6 +85,23 @@ class GoldenImage(_Strict):
     expected: tuple[int, ...]
 
 
+class OperatingPoint(_Strict):
+    """How the threshold was chosen and what it gives (training/operating_point.py)."""
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    rule: str = Field(description="risk, recall, false_reject, middle or edge (docs/training.md)")
+    scores_from: str = Field(description="validation, or out-of-fold (k folds)")
+    target_recall: float = Field(gt=0.0, le=1.0)
+    max_false_reject: float = Field(ge=0.0, lt=1.0)
+    n_defect: int = Field(ge=0)
+    n_pass: int = Field(ge=0)
+    recall: float = Field(ge=0.0, le=1.0, description="on the scores it was chosen from")
+    false_reject_rate: float = Field(ge=0.0, le=1.0)
+    recall_lower_95: float = Field(ge=0.0, le=1.0, description="one-sided Clopper-Pearson bound")
+    feasible: bool | None = None
+    warnings: tuple[str, ...] = ()
+
+
 class ModelFile(_Strict):
     file: str = MODEL_FILE
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -112,6 +129,7 @@ class Manifest(_Strict):
     golden: tuple[GoldenImage, ...] = ()
     golden_tolerance: int = Field(default=2, ge=0, le=255)
     latency_budget_ms: float = Field(default=50.0, gt=0)
+    operating_point: OperatingPoint | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -133,6 +151,8 @@ class Manifest(_Strict):
         p = self.preprocessing
         if (p.height, p.width) != (h, w) or (c == 1) != (p.color_mode == "gray"):
             raise ValueError("preprocessing size or colour mode does not match the input shape")
+        if self.operating_point is not None and abs(self.operating_point.threshold - self.threshold) > 1e-6:
+            raise ValueError("operating_point.threshold differs from threshold")
         return self
 
     @property

@@ -209,6 +209,7 @@ def build_manifest(
     golden_tolerance: int = GOLDEN_TOLERANCE,
     latency_budget_ms: float = 50.0,
     created: str | None = None,
+    operating_point: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest dict for ``bundle_dir/model.tflite`` (its sha256 and size are read here)."""
     model_path = Path(bundle_dir) / MODEL_FILE
@@ -231,6 +232,7 @@ def build_manifest(
         "golden": [dict(g) for g in golden],
         "golden_tolerance": golden_tolerance,
         "latency_budget_ms": float(latency_budget_ms),
+        **({"operating_point": dict(operating_point)} if operating_point is not None else {}),
     }
 
 

@@ -108,7 +108,15 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
               "20 for 5600 training images, 10 to 60]")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for split, weights, augmentation.")
 @click.option("--pass-label", default=None, help="Class folder of good parts.  [default: ok]")
-@click.option("--target-recall", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True), help="Defect recall the threshold must reach on validation.")
+@click.option("--target-recall", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Defect recall the operating point must reach.")
+@click.option("--max-false-reject", default=0.02, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Share of good parts the operating point may fail. When no threshold meets both budgets, recall wins.")
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=0),
+              help="With fewer than 300 validation defects, train this many fold models so every training defect "
+              "scores out of fold for the threshold; 0: validation alone.")
+@click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0.0, 0.5, max_open=True),
+              help="Class targets e/2 and 1 - e/2: keeps scores off int8's end steps.")
 @click.option("--size", default=None, type=InputSize(), metavar="N|WxH",
               help="Model input in pixels: N for N x N, or WxH to keep the camera's aspect (e.g. 128x96 for 640x480: "
               "an integer ratio also resizes 4x faster on the box).  [default: 128]")
@@ -140,6 +148,9 @@ def fit_command(
     seed: int,
     pass_label: str | None,
     target_recall: float,
+    max_false_reject: float,
+    folds: int,
+    label_smoothing: float,
     size: tuple[int, int] | None,
     color_mode: str,
     version: str | None,
@@ -159,10 +170,12 @@ def fit_command(
     """Train on DATA_DIR (one folder per class) and write an int8 model bundle to --out.
 
     Checks the data, splits it 70/15/15 (stratified, seeded), trains a small CNN,
-    quantizes it to int8, chooses the threshold on validation for --target-recall,
-    evaluates float and int8 on test and writes the bundle with its report. Exits
-    non-zero when int8 loses more than --max-quantization-drop points of balanced
-    accuracy against float, unless --allow-quantization-drop.
+    quantizes it to int8, chooses the operating point for --target-recall and
+    --max-false-reject on scores of images the scoring model never trained on
+    (validation, or out-of-fold when validation has few defects), evaluates float and
+    int8 on test and writes the bundle with its report. Exits non-zero when int8 loses
+    more than --max-quantization-drop points of balanced accuracy at the shipped
+    threshold, or 0.005 ROC AUC, against float, unless --allow-quantization-drop.
 
     Example:
 
@@ -176,6 +189,9 @@ def fit_command(
             seed=seed,
             pass_label=pass_label,
             target_recall=target_recall,
+            max_false_reject=max_false_reject,
+            folds=folds,
+            label_smoothing=label_smoothing,
             size=size[0] if size else DEFAULT_SIZE,
             height=size[1] if size else None,
             color_mode=color_mode,
@@ -200,6 +216,45 @@ def fit_command(
         t0 = time.perf_counter()
         result = fit(data_dir, out_dir, options, echo=lambda line: click.echo(line))
         click.echo(f"done in {time.perf_counter() - t0:.0f}s: {result.bundle_dir}")
+
+
+@train.command("threshold")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="New bundle folder to write.")
+@click.option("--recall", default=None, type=float, help="Defect recall to reach: the highest threshold that does.")
+@click.option("--max-false-reject", default=None, type=float,
+              help="Share of good parts that may fail: the lowest threshold within it.  With --recall too: the fit's rule for both.")
+@click.option("--version", default=None, help="New bundle version.  [default: <old version>.t<UTC timestamp>]")
+def threshold_command(bundle_dir: Path, out_dir: Path, recall: float | None, max_false_reject: float | None, version: str | None) -> None:
+    """Move a bundle's operating point without retraining, from the scores stored with it.
+
+    Writes a new bundle version (same model file, new threshold, manifest, report and
+    model card) that `cloud models add` and `cloud push` take as usual.
+
+    Example:
+
+        linewatch train threshold bundle/ --out bundle-r95/ --recall 0.95
+    """
+    with _one_line_errors():
+        if recall is not None and not 0.0 < recall <= 1.0:
+            raise click.BadParameter(f"{recall} is not in (0, 1]", param_hint="--recall")
+        if max_false_reject is not None and not 0.0 <= max_false_reject < 1.0:
+            raise click.BadParameter(f"{max_false_reject} is not in [0, 1)", param_hint="--max-false-reject")
+        if recall is None and max_false_reject is None:
+            raise click.UsageError("give --recall R or --max-false-reject F (or both)")
+        from training.report import operating_point_lines
+        from training.threshold import move_threshold
+
+        moved = move_threshold(bundle_dir, out_dir, recall=recall, max_false_reject=max_false_reject, version=version)
+    click.echo(f"{moved.bundle_dir}: version {moved.version} (from {moved.previous_version})")
+    for line in operating_point_lines(moved.operating_point):
+        click.echo(line)
+    if moved.test_metrics is not None:
+        t = moved.test_metrics
+        click.echo(
+            f"on the fit's test split (int8): recall {100 * (t['defect_recall'] or 0):.2f} %, "
+            f"false rejects {100 * (t['false_reject_rate'] or 0):.2f} %, balanced accuracy {100 * (t['balanced_accuracy'] or 0):.2f} %"
+        )
 
 
 @train.command("eval")

@@ -90,6 +90,13 @@ class TrainConfig:
     map_clip: float | None = 6.0
     context: bool = True
     int8_level: bool = True  # the level in whole grey levels, as int8 computes it (RoundLikeInt8)
+    # Class targets 1 - e/2 and e/2 instead of 1 and 0: the softmax stops short of 0 and 1,
+    # so int8's 256 output steps keep the order of confident parts instead of rounding
+    # them all to the end steps (docs/training.md, "Operating point").
+    label_smoothing: float = 0.1
+    # False: keep the last epoch's weights (out-of-fold models, whose held-out fold must not
+    # choose their epoch); True: restore the epoch with the lowest validation loss.
+    restore_best: bool = True
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -461,10 +468,16 @@ def predict_proba(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> n
     return np.concatenate(out).astype(np.float32)
 
 
-def _weighted_loss(probs: np.ndarray, y: np.ndarray, weights: dict[int, float]) -> float:
-    p = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+def _weighted_loss(probs: np.ndarray, y: np.ndarray, weights: dict[int, float], smoothing: float = 0.0) -> float:
+    """Class-weighted cross-entropy against label-smoothed targets, as the training step computes it."""
+    if len(y) == 0:
+        return 0.0
+    k = probs.shape[1]
+    targets = np.full(probs.shape, smoothing / k)
+    targets[np.arange(len(y)), y] += 1.0 - smoothing
+    ce = -np.sum(targets * np.log(np.clip(probs, 1e-7, 1.0)), axis=1)
     w = np.array([weights[int(c)] for c in y])
-    return float(np.sum(-np.log(p) * w) / max(np.sum(w), 1e-12))
+    return float(np.sum(ce * w) / max(np.sum(w), 1e-12))
 
 
 def _balanced_accuracy(probs: np.ndarray, y: np.ndarray) -> float:
@@ -532,6 +545,7 @@ def train_model(
     optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
     mask_weight = tf.constant(config.mask_weight if use_masks else 0.0, tf.float32)
     pos_weight = float(config.mask_pos_weight)
+    smoothing = float(config.label_smoothing)
 
     aug = config.augmentation
 
@@ -542,7 +556,9 @@ def train_model(
         x, m = augment_batch(x, m, aug, seed)
         with tf.GradientTape() as tape:
             probs, logits = trainer(x, training=True)
-            ce = keras.losses.sparse_categorical_crossentropy(y, probs)
+            ce = keras.losses.categorical_crossentropy(
+                tf.one_hot(tf.cast(y, tf.int32), num_classes), probs, label_smoothing=smoothing
+            )
             class_loss = tf.reduce_sum(ce * w) / tf.reduce_sum(w)
             if m is not None:
                 cells = map_cells(m, map_h, map_w)
@@ -582,7 +598,7 @@ def train_model(
             sums.append(step(x_train[idx], mb, y_train[idx], sample_w[idx], mask_w[idx], seed))
         loss_sum, map_loss_sum, correct = np.sum([[float(v) for v in t] for t in sums], axis=0)
         probs = predict_proba(model, x_val)
-        val_loss = _weighted_loss(probs, y_val, weights)
+        val_loss = _weighted_loss(probs, y_val, weights, config.label_smoothing)
         improved = val_loss < best_loss - 1e-4
         if improved:
             best_loss, best_epoch, stale = val_loss, epoch, 0
@@ -605,7 +621,7 @@ def train_model(
             on_epoch(log)
         if stale >= config.patience and epoch >= config.min_epochs:
             break
-    if best_weights is not None:
+    if best_weights is not None and config.restore_best:
         model.set_weights(best_weights)
     return TrainResult(
         model=model,
@@ -620,26 +636,19 @@ def train_model(
     )
 
 
-def center_operating_point(
-    model: keras.Model, x_val: np.ndarray, is_defect_val: np.ndarray, pass_index: int, target_recall: float
-) -> float:
-    """Move a two-class model's operating point to the middle of its output range.
+def move_operating_point(model: keras.Model, threshold: float, pass_index: int) -> float:
+    """Shift a two-class model's defect logit so that defect score ``threshold`` becomes 0.5.
 
-    The target-recall threshold usually lands low (0.05-0.15 on the synthetic set: most
-    good parts score there), where the int8 softmax output has its coarsest resolution in
-    logit terms (a 1/256 step is 4x the logit change it is at 0.5) and a thick cluster of
-    good parts' scores sits on it, so rounding alone moved the false-reject rate by
-    points. Adding log((1 - t) / t) to the defect output's bias, with t the float model's
-    threshold for ``target_recall`` on validation, maps t to 0.5. The order of the scores,
-    and so every curve and threshold-based figure, is unchanged. Returns the shift.
+    The chosen threshold usually lands off the middle, where the int8 softmax output is
+    coarsest in logit terms (a 1/256 step at 0.05 is 4x the logit change it is at 0.5)
+    and where a thick cluster of good parts' scores can sit on one step. Adding
+    log((1 - t) / t) to the defect output's bias maps t to 0.5; the order of the scores,
+    and so every curve and threshold-based figure, is unchanged. Returns the shift
+    (clipped to +-8); 0 for a model with more than two outputs, which is left alone.
     """
-    probs = predict_proba(model, x_val)
-    scores = 1.0 - probs[:, pass_index]
-    defect_scores = np.sort(scores[np.asarray(is_defect_val, dtype=bool)])[::-1]
-    if probs.shape[1] != 2 or defect_scores.size == 0:
+    if int(model.output_shape[-1]) != 2:
         return 0.0
-    k = max(1, math.ceil(target_recall * defect_scores.size - 1e-9))
-    t = float(np.clip(defect_scores[k - 1], 1e-4, 1 - 1e-4))
+    t = float(np.clip(threshold, 1e-4, 1 - 1e-4))
     shift = float(np.clip(math.log((1 - t) / t), -8.0, 8.0))
     dense = model.get_layer("probabilities")
     kernel, bias = dense.get_weights()
@@ -661,7 +670,7 @@ __all__: Sequence[str] = [
     "TrainResult",
     "augment_batch",
     "build_networks",
-    "center_operating_point",
+    "move_operating_point",
     "class_weights",
     "map_cells",
     "predict_proba",

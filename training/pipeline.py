@@ -17,6 +17,7 @@ Imports TensorFlow (through :mod:`training.model`): import it inside commands on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -45,13 +46,18 @@ from training.dataset import (
     scan_dataset,
     split_dataset,
 )
-from training.evaluate import (
-    DEFAULT_TARGET_RECALL,
-    ThresholdChoice,
-    choose_threshold,
-    compute_metrics,
-)
+from training.evaluate import compute_metrics
 from training.exceptions import QuantizationGateError, TrainingError
+from training.operating_point import (
+    DEFAULT_FOLDS,
+    DEFAULT_MAX_FALSE_REJECT,
+    DEFAULT_TARGET_RECALL,
+    MIN_VALIDATION_DEFECTS,
+    SCORES_FILE,
+    OperatingPoint,
+    OperatingScores,
+    check_budgets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +83,7 @@ def auto_epochs(n_train: int) -> int:
 
 
 MAX_QUANTIZATION_DROP = 1.0  # balanced-accuracy points
+MAX_QUANTIZATION_AUC_DROP = 0.005  # ROC AUC
 # The model's defect output when several defect classes are merged (see FitOptions.defects).
 MERGED_DEFECT_LABEL = "defect"
 LATENCY_SAMPLES = 200
@@ -90,6 +97,11 @@ class FitOptions:
     seed: int = 0
     pass_label: str | None = None
     target_recall: float = DEFAULT_TARGET_RECALL
+    max_false_reject: float = DEFAULT_MAX_FALSE_REJECT
+    # k-fold out-of-fold scores choose the threshold when validation holds fewer than
+    # MIN_VALIDATION_DEFECTS defects; 0 never trains fold models (validation alone).
+    folds: int = DEFAULT_FOLDS
+    label_smoothing: float = 0.1
     size: int = DEFAULT_SIZE  # model input width, and height unless ``height`` is set
     height: int | None = None  # a non-square input keeps the camera's aspect ratio
     color_mode: str = "gray"
@@ -119,8 +131,11 @@ class FitOptions:
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
             raise ValueError("epochs must be at least 1")
-        if not 0.0 < self.target_recall <= 1.0:
-            raise ValueError("target recall must be in (0, 1]")
+        check_budgets(self.target_recall, self.max_false_reject)
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError("folds must be 0 (validation only) or at least 2")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("label smoothing must be in [0, 0.5)")
         if not 8 <= self.size <= 1024 or not 8 <= (self.height or self.size) <= 1024:
             raise ValueError("size must be between 8 and 1024 pixels")
         if self.color_mode not in ("gray", "rgb"):
@@ -139,7 +154,7 @@ class FitResult:
     manifest: dict[str, Any]
     float_metrics: dict[str, Any]
     int8_metrics: dict[str, Any]
-    threshold: ThresholdChoice
+    operating_point: OperatingPoint
     gate_passed: bool
     seconds: float
     durations: dict[str, float] = field(default_factory=dict)
@@ -198,10 +213,13 @@ def quantization_gate(
     allow: bool,
     out_dir: Path | None = None,
     threshold: float | None = None,
+    float_auc: float | None = None,
+    int8_auc: float | None = None,
+    max_auc_drop: float = MAX_QUANTIZATION_AUC_DROP,
 ) -> dict[str, Any]:
-    """Compare int8 with float balanced accuracy; ``passed`` is False when int8 is worse by more than the limit.
-
-    ``threshold``: the one both were measured at, named in the message.
+    """Compare int8 with float: balanced accuracy at the shipped ``threshold`` (at most
+    ``max_drop_points`` points lower) and ROC AUC (at most ``max_auc_drop`` lower, when both
+    are given); ``passed`` is False when either drops by more.
 
     ``allow`` (``--allow-quantization-drop``) accepts a failed comparison, and says so.
     """
@@ -209,33 +227,109 @@ def quantization_gate(
     # Rounded: 0.705 - 0.695 is 1.0000000000000009 points in floating point, and exactly
     # the limit is not "more than" it.
     drop = round(100.0 * (f - q), 6)
-    within = drop <= max_drop_points
+    auc_drop = round(float(float_auc) - float(int8_auc), 6) if float_auc is not None and int8_auc is not None else None
+    within_ba = drop <= max_drop_points
+    within_auc = auc_drop is None or auc_drop <= max_auc_drop
+    within = within_ba and within_auc
     at = f" at threshold {threshold:.4f}" if threshold is not None else ""
+    parts = [
+        f"int8 balanced accuracy{at} {q:.4f} vs float {f:.4f} ({-drop:+.2f} points, limit -{max_drop_points:.2f})"
+    ]
+    if auc_drop is not None and float_auc is not None and int8_auc is not None:
+        parts.append(f"ROC AUC {int8_auc:.4f} vs {float_auc:.4f} ({-auc_drop:+.4f}, limit -{max_auc_drop:.3f})")
+    message = "; ".join(parts)
     if within:
-        message = (
-            f"int8 balanced accuracy{at} {q:.4f} vs float {f:.4f} ({-drop:+.2f} points, "
-            f"limit -{max_drop_points:.2f}): passed"
-        )
+        message += ": passed"
     else:
         where = f"the bundle in {out_dir}" if out_dir is not None else "the bundle"
-        message = (
-            f"int8 balanced accuracy{at} {q:.4f} is {drop:.2f} points below float {f:.4f} "
-            f"(limit {max_drop_points:.2f}); "
-            + (
-                "accepted because of --allow-quantization-drop"
-                if allow
-                else f"{where} is marked as failing the gate: train longer or on more images, "
-                "or pass --allow-quantization-drop to accept it"
-            )
+        failed = " and ".join(
+            name for name, ok in (("balanced accuracy", within_ba), ("ROC AUC", within_auc)) if not ok
+        )
+        message += f": int8 loses too much {failed}; " + (
+            "accepted because of --allow-quantization-drop"
+            if allow
+            else f"{where} is marked as failing the gate: train longer or on more images, "
+            "or pass --allow-quantization-drop to accept it"
         )
     return {
         "passed": within or allow,
         "drop_points": round(drop, 4),
         "max_drop_points": max_drop_points,
+        "auc_drop": auc_drop,
+        "max_auc_drop": max_auc_drop,
         "allowed_by_flag": bool(allow and not within),
-        "metric": "balanced_accuracy",
+        "metric": "balanced_accuracy at the shipped threshold, and roc_auc",
         "message": message,
     }
+
+
+def _selection_scores(
+    opts: FitOptions,
+    data: DataReport,
+    split: Split,
+    fx: dict[str, np.ndarray],
+    model_ys: dict[str, np.ndarray],
+    masks_train: np.ndarray,
+    mask_known: np.ndarray,
+    groups: Any,
+    trained: Any,
+    config: Any,
+    model_labels: list[str],
+    say: Echo,
+) -> OperatingScores:
+    """Float scores of images the scoring model did not train on, to choose the operating point.
+
+    The final model's validation scores when validation holds MIN_VALIDATION_DEFECTS defects
+    or more (or ``opts.folds`` is 0); else out-of-fold scores over train and validation
+    (:mod:`training.folds`), from fold models trained with the final model's recipe for its
+    best epoch count.
+    """
+    from training import model as model_mod
+
+    model_pass = model_labels.index(data.pass_label)
+    n_val_defects = int(np.sum(model_ys["val"] != model_pass))
+    if opts.folds == 0 or n_val_defects >= MIN_VALIDATION_DEFECTS:
+        probs = model_mod.predict_proba(trained.model, fx["val"])
+        return OperatingScores(
+            scores_from="validation",
+            model="float",
+            pass_label=data.pass_label,
+            files=tuple(str(s.path) for s in split.val),
+            labels=tuple(s.label for s in split.val),
+            scores=_scores(probs, model_pass),
+        )
+    from training.folds import out_of_fold_scores
+
+    pool = split.train + split.val
+    x = np.concatenate([fx["train"], fx["val"]])
+    y = np.concatenate([model_ys["train"], model_ys["val"]])
+    masks_val, known_val = load_masks(split.val, data.masks, fx["val"], data.pass_label)
+    say(
+        f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
+        f"models score all {int(np.sum(y != model_pass))} training and validation defects out of fold "
+        f"({trained.best_epoch} epochs each)"
+    )
+    scores = out_of_fold_scores(
+        x,
+        y,
+        y != model_pass,
+        dataclasses.replace(config, epochs=max(1, trained.best_epoch)),
+        len(model_labels),
+        folds=opts.folds,
+        pass_index=model_pass,
+        masks=np.concatenate([masks_train, masks_val]),
+        mask_known=np.concatenate([mask_known, known_val]),
+        groups=[groups(s) for s in pool] if groups else None,
+        say=say,
+    )
+    return OperatingScores(
+        scores_from=f"out-of-fold ({opts.folds} folds)",
+        model="float",
+        pass_label=data.pass_label,
+        files=tuple(str(s.path) for s in pool),
+        labels=tuple(s.label for s in pool),
+        scores=scores,
+    )
 
 
 def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, echo: Echo | None = None) -> FitResult:
@@ -294,6 +388,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         patience=opts.patience,
         seed=opts.seed,
         width=opts.filters,
+        label_smoothing=opts.label_smoothing,
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
     )
     say(
@@ -328,14 +423,21 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     )
     say(f"  best epoch {trained.best_epoch} of {trained.epochs_run} (weights restored), {trained.seconds:.0f}s")
 
-    shift = 0.0
-    if len(model_labels) == 2:
-        model_pass = model_labels.index(data.pass_label)
-        shift = model_mod.center_operating_point(
-            trained.model, fx["val"], model_ys["val"] != model_pass, model_pass, opts.target_recall
-        )
-        say(f"  operating point moved to the middle of the output range (defect logit {shift:+.2f})")
     durations["train"] = time.perf_counter() - t_train
+
+    # The operating point's scores: validation, or out-of-fold when it has few defects.
+    t0 = time.perf_counter()
+    model_pass = model_labels.index(data.pass_label)
+    selection = _selection_scores(
+        opts, data, split, fx, model_ys, masks_train, mask_known, groups, trained, config, model_labels, say
+    )
+    float_point = selection.choose(opts.target_recall, opts.max_false_reject)
+    # Move the chosen cut to the middle of the output range, where int8 resolves it best.
+    shift = model_mod.move_operating_point(trained.model, float_point.threshold, model_pass)
+    selection = selection.shifted(shift)
+    if shift:
+        say(f"  operating point moved to the middle of the output range (defect logit {shift:+.2f})")
+    durations["operating_scores"] = time.perf_counter() - t0
 
     # 4. Quantize.
     t0 = time.perf_counter()
@@ -368,6 +470,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
             trained=trained,
             config=config,
             shift=shift,
+            selection=selection,
             int8_bytes=int8_bytes,
             float_bytes=float_bytes,
             in_spec=in_spec,
@@ -401,6 +504,7 @@ def _finish(
     model_labels: list[str],
     trained: Any,
     shift: float,
+    selection: OperatingScores,
     config: Any,
     int8_bytes: bytes,
     float_bytes: bytes,
@@ -450,16 +554,18 @@ def _finish(
     # int8, through the edge classifier: threshold on val, metrics on test.
     int8_val, _, _ = _int8_scores(clf, raw_x["val"])
     int8_test, _, _ = _int8_scores(clf, raw_x["test"])
-    choice = choose_threshold(is_defect["val"], int8_val, opts.target_recall)
-    int8_metrics = compute_metrics(true["test"], int8_test, pass_label, choice.threshold)
-    # float (the Keras model), judged the same way at its own validation threshold.
+    # The shipped point: on the int8 model's own validation scores, or on the fold models'
+    # out-of-fold scores (float, moved into the shipped model's scale).
+    shipped_scores = (
+        dataclasses.replace(selection, scores=int8_val, model="int8") if selection.scores_from == "validation" else selection
+    )
+    point = shipped_scores.choose(opts.target_recall, opts.max_false_reject)
+    int8_metrics = compute_metrics(true["test"], int8_test, pass_label, point.threshold)
+    # float (the Keras model), judged the same way at its own point.
     model_pass = model_labels.index(pass_label)
-    float_val = _scores(model_mod.predict_proba(trained.model, fx["val"]), model_pass)
     float_test = _scores(model_mod.predict_proba(trained.model, fx["test"]), model_pass)
-    float_choice = choose_threshold(is_defect["val"], float_val, opts.target_recall)
-    float_metrics = compute_metrics(true["test"], float_test, pass_label, float_choice.threshold)
-    if not choice.reached:
-        say(f"warning: validation defect recall {choice.recall:.3f} does not reach the target {opts.target_recall}")
+    float_point = selection.choose(opts.target_recall, opts.max_false_reject)
+    float_metrics = compute_metrics(true["test"], float_test, pass_label, float_point.threshold)
 
     # Latency: int8 through the classifier and the float twin, same runtime, one thread each.
     batches_u8 = [clf.quantize(img) for img in raw_x["test"][:50]]
@@ -477,16 +583,18 @@ def _finish(
     # float/int8 columns of the report) the difference is mostly the noise of picking the
     # k-th highest of a few hundred defect scores on a steep part of the ROC: the default
     # synthetic fit had equal int8 and float ROC AUC (0.9596 / 0.9593) and "lost" 4.2 points.
-    float_at_shipped = compute_metrics(true["test"], float_test, pass_label, choice.threshold)
+    float_at_shipped = compute_metrics(true["test"], float_test, pass_label, point.threshold)
     gate = quantization_gate(
         float_at_shipped["balanced_accuracy"],
         int8_metrics["balanced_accuracy"],
         opts.max_quantization_drop,
         allow=opts.allow_quantization_drop,
         out_dir=out_dir,
-        threshold=choice.threshold,
+        threshold=point.threshold,
+        float_auc=float_metrics["roc_auc"],
+        int8_auc=int8_metrics["roc_auc"],
     )
-    gate["threshold"] = choice.threshold
+    gate["threshold"] = point.threshold
     gate["float_balanced_accuracy_at_own_threshold"] = float_metrics["balanced_accuracy"]
     gate_message = gate["message"]
 
@@ -504,8 +612,7 @@ def _finish(
         "split": "test",
         "float": float_metrics,
         "int8": int8_metrics,
-        "threshold_selection": {**choice.to_dict(), "score": "1 - P(pass label)", "model": "int8"},
-        "float_threshold_selection": float_choice.to_dict(),
+        "float_operating_point": float_point.to_manifest(),
         "quantization_gate": gate,
         "latency": latency,
         "runtime": clf.runtime,
@@ -551,7 +658,8 @@ def _finish(
         "history": [asdict(h) for h in trained.history],
     }
     manifest = bundle_mod.build_manifest(
-        threshold=choice.threshold,
+        threshold=point.threshold,
+        operating_point=point.to_manifest(),
         metrics=metrics,
         dataset=dataset,
         training=training_info,
@@ -563,8 +671,10 @@ def _finish(
     bundle_mod.write_manifest(staging, manifest)
 
     # Report for people.
+    (report_dir / SCORES_FILE).write_text(json.dumps(shipped_scores.to_json()) + "\n", encoding="utf-8")
     report.plot_confusion(int8_metrics["confusion"], pass_label, report_dir / "confusion.png",
-                          f"int8 on test, threshold {choice.threshold:.3f}")
+                          f"int8 on test, threshold {point.threshold:.3f}")
+    report.plot_operating_point(shipped_scores, point, (is_defect["test"], int8_test), report_dir)
     curves = {"float32": (is_defect["test"], float_test), "int8": (is_defect["test"], int8_test)}
     points = {
         "float32": (float_metrics["false_reject_rate"] or 0.0, float_metrics["defect_recall"] or 0.0),
@@ -615,10 +725,8 @@ def _finish(
     say("evaluation on the test split (each model at its validation threshold):")
     for line in report.metrics_table(float_metrics, int8_metrics):
         say("  " + line)
-    say(
-        f"threshold {choice.threshold:.4f}: validation defect recall {choice.recall:.2%} "
-        f"(target {opts.target_recall:.2%}) at a false reject rate of {choice.false_reject_rate:.2%}"
-    )
+    for line in report.operating_point_lines(point):
+        say(line)
     say(
         f"latency ({latency['runtime']}, 1 thread): int8 p50 {int8_latency['p50_ms']:.3f} ms, p99 {int8_latency['p99_ms']:.3f} ms; "
         f"float32 p50 {float_latency['p50_ms']:.3f} ms; budget {latency_budget} ms"
@@ -630,7 +738,7 @@ def _finish(
         manifest=manifest,
         float_metrics=float_metrics,
         int8_metrics=int8_metrics,
-        threshold=choice,
+        operating_point=point,
         gate_passed=bool(gate["passed"]),
         seconds=time.perf_counter() - t_start,
         durations=durations,

@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 
 from training.evaluate import pr_curve, roc_curve
+from training.operating_point import OperatingPoint, OperatingScores, smoothed_tail, to_logit
+
+SCORES_PLOT = "scores.png"
+OPERATING_PLOT = "operating_point.png"
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +93,71 @@ def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], out: Path, titl
     return out
 
 
+def plot_operating_point(
+    chosen_from: OperatingScores,
+    point: OperatingPoint,
+    test: tuple[np.ndarray, np.ndarray] | None,
+    report_dir: Path,
+) -> tuple[Path, Path]:
+    """Two pictures: each class's score histogram with the threshold drawn (on the scores the
+    point was chosen from, and on test), and recall and false-reject rate against the threshold."""
+    plt = _pyplot()
+    sets = [(f"{point.scores_from} ({chosen_from.model})", chosen_from.is_defect, chosen_from.scores)]
+    if test is not None:
+        sets.append(("test (int8)", np.asarray(test[0], bool), np.asarray(test[1], float)))
+    bins = np.linspace(0.0, 1.0, 51)
+    fig, axes = plt.subplots(len(sets), 1, figsize=(5.6, 2.3 * len(sets)), dpi=110, squeeze=False)
+    for ax, (name, y, s) in zip(axes[:, 0], sets, strict=True):
+        ax.hist(s[~y], bins=bins, color="tab:green", alpha=0.6, label=f"{chosen_from.pass_label} ({int((~y).sum())})")
+        ax.hist(s[y], bins=bins, color="tab:red", alpha=0.6, label=f"defect ({int(y.sum())})")
+        ax.axvline(point.threshold, color="black", lw=1.2, label=f"threshold {point.threshold:.3f}")
+        ax.set_yscale("log")
+        ax.set_xlim(0, 1)
+        ax.set_ylabel("images")
+        ax.set_title(f"defect scores, {name}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper center")
+    axes[-1, 0].set_xlabel("defect score (fail at or above the threshold)")
+    fig.tight_layout()
+    scores_png = report_dir / SCORES_PLOT
+    fig.savefig(scores_png)
+    plt.close(fig)
+
+    y, s = chosen_from.is_defect, chosen_from.scores
+    grid = np.linspace(0.0, 1.0, 401)
+    z = to_logit(grid)
+    fig, ax = plt.subplots(figsize=(5.6, 3.6), dpi=110)
+    ax.plot(grid, [float(np.mean(s[y] >= t)) for t in grid], color="tab:red", drawstyle="steps-post", label="recall")
+    ax.plot(grid, [float(np.mean(s[~y] >= t)) for t in grid], color="tab:green", drawstyle="steps-post", label="false rejects")
+    ax.plot(grid, smoothed_tail(to_logit(s[y]), z), color="tab:red", ls=":", lw=1, label="recall, smoothed")
+    ax.plot(grid, smoothed_tail(to_logit(s[~y]), z), color="tab:green", ls=":", lw=1, label="false rejects, smoothed")
+    ax.axhline(point.target_recall, color="tab:red", lw=0.6, alpha=0.5)
+    ax.axhline(point.max_false_reject, color="tab:green", lw=0.6, alpha=0.5)
+    ax.axvline(point.threshold, color="black", lw=1.2, label=f"threshold {point.threshold:.3f} ({point.rule})")
+    ax.set_xlabel("threshold")
+    ax.set_ylabel("share of images failed")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(fontsize=7, loc="center right")
+    ax.set_title(f"recall and false rejects against the threshold ({point.scores_from})", fontsize=9)
+    fig.tight_layout()
+    curve_png = report_dir / OPERATING_PLOT
+    fig.savefig(curve_png)
+    plt.close(fig)
+    return scores_png, curve_png
+
+
+def operating_point_lines(point: OperatingPoint) -> list[str]:
+    """The operating point for people: the summary, what it misses of its budgets, warnings."""
+    lines = [point.summary()]
+    if point.feasible:
+        lines.append("  both budgets can be met on these scores; the threshold sits inside the interval that meets them")
+    for shortfall in point.shortfalls():
+        lines.append(f"  short of the budgets: {shortfall}")
+    for warning in point.warnings:
+        lines.append(f"  warning: {warning}")
+    return lines
+
+
 def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * float(v):.2f} %"
 
@@ -117,11 +186,42 @@ def metrics_table(float_m: Mapping[str, Any], int8_m: Mapping[str, Any]) -> list
     return rows
 
 
+def operating_point_section(op: Mapping[str, Any], int8_test: Mapping[str, Any]) -> list[str]:
+    """The model card's "Operating point" section, from the manifest's operating_point."""
+    if not op:
+        return ["## Operating point", "", "This bundle predates recorded operating points."]
+    lines = [
+        "## Operating point",
+        "",
+        f"Threshold **{op['threshold']:.4f}**, rule `{op['rule']}` on {op['scores_from']} scores of "
+        f"{op['n_defect']} defect and {op['n_pass']} good images (none of them trained the model that scored them). "
+        f"Budgets: defect recall at least {op['target_recall']:.2%}, false rejects at most {op['max_false_reject']:.2%}.",
+        "",
+        f"- There: recall **{op['recall']:.2%}** (one-sided 95 % lower bound **{op['recall_lower_95']:.2%}** for "
+        f"{op['n_defect']} defects), false rejects **{op['false_reject_rate']:.2%}**.",
+        f"- On the test split (int8): recall {_pct(int8_test.get('defect_recall'))}, false rejects "
+        f"{_pct(int8_test.get('false_reject_rate'))}.",
+    ]
+    if op.get("recall", 1.0) < op["target_recall"]:
+        lines.append(f"- Recall is {100 * (op['target_recall'] - op['recall']):.1f} points below the target.")
+    if op.get("false_reject_rate", 0.0) > op["max_false_reject"]:
+        lines.append(
+            f"- False rejects are {100 * (op['false_reject_rate'] - op['max_false_reject']):.1f} points over the budget."
+        )
+    for warning in op.get("warnings", []):
+        lines.append(f"- Warning: {warning}")
+    lines += [
+        "",
+        f"`linewatch train threshold` moves the point without retraining. Pictures: `{SCORES_PLOT}`, `{OPERATING_PLOT}`.",
+    ]
+    return lines
+
+
 def model_card(manifest: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
     """A short model card in Markdown: intended use, data, metrics, threshold, limitations."""
     m = manifest
     metrics = m["metrics"]
-    sel = metrics["threshold_selection"]
+    op = m.get("operating_point") or {}
     ds = m["dataset"]
     tr = m["training"]
     prep = m["preprocessing"]
@@ -160,15 +260,9 @@ def model_card(manifest: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
         *metrics_table(flt, int8),
         "",
         f"int8 is evaluated through `edge.inference.Classifier` ({extra.get('runtime', '?')} runtime), the code the "
-        "edge agent runs. Each model is evaluated at the threshold chosen for it on the validation split.",
+        "edge agent runs. Each model is evaluated at the operating point chosen for it.",
         "",
-        "## Threshold",
-        "",
-        f"Chosen on the validation split ({sel['n_defect']} defect, {sel['n_pass']} pass images) as the largest "
-        f"threshold reaching the target defect recall {sel['target_recall']:.2%}: threshold {sel['threshold']:.4f} "
-        f"reached recall {sel['recall']:.2%} at a false reject rate of **{sel['false_reject_rate']:.2%}** "
-        f"(good parts scrapped). On test it costs {_pct(int8.get('false_reject_rate'))} of good parts for "
-        f"{_pct(int8.get('defect_recall'))} defect recall.",
+        *operating_point_section(op, int8),
         "",
         "## Training",
         "",
@@ -185,8 +279,8 @@ def model_card(manifest: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
         "",
         "## Limitations",
         "",
-        "- The threshold comes from a validation split of a few hundred images at most: recall close to the "
-        "target is an estimate with real uncertainty, and defects unlike the training ones may pass.",
+        "- Recall near the target is an estimate from the defects behind it (see the lower bound above), and "
+        "defects unlike the training ones may pass.",
         "- Lighting, camera, focus or part changes shift the inputs; the agent compares live inputs and scores "
         "with the reference statistics in the manifest to flag drift, which calls for new labelled images and "
         "retraining.",
@@ -197,4 +291,13 @@ def model_card(manifest: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["metrics_table", "model_card", "plot_confusion", "plot_pr", "plot_roc"]
+__all__ = [
+    "metrics_table",
+    "model_card",
+    "operating_point_lines",
+    "operating_point_section",
+    "plot_confusion",
+    "plot_operating_point",
+    "plot_pr",
+    "plot_roc",
+]

@@ -1,0 +1,117 @@
+"""Out-of-fold defect scores: a score for every training and validation image from a model
+that never saw it, so the operating point rests on every defect the data has.
+
+A validation split of a few dozen defects cannot place a 99 %-recall threshold: the cut
+lands on one or two scores. When validation holds fewer than
+:data:`training.operating_point.MIN_VALIDATION_DEFECTS` defects, ``train fit`` splits train
+and validation together into k folds (stratified by class, whole groups together when the
+split is grouped), trains one model per fold on the other k - 1 with the final model's
+recipe and its best epoch count, and scores the held-out fold. The fold models are thrown
+away; their scores choose the shipped model's threshold (docs/training.md, "Operating
+point").
+
+Imports TensorFlow (through :mod:`training.model`): import it inside commands only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from training import model as model_mod
+from training.exceptions import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def assign_folds(
+    labels: Sequence[int] | np.ndarray, folds: int, seed: int, groups: Sequence[str] | None = None
+) -> np.ndarray:
+    """Fold number (0..folds-1) per item: each class spread evenly over the folds, in a seeded
+    random order; with ``groups``, items of one group share a fold (groups dealt largest first)."""
+    y = np.asarray(labels)
+    rng = np.random.default_rng([seed, 7919])
+    out = np.empty(len(y), dtype=np.int64)
+    if groups is None:
+        for label in np.unique(y):
+            idx = np.flatnonzero(y == label)
+            idx = idx[rng.permutation(len(idx))]
+            # continue the round-robin where the previous class stopped, so fold sizes stay even
+            out[idx] = (np.arange(len(idx)) + int(label)) % folds
+        return out
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    keys = sorted(members)
+    keys = [keys[i] for i in rng.permutation(len(keys))]
+    keys.sort(key=lambda k: -len(members[k]))
+    counts = np.zeros((folds, int(y.max()) + 1))
+    for key in keys:
+        add = np.bincount(y[members[key]], minlength=counts.shape[1])
+        # the fold where this group's classes are scarcest
+        fold = int(np.argmin([np.sum((counts[f] + add) ** 2) for f in range(folds)]))
+        counts[fold] += add
+        out[members[key]] = fold
+    return out
+
+
+def out_of_fold_scores(
+    x: np.ndarray,
+    y: np.ndarray,
+    is_defect: np.ndarray,
+    config: model_mod.TrainConfig,
+    num_classes: int,
+    *,
+    folds: int,
+    pass_index: int,
+    masks: np.ndarray | None = None,
+    mask_known: np.ndarray | None = None,
+    groups: Sequence[str] | None = None,
+    say: Callable[[str], None] = lambda line: None,
+) -> np.ndarray:
+    """Float defect scores (1 - P(pass)) for every image of ``x``, each from the fold model that
+    did not train on it. ``config`` should carry the final model's epoch count; the fold models
+    keep their last epoch (no early stopping on the fold they score).
+
+    Raises :class:`DataError` when there are fewer defects than folds.
+    """
+    n_defect = int(np.sum(is_defect))
+    if folds < 2:
+        raise ValueError("out-of-fold scores need at least 2 folds")
+    if n_defect < folds:
+        raise DataError(
+            f"{n_defect} defect images cannot fill {folds} folds; add defect images or pass --folds {max(2, n_defect)} "
+            "(or --folds 0 to choose the threshold on the validation split alone)"
+        )
+    fold_of = assign_folds(y, folds, config.seed, groups)
+    fold_config = dataclasses.replace(config, min_epochs=config.epochs, patience=config.epochs + 1, restore_best=False)
+    scores = np.zeros(len(x), dtype=np.float64)
+    for k in range(folds):
+        hold = fold_of == k
+        fit_idx = np.flatnonzero(~hold)
+        trained = model_mod.train_model(
+            x[fit_idx],
+            y[fit_idx],
+            x[hold],
+            y[hold],
+            num_classes,
+            dataclasses.replace(fold_config, seed=config.seed + 1000 * (k + 1)),
+            masks_train=masks[fit_idx] if masks is not None else None,
+            mask_known=mask_known[fit_idx] if mask_known is not None else None,
+            pass_index=pass_index,
+        )
+        probs = model_mod.predict_proba(trained.model, x[hold])
+        scores[hold] = np.clip(1.0 - probs[:, pass_index], 0.0, 1.0)
+        say(
+            f"  fold {k + 1}/{folds}: {int(np.sum(~hold))} training images, scored {int(np.sum(hold))} "
+            f"({int(np.sum(is_defect[hold]))} defects), {trained.seconds:.0f}s"
+        )
+        del trained
+    return scores
+
+
+__all__ = ["assign_folds", "out_of_fold_scores"]
