@@ -117,7 +117,7 @@ def summarize_fit(bundle: Path, seconds: float) -> dict[str, Any]:
         "float_model_bytes": (bundle / "report" / "model_float32.tflite").stat().st_size,
         "split": m.dataset["split"]["sizes"],
         "split_method": m.dataset["split"]["method"],
-        "threshold_selection": m.metrics["threshold_selection"],
+        "operating_point": m.operating_point.model_dump() if m.operating_point else None,
         "float": {k: m.metrics["float"].get(k) for k in keys},
         "int8": {k: m.metrics["int8"].get(k) for k in keys} | {"confusion": m.metrics["int8"]["confusion"], "per_class_recall": m.metrics["int8"]["per_class_recall"]},
         "quantization_gate": m.metrics["quantization_gate"],

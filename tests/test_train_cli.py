@@ -51,7 +51,7 @@ def assert_one_line_error(code: int, output: str, *needles: str) -> None:
 def test_every_command_has_help_with_an_example() -> None:
     code, output = invoke("--help")
     assert code == 0
-    for name in ("synth", "fit", "eval", "check", "pack"):
+    for name in ("synth", "fit", "eval", "check", "pack", "threshold"):
         assert name in output
         sub_code, sub_output = invoke(name, "--help")
         assert sub_code == 0 and "Example:" in sub_output, name
@@ -181,7 +181,7 @@ def test_quantization_gate_refuses_and_can_be_overridden(tmp_path: Path) -> None
     generate_dataset(data, count=60, seed=5, size=32)
     common = ["fit", str(data), "--epochs", "1", "--size", "32", "--seed", "5", "--max-quantization-drop", "-101"]
     code, out = invoke(*common, "--out", str(tmp_path / "refused"))
-    assert_one_line_error(code, out, "points below float", "--allow-quantization-drop")
+    assert_one_line_error(code, out, "loses too much balanced accuracy", "--allow-quantization-drop")
     manifest = read_manifest(tmp_path / "refused")  # written for inspection, marked as failing
     assert manifest.metrics["quantization_gate"]["passed"] is False
     code, out = invoke(*common, "--out", str(tmp_path / "accepted"), "--allow-quantization-drop")
@@ -204,6 +204,10 @@ def test_gate_decision() -> None:
     # exactly the limit is not "more than" it (0.705 - 0.695 is 1.0000000000000009 in floats)
     assert quantization_gate(0.705, 0.695, 1.0, allow=False)["passed"] is True
     assert quantization_gate(0.705, 0.6949, 1.0, allow=False)["passed"] is False
+    # ROC AUC too: equal balanced accuracy at the cut, but int8 ranks parts worse
+    auc = quantization_gate(0.97, 0.97, 1.0, allow=False, float_auc=0.990, int8_auc=0.984)
+    assert auc["passed"] is False and "loses too much ROC AUC" in auc["message"]
+    assert quantization_gate(0.97, 0.97, 1.0, allow=False, float_auc=0.990, int8_auc=0.985)["passed"] is True
 
 
 # --------------------------------------------------------------------------- end to end

@@ -31,7 +31,7 @@ from training.dataset import (
     scan_dataset,
     split_dataset,
 )
-from training.evaluate import average_precision, choose_threshold, compute_metrics, roc_auc
+from training.evaluate import average_precision, compute_metrics, roc_auc
 from training.exceptions import DataError, TrainingError
 
 # --------------------------------------------------------------------------- helpers
@@ -496,21 +496,24 @@ def test_auc_and_average_precision_with_ties() -> None:
     assert roc_auc(y, np.array([0.0, 0.1, 0.9, 1.0])) == pytest.approx(1.0)
 
 
-def test_threshold_is_the_largest_that_reaches_target_recall() -> None:
+def test_edge_rule_is_the_largest_threshold_that_reaches_target_recall() -> None:
+    """The rule before the operating point read both classes, kept for comparison."""
+    from training.operating_point import choose_operating_point
+
     rng = np.random.default_rng(0)
     defect = rng.uniform(0.3, 1.0, 200)
     good = rng.uniform(0.0, 0.6, 300)
     y = np.r_[np.ones(200, bool), np.zeros(300, bool)]
     s = np.r_[defect, good]
-    choice = choose_threshold(y, s, 0.99)
-    assert choice.reached and choice.recall >= 0.99
+    choice = choose_operating_point(y, s, 0.99, rule="edge")
+    assert choice.recall >= 0.99
     # 99 % of 200 -> 198 defects must fail: the threshold is the 198th highest defect score.
     assert choice.threshold == pytest.approx(np.sort(defect)[::-1][197])
     above = np.nextafter(choice.threshold, 1.0)
     assert np.mean(defect >= above) < 0.99
     assert choice.false_reject_rate == pytest.approx(np.mean(good >= choice.threshold))
-    assert choose_threshold(y, s, 1.0).threshold == pytest.approx(defect.min())
-    assert math.isclose(choose_threshold(y, s, 0.5).recall, 0.5)
+    assert choose_operating_point(y, s, 1.0, rule="edge").threshold == pytest.approx(defect.min())
+    assert math.isclose(choose_operating_point(y, s, 0.5, rule="edge").recall, 0.5)
 
 
 # --------------------------------------------------------------------------- packed bundle
@@ -576,8 +579,8 @@ def test_tiny_bundle_manifest_is_complete(tiny_bundle: Path) -> None:
     for part in ("float", "int8"):
         for key in ("n", "accuracy", "balanced_accuracy", "defect_recall", "defect_precision", "false_reject_rate", "roc_auc", "pr_auc", "threshold", "confusion", "per_class_recall"):
             assert key in m.metrics[part], (part, key)
-    sel = m.metrics["threshold_selection"]
-    assert sel["threshold"] == m.threshold and sel["split"] == "val" and sel["target_recall"] == 0.99
+    op = m.operating_point
+    assert op is not None and op.threshold == m.threshold and op.target_recall == 0.99 and op.max_false_reject == 0.02
     assert m.metrics["int8"]["threshold"] == m.threshold
     assert "passed" in m.metrics["quantization_gate"]
     assert len(m.dataset["fingerprint"]) == 64
@@ -618,7 +621,7 @@ def test_tiny_bundle_report(tiny_bundle: Path) -> None:
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["metrics"]["int8"]["n"] == read_manifest(tiny_bundle).metrics["int8"]["n"]
     card = (report / "model_card.md").read_text()
-    for heading in ("Intended use", "Data", "Metrics", "Threshold", "Limitations"):
+    for heading in ("Intended use", "Data", "Metrics", "Operating point", "Limitations"):
         assert f"## {heading}" in card
     assert (report / "model_float32.tflite").stat().st_size > (tiny_bundle / "model.tflite").stat().st_size
 

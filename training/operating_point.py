@@ -22,8 +22,8 @@ The rule (``RULE_RISK``, the default; docs/training.md, "Operating point"):
    would fail most good parts of a model that ranks parts only fairly.
 
 ``train threshold`` moves a bundle's point directly: ``RULE_RECALL`` ships the highest
-threshold whose smoothed recall reaches the target, ``RULE_FALSE_REJECT`` the lowest whose
-smoothed false-reject rate is within the budget. Kept for comparison
+threshold whose recall reaches the target (smoothed, and on the scores themselves),
+``RULE_FALSE_REJECT`` the lowest whose false-reject rate is within the budget (both ways). Kept for comparison
 (``benchmarks/operating_point.py``): ``RULE_EDGE``, the k-th highest defect score for the
 target recall (the rule before 2026-12-07), and ``RULE_MIDDLE``, the middle of the feasible
 interval in logit space, else the risk rule.
@@ -196,6 +196,15 @@ def _edge_threshold(defect_scores: np.ndarray, target_recall: float) -> float:
     return float(ordered[k - 1])
 
 
+def _lowest_within(pass_scores: np.ndarray, max_false_reject: float) -> float:
+    """The lowest threshold that fails at most ``max_false_reject`` of these good parts."""
+    ordered = np.sort(pass_scores)[::-1]
+    allowed = int(math.floor(max_false_reject * len(ordered) + 1e-9))
+    if allowed >= len(ordered):
+        return 0.0
+    return float(min(1.0, np.nextafter(ordered[allowed], np.inf)))
+
+
 def choose_operating_point(
     is_defect: np.ndarray,
     scores: np.ndarray,
@@ -238,11 +247,14 @@ def choose_operating_point(
     if rule == RULE_EDGE:
         threshold = _edge_threshold(s[y], target_recall)
     elif rule == RULE_RECALL:
+        # reach it both on the smoothed tail and on the scores themselves
         reach = np.flatnonzero(recall_s >= target_recall - 1e-12)
-        threshold = to_score(grid[reach[-1]]) if len(reach) else 0.0
+        smoothed = to_score(grid[reach[-1]]) if len(reach) else 0.0
+        threshold = min(smoothed, _edge_threshold(s[y], target_recall))
     elif rule == RULE_FALSE_REJECT:
         within = np.flatnonzero(frr_s <= max_false_reject + 1e-12)
-        threshold = to_score(grid[within[0]]) if len(within) else 1.0
+        smoothed = to_score(grid[within[0]]) if len(within) else 1.0
+        threshold = max(smoothed, _lowest_within(s[~y], max_false_reject))
     elif rule == RULE_MIDDLE and feasible:
         idx = np.flatnonzero(ok)
         threshold = to_score((grid[idx[0]] + grid[idx[-1]]) / 2)

@@ -6,8 +6,10 @@ false-reject budget re-picks the threshold from them in a second; the result is 
 bundle version with the same model file, its manifest, report pictures and model card
 redone, which ``cloud models add`` and ``cloud push`` take as usual.
 
-- ``recall`` alone: the highest threshold whose smoothed recall reaches it.
-- ``max_false_reject`` alone: the lowest threshold whose smoothed false-reject rate is within it.
+- ``recall`` alone: the highest threshold whose recall reaches it, smoothed and on the
+  stored scores themselves.
+- ``max_false_reject`` alone: the lowest threshold whose false-reject rate is within it,
+  both ways.
 - both: the fit's rule (:data:`training.operating_point.RULE_RISK`) with both budgets.
 """
 

@@ -49,6 +49,7 @@ def make_tiny_bundle(
             version=version,
             name="linewatch-tiny",
             patience=epochs,
+            folds=2,  # the out-of-fold path, at the least cost
             allow_quantization_drop=True,
             golden_per_class=8,
             latency_samples=30,
