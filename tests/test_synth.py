@@ -12,13 +12,19 @@ import numpy as np
 import pytest
 
 from training.synth import (
+    _VISIBLE_ATTEMPTS,
     CLASSES,
+    RELABELLED,
     SURFACES,
+    VISIBILITY_FLOOR,
     generate_dataset,
+    recall_by_visibility,
     render_frames,
     render_part,
+    render_part_and_mask,
     render_surface,
     render_video,
+    scratch_visibility,
 )
 
 
@@ -268,3 +274,153 @@ def test_the_mask_marks_where_the_scratches_are() -> None:
         assert mask.mean() / 255 < 0.2
         checked += 1
     assert checked >= 15
+
+
+# --------------------------------------------------------------------------- visibility
+
+
+def _noisy_flat(sigma: float, seed: int = 0) -> np.ndarray:
+    """A flat grey 128 px picture (no resize at the model size) with white noise, float."""
+    return 100.0 + sigma * np.random.default_rng(seed).standard_normal((128, 128))
+
+
+def _with_line(base: np.ndarray, contrast: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(picture, clean, footprint): a horizontal 1 px line on row 64, columns x0..x1-1,
+    ``contrast`` grey levels darker, on the same noise."""
+    clean = np.clip(np.round(base), 0, 255).astype(np.uint8)
+    footprint = np.zeros((128, 128), np.float32)
+    footprint[64, x0:x1] = 1.0
+    picture = np.clip(np.round(base - contrast * footprint), 0, 255).astype(np.uint8)
+    return picture, clean, footprint
+
+
+def test_visibility_is_contrast_over_the_local_noise() -> None:
+    """A 12-level line on noise of std 4 is CNR 3 (the noise minus its sigma-2 blur keeps
+    about 0.98 of its std); twice the noise halves it, a line shorter than the 32 pixels
+    the signal averages over counts its missing pixels as unchanged."""
+    long_line = scratch_visibility(*_with_line(_noisy_flat(4.0), 12, 20, 100))
+    assert 2.8 < long_line < 3.4
+    assert 1.4 < scratch_visibility(*_with_line(_noisy_flat(8.0), 12, 20, 100)) < 1.7
+    short = scratch_visibility(*_with_line(_noisy_flat(4.0), 12, 50, 58))  # 8 of 32 pixels
+    assert short == pytest.approx(long_line * 8 / 32, rel=0.1)
+    # no line, no visibility; a footprint the picture does not show is not visible either
+    picture, clean, footprint = _with_line(_noisy_flat(4.0), 0, 20, 100)
+    assert scratch_visibility(picture, clean, footprint) == 0.0
+    # the noise is measured around the path, not over the whole picture
+    base = _noisy_flat(4.0)
+    base[:32] += 40.0 * np.random.default_rng(1).standard_normal((32, 128))  # busy far away
+    assert scratch_visibility(*_with_line(base, 12, 20, 100)) == pytest.approx(long_line, rel=0.05)
+
+
+def test_synth_json_carries_visibility_for_every_scratched_image(tmp_path: Path) -> None:
+    counts = generate_dataset(tmp_path, count=24, seed=4, scratch_fraction=0.75)
+    meta = json.loads((tmp_path / "synth.json").read_text())
+    assert meta["version"] >= 4
+    assert meta["visibility"]["floor"] == VISIBILITY_FLOOR and meta["visibility"]["size"] == 128
+    relabelled = [m for m in meta["images"] if m.get("relabelled")]
+    assert meta["visibility"]["relabelled"] == len(relabelled)
+    assert counts["scratch"] + len(relabelled) == 18
+    for m in meta["images"]:
+        if m["file"].startswith("scratch/"):
+            assert m["scratched"] and m["visibility"] >= VISIBILITY_FLOOR
+            per = [s["visibility"] for s in m["scratch"]]
+            assert len(per) == m["scratches"] >= 1
+            assert min(per) >= VISIBILITY_FLOOR and m["visibility"] == max(per)
+        else:
+            assert "visibility" not in m and m["scratch"] == []
+
+
+def test_the_recorded_visibility_is_measured_on_the_picture() -> None:
+    """The figure in the description is the CNR of the drawn picture against the same
+    part without scratches, not a parameter of the drawing."""
+    for i in range(8):
+        img, mask, desc = render_part_and_mask(np.random.default_rng([31, i]), 160, True)
+        clean, _, _ = render_part_and_mask(np.random.default_rng([31, i]), 160, False)
+        assert desc["scratched"], i
+        # the mask (where the picture shows the footprint) stands in for the footprint
+        measured = scratch_visibility(img, clean, mask.astype(np.float32) / 255)
+        assert measured == pytest.approx(desc["visibility"], rel=0.35, abs=0.5), i
+        assert scratch_visibility(clean, clean, mask.astype(np.float32) / 255) == 0.0
+
+
+def test_scratches_below_the_floor_are_redrawn_dropped_or_relabelled(tmp_path: Path) -> None:
+    """With a high floor some parts keep only their clear scratches and some keep none:
+    those are written to ok/ as the clean picture, without a mask, and marked."""
+    floor = 12.0
+    counts = generate_dataset(tmp_path, count=30, seed=2, scratch_fraction=1.0, visibility_floor=floor)
+    meta = json.loads((tmp_path / "synth.json").read_text())
+    images = {m["file"]: m for m in meta["images"]}
+    relabelled = [f for f, m in images.items() if m.get("relabelled")]
+    assert counts["ok"] == len(relabelled) == meta["visibility"]["relabelled"] > 0
+    assert counts["scratch"] > 0 and meta["visibility"]["floor"] == floor
+    assert meta["visibility"]["redrawn"] > 0
+    for f in relabelled:
+        m = images[f]
+        assert f.startswith("ok/") and m["relabelled"] == RELABELLED
+        assert not m["scratched"] and m["scratches"] == 0 and m["best_visibility"] < floor
+        assert m["redrawn"] == _VISIBLE_ATTEMPTS - 1
+        assert not (tmp_path / "masks" / "scratch" / Path(f).name).exists()
+        assert not (tmp_path / "masks" / f).exists()
+        # the picture is the part without scratches, drawn from the same generator
+        i = int(Path(f).stem.split("_")[1])
+        clean, _ = render_part(np.random.default_rng([2, i]), 160, False)
+        assert np.array_equal(cv2.imread(str(tmp_path / f), cv2.IMREAD_UNCHANGED), clean)
+    for f, m in images.items():
+        if f.startswith("scratch/"):
+            assert min(s["visibility"] for s in m["scratch"]) >= floor
+            assert (tmp_path / "masks" / f).exists()
+    assert sorted(p.name for p in (tmp_path / "masks" / "scratch").iterdir()) == sorted(
+        p.name for p in (tmp_path / "scratch").iterdir())
+    # a part that kept fewer scratches than it drew says so
+    assert meta["visibility"]["dropped_scratches"] == sum(m.get("dropped", 0) for m in images.values())
+
+
+def test_video_parts_shown_scratched_have_a_visible_scratch() -> None:
+    truth = [t for _, t in render_frames(parts=8, frames_per_part=1, size=(200, 120), seed=6,
+                                        scratch_fraction=0.5)]
+    scratched = [t for t in truth if t["scratched"]]
+    assert scratched
+    assert all(t["visibility"] >= VISIBILITY_FLOOR for t in scratched)
+    assert all(t["visibility"] is None for t in truth if not t["scratched"])
+
+
+def test_recall_by_visibility_bands() -> None:
+    vis = {"scratch/a.png": 2.6, "scratch/b.png": 2.9, "scratch/c.png": 3.0, "scratch/d.png": 4.9,
+           "scratch/e.png": 5.0, "scratch/f.png": 10.0, "scratch/g.png": 55.0}
+    files = ["ok/x.png", *vis]
+    failed = [True, False, True, True, True, False, True, True]
+    out = recall_by_visibility(2.5, vis, files, failed)
+    assert out["floor"] == 2.5 and out["n"] == 7
+    assert [(b["band"], b["n"], b["caught"], b["recall"]) for b in out["bands"]] == [
+        ("[2.5, 3)", 2, 1, 0.5), ("[3, 5)", 2, 2, 1.0), ("[5, 10)", 1, 0, 0.0), ("[10, inf)", 2, 2, 1.0)]
+    assert out["bands"][-1]["high"] is None and out["bands"][0]["low"] == 2.5
+    # an image below the floor (an older or hand-made set) gets its own band first
+    low = recall_by_visibility(2.5, {**vis, "scratch/h.png": 1.0}, [*files, "scratch/h.png"], [*failed, False])
+    assert low["bands"][0] == {"band": "[0, 2.5)", "low": 0.0, "high": 2.5, "n": 1, "caught": 0, "recall": 0.0}
+    # a floor above 3 starts the bands there; an empty band has no recall
+    assert [b["band"] for b in recall_by_visibility(4.0, vis, files, failed)["bands"]][:2] == ["[0, 4)", "[4, 5)"]
+    assert recall_by_visibility(2.5, {}, files, failed)["bands"][0]["recall"] is None
+
+
+def test_evaluate_bundle_reports_recall_by_visibility(tmp_path: Path, tiny_bundle: Path) -> None:
+    import shutil
+
+    from training.evaluate import evaluate_bundle
+
+    data = tmp_path / "data"
+    generate_dataset(data, count=30, seed=9, size=64)
+    meta = json.loads((data / "synth.json").read_text())
+    result = evaluate_bundle(tiny_bundle, data)
+    by_vis = result["recall_by_visibility"]
+    n_scratch = sum(1 for m in meta["images"] if m["scratched"])
+    assert by_vis["n"] == n_scratch == result["n_defect"]
+    assert by_vis["floor"] == VISIBILITY_FLOOR
+    assert sum(b["n"] for b in by_vis["bands"]) == n_scratch
+    # every band's catches add up to the scratched images the bundle failed
+    assert sum(b["caught"] for b in by_vis["bands"]) == result["confusion"]["scratch"]["fail"]
+    assert by_vis["false_reject_rate"] == result["false_reject_rate"]
+    # without synth.json (any other folder) there is no such key
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    (other / "synth.json").unlink()
+    assert "recall_by_visibility" not in evaluate_bundle(tiny_bundle, other)

@@ -13,6 +13,8 @@ edge's, :meth:`edge.inference.Classifier.decide`: *fail when score >= threshold*
 - confusion: per true class, how many images passed and failed.
 - per_class_recall: per class, the share decided correctly (passed for the pass class,
   failed for a defect class).
+- recall_by_visibility (``evaluate_bundle`` on a ``train synth`` folder only): recall of
+  the scratched images per band of scratch visibility (docs/training.md).
 
 Pure numpy (no scikit-learn); this module does not import TensorFlow.
 """
@@ -221,7 +223,10 @@ def evaluate_bundle(
     The model file is verified against the manifest's sha256 first (a mismatch raises
     :class:`edge.exceptions.ChecksumMismatch`). Decisions are the classifier's own. Images
     that cannot be read are counted and listed, not fatal. ``pass_label`` names the pass
-    folder of DATA_DIR when it differs from the bundle's pass label.
+    folder of DATA_DIR when it differs from the bundle's pass label. When DATA_DIR holds
+    a ``train synth`` synth.json with visibility, ``recall_by_visibility`` gives the
+    recall per visibility band of the scratched images
+    (:func:`training.synth.recall_by_visibility`) beside the unchanged false-reject rate.
     """
     t0 = time.perf_counter()
     with quiet_native_output():  # the runtime announces its delegate on stderr
@@ -238,6 +243,7 @@ def evaluate_bundle(
         logger.warning("%s has no %r folder: pass-side metrics will be null", data_dir, wanted)
     images = list_images(Path(data_dir))
     true: list[str] = []
+    files: list[str] = []
     scores: list[float] = []
     failed: list[bool] = []
     invoke_ms: list[float] = []
@@ -250,6 +256,7 @@ def evaluate_bundle(
             unreadable.append({"file": str(path), "error": str(exc)})
             continue
         true.append(label)
+        files.append(f"{label}/{path.name}")
         scores.append(pred.score)
         failed.append(not pred.passed)
         invoke_ms.append(pred.invoke_ms)
@@ -257,6 +264,13 @@ def evaluate_bundle(
     if not true:
         raise DataError(f"none of the {len(images)} images in {data_dir} could be read; check that they are jpg/png/bmp")
     metrics = compute_metrics(true, np.array(scores), wanted, manifest.threshold, failed=np.array(failed))
+    # a synthetic set knows how visible each scratch is (train synth's synth.json)
+    from training.synth import read_visibility, recall_by_visibility
+
+    visibility = read_visibility(Path(data_dir))
+    if visibility is not None:
+        by_band = recall_by_visibility(*visibility, files, failed)
+        metrics["recall_by_visibility"] = {**by_band, "false_reject_rate": metrics["false_reject_rate"]}
     metrics.update(
         {
             "pass_label": wanted,
