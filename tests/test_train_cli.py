@@ -261,8 +261,9 @@ def test_several_defect_classes_train_merged_or_separate(tmp_path: Path) -> None
     from training.synth import generate_dataset
 
     data = tmp_path / "data"
-    generate_dataset(data, count=60, seed=7, size=32)
-    generate_dataset(tmp_path / "more", count=40, seed=8, size=32)
+    # at 32 px a few scratches stay below the visibility floor and their parts land in ok/
+    counts = generate_dataset(data, count=60, seed=7, size=32)
+    more = generate_dataset(tmp_path / "more", count=40, seed=8, size=32)
     shutil.move(str(tmp_path / "more" / "scratch"), str(data / "dent"))  # other images: a second defect class
     common = ["fit", str(data), "--epochs", "1", "--size", "32", "--seed", "7", "--allow-quantization-drop"]
 
@@ -272,7 +273,7 @@ def test_several_defect_classes_train_merged_or_separate(tmp_path: Path) -> None
     merged = read_manifest(tmp_path / "merged")
     assert merged.labels == ("ok", "defect") and merged.output.shape == (1, 2)
     assert set(merged.metrics["int8"]["per_class_recall"]) == {"ok", "scratch", "dent"}
-    assert merged.dataset["class_counts"] == {"dent": 20, "ok": 30, "scratch": 30}
+    assert merged.dataset["class_counts"] == {"dent": more["scratch"], **counts}
     assert {g.label for g in merged.golden} == {"ok", "scratch", "dent"}
 
     code, out = invoke(*common, "--out", str(tmp_path / "separate"), "--defects", "separate")
