@@ -9,7 +9,7 @@ install and for demos) or a store folder managed by OTA::
       previous -> versions/...      the model before, ready for rollback
 
 A symlink swap is a single rename(2), so a crash at any moment leaves either the old or
-the new link in place, never none (DESIGN.md guarantee 6).
+the new link in place, never none (docs/design.md, guarantee 6).
 """
 
 from __future__ import annotations

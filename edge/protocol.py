@@ -109,7 +109,7 @@ class ModelFile(_Strict):
 
 
 class Manifest(_Strict):
-    """manifest.json of a model bundle (see DESIGN.md, "Model bundle")."""
+    """manifest.json of a model bundle (see docs/design.md, "Model bundle")."""
 
     schema_version: int
     name: str = Field(min_length=1, max_length=128)

@@ -38,7 +38,7 @@ def read_live(config: AgentConfig) -> dict[str, Any]:
 
 
 def read_status(config: AgentConfig) -> dict[str, Any]:
-    """One status object with at least the DESIGN.md keys."""
+    """One status object with at least the keys docs/design.md names."""
     live = read_live(config)
     try:
         with Buffer.open_readonly(config.buffer.path) as buf:
