@@ -1,4 +1,4 @@
-"""Metrics of a pass/fail inspector, the threshold choice, and scoring a bundle on a folder.
+"""Metrics of a pass/fail inspector and scoring a bundle on a folder (the threshold is chosen in training/operating_point.py).
 
 Everything is computed from two arrays: whether each image is a defect (its folder is not
 the pass class) and its defect score ``1 - P(pass label)``. The decision rule is the
@@ -22,10 +22,8 @@ Pure numpy (no scikit-learn); this module does not import TensorFlow.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +36,6 @@ from training.exceptions import DataError
 from training.native import quiet_native_output
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TARGET_RECALL = 0.99
-
 
 def _safe_div(a: float, b: float) -> float | None:
     return a / b if b else None
@@ -97,57 +92,6 @@ def average_precision(is_defect: np.ndarray, scores: np.ndarray) -> float | None
         return None
     precision, recall, _ = pr_curve(y, scores)
     return float(np.sum(np.diff(recall) * precision[1:]))
-
-
-@dataclass(frozen=True)
-class ThresholdChoice:
-    """The decision threshold picked on validation and what it costs there."""
-
-    threshold: float
-    target_recall: float
-    recall: float  # defect recall reached on validation
-    false_reject_rate: float  # share of validation pass images it fails
-    reached: bool
-    n_defect: int
-    n_pass: int
-    split: str = "val"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def choose_threshold(
-    is_defect: np.ndarray, scores: np.ndarray, target_recall: float = DEFAULT_TARGET_RECALL, *, split: str = "val"
-) -> ThresholdChoice:
-    """The largest threshold whose defect recall reaches ``target_recall`` (fail when score >= threshold).
-
-    The largest such threshold fails the fewest good parts for that recall. With k defects
-    needed (ceil of target x defects), it is the k-th highest defect score.
-    """
-    if not 0.0 < target_recall <= 1.0:
-        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
-    y = np.asarray(is_defect, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    defect_scores = np.sort(s[y])[::-1]
-    n_def, n_pass = len(defect_scores), int((~y).sum())
-    if n_def == 0:
-        threshold = 0.5
-    else:
-        k = max(1, math.ceil(target_recall * n_def - 1e-9))
-        threshold = float(np.clip(defect_scores[k - 1], 0.0, 1.0))
-    failed = s >= threshold
-    recall = float(np.mean(failed[y])) if n_def else 0.0
-    frr = float(np.mean(failed[~y])) if n_pass else 0.0
-    return ThresholdChoice(
-        threshold=threshold,
-        target_recall=target_recall,
-        recall=recall,
-        false_reject_rate=frr,
-        reached=n_def > 0 and recall >= target_recall,
-        n_defect=n_def,
-        n_pass=n_pass,
-        split=split,
-    )
 
 
 def _round(v: float | None, digits: int = 6) -> float | None:
@@ -289,10 +233,7 @@ def evaluate_bundle(
 
 
 __all__ = [
-    "DEFAULT_TARGET_RECALL",
-    "ThresholdChoice",
     "average_precision",
-    "choose_threshold",
     "compute_metrics",
     "evaluate_bundle",
     "pr_curve",
