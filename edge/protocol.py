@@ -86,7 +86,12 @@ class GoldenImage(_Strict):
 
 
 class OperatingPoint(_Strict):
-    """How the threshold was chosen and what it gives (training/operating_point.py)."""
+    """How the threshold was chosen and what it gives (training/operating_point.py).
+
+    ``Manifest.threshold`` is what the agent applies; a hand-edited threshold that no longer
+    matches this record is still a valid bundle (the record then describes the trainer's
+    choice, not the shipped one).
+    """
 
     threshold: float = Field(ge=0.0, le=1.0)
     rule: str = Field(description="risk, recall, false_reject, middle or edge (docs/training.md)")
@@ -151,8 +156,6 @@ class Manifest(_Strict):
         p = self.preprocessing
         if (p.height, p.width) != (h, w) or (c == 1) != (p.color_mode == "gray"):
             raise ValueError("preprocessing size or colour mode does not match the input shape")
-        if self.operating_point is not None and abs(self.operating_point.threshold - self.threshold) > 1e-6:
-            raise ValueError("operating_point.threshold differs from threshold")
         return self
 
     @property
