@@ -6,9 +6,14 @@ lands on one or two scores. When validation holds fewer than
 :data:`training.operating_point.MIN_VALIDATION_DEFECTS` defects, ``train fit`` splits train
 and validation together into k folds (stratified by class, whole groups together when the
 split is grouped), trains one model per fold on the other k - 1 with the final model's
-recipe and its best epoch count, and scores the held-out fold. The fold models are thrown
-away; their scores choose the shipped model's threshold (docs/training.md, "Operating
-point").
+recipe, and scores the held-out fold. The recipe includes its model selection: each fold
+model keeps an inner validation share of its training folds (stratified, like the final
+model's validation split) and restores the epoch with the lowest loss there, so the fold
+models are chosen the way the shipped model was. Without that, fold models stopped at the
+final model's best epoch number scored the held-out cracks of the magnetic tiles far lower
+than the shipped model did (training on a few dozen defects swings from epoch to epoch).
+The fold models are thrown away; their scores choose the shipped model's threshold
+(docs/training.md, "Operating point").
 
 Imports TensorFlow (through :mod:`training.model`): import it inside commands only.
 """
@@ -59,6 +64,22 @@ def assign_folds(
     return out
 
 
+INNER_VALIDATION = 0.15
+
+
+def _inner_split(y: np.ndarray, seed: int, share: float = INNER_VALIDATION) -> np.ndarray:
+    """True for the inner validation items: ``share`` of each class (at least one), seeded."""
+    rng = np.random.default_rng([seed, 104729])
+    inner = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        idx = np.flatnonzero(y == label)
+        if len(idx) < 2:
+            continue
+        take = max(1, int(round(share * len(idx))))
+        inner[rng.permutation(idx)[:take]] = True
+    return inner
+
+
 def out_of_fold_scores(
     x: np.ndarray,
     y: np.ndarray,
@@ -74,8 +95,9 @@ def out_of_fold_scores(
     say: Callable[[str], None] = lambda line: None,
 ) -> np.ndarray:
     """Float defect scores (1 - P(pass)) for every image of ``x``, each from the fold model that
-    did not train on it. ``config`` should carry the final model's epoch count; the fold models
-    keep their last epoch (no early stopping on the fold they score).
+    did not train on it. ``config`` is the final model's recipe; each fold model trains on its
+    other folds minus an inner validation share, which chooses its epoch as the final model's
+    validation split chose the final model's.
 
     Raises :class:`DataError` when there are fewer defects than folds.
     """
@@ -88,18 +110,19 @@ def out_of_fold_scores(
             "(or --folds 0 to choose the threshold on the validation split alone)"
         )
     fold_of = assign_folds(y, folds, config.seed, groups)
-    fold_config = dataclasses.replace(config, min_epochs=config.epochs, patience=config.epochs + 1, restore_best=False)
     scores = np.zeros(len(x), dtype=np.float64)
     for k in range(folds):
         hold = fold_of == k
-        fit_idx = np.flatnonzero(~hold)
+        rest = np.flatnonzero(~hold)
+        inner = _inner_split(y[rest], config.seed + k)
+        fit_idx, val_idx = rest[~inner], rest[inner]
         trained = model_mod.train_model(
             x[fit_idx],
             y[fit_idx],
-            x[hold],
-            y[hold],
+            x[val_idx],
+            y[val_idx],
             num_classes,
-            dataclasses.replace(fold_config, seed=config.seed + 1000 * (k + 1)),
+            dataclasses.replace(config, seed=config.seed + 1000 * (k + 1)),
             masks_train=masks[fit_idx] if masks is not None else None,
             mask_known=mask_known[fit_idx] if mask_known is not None else None,
             pass_index=pass_index,
@@ -107,7 +130,8 @@ def out_of_fold_scores(
         probs = model_mod.predict_proba(trained.model, x[hold])
         scores[hold] = np.clip(1.0 - probs[:, pass_index], 0.0, 1.0)
         say(
-            f"  fold {k + 1}/{folds}: {int(np.sum(~hold))} training images, scored {int(np.sum(hold))} "
+            f"  fold {k + 1}/{folds}: {len(fit_idx)} training and {len(val_idx)} validation images, best epoch "
+            f"{trained.best_epoch} of {trained.epochs_run}; scored {int(np.sum(hold))} "
             f"({int(np.sum(is_defect[hold]))} defects), {trained.seconds:.0f}s"
         )
         del trained

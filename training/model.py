@@ -94,9 +94,6 @@ class TrainConfig:
     # so int8's 256 output steps keep the order of confident parts instead of rounding
     # them all to the end steps (docs/training.md, "Operating point").
     label_smoothing: float = 0.1
-    # False: keep the last epoch's weights (out-of-fold models, whose held-out fold must not
-    # choose their epoch); True: restore the epoch with the lowest validation loss.
-    restore_best: bool = True
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -621,7 +618,7 @@ def train_model(
             on_epoch(log)
         if stale >= config.patience and epoch >= config.min_epochs:
             break
-    if best_weights is not None and config.restore_best:
+    if best_weights is not None:
         model.set_weights(best_weights)
     return TrainResult(
         model=model,

@@ -281,8 +281,7 @@ def _selection_scores(
 
     The final model's validation scores when validation holds MIN_VALIDATION_DEFECTS defects
     or more (or ``opts.folds`` is 0); else out-of-fold scores over train and validation
-    (:mod:`training.folds`), from fold models trained with the final model's recipe for its
-    best epoch count.
+    (:mod:`training.folds`), from fold models trained with the final model's recipe.
     """
     from training import model as model_mod
 
@@ -307,13 +306,13 @@ def _selection_scores(
     say(
         f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
         f"models score all {int(np.sum(y != model_pass))} training and validation defects out of fold "
-        f"({trained.best_epoch} epochs each)"
+        "(each with the final model's recipe, its own validation share choosing its epoch)"
     )
     scores = out_of_fold_scores(
         x,
         y,
         y != model_pass,
-        dataclasses.replace(config, epochs=max(1, trained.best_epoch)),
+        config,
         len(model_labels),
         folds=opts.folds,
         pass_index=model_pass,
