@@ -171,8 +171,12 @@ def demo(out_dir: Path, count: int, epochs: int | None, parts: int, retrain: boo
     truth = render_video(video, parts=parts, seed=2, fps=25)
     scratched = sum(1 for t in truth if t.get("scratched"))
     click.echo(f"{video}: {len(truth)} frames, {scratched} with a scratch")
-    # The camera sees the part on a conveyor; the agent inspects the region where parts stop.
-    roi = truth[0]["bbox"]
+    # The camera sees the part on a conveyor; the agent inspects the part's face where parts
+    # stop: inside its rounded rim, whose corners show the belt. The model learned faces, and
+    # with the rim in view it failed 19 % of good parts instead of 2 % (docs/training.md).
+    x, y, w, h = truth[0]["bbox"]
+    inset = round(0.06 * w)
+    roi = [x + inset, y + inset, w - 2 * inset, h - 2 * inset]
 
     _step("3/6 Mosquitto, the cloud service, signing key, model v1 installed on the box")
     port = _free_port()
