@@ -151,11 +151,12 @@ def demo(out_dir: Path, count: int, epochs: int | None, parts: int, retrain: boo
         click.echo(f"reusing {bundle} (--retrain to train again)")
     bundle2 = out_dir / "bundle-v2"
     if retrain or not (bundle2 / "manifest.json").exists():
-        # A line engineer moves the operating point without retraining; the new version goes
-        # out over the air later. At most 4 % of good parts failed, on the stored scores.
+        # A line engineer moves the operating point without retraining, trading a few more
+        # false rejects (at most 5 % on the stored scores) for recall; the new version goes
+        # out over the air later.
         click.echo("a second version: the same model with its operating point moved (train threshold)")
         shutil.rmtree(bundle2, ignore_errors=True)
-        click.echo(_run("train", "threshold", str(bundle), "--out", str(bundle2), "--max-false-reject", "0.04",
+        click.echo(_run("train", "threshold", str(bundle), "--out", str(bundle2), "--max-false-reject", "0.05",
                         "--version", "2.0.0").stdout.rstrip())
     metrics = _json("train", "eval", str(bundle), "--data", str(data), "--json")
     click.echo(
@@ -172,10 +173,11 @@ def demo(out_dir: Path, count: int, epochs: int | None, parts: int, retrain: boo
     scratched = sum(1 for t in truth if t.get("scratched"))
     click.echo(f"{video}: {len(truth)} frames, {scratched} with a scratch")
     # The camera sees the part on a conveyor; the agent inspects the part's face where parts
-    # stop: inside its rounded rim, whose corners show the belt. The model learned faces, and
-    # with the rim in view it failed 19 % of good parts instead of 2 % (docs/training.md).
+    # stop. Its rounded corners (radius 5 % of the side) show the belt up to 1.5 % in from
+    # the bounding box: the model learned faces, and with the corners in view it failed 19 %
+    # of good parts instead of 1.6 % (docs/training.md, "Demo").
     x, y, w, h = truth[0]["bbox"]
-    inset = round(0.06 * w)
+    inset = round(0.015 * w)
     roi = [x + inset, y + inset, w - 2 * inset, h - 2 * inset]
 
     _step("3/6 Mosquitto, the cloud service, signing key, model v1 installed on the box")
