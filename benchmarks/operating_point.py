@@ -1,8 +1,10 @@
 """Operating-point benchmark: does the shipped cut hold on parts no training step saw?
 
-    python ../shared/tools/make_splits.py /tmp/splits          # once: the held-out splits
-    .venv/bin/python benchmarks/operating_point.py --splits /tmp/splits [--sets all crack ...]
+    .venv/bin/python benchmarks/operating_point.py [--splits bench-out/splits] [--sets all crack ...]
         [--out bench-out] [--fit-arg=--folds=3 ...] [--reuse]
+
+The splits are ../shared/tools/make_splits.py's (built into --splits when that folder is
+missing and the tool is there; $LINEWATCH_MAKE_SPLITS names another copy of the tool).
 
 Per set (make_splits' ``all``, ``crack``, ``blowhole``, ``break``, ``fray``, ``uneven``, or any
 folder with ``train/`` and ``test/`` class folders): ``linewatch train fit`` with its
@@ -179,15 +181,18 @@ def table(results: list[dict[str, Any]], cpu: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--splits", type=Path, default=Path("/tmp/splits"), help="make_splits.py output folder")
+    parser.add_argument("--splits", type=Path, default=REPO / "bench-out" / "splits", help="make_splits.py output folder")
     parser.add_argument("--sets", nargs="*", default=DEFAULT_SETS)
     parser.add_argument("--out", type=Path, default=REPO / "bench-out")
     parser.add_argument("--fit-arg", action="append", default=[], help="extra train fit argument, e.g. --fit-arg=--folds=3")
     parser.add_argument("--reuse", action="store_true", help="score bundles already in OUT instead of fitting again")
     args = parser.parse_args()
     if not args.splits.is_dir():
-        log(f"{args.splits} is missing: build it with `python ../shared/tools/make_splits.py {args.splits}`")
-        return 2
+        tool = Path(os.environ.get("LINEWATCH_MAKE_SPLITS", REPO.parent / "shared" / "tools" / "make_splits.py"))
+        if not tool.is_file():
+            log(f"{args.splits} is missing and so is {tool}: build the splits with make_splits.py {args.splits}")
+            return 2
+        subprocess.run([sys.executable, str(tool), str(args.splits)], check=True, stdout=subprocess.DEVNULL)
     args.out.mkdir(parents=True, exist_ok=True)
     cpu = cpu_name()
     results = [run_set(name, args.splits / name, args.out, args.fit_arg, args.reuse) for name in args.sets]
