@@ -294,6 +294,12 @@ def _print_eval(r: dict[str, Any]) -> None:
         click.echo(f"  {key:>18}: {pct(r[key])}")
     for key in ("roc_auc", "pr_auc", "threshold"):
         click.echo(f"  {key:>18}: {'n/a' if r[key] is None else f'{r[key]:.4f}'}")
+    op = r.get("operating_point")
+    if op:
+        click.echo(
+            f"  {'operating point':>18}: {op['rule']} rule on {op['scores_from']} scores, target recall "
+            f"{pct(op['target_recall'])}, false-reject budget {pct(op['max_false_reject'])}"
+        )
     click.echo(f"  {'invoke p50/p99':>18}: {r['invoke_ms_p50']} / {r['invoke_ms_p99']} ms")
     click.echo("  confusion (true class: passed / failed):")
     for label, cell in r["confusion"].items():

@@ -219,6 +219,8 @@ def evaluate_bundle(
         {
             "pass_label": wanted,
             "bundle": {"name": manifest.name, "version": manifest.version, "path": str(bundle_dir)},
+            # how the bundle's threshold was chosen, and what it gave there (None for older bundles)
+            "operating_point": manifest.operating_point.model_dump() if manifest.operating_point else None,
             "data_dir": str(data_dir),
             "runtime": clf.runtime,
             "invoke_ms_p50": percentile_ms(invoke_ms, 50),
