@@ -224,3 +224,15 @@ def test_fewer_defects_than_folds_is_one_line(tmp_path: Path) -> None:
     generate_dataset(data, count=40, seed=4, size=32)
     code, out = invoke("fit", str(data), "--out", str(tmp_path / "b"), "--epochs", "1", "--size", "32", "--folds", "40")
     assert code == 1 and "cannot fill 40 folds" in out and "--folds" in out and "Traceback" not in out
+
+
+def test_train_threshold_refuses_a_request_the_scores_cannot_meet(bundle_copy: Path, tmp_path: Path) -> None:
+    """A good part that scored 1.0 fails at every threshold: no false-reject budget of 0 holds."""
+    path = bundle_copy / "report" / SCORES_FILE
+    raw = json.loads(path.read_text())
+    good = raw["labels"].index("ok")
+    raw["scores"][good] = 1.0
+    path.write_text(json.dumps(raw))
+    code, out = invoke("threshold", str(bundle_copy), "--out", str(tmp_path / "x"), "--max-false-reject", "0")
+    assert code == 1 and "no threshold keeps false rejects within 0.00%" in out and "Traceback" not in out
+    assert not (tmp_path / "x").exists()
