@@ -111,7 +111,7 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
 @click.option("--target-recall", default=0.99, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="Defect recall the operating point must reach.")
 @click.option("--max-false-reject", default=0.02, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Share of good parts the operating point may fail. When no threshold meets both budgets, recall wins.")
+              help="Share of good parts the operating point may fail. When no threshold meets both budgets, the cut leans towards recall.")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=0),
               help="With fewer than 300 validation defects, train this many fold models so every training defect "
               "scores out of fold for the threshold; 0: validation alone.")
