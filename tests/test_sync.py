@@ -205,8 +205,9 @@ def cloud_query(cloud_toml: Path, sql: str, params: tuple[Any, ...] = ()) -> lis
         return list(conn.execute(sql, params))
 
 
-def retained_status(broker: Broker, device_id: str, timeout: float = 5) -> dict[str, Any]:
-    """The retained status message of a device, read with a fresh subscriber."""
+def retained_status(broker: Broker, device_id: str, timeout: float = 15) -> dict[str, Any]:
+    """The retained status message of a device, read with a fresh subscriber (a loaded CI box
+    has taken over 5 s to see the first one)."""
     got: list[dict[str, Any]] = []
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{os.getpid()}-{random.random()}", protocol=mqtt.MQTTv5)
     c.on_message = lambda _c, _u, m: got.append(json.loads(m.payload)) if m.retain and m.payload else None
