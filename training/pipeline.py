@@ -4,11 +4,15 @@
 2. A stratified (optionally grouped) train/val/test split, seeded.
 3. The CNN trains on train, early-stopping on val loss (:mod:`training.model`).
 4. Full-integer int8 conversion calibrated on training images, plus a float32 twin.
-5. The int8 model is loaded through :class:`edge.inference.Classifier`, the agent's code.
-   The threshold is chosen on its *validation* scores for the target defect recall; the
-   test split is scored once, at the end, by both the float and the int8 model.
+5. The operating point (:mod:`training.operating_point`): on validation scores, or on
+   out-of-fold scores (:mod:`training.folds`) when validation holds few defects, for the
+   target recall and false-reject budget; the float cut is moved to the middle of the
+   output range before the export, and the shipped cut is chosen again on the int8 model
+   through :class:`edge.inference.Classifier`, the agent's code. The test split is scored
+   once, at the end, by both the float and the int8 model.
 6. Quantization gate: at the shipped threshold, int8 balanced accuracy on test may be at
-   most ``max_quantization_drop`` points below float's, unless ``allow_quantization_drop``.
+   most ``max_quantization_drop`` points below float's, and its ROC AUC at most 0.005
+   lower, unless ``allow_quantization_drop``.
 7. Golden images, reference statistics, report and manifest; the bundle is verified by
    loading it as the edge does and moved into ``out_dir``.
 
