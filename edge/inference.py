@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from edge.exceptions import ChecksumMismatch, ModelLoadError, RuntimeUnavailable
+from edge import tiling as tiling_mod
 from edge.preprocess import quantize_lut, read_image, to_model_input
 from edge.protocol import MODEL_FILE, Manifest, read_manifest
 
@@ -83,6 +85,10 @@ class Prediction:
     raw: tuple[int, ...]  # the int8 output, as golden checks compare it
     preprocess_ms: float
     invoke_ms: float
+    # Tiled bundles: the deciding input's box (x, y, width, height in the frame given to
+    # predict) and every input's raw output, in edge/tiling.py's order.
+    box: tuple[int, int, int, int] | None = None
+    tile_raws: tuple[tuple[int, ...], ...] | None = None
 
 
 class Classifier:
@@ -126,6 +132,8 @@ class Classifier:
         self._out_scale, self._out_zero = out.scale, out.zero_point
         self._pass_index = self.manifest.pass_index
         self._lock = threading.Lock()
+        self._batch_size = 1  # the input tensor's current batch dimension
+        self._tiles: np.ndarray | None = None  # reused tile batch (tiled bundles)
 
     def _check_tensors(self) -> None:
         """The model must be what the manifest says: full-integer with the declared shapes."""
@@ -154,12 +162,34 @@ class Classifier:
         """A frame (uint8 gray/BGR/BGRA, any size) -> the model's quantized input batch."""
         return to_model_input(image, self.manifest.preprocessing, self._lut)
 
+    @property
+    def tiling(self) -> Any:
+        """The manifest's :class:`edge.protocol.Tiling`, or None for a whole-frame bundle."""
+        return self.manifest.tiling
+
     def invoke(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a quantized batch of one; returns the raw integer output row."""
+        return self.invoke_batch(batch)[0]
+
+    def invoke_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Run the model on a quantized batch of N inputs in one invoke; returns (N, outputs).
+
+        The input tensor is resized when N changes (once for a camera's fixed frame size):
+        one invoke over all tiles measured faster than one invoke per tile
+        (docs/benchmarks.md, "Tiles").
+        """
         with self._lock:
+            n = int(batch.shape[0])
+            if n != self._batch_size:
+                try:
+                    self._interpreter.resize_tensor_input(self._input_index, [n, *self.manifest.input.shape[1:]])
+                    self._interpreter.allocate_tensors()
+                except (ValueError, RuntimeError) as exc:
+                    raise ModelLoadError(f"the model cannot take a batch of {n} inputs ({exc})") from exc
+                self._batch_size = n
             self._interpreter.set_tensor(self._input_index, batch)
             self._interpreter.invoke()
-            return self._interpreter.get_tensor(self._output_index)[0].copy()
+            return self._interpreter.get_tensor(self._output_index).copy()
 
     def decide(self, raw: np.ndarray) -> tuple[str, float, bool, np.ndarray]:
         """Raw output -> (label, defect score, passed, probabilities) by the manifest's threshold."""
@@ -175,8 +205,15 @@ class Classifier:
             label = self.manifest.labels[int(np.argmax(defect))]
         return label, score, passed, probs
 
+    def scores(self, raws: np.ndarray) -> np.ndarray:
+        """Defect scores (1 - P(pass)) of raw output rows (N, outputs)."""
+        p = (raws[:, self._pass_index].astype(np.float32) - self._out_zero) * self._out_scale
+        return np.clip(1.0 - np.clip(p, 0.0, 1.0), 0.0, 1.0)
+
     def predict(self, image: np.ndarray) -> Prediction:
-        """Decide one frame."""
+        """Decide one frame (a tiled bundle: every tile, the part's score is the worst one)."""
+        if self.manifest.tiling is not None:
+            return self._predict_tiled(image)
         t0 = time.perf_counter()
         batch = self.quantize(image)
         t1 = time.perf_counter()
@@ -191,6 +228,29 @@ class Classifier:
             raw=tuple(int(x) for x in raw),
             preprocess_ms=(t1 - t0) * 1000.0,
             invoke_ms=(t2 - t1) * 1000.0,
+        )
+
+    def _predict_tiled(self, image: np.ndarray) -> Prediction:
+        t0 = time.perf_counter()
+        tiles, grid = tiling_mod.cut(image, self.manifest.tiling, self.manifest.preprocessing.color_mode, self._tiles)
+        self._tiles = tiles
+        n, h, w, c = tiles.shape
+        batch = cv2.LUT(tiles.reshape(n * h, w * c), self._lut).reshape(tiles.shape)
+        t1 = time.perf_counter()
+        raws = self.invoke_batch(batch)
+        t2 = time.perf_counter()
+        worst = int(np.argmax(self.scores(raws)))  # the max rule: the worst input decides
+        label, score, passed, probs = self.decide(raws[worst])
+        return Prediction(
+            label=label,
+            score=score,
+            passed=passed,
+            probabilities=tuple(float(p) for p in probs),
+            raw=tuple(int(x) for x in raws[worst]),
+            preprocess_ms=(t1 - t0) * 1000.0,
+            invoke_ms=(t2 - t1) * 1000.0,
+            box=grid.boxes[worst],
+            tile_raws=tuple(tuple(int(x) for x in r) for r in raws),
         )
 
     def predict_file(self, path: Path) -> Prediction:
@@ -229,6 +289,14 @@ def check_golden(classifier: Classifier) -> GoldenResult:
             failures.append(f"{g.file}: {len(pred.raw)} outputs, expected {len(g.expected)}")
             continue
         dev = max(abs(a - b) for a, b in zip(pred.raw, g.expected, strict=True))
+        if g.expected_tiles is not None:
+            got = pred.tile_raws or ()
+            if len(got) != len(g.expected_tiles):
+                failures.append(
+                    f"{g.file}: cut into {len(got)} model inputs, the manifest expects {len(g.expected_tiles)}"
+                )
+                continue
+            dev = max(dev, int(np.max(np.abs(np.array(got, np.int32) - np.array(g.expected_tiles, np.int32)))))
         worst = max(worst, dev)
         if dev > m.golden_tolerance:
             failures.append(f"{g.file}: output {list(pred.raw)} differs from expected {list(g.expected)} by {dev}")

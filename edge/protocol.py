@@ -77,12 +77,43 @@ class Preprocessing(_Strict):
     normalisation: Literal["divide_255"] = "divide_255"
 
 
+class Tiling(_Strict):
+    """How a frame is cut into model inputs (edge/tiling.py; docs/design.md, "Tiles").
+
+    The frame (or its ``roi``, in frame pixels) is resized by ``scale`` and covered by a
+    grid of ``width`` x ``height`` tiles that overlap by at least ``overlap`` of a tile;
+    with ``whole_frame`` one more input is the whole ROI squeezed to the tile size, for
+    defects that are about the whole part (shading). All inputs go through the model
+    together and the part's score is the ``rule`` over them.
+    """
+
+    width: int = Field(ge=16, le=4096, description="tile width in scaled pixels (the model input)")
+    height: int = Field(ge=16, le=4096)
+    scale: float = Field(gt=0.0, le=4.0, description="scaled pixels per frame pixel; 1.0 = native")
+    overlap: float = Field(default=0.0, ge=0.0, lt=0.9)
+    roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, width, height in frame pixels")
+    whole_frame: bool = True
+    rule: Literal["max"] = "max"
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_ok(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] < 1 or v[3] < 1):
+            raise ValueError("roi is [x, y, width, height] with x, y >= 0 and width, height >= 1")
+        return v
+
+
 class GoldenImage(_Strict):
-    """One golden image and the int8 output the model must give for it."""
+    """One golden image and the int8 output the model must give for it.
+
+    For a tiled bundle the image is a whole frame, ``expected`` is the deciding input's
+    output and ``expected_tiles`` every input's, in the order edge/tiling.py cuts them.
+    """
 
     file: str
     label: str
     expected: tuple[int, ...]
+    expected_tiles: tuple[tuple[int, ...], ...] | None = None
 
 
 class OperatingPoint(_Strict):
@@ -135,6 +166,7 @@ class Manifest(_Strict):
     golden_tolerance: int = Field(default=2, ge=0, le=255)
     latency_budget_ms: float = Field(default=50.0, gt=0)
     operating_point: OperatingPoint | None = None
+    tiling: Tiling | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -156,6 +188,10 @@ class Manifest(_Strict):
         p = self.preprocessing
         if (p.height, p.width) != (h, w) or (c == 1) != (p.color_mode == "gray"):
             raise ValueError("preprocessing size or colour mode does not match the input shape")
+        if self.tiling is not None and (self.tiling.height, self.tiling.width) != (h, w):
+            raise ValueError(
+                f"tiling {self.tiling.width}x{self.tiling.height} does not match the model input {w}x{h}"
+            )
         return self
 
     @property
