@@ -24,8 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge.exceptions import ChecksumMismatch, ModelLoadError, RuntimeUnavailable
 from edge import tiling as tiling_mod
+from edge.exceptions import ChecksumMismatch, ModelLoadError, RuntimeUnavailable
 from edge.preprocess import quantize_lut, read_image, to_model_input
 from edge.protocol import MODEL_FILE, Manifest, read_manifest
 
@@ -167,6 +167,11 @@ class Classifier:
         """The manifest's :class:`edge.protocol.Tiling`, or None for a whole-frame bundle."""
         return self.manifest.tiling
 
+    def quantize_inputs(self, inputs: np.ndarray) -> np.ndarray:
+        """Model-size uint8 inputs (N, H, W, C) -> the quantized batch, by the lookup table."""
+        n, h, w, c = inputs.shape
+        return cv2.LUT(inputs.reshape(n * h, w * c), self._lut).reshape(inputs.shape)
+
     def invoke(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a quantized batch of one; returns the raw integer output row."""
         return self.invoke_batch(batch)[0]
@@ -231,11 +236,11 @@ class Classifier:
         )
 
     def _predict_tiled(self, image: np.ndarray) -> Prediction:
+        assert self.manifest.tiling is not None
         t0 = time.perf_counter()
         tiles, grid = tiling_mod.cut(image, self.manifest.tiling, self.manifest.preprocessing.color_mode, self._tiles)
         self._tiles = tiles
-        n, h, w, c = tiles.shape
-        batch = cv2.LUT(tiles.reshape(n * h, w * c), self._lut).reshape(tiles.shape)
+        batch = self.quantize_inputs(tiles)
         t1 = time.perf_counter()
         raws = self.invoke_batch(batch)
         t2 = time.perf_counter()

@@ -157,7 +157,8 @@ def select_golden(labels_of: Sequence[str], per_class: int = GOLDEN_PER_CLASS) -
 
 
 def write_golden(bundle_dir: Path, images: Sequence[np.ndarray], labels_of: Sequence[str], color_mode: str) -> list[dict[str, str]]:
-    """Save model-size uint8 images as lossless PNGs under golden/; returns [{file, label}]."""
+    """Save uint8 images (model-size, or whole frames for a tiled bundle) as lossless PNGs
+    under golden/; returns [{file, label}]."""
     entries: list[dict[str, str]] = []
     counters: dict[str, int] = {}
     for image, label in zip(images, labels_of, strict=True):
@@ -176,7 +177,10 @@ def golden_expectations(classifier: Classifier, entries: Sequence[Mapping[str, s
     out = []
     for e in entries:
         pred = classifier.predict_file(classifier.bundle_dir / e["file"])
-        out.append({"file": e["file"], "label": e["label"], "expected": list(pred.raw)})
+        entry: dict[str, Any] = {"file": e["file"], "label": e["label"], "expected": list(pred.raw)}
+        if pred.tile_raws is not None:
+            entry["expected_tiles"] = [list(r) for r in pred.tile_raws]
+        out.append(entry)
     return out
 
 
@@ -210,6 +214,7 @@ def build_manifest(
     latency_budget_ms: float = 50.0,
     created: str | None = None,
     operating_point: Mapping[str, Any] | None = None,
+    tiling: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest dict for ``bundle_dir/model.tflite`` (its sha256 and size are read here)."""
     model_path = Path(bundle_dir) / MODEL_FILE
@@ -233,6 +238,7 @@ def build_manifest(
         "golden_tolerance": golden_tolerance,
         "latency_budget_ms": float(latency_budget_ms),
         **({"operating_point": dict(operating_point)} if operating_point is not None else {}),
+        **({"tiling": dict(tiling)} if tiling is not None else {}),
     }
 
 

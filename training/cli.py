@@ -44,6 +44,22 @@ class InputSize(click.ParamType):
         return w, h
 
 
+class TileSize(click.ParamType):
+    """``WxH`` (or ``N`` for a square) tile in picture pixels."""
+
+    name = "tile"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        from edge.tiling import parse_tile
+
+        try:
+            return parse_tile(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
     """Our errors -> click's one-line ``Error: ...`` with exit code 1, never a traceback."""
@@ -121,6 +137,15 @@ def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None
               help="Model input in pixels: N for N x N, or WxH to keep the camera's aspect (e.g. 128x96 for 640x480: "
               "an integer ratio also resizes 4x faster on the box).  [default: 128]")
 @click.option("--color", "color_mode", type=click.Choice(["gray", "rgb"]), default="gray", show_default=True, help="Model input colour mode.")
+@click.option("--tile", default=None, type=TileSize(), metavar="WxH",
+              help="Learn on WxH-pixel tiles of the pictures instead of the whole picture squeezed to --size; "
+              "the box cuts each frame into such tiles and fails the part on its worst tile (e.g. 128x128).")
+@click.option("--scale", default=1.0, show_default=True, type=click.FloatRange(0.0, 4.0, min_open=True),
+              help="With --tile: resize pictures by this much first (1.0 = the camera's own pixels); the model input is the tile x scale.")
+@click.option("--overlap", default=0.25, show_default=True, type=click.FloatRange(0.0, 0.9, max_open=True),
+              help="With --tile: least overlap of neighbouring tiles, as a share of a tile.")
+@click.option("--whole-frame/--no-whole-frame", default=True, show_default=True,
+              help="With --tile: also show the model the whole picture squeezed to one tile (shading, large defects).")
 @click.option("--version", "version", default=None, help="Bundle version.  [default: UTC date.time]")
 @click.option("--name", default=None, help="Bundle name.  [default: linewatch-<DATA_DIR name>]")
 # default = training.pipeline.DEFAULT_FILTERS, written out so --help needs no pipeline import (a test checks)
@@ -153,6 +178,10 @@ def fit_command(
     label_smoothing: float,
     size: tuple[int, int] | None,
     color_mode: str,
+    tile: tuple[int, int] | None,
+    scale: float,
+    overlap: float,
+    whole_frame: bool,
     version: str | None,
     name: str | None,
     filters: int,
@@ -177,9 +206,15 @@ def fit_command(
     more than --max-quantization-drop points of balanced accuracy at the shipped
     threshold, or 0.005 ROC AUC, against float, unless --allow-quantization-drop.
 
-    Example:
+    With --tile, the model learns on tiles of the pictures at --scale (native pixels by
+    default) and the box decides each frame on its worst tile, keeping that tile's box:
+    for cameras of several megapixels and thin defects (docs/training.md, "Tiles").
+
+    Examples:
 
         linewatch train fit data/ --out bundle/ --epochs 30 --seed 0 --version 1.0.0
+
+        linewatch train fit frames/ --out bundle/ --tile 256x256 --scale 0.5
     """
     with _one_line_errors():
         from training.pipeline import DEFAULT_SIZE, FitOptions
@@ -195,6 +230,10 @@ def fit_command(
             size=size[0] if size else DEFAULT_SIZE,
             height=size[1] if size else None,
             color_mode=color_mode,
+            tile=tile,
+            scale=scale,
+            overlap=overlap,
+            whole_frame=whole_frame,
             version=version,
             name=name,
             filters=filters,

@@ -80,6 +80,54 @@ def _inner_split(y: np.ndarray, seed: int, share: float = INNER_VALIDATION) -> n
     return inner
 
 
+# (training items, inner validation items, held-out items, fold recipe) -> (held-out scores, training result)
+FoldTrainer = Callable[[np.ndarray, np.ndarray, np.ndarray, model_mod.TrainConfig], tuple[np.ndarray, model_mod.TrainResult]]
+
+
+def out_of_fold(
+    y: np.ndarray,
+    is_defect: np.ndarray,
+    config: model_mod.TrainConfig,
+    train_and_score: FoldTrainer,
+    *,
+    folds: int,
+    groups: Sequence[str] | None = None,
+    say: Callable[[str], None] = lambda line: None,
+) -> np.ndarray:
+    """A defect score for every item, each from the fold model that did not train on it.
+
+    ``train_and_score`` trains one fold model with the given recipe (the final model's, with
+    the fold's own seed) and scores the held-out items; each fold model trains on its other
+    folds minus an inner validation share, which chooses its epoch as the final model's
+    validation split chose the final model's. Raises :class:`DataError` when there are fewer
+    defects than folds.
+    """
+    n_defect = int(np.sum(is_defect))
+    if folds < 2:
+        raise ValueError("out-of-fold scores need at least 2 folds")
+    if n_defect < folds:
+        raise DataError(
+            f"{n_defect} defect images cannot fill {folds} folds; add defect images or pass --folds {max(2, n_defect)} "
+            "(or --folds 0 to choose the threshold on the validation split alone)"
+        )
+    fold_of = assign_folds(y, folds, config.seed, groups)
+    scores = np.zeros(len(y), dtype=np.float64)
+    for k in range(folds):
+        hold = fold_of == k
+        rest = np.flatnonzero(~hold)
+        inner = _inner_split(y[rest], config.seed + k)
+        fit_idx, val_idx = rest[~inner], rest[inner]
+        fold_config = dataclasses.replace(config, seed=config.seed + 1000 * (k + 1))
+        scores[hold], trained = train_and_score(fit_idx, val_idx, np.flatnonzero(hold), fold_config)
+        say(
+            f"  fold {k + 1}/{folds}: {len(fit_idx)} training and {len(val_idx)} validation images, best epoch "
+            f"{trained.best_epoch} of {trained.epochs_run}; scored {int(np.sum(hold))} "
+            f"({int(np.sum(is_defect[hold]))} defects), {trained.seconds:.0f}s"
+        )
+        del trained
+    return scores
+
+
 def out_of_fold_scores(
     x: np.ndarray,
     y: np.ndarray,
@@ -94,48 +142,27 @@ def out_of_fold_scores(
     groups: Sequence[str] | None = None,
     say: Callable[[str], None] = lambda line: None,
 ) -> np.ndarray:
-    """Float defect scores (1 - P(pass)) for every image of ``x``, each from the fold model that
-    did not train on it. ``config`` is the final model's recipe; each fold model trains on its
-    other folds minus an inner validation share, which chooses its epoch as the final model's
-    validation split chose the final model's.
+    """:func:`out_of_fold` for whole-picture models: float defect scores (1 - P(pass)) of
+    every image of ``x``."""
 
-    Raises :class:`DataError` when there are fewer defects than folds.
-    """
-    n_defect = int(np.sum(is_defect))
-    if folds < 2:
-        raise ValueError("out-of-fold scores need at least 2 folds")
-    if n_defect < folds:
-        raise DataError(
-            f"{n_defect} defect images cannot fill {folds} folds; add defect images or pass --folds {max(2, n_defect)} "
-            "(or --folds 0 to choose the threshold on the validation split alone)"
-        )
-    fold_of = assign_folds(y, folds, config.seed, groups)
-    scores = np.zeros(len(x), dtype=np.float64)
-    for k in range(folds):
-        hold = fold_of == k
-        rest = np.flatnonzero(~hold)
-        inner = _inner_split(y[rest], config.seed + k)
-        fit_idx, val_idx = rest[~inner], rest[inner]
+    def train_and_score(
+        fit_idx: np.ndarray, val_idx: np.ndarray, hold_idx: np.ndarray, fold_config: model_mod.TrainConfig
+    ) -> tuple[np.ndarray, model_mod.TrainResult]:
         trained = model_mod.train_model(
             x[fit_idx],
             y[fit_idx],
             x[val_idx],
             y[val_idx],
             num_classes,
-            dataclasses.replace(config, seed=config.seed + 1000 * (k + 1)),
+            fold_config,
             masks_train=masks[fit_idx] if masks is not None else None,
             mask_known=mask_known[fit_idx] if mask_known is not None else None,
             pass_index=pass_index,
         )
-        probs = model_mod.predict_proba(trained.model, x[hold])
-        scores[hold] = np.clip(1.0 - probs[:, pass_index], 0.0, 1.0)
-        say(
-            f"  fold {k + 1}/{folds}: {len(fit_idx)} training and {len(val_idx)} validation images, best epoch "
-            f"{trained.best_epoch} of {trained.epochs_run}; scored {int(np.sum(hold))} "
-            f"({int(np.sum(is_defect[hold]))} defects), {trained.seconds:.0f}s"
-        )
-        del trained
-    return scores
+        probs = model_mod.predict_proba(trained.model, x[hold_idx])
+        return np.clip(1.0 - probs[:, pass_index], 0.0, 1.0), trained
+
+    return out_of_fold(y, is_defect, config, train_and_score, folds=folds, groups=groups, say=say)
 
 
-__all__ = ["assign_folds", "out_of_fold_scores"]
+__all__ = ["FoldTrainer", "assign_folds", "out_of_fold", "out_of_fold_scores"]

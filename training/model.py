@@ -129,6 +129,7 @@ class TrainResult:
     used_masks: bool = False
     masked_images: int = 0  # training images whose mask shows a defect
     head: str = "features"  # the head build_networks was given (see there)
+    trainer: keras.Model | None = None  # the same layers with the defect map output
 
 
 def set_seed(seed: int) -> None:
@@ -457,11 +458,17 @@ def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
     return {c: (n / (num_classes * counts[c]) if counts[c] else 0.0) for c in range(num_classes)}
 
 
+def as_float(x: np.ndarray) -> np.ndarray:
+    """Model inputs as float32 in [0, 1]: uint8 pixels are divided by 255 (per batch, so
+    large crop sets stay uint8 in memory), float inputs pass through."""
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
+
+
 def predict_proba(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Float model probabilities (N, classes) for float inputs in [0, 1]."""
+    """Float model probabilities (N, classes) for inputs in [0, 1] (or uint8, see :func:`as_float`)."""
     if len(x) == 0:
         return np.zeros((0, int(model.output_shape[-1])), dtype=np.float32)
-    out = [np.asarray(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    out = [np.asarray(model(as_float(x[i : i + batch_size]), training=False)) for i in range(0, len(x), batch_size)]
     return np.concatenate(out).astype(np.float32)
 
 
@@ -495,14 +502,19 @@ def train_model(
     mask_known: np.ndarray | None = None,
     pass_index: int = 0,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    initial: TrainResult | None = None,
 ) -> TrainResult:
-    """Train from float inputs in [0, 1] with class weighting and early stopping on val loss.
+    """Train from inputs in [0, 1] (float, or uint8 pixels) with class weighting and early
+    stopping on val loss.
 
     ``pass_index``: the pass class's output (the map head starts as "defect = map max").
     ``masks_train`` (N, H, W) defect coverage and ``mask_known`` (N,) bool: where a mask is
     known, the defect map is trained on it as well (weighted binary cross-entropy per
     cell, ``config.mask_weight``); a pass image is known to be clean. Without any mask that
     shows a defect the map is not trained, and head "auto" picks the features head.
+
+    ``initial``: continue from an earlier result's weights (same inputs and head), as the
+    tiled fit's second, multiple-instance round does.
 
     The weights of the epoch with the lowest (class-weighted) validation loss are restored.
     Same arrays + same ``config`` give the same weights: seeds are set here, TF ops are
@@ -535,6 +547,8 @@ def train_model(
         context=config.context,
         int8_level=config.int8_level,
     )
+    if initial is not None and initial.trainer is not None:
+        trainer.set_weights(initial.trainer.get_weights())
     map_h, map_w = int(trainer.outputs[1].shape[1]), int(trainer.outputs[1].shape[2])
     mask_w = mask_known.astype(np.float32) if use_masks else np.zeros(n, np.float32)
     weights = class_weights(y_train, num_classes)
@@ -592,7 +606,7 @@ def train_model(
             idx = order[i : i + bs]
             mb = masks_train[idx][..., None] if use_masks and masks_train is not None else None
             seed = np.array([config.seed, epoch * 100_003 + b], np.int64)
-            sums.append(step(x_train[idx], mb, y_train[idx], sample_w[idx], mask_w[idx], seed))
+            sums.append(step(as_float(x_train[idx]), mb, y_train[idx], sample_w[idx], mask_w[idx], seed))
         loss_sum, map_loss_sum, correct = np.sum([[float(v) for v in t] for t in sums], axis=0)
         probs = predict_proba(model, x_val)
         val_loss = _weighted_loss(probs, y_val, weights, config.label_smoothing)
@@ -630,6 +644,7 @@ def train_model(
         used_masks=use_masks,
         masked_images=masked_images,
         head=head if num_classes == 2 else "features",
+        trainer=trainer,
     )
 
 
@@ -667,6 +682,7 @@ __all__: Sequence[str] = [
     "TrainResult",
     "augment_batch",
     "build_networks",
+    "as_float",
     "move_operating_point",
     "class_weights",
     "map_cells",

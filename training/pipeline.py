@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from edge.inference import Classifier
-from edge.preprocess import quantize_lut, to_float
-from edge.protocol import MODEL_FILE, REPORT_DIR, Preprocessing
+from edge.preprocess import quantize_lut, read_image, to_color_mode, to_float
+from edge.protocol import MODEL_FILE, REPORT_DIR, Preprocessing, Tiling
+from edge.tiling import MIN_TILE
 from training import bundle as bundle_mod
 from training import report
 from training.dataset import (
@@ -62,6 +63,7 @@ from training.operating_point import (
     OperatingScores,
     check_budgets,
 )
+from training.tiles import PoolCrops, check_pictures, join, picture_inputs, picture_scores
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,13 @@ class FitOptions:
     min_per_class: int = 10
     fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     latency_samples: int = LATENCY_SAMPLES
+    # Tiles (training/tiles.py): the model learns on tile x tile crops of the picture at
+    # ``scale`` instead of the whole picture squeezed to ``size``. ``tile`` is in picture
+    # pixels; the model input is tile x scale.
+    tile: tuple[int, int] | None = None
+    scale: float = 1.0
+    overlap: float = 0.25
+    whole_frame: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -148,6 +157,32 @@ class FitOptions:
             raise ValueError("group_by must be 'none' or 'number'")
         if self.defects not in ("merged", "separate"):
             raise ValueError("defects must be 'merged' or 'separate'")
+        if not 0.0 < self.scale <= 4.0:
+            raise ValueError(f"scale {self.scale:g} is outside (0, 4]")
+        if not 0.0 <= self.overlap < 0.9:
+            raise ValueError(f"overlap {self.overlap:g} is outside [0, 0.9)")
+        if self.tile is not None:
+            width, height = self.model_tile
+            if min(width, height) < MIN_TILE or max(width, height) > 1024:
+                raise ValueError(
+                    f"a {self.tile[0]}x{self.tile[1]} tile at scale {self.scale:g} is a {width}x{height} model input; "
+                    f"it must be {MIN_TILE}-1024 pixels a side: use a larger --tile or --scale"
+                )
+
+    @property
+    def model_tile(self) -> tuple[int, int]:
+        """The model input (width, height) of one tile: ``tile`` x ``scale``."""
+        if self.tile is None:
+            return self.size, self.height or self.size
+        return max(1, int(round(self.tile[0] * self.scale))), max(1, int(round(self.tile[1] * self.scale)))
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """The manifest's tiling, or None for a model of whole pictures."""
+        if self.tile is None:
+            return None
+        width, height = self.model_tile
+        return Tiling(width=width, height=height, scale=self.scale, overlap=self.overlap, whole_frame=self.whole_frame)
 
 
 @dataclass(frozen=True)
@@ -335,6 +370,147 @@ def _selection_scores(
     )
 
 
+def _as_hwc(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 3 else image[:, :, None]
+
+
+def _tiles_info(crops: PoolCrops) -> dict[str, Any]:
+    """How the training crops were made, for the manifest (training/tiles.py has the rules)."""
+    from training import tiles as tiles_mod
+
+    train_set, val_set = crops.of_train(), crops.of_val()
+    return {
+        "crops_train": len(train_set),
+        "defect_crops_train": int(np.sum(train_set.y != crops.pass_class)),
+        "whole_views_train": int(np.sum(train_set.whole)),
+        "crops_val": len(val_set),
+        "defect_pictures_without_mask": int(np.sum(crops.unmasked)),
+        "crop_rule": f"defect when >= min({tiles_mod.DEFECT_PIXELS}, half the picture's) defect pixels "
+        f"(mask coverage >= {tiles_mod.COVERAGE}), good when none, else left out",
+        "crops_per_picture": {
+            "good": tiles_mod.NEGATIVES_PER_PICTURE,
+            "defect_focus": tiles_mod.FOCUS_PER_DEFECT,
+            "defect_context": tiles_mod.CONTEXT_PER_DEFECT,
+        },
+        "without_mask": "multiple-instance: the picture's highest-scoring tile, second round of half the epochs",
+    }
+
+
+def _int8_scorer(clf: Classifier) -> Callable[[np.ndarray], np.ndarray]:
+    """One frame's model inputs through the agent's own steps: lookup table, one invoke."""
+    return lambda inputs: clf.scores(clf.invoke_batch(clf.quantize_inputs(inputs)))
+
+
+def _one_by_one(invoke: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], None]:
+    """A frame's uint8 inputs through a float model that takes one input per invoke."""
+
+    def run(inputs: np.ndarray) -> None:
+        for one in inputs:
+            invoke(one[None, ...].astype(np.float32) / 255.0)
+
+    return run
+
+
+def _float_scorer(model: Any, pass_class: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Model inputs (uint8) -> float defect scores, for :func:`training.tiles.picture_scores`."""
+    from training import model as model_mod
+
+    return lambda inputs: _scores(model_mod.predict_proba(model, inputs), pass_class)
+
+
+def _train_on_crops(
+    crops: PoolCrops,
+    fit_pictures: np.ndarray,
+    val_pictures: np.ndarray,
+    config: Any,
+    num_classes: int,
+    *,
+    on_epoch: Callable[[Any], None] | None = None,
+    say: Echo = lambda line: None,
+) -> Any:
+    """Train on the crops of ``fit_pictures``, early-stopping on those of ``val_pictures``.
+
+    Defect pictures without masks then get their highest-scoring tile as a defect crop
+    (multiple-instance rule, training/tiles.py) and a second round of half the epochs
+    continues from the first round's weights.
+    """
+    from training import model as model_mod
+
+    fit_set, val_set = crops.of(fit_pictures), crops.of(val_pictures)
+    trained = model_mod.train_model(
+        fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, config,
+        masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class, on_epoch=on_epoch,
+    )
+    unmasked_fit, unmasked_val = crops.unmasked_among(fit_pictures), crops.unmasked_among(val_pictures)
+    if len(unmasked_fit) == 0:
+        return trained
+    score = _float_scorer(trained.model, crops.pass_class)
+    fit_set = join(fit_set, crops.best_tiles(unmasked_fit, score))
+    val_set = join(val_set, crops.best_tiles(unmasked_val, score))
+    say(
+        f"  multiple-instance round: the highest-scoring tile of each of {len(unmasked_fit)} training defect pictures "
+        f"without a mask becomes a defect crop; {max(1, config.epochs // 2)} more epochs"
+    )
+    again = dataclasses.replace(config, epochs=max(1, config.epochs // 2), min_epochs=max(1, config.min_epochs // 2))
+    return model_mod.train_model(
+        fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, again,
+        masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class, on_epoch=on_epoch,
+        initial=trained,
+    )
+
+
+def _tiled_selection_scores(
+    opts: FitOptions,
+    data: DataReport,
+    crops: PoolCrops,
+    groups: Any,
+    trained: Any,
+    config: Any,
+    model_labels: list[str],
+    say: Echo,
+) -> OperatingScores:
+    """:func:`_selection_scores` for a tiled model: each picture's score is the max over its
+    model inputs, cut as the box cuts them."""
+    from training.folds import out_of_fold
+
+    pass_class = crops.pass_class
+    val_pictures = np.arange(crops.n_train, len(crops.samples))
+    n_val_defects = int(np.sum(crops.classes[val_pictures] != pass_class))
+    if opts.folds == 0 or n_val_defects >= MIN_VALIDATION_DEFECTS:
+        val_samples = crops.samples[crops.n_train :]
+        return OperatingScores(
+            scores_from="validation",
+            model="float",
+            pass_label=data.pass_label,
+            files=tuple(str(s.path) for s in val_samples),
+            labels=tuple(s.label for s in val_samples),
+            scores=picture_scores(val_samples, crops.tiling, crops.color_mode, _float_scorer(trained.model, pass_class)),
+        )
+    is_defect = crops.classes != pass_class
+    say(
+        f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
+        f"models score all {int(np.sum(is_defect))} training and validation defect pictures out of fold"
+    )
+
+    def train_and_score(fit_idx: np.ndarray, val_idx: np.ndarray, hold_idx: np.ndarray, fold_config: Any) -> tuple[np.ndarray, Any]:
+        fold = _train_on_crops(crops, fit_idx, val_idx, fold_config, len(model_labels))
+        held = [crops.samples[i] for i in hold_idx]
+        return picture_scores(held, crops.tiling, crops.color_mode, _float_scorer(fold.model, pass_class)), fold
+
+    scores = out_of_fold(
+        crops.classes, is_defect, config, train_and_score, folds=opts.folds,
+        groups=[groups(s) for s in crops.samples] if groups else None, say=say,
+    )
+    return OperatingScores(
+        scores_from=f"out-of-fold ({opts.folds} folds)",
+        model="float",
+        pass_label=data.pass_label,
+        files=tuple(str(s.path) for s in crops.samples),
+        labels=tuple(s.label for s in crops.samples),
+        scores=scores,
+    )
+
+
 def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, echo: Echo | None = None) -> FitResult:
     """Train, quantize, evaluate and write a bundle to ``out_dir``; see the module docstring.
 
@@ -364,20 +540,36 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     if min(split.sizes().values()) == 0:
         raise TrainingError("a split came out empty; add images (each class needs at least 10)")
 
-    prep = Preprocessing(color_mode=opts.color_mode, width=opts.size, height=opts.height or opts.size, interpolation=opts.interpolation)  # type: ignore[arg-type]
+    tiling = opts.tiling
+    if tiling is not None:
+        check_pictures(data.samples, tiling)  # every picture must hold a tile: fail before training
+    width, height = opts.model_tile
+    prep = Preprocessing(color_mode=opts.color_mode, width=width, height=height, interpolation=opts.interpolation)  # type: ignore[arg-type]
     labels = data.labels
     pass_index = labels.index(data.pass_label)
-    raw_x = {name: load_arrays(getattr(split, name), prep) for name in ("train", "val", "test")}
     ys = {name: label_indices(getattr(split, name), labels) for name in ("train", "val", "test")}
     # What the network outputs: the class folders, or pass vs defect (index 0 = pass).
     merged = opts.defects == "merged" and len(labels) > 2
     model_labels = [data.pass_label, MERGED_DEFECT_LABEL] if merged else list(labels)
     model_ys = {name: (y != pass_index).astype(np.int64) for name, y in ys.items()} if merged else ys
-    fx = {name: to_float(arr, prep) for name, arr in raw_x.items()}
-    masks_train, mask_known = load_masks(split.train, data.masks, raw_x["train"], data.pass_label)
+    model_pass = model_labels.index(data.pass_label)
+    if tiling is None:
+        raw_x = {name: load_arrays(getattr(split, name), prep) for name in ("train", "val", "test")}
+        fx = {name: to_float(arr, prep) for name, arr in raw_x.items()}
+        masks_train, mask_known = load_masks(split.train, data.masks, raw_x["train"], data.pass_label)
+        crops: PoolCrops | None = None
+    else:
+        crops = PoolCrops.build(split, model_ys, model_pass, data.masks, tiling, opts.color_mode, opts.seed)
+        say(f"tiles: {crops.describe()}")
+        train_crops, val_crops = crops.of_train(), crops.of_val()
+        # Crops stay uint8 (training converts each batch); "test" is scored picture by picture.
+        raw_x = {"train": train_crops.x, "val": val_crops.x}
+        fx = dict(raw_x)
+        model_ys = {**model_ys, "train": train_crops.y, "val": val_crops.y}
+        masks_train, mask_known = train_crops.masks, train_crops.known
     durations["data"] = time.perf_counter() - t0
 
-    epochs = opts.epochs or auto_epochs(len(split.train))
+    epochs = opts.epochs or auto_epochs(len(model_ys["train"]))  # crops, for a tiled fit
 
     # 3. Train (TensorFlow is imported only from here on).
     from training import export as export_mod
@@ -395,13 +587,14 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
     )
     say(
-        f"training: {opts.size}x{opts.height or opts.size} {opts.color_mode}, up to {epochs} epochs{'' if opts.epochs else ' (auto)'}, batch {opts.batch_size}, "
+        f"training: {width}x{height} {opts.color_mode}{' tiles' if tiling else ''}, up to {epochs} epochs{'' if opts.epochs else ' (auto)'}, batch {opts.batch_size}, "
         f"lr {opts.learning_rate}, class-weighted loss (imbalance {data.imbalance:.1f}:1)"
         + (f", outputs {model_labels[0]} / {MERGED_DEFECT_LABEL} (defect classes merged)" if merged else "")
     )
-    n_masked = int(np.sum(mask_known & (ys["train"] != pass_index)))
+    n_masked = int(np.sum(mask_known & (model_ys["train"] != model_pass)))
     if n_masked:
-        say(f"  defect masks for {n_masked} of {int(np.sum(ys['train'] != pass_index))} training defects: the defect map learns from them")
+        say(f"  defect masks for {n_masked} of {int(np.sum(model_ys['train'] != model_pass))} training "
+            f"{'defect crops' if tiling else 'defects'}: the defect map learns from them")
 
     def on_epoch(log: Any) -> None:
         say(
@@ -412,28 +605,36 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         )
 
     t_train = time.perf_counter()
-    trained = model_mod.train_model(
-        fx["train"],
-        model_ys["train"],
-        fx["val"],
-        model_ys["val"],
-        len(model_labels),
-        config,
-        masks_train=masks_train,
-        mask_known=mask_known,
-        pass_index=model_labels.index(data.pass_label),
-        on_epoch=on_epoch,
-    )
+    if crops is None:
+        trained = model_mod.train_model(
+            fx["train"],
+            model_ys["train"],
+            fx["val"],
+            model_ys["val"],
+            len(model_labels),
+            config,
+            masks_train=masks_train,
+            mask_known=mask_known,
+            pass_index=model_pass,
+            on_epoch=on_epoch,
+        )
+    else:
+        trained = _train_on_crops(
+            crops, np.arange(crops.n_train), np.arange(crops.n_train, len(crops.samples)), config,
+            len(model_labels), on_epoch=on_epoch, say=say,
+        )
     say(f"  best epoch {trained.best_epoch} of {trained.epochs_run} (weights restored), {trained.seconds:.0f}s")
 
     durations["train"] = time.perf_counter() - t_train
 
     # The operating point's scores: validation, or out-of-fold when it has few defects.
     t0 = time.perf_counter()
-    model_pass = model_labels.index(data.pass_label)
-    selection = _selection_scores(
-        opts, data, split, fx, model_ys, masks_train, mask_known, groups, trained, config, model_labels, say
-    )
+    if crops is None:
+        selection = _selection_scores(
+            opts, data, split, fx, model_ys, masks_train, mask_known, groups, trained, config, model_labels, say
+        )
+    else:
+        selection = _tiled_selection_scores(opts, data, crops, groups, trained, config, model_labels, say)
     float_point = selection.choose(opts.target_recall, opts.max_false_reject)
     # Move the chosen cut to the middle of the output range, where int8 resolves it best.
     shift = model_mod.move_operating_point(trained.model, float_point.threshold, model_pass)
@@ -444,7 +645,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
 
     # 4. Quantize.
     t0 = time.perf_counter()
-    representative = export_mod.representative_subset(fx["train"], seed=opts.seed)
+    representative = model_mod.as_float(export_mod.representative_subset(fx["train"], seed=opts.seed))
     int8_bytes = export_mod.convert_int8(trained.model, representative)
     float_bytes = export_mod.convert_float(trained.model)
     in_spec, out_spec = export_mod.tensor_specs(int8_bytes)
@@ -472,6 +673,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
             model_labels=model_labels,
             trained=trained,
             config=config,
+            crops=crops,
             shift=shift,
             selection=selection,
             int8_bytes=int8_bytes,
@@ -509,6 +711,7 @@ def _finish(
     shift: float,
     selection: OperatingScores,
     config: Any,
+    crops: PoolCrops | None,
     int8_bytes: bytes,
     float_bytes: bytes,
     in_spec: Any,
@@ -544,6 +747,7 @@ def _finish(
         "output_spec": output_spec,
         "preprocessing": prep.model_dump(),
         "created": created,
+        "tiling": crops.tiling.model_dump() if crops is not None else None,
     }
     bundle_mod.write_manifest(
         staging,
@@ -555,8 +759,14 @@ def _finish(
     true = {name: [labels[i] for i in ys[name]] for name in ("val", "test")}
     is_defect = {name: ys[name] != pass_index for name in ("val", "test")}
     # int8, through the edge classifier: threshold on val, metrics on test.
-    int8_val, _, _ = _int8_scores(clf, raw_x["val"])
-    int8_test, _, _ = _int8_scores(clf, raw_x["test"])
+    tiling = crops.tiling if crops is not None else None
+    if tiling is None:
+        int8_val, _, _ = _int8_scores(clf, raw_x["val"])
+        int8_test, _, _ = _int8_scores(clf, raw_x["test"])
+    else:
+        int8_frame = _int8_scorer(clf)
+        int8_val = picture_scores(split.val, tiling, prep.color_mode, int8_frame, batch=1)
+        int8_test = picture_scores(split.test, tiling, prep.color_mode, int8_frame, batch=1)
     # The shipped point: on the int8 model's own validation scores, or on the fold models'
     # out-of-fold scores (float, moved into the shipped model's scale).
     shipped_scores = (
@@ -566,17 +776,26 @@ def _finish(
     int8_metrics = compute_metrics(true["test"], int8_test, pass_label, point.threshold)
     # float (the Keras model), judged the same way at its own point.
     model_pass = model_labels.index(pass_label)
-    float_test = _scores(model_mod.predict_proba(trained.model, fx["test"]), model_pass)
+    if tiling is None:
+        float_test = _scores(model_mod.predict_proba(trained.model, fx["test"]), model_pass)
+    else:
+        float_test = picture_scores(split.test, tiling, prep.color_mode, _float_scorer(trained.model, model_pass))
     float_point = selection.choose(opts.target_recall, opts.max_false_reject)
     float_metrics = compute_metrics(true["test"], float_test, pass_label, float_point.threshold)
 
     # Latency: int8 through the classifier and the float twin, same runtime, one thread each.
-    batches_u8 = [clf.quantize(img) for img in raw_x["test"][:50]]
     with export_mod.quiet_native_output():
         lat_clf = Classifier(staging, num_threads=1)
-    int8_latency = _latency(lat_clf.invoke, batches_u8, opts.latency_samples)
     float_runner = export_mod.FloatTFLite(float_bytes, num_threads=1, runtime=lat_clf.runtime)
-    float_latency = _latency(float_runner.invoke, [x[None, ...] for x in fx["test"][:50]], opts.latency_samples)
+    if tiling is None:
+        batches_u8 = [clf.quantize(img) for img in raw_x["test"][:50]]
+        int8_latency = _latency(lat_clf.invoke, batches_u8, opts.latency_samples)
+        float_latency = _latency(float_runner.invoke, [x[None, ...] for x in fx["test"][:50]], opts.latency_samples)
+    else:
+        # per frame: all of a frame's model inputs (the float twin takes them one by one)
+        frames = [inputs for _, inputs in picture_inputs(split.test[:5], tiling, prep.color_mode)]
+        int8_latency = _latency(lat_clf.invoke_batch, [lat_clf.quantize_inputs(f) for f in frames], min(opts.latency_samples, 40))
+        float_latency = _latency(_one_by_one(float_runner.invoke), frames, min(opts.latency_samples, 5))
     latency = {"runtime": lat_clf.runtime, "num_threads": 1, "int8": int8_latency, "float32": float_latency}
     latency_budget = round(max(20.0, 10.0 * int8_latency["p99_ms"]), 3)
     durations["evaluate"] = time.perf_counter() - t_eval
@@ -603,10 +822,13 @@ def _finish(
 
     # Golden images from the test split, expected outputs through the classifier on the PNG files.
     test_labels = true["test"]
-    picked = bundle_mod.select_golden(test_labels, opts.golden_per_class)
-    golden_entries = bundle_mod.write_golden(
-        staging, [raw_x["test"][i] for i in picked], [test_labels[i] for i in picked], prep.color_mode
-    )
+    if tiling is None:
+        picked = bundle_mod.select_golden(test_labels, opts.golden_per_class)
+        golden_images = [raw_x["test"][i] for i in picked]
+    else:  # whole frames (one per class: camera frames make large PNGs)
+        picked = bundle_mod.select_golden(test_labels, min(1, opts.golden_per_class))
+        golden_images = [_as_hwc(to_color_mode(read_image(split.test[i].path), prep.color_mode)) for i in picked]
+    golden_entries = bundle_mod.write_golden(staging, golden_images, [test_labels[i] for i in picked], prep.color_mode)
     golden = bundle_mod.golden_expectations(clf, golden_entries)
 
     reference = bundle_mod.reference_statistics(raw_x["train"], int8_val, true["val"], labels)
@@ -646,6 +868,7 @@ def _finish(
         "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
         "augmentation": config.augmentation.to_dict(),
         "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head},
+        **({"tiles": _tiles_info(crops)} if crops is not None else {}),
         "masks": {
             "used": trained.used_masks,
             "train_images_with_defect_mask": trained.masked_images,
