@@ -99,6 +99,8 @@ def fleet(config_file: Path | None, as_json: bool) -> None:
 def results(device_id: str, config_file: Path | None, after_seq: int, limit: int, as_json: bool) -> None:
     """Show the results the cloud stored for one device, in seq order.
 
+    A tiled model's rows also show the deciding tile: box=x,y WxH in camera pixels.
+
     Example:
 
         linewatch cloud results --device line1-cam1 --limit 20 --json
@@ -109,9 +111,14 @@ def results(device_id: str, config_file: Path | None, after_seq: int, limit: int
     if as_json:
         echo_json(rows)
         return
+    from edge.cli import box_text
+
     for r in rows:
         verdict = "PASS" if r["passed"] else "FAIL"
-        click.echo(f"{r['seq']:>8} {r['ts']:.3f} part={r['part_id']} {verdict} {r['label']} score={r['score']:.3f} model={r['model_version']}")
+        click.echo(
+            f"{r['seq']:>8} {r['ts']:.3f} part={r['part_id']} {verdict} {r['label']} score={r['score']:.3f}"
+            f" model={r['model_version']}{box_text(r.get('box'))}"
+        )
 
 
 @cloud.command("counters")

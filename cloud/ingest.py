@@ -62,6 +62,7 @@ from edge.protocol import (
     device_topic_filter,
     encode_payload,
     parse_topic,
+    read_versions,
     shared_filter,
     topic,
 )
@@ -113,8 +114,11 @@ def decode(kind: str, device_in_topic: str, payload: bytes) -> Any:
         raise PayloadRejected("json", f"not JSON ({str(exc)[:80]})") from None
     if not isinstance(raw, dict):
         raise PayloadRejected("schema", f"a JSON {type(raw).__name__}, not an object")
-    if raw.get("v") != PAYLOAD_VERSION:
-        raise PayloadRejected("version", f"payload version {str(raw.get('v'))[:20]!r}, this ingest reads {PAYLOAD_VERSION}")
+    versions = read_versions(kind)
+    if raw.get("v") not in versions:
+        raise PayloadRejected(
+            "version", f"payload version {str(raw.get('v'))[:20]!r}, this ingest reads {', '.join(map(str, versions))}"
+        )
     try:
         model = model_cls.model_validate(raw)
     except (ValidationError, RecursionError) as exc:

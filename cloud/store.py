@@ -50,8 +50,10 @@ from edge.protocol import (
 logger = logging.getLogger(__name__)
 
 DEVICE_STATES = ("online", "offline_buffering", "dead")
+_BOX_COLS = ("box_x", "box_y", "box_w", "box_h")  # the deciding tile's box, NULL without one
 _RESULT_COLS = ("seq", "ts", "part_id", "model_version", "label", "score", "passed",
-                "capture_ms", "preprocess_ms", "invoke_ms", "record_ms", "received")  # fmt: skip
+                "capture_ms", "preprocess_ms", "invoke_ms", "record_ms", "received", *_BOX_COLS)  # fmt: skip
+_NO_BOX = (None, None, None, None)
 _INSERT_GAP = (
     "INSERT OR IGNORE INTO gaps (device_id, seq, ts, table_name, first_seq, last_seq, count, passed_count,"
     " failed_count, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -169,9 +171,16 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     db.table("samples").create_index(["labelled_as"])
 
 
+def _m002_result_box(db: sqlite_utils.Database) -> None:
+    # ADD COLUMN only edits the schema: instant on a large store; old rows read NULL (no box).
+    for col in _BOX_COLS:
+        db.execute(f"ALTER TABLE results ADD COLUMN {col} INTEGER")
+
+
 # Registered migrations, applied in order, each in its own transaction with its own record.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
+    ("002_result_box", _m002_result_box),
 ]
 
 
@@ -277,9 +286,11 @@ class SQLiteStore:
 
     def store_results(self, batch: ResultsBatch, *, received: float) -> StoreOutcome:
         c = batch.cols
-        rows = list(zip(batch.seq, c.ts, c.part_id, c.model_version, c.label, c.score,
-                        [int(p) for p in c.passed], c.capture_ms, c.preprocess_ms, c.invoke_ms, c.record_ms,
-                        [received] * len(batch.seq), strict=True))  # fmt: skip
+        boxes = c.box if c.box is not None else [None] * len(batch.seq)
+        rows = [(*row, *(box or _NO_BOX)) for row, box in zip(
+            zip(batch.seq, c.ts, c.part_id, c.model_version, c.label, c.score, [int(p) for p in c.passed],
+                c.capture_ms, c.preprocess_ms, c.invoke_ms, c.record_ms, [received] * len(batch.seq), strict=True),
+            boxes, strict=True)]  # fmt: skip
         with self._write() as conn:
             inserted = self._insert_rows(conn, "results", _RESULT_COLS, batch.device_id, rows)
             self._touch(conn, batch.device_id, received, results=inserted)
@@ -423,7 +434,7 @@ class SQLiteStore:
         rows = self.db.conn.execute(
             "SELECT * FROM results WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?", (device_id, after_seq, limit)
         ).fetchall()
-        return [{**dict(r), "passed": bool(r["passed"])} for r in rows]
+        return [_result_row(dict(r)) for r in rows]
 
     def gaps(self, device_id: str | None = None) -> list[dict[str, Any]]:
         """Gap records (evictions on devices), oldest first."""
@@ -447,6 +458,14 @@ class SQLiteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _result_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored result as readers see it: ``passed`` a bool, ``box`` [x, y, w, h] or None."""
+    row["passed"] = bool(row["passed"])
+    box = [row.pop(col, None) for col in _BOX_COLS]
+    row["box"] = None if box[0] is None else box
+    return row
 
 
 def _write_file_durably(path: Path, data: bytes) -> None:

@@ -2,9 +2,11 @@
 
 One file (``buffer.path``) opened through sqlite-utils over the standard ``sqlite3`` module.
 
-Tables (schema version 2, see :data:`MIGRATIONS`)::
+Tables (schema version 3, see :data:`MIGRATIONS`)::
 
-    results    one row per decision; ``seq`` is the monotonic id the cloud dedups on
+    results    one row per decision; ``seq`` is the monotonic id the cloud dedups on;
+               ``box_x, box_y, box_w, box_h``: the deciding tile in camera-frame pixels
+               (NULL for whole-frame models), read back as ``box`` [x, y, w, h] or None
     samples    JPEG frames kept for labelling (fails, low confidence, a reservoir)
     events     camera_up/down, model_loaded, eviction, start, stop, buffer_recovered, ...
     gaps       every eviction of rows the cloud has not stored yet, as seq ranges
@@ -103,7 +105,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -111,6 +113,7 @@ from typing import Any, Literal
 from sqlite_utils import Database
 
 from edge.exceptions import BufferStoreError
+from edge.protocol import box_problem
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +133,8 @@ MAX_EVENT_DETAIL_CHARS = 8 * 1024
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 TABLES = ("results", "samples", "events", "gaps")
 SAMPLE_REASONS = ("fail", "low_confidence", "reservoir")
+_BOX_COLUMNS = ("box_x", "box_y", "box_w", "box_h")  # results: the box as four nullable ints
+_NO_BOX = (None, None, None, None)
 EVENT_KINDS = (
     "start",
     "stop",
@@ -193,6 +198,8 @@ class ResultRecord:
     capture_ms: float | None = None
     preprocess_ms: float | None = None
     invoke_ms: float | None = None
+    # Tiled models: the tile whose score decided, (x, y, width, height) in camera-frame pixels.
+    box: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,14 @@ def _sync_indexes(db: Database) -> None:
         db.table(table).create_index(["synced", "seq"], index_name=f"idx_{table}_synced_seq", if_not_exists=True)
 
 
+@migration(3, "result_box")
+def _result_box(db: Database) -> None:
+    # ADD COLUMN only edits the schema (no row is rewritten): instant even on a full buffer,
+    # and every existing row reads NULL, i.e. "no box".
+    for col in _BOX_COLUMNS:
+        db.execute(f"ALTER TABLE results ADD COLUMN {col} INTEGER")
+
+
 LATEST_VERSION = len(MIGRATIONS)
 
 
@@ -386,8 +401,8 @@ def migrate(db: Database, target: int | None = None) -> list[int]:
 
 _INSERT_RESULT = (
     "INSERT INTO results (ts, device_id, part_id, model_version, label, score, passed,"
-    " capture_ms, preprocess_ms, invoke_ms, record_ms)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " capture_ms, preprocess_ms, invoke_ms, record_ms, box_x, box_y, box_w, box_h)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_SAMPLE = (
     "INSERT INTO samples (result_seq, ts, reason, label, score, width, height, jpeg)"
@@ -444,6 +459,9 @@ def _decode_row(table: str, row: dict[str, Any]) -> dict[str, Any]:
         row["synced"] = bool(row["synced"])
     if table == "results":
         row["passed"] = bool(row["passed"])
+        # A read-only reader may look at a buffer an older agent has not migrated: no box columns.
+        box = [row.pop(col, None) for col in _BOX_COLUMNS]
+        row["box"] = None if box[0] is None else box
     elif table == "events" and isinstance(row.get("detail"), str):
         # Keep the text if it does not parse: a damaged detail must not hide the event.
         with contextlib.suppress(json.JSONDecodeError):
@@ -1006,11 +1024,12 @@ class Buffer:
         written in the same transaction with ``result_seq`` set, so a failed part costs no
         second fsync. ``prior_samples`` are samples of decisions committed earlier (their
         ``result_seq`` set), so a decision need not wait for its JPEG to be encoded.
-        Samples that break the rules are dropped with a warning, never the decisions.
+        Samples that break the rules are dropped with a warning, never the decisions; so
+        is a malformed box (the row is kept without it: the cloud would refuse the batch).
         ``events`` (kind, detail) and ``meta`` settings ride in the same transaction too,
         for the same reason. Any of them may come without ``recs``.
         """
-        recs = list(recs)
+        recs = [r if r.box is None else self._box_ok(r) for r in recs]
         if not recs and not events and not meta and not prior_samples:
             return []
         samples = {i: smp for i, smp in (samples or {}).items() if self._sample_ok(smp)}
@@ -1055,6 +1074,7 @@ class Buffer:
                         r.preprocess_ms,
                         r.invoke_ms,
                         prev_ms,
+                        *(r.box or _NO_BOX),
                     ),
                 )
                 seqs.append(int(cur.lastrowid or 0))
@@ -1119,6 +1139,15 @@ class Buffer:
                 " free space on the device", self.path, evicted,
             )
         return evicted
+
+    @staticmethod
+    def _box_ok(rec: ResultRecord) -> ResultRecord:
+        """The record, without its box when the box is malformed (the decision is kept)."""
+        problem = box_problem(rec.box)
+        if problem is None:
+            return rec
+        logger.warning("part %s: %s; recorded without a box", rec.part_id, problem)
+        return replace(rec, box=None)
 
     def _sample_ok(self, rec: SampleRecord) -> bool:
         try:

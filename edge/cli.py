@@ -85,6 +85,14 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+def box_text(box: Any) -> str:
+    """' box=x,y WxH' for a result row's box (tiled models), '' without one."""
+    if not box:
+        return ""
+    x, y, w, h = box
+    return f" box={x},{y} {w}x{h}"
+
+
 def fail(exc: BaseException) -> click.ClickException:
     """Turn one of our exceptions into the CLI's one-line error (exit code 1, no traceback)."""
     return click.ClickException(str(exc))
@@ -173,6 +181,8 @@ def status(config_file: Path, as_json: bool) -> None:
 def results(config_file: Path, tail: int, as_json: bool) -> None:
     """Show the most recent decisions, newest last.
 
+    A tiled model's rows also show the deciding tile: box=x,y WxH in camera pixels.
+
     Example:
 
         linewatch edge results --config /etc/linewatch/agent.toml --tail 50
@@ -192,7 +202,10 @@ def results(config_file: Path, tail: int, as_json: bool) -> None:
         return
     for r in rows:
         verdict = "PASS" if r["passed"] else "FAIL"
-        click.echo(f"{r['seq']:>8} {r['ts']} part={r['part_id']} {verdict} {r['label']} score={r['score']:.3f} model={r['model_version']}")
+        click.echo(
+            f"{r['seq']:>8} {r['ts']} part={r['part_id']} {verdict} {r['label']} score={r['score']:.3f}"
+            f" model={r['model_version']}{box_text(r.get('box'))}"
+        )
 
 
 @edge.command("install-model")

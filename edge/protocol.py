@@ -18,7 +18,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edge.exceptions import BundleError
 
@@ -235,7 +243,8 @@ def topic(prefix: str, device_id: str, *parts: str) -> str:
 # Device -> cloud, under ``<prefix>/devices/<device_id>/``:
 #   status   retained; ``online`` on connect and every status interval, ``offline`` on a clean
 #            stop and as the last will
-#   results  a batch of result rows in seq order, as column arrays     (ResultsBatch)
+#   results  a batch of result rows in seq order, as column arrays     (ResultsBatch; version 2
+#            when it carries the deciding tile's ``box`` column)
 #   gaps     evictions of unsynced rows, as column arrays               (GapsBatch)
 #   events   agent events, as column arrays                             (EventsBatch)
 #   samples  one chunk of one JPEG sample, base64 in JSON               (SampleChunk)
@@ -268,6 +277,36 @@ RESULT_COLUMNS: tuple[str, ...] = (
 GAP_COLUMNS: tuple[str, ...] = ("ts", "table_name", "first_seq", "last_seq", "count", "passed_count", "failed_count")
 EVENT_COLUMNS: tuple[str, ...] = ("ts", "kind", "detail")
 COLUMNS: dict[str, tuple[str, ...]] = {RESULTS: RESULT_COLUMNS, GAPS: GAP_COLUMNS, EVENTS: EVENT_COLUMNS}
+
+# Results version 2 = version 1's columns plus BOX_COLUMN: per row the deciding tile's
+# [x, y, width, height] in camera-frame pixels, or null (whole-frame models). A device sends
+# version 2 only for a batch holding at least one box, so a line with whole-frame models
+# keeps talking to a cloud that reads only version 1.
+RESULTS_BOX_VERSION = 2
+BOX_COLUMN = "box"
+# Larger than any camera side; keeps a box's numbers sane before they reach a store.
+MAX_BOX_PIXELS = 1_000_000
+# Payload versions a receiver reads, per kind; kinds not listed read PAYLOAD_VERSION only.
+READ_VERSIONS: dict[str, tuple[int, ...]] = {RESULTS: (PAYLOAD_VERSION, RESULTS_BOX_VERSION)}
+
+
+def read_versions(kind: str) -> tuple[int, ...]:
+    """The payload versions of ``kind`` this code reads."""
+    return READ_VERSIONS.get(kind, (PAYLOAD_VERSION,))
+
+
+def box_problem(box: Any) -> str | None:
+    """Why ``box`` is not a valid (x, y, width, height) in pixels, or None when it is."""
+    if (
+        not isinstance(box, (tuple, list))
+        or len(box) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+    ):
+        return f"box {str(box)[:60]} is not four integers [x, y, width, height]"
+    x, y, w, h = box
+    if x < 0 or y < 0 or w < 1 or h < 1 or max(box) > MAX_BOX_PIXELS:
+        return f"box {list(box)} needs x, y >= 0, width, height >= 1 and every value at most {MAX_BOX_PIXELS}"
+    return None
 
 _DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _BATCH_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -317,7 +356,7 @@ class _Wire(BaseModel):
 class _Batch(_Wire):
     """Common envelope of a table batch: which rows of which device, under which batch id."""
 
-    v: Literal[1] = Field(description="PAYLOAD_VERSION")
+    v: int = Field(description="the payload version; each kind lists the ones it reads")
     device_id: str = Field(pattern=_DEVICE_ID)
     batch: str = Field(pattern=_BATCH_ID, description="sender's id for this message; echoed in the ack")
     first_seq: int = Field(ge=1)
@@ -331,12 +370,12 @@ class _Batch(_Wire):
             raise ValueError("seq must be strictly increasing")
         n = len(self.seq)
         for name, values in cols:
-            if len(values) != n:
+            if values is not None and len(values) != n:
                 raise ValueError(f"column {name} has {len(values)} values for {n} seqs")
 
     def rows(self) -> list[dict[str, Any]]:
         """The batch as one dict per row, seq included."""
-        cols = dict(getattr(self, "cols"))  # noqa: B009 - every subclass has cols
+        cols = {k: v for k, v in getattr(self, "cols") if v is not None}  # noqa: B009 - every subclass has cols
         names = list(cols)
         return [
             {"seq": s, **{name: cols[name][i] for name in names}} for i, s in enumerate(self.seq)
@@ -354,16 +393,35 @@ class ResultColumns(_Wire):
     preprocess_ms: list[float | None]
     invoke_ms: list[float | None]
     record_ms: list[float | None]
+    # Version 2 only: the deciding tile's box per row (strict ints: 1.5 or "1" is refused).
+    box: list[tuple[StrictInt, StrictInt, StrictInt, StrictInt] | None] | None = None
+
+    @field_validator("box")
+    @classmethod
+    def _boxes_ok(cls, v: list[tuple[int, int, int, int] | None] | None) -> list[tuple[int, int, int, int] | None] | None:
+        for i, box in enumerate(v or ()):
+            problem = None if box is None else box_problem(box)
+            if problem:
+                raise ValueError(f"row {i}: {problem}")
+        return v
 
 
 class ResultsBatch(_Batch):
-    """``results``: decisions in seq order, as column arrays (compact: ~60 bytes per row)."""
+    """``results``: decisions in seq order, as column arrays (compact: ~60 bytes per row).
 
+    Version 1 has no ``box`` column; version 2 always has one (see RESULTS_BOX_VERSION).
+    """
+
+    v: Literal[1, 2] = Field(description="PAYLOAD_VERSION, or RESULTS_BOX_VERSION with the box column")
     type: Literal["results"]
     cols: ResultColumns
 
     @model_validator(mode="after")
     def _envelope(self) -> ResultsBatch:
+        if self.v == PAYLOAD_VERSION and self.cols.box is not None:
+            raise ValueError(f"the box column needs payload version {RESULTS_BOX_VERSION}")
+        if self.v == RESULTS_BOX_VERSION and self.cols.box is None:
+            raise ValueError(f"a version {RESULTS_BOX_VERSION} results batch carries the box column")
         self._check_envelope(self.cols)
         return self
 
@@ -381,6 +439,7 @@ class GapColumns(_Wire):
 class GapsBatch(_Batch):
     """``gaps``: the buffer evicted unsynced rows ``first_seq..last_seq`` of ``table_name``."""
 
+    v: Literal[1] = Field(description="PAYLOAD_VERSION")
     type: Literal["gaps"]
     cols: GapColumns
 
@@ -399,6 +458,7 @@ class EventColumns(_Wire):
 class EventsBatch(_Batch):
     """``events``: agent events (start, stop, camera_down, model_switched, ...)."""
 
+    v: Literal[1] = Field(description="PAYLOAD_VERSION")
     type: Literal["events"]
     cols: EventColumns
 

@@ -72,16 +72,19 @@ from edge.config import AgentConfig
 from edge.exceptions import BufferStoreError
 from edge.protocol import (
     ACK,
+    BOX_COLUMN,
     COLUMNS,
     DATA_KINDS,
     MAX_PAYLOAD_BYTES,
     MAX_SAMPLE_BYTES,
     PAYLOAD_VERSION,
     RESULTS,
+    RESULTS_BOX_VERSION,
     SAMPLE_CHUNK_BYTES,
     SAMPLES,
     STATUS,
     Ack,
+    box_problem,
     encode_payload,
     topic,
 )
@@ -775,15 +778,22 @@ class SyncClient:
         """
         seqs = [int(r["seq"]) for r in rows]
         batch_id = self._new_batch_id(kind, seqs[0], seqs[-1])
-        head = {"v": PAYLOAD_VERSION, "type": kind, "device_id": self.device_id, "batch": batch_id,
+        names = COLUMNS[kind]
+        version = PAYLOAD_VERSION
+        if kind == RESULTS and any(r.get(BOX_COLUMN) is not None for r in rows):
+            # Only batches that hold a box need version 2 (docs/sync.md, "Payloads").
+            names, version = (*names, BOX_COLUMN), RESULTS_BOX_VERSION
+        head = {"v": version, "type": kind, "device_id": self.device_id, "batch": batch_id,
                 "first_seq": seqs[0], "last_seq": seqs[-1]}  # fmt: skip
         parts = [_dumps(head)[:-1], ',"seq":', _dumps(seqs), ',"cols":{']
-        for i, name in enumerate(COLUMNS[kind]):
+        for i, name in enumerate(names):
             col: list[Any] = list(map(itemgetter(name), rows))
             if name == "passed":
                 col = [bool(v) for v in col]
             elif name == "detail":  # a damaged detail comes back as text: wrap it, keep the row
                 col = [v if isinstance(v, dict) else {"value": v} for v in col]
+            elif name == BOX_COLUMN:  # one box the cloud would refuse must not hold back the batch
+                col = [None if v is None or box_problem(v) else v for v in col]
             parts += ["," if i else "", _dumps(name), ":", _dumps(col)]
             if breathe is not None and i % 3 == 2:
                 breathe()

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,49 @@ def test_older_version_database_is_migrated_on_open(tmp_path: Path) -> None:
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert versions == list(range(1, LATEST_VERSION + 1))
     assert {"idx_samples_synced_seq", "idx_events_synced_seq", "idx_gaps_synced_seq"} <= indexes
+
+
+def test_buffer_from_before_boxes_upgrades_in_place_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    db = Database(path)
+    assert migrate(db, target=2) == [1, 2]  # the schema agents wrote before result boxes
+    db.execute(
+        "INSERT INTO results (ts, device_id, part_id, model_version, label, score, passed, synced)"
+        " VALUES (1.0, 'cam', 1, 'm1', 'ok', 0.1, 1, 1), (2.0, 'cam', 2, 'm1', 'scratch', 0.9, 0, 0)"
+    )
+    db.execute("INSERT INTO samples (result_seq, ts, reason, label, score, jpeg) VALUES (2, 2.0, 'fail', 'scratch', 0.9, x'ffd8')")
+    db.conn.commit()
+    db.close()
+    with Buffer.open_readonly(path) as old:  # `edge status` beside an agent not upgraded yet
+        assert [r["box"] for r in old.tail(5)] == [None, None]
+
+    with Buffer(path) as buf:
+        assert buf.stats()["schema_version"] == LATEST_VERSION == 3
+        kept = buf.tail(5)
+        assert [(r["seq"], r["label"], r["synced"], r["box"]) for r in kept] == [(1, "ok", True, None), (2, "scratch", False, None)]
+        assert [r["seq"] for r in buf.pending("results")] == [2]
+        assert [r["result_seq"] for r in buf.pending("samples")] == [2]
+        seq = buf.record_result(replace(res(3, passed=False), box=(40, 30, 128, 128)))
+        assert seq == 3 and buf.tail(1)[0]["box"] == [40, 30, 128, 128]
+    with raw(path) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY version")]
+    assert names == ["initial_schema", "sync_indexes", "result_box"]
+
+
+def test_result_box_is_kept_and_a_malformed_one_never_costs_the_decision(tmp_path: Path) -> None:
+    with Buffer(tmp_path / "b.db") as buf:
+        seqs_ = buf.record_results(
+            [
+                replace(res(1, passed=False), box=(0, 0, 64, 48)),
+                res(2),  # a whole-frame model: no box
+                replace(res(3, passed=False), box=(-5, 0, 64, 48)),  # the cloud would refuse it
+                replace(res(4, passed=False), box=(1.5, 0, 64, 48)),  # type: ignore[arg-type]
+            ]
+        )
+        rows = buf.pending("results")
+    assert [r["seq"] for r in rows] == seqs_
+    assert [r["box"] for r in rows] == [[0, 0, 64, 48], None, None, None]
+    assert [r["passed"] for r in rows] == [False, True, False, False]
 
 
 def test_newer_schema_is_refused_not_overwritten(tmp_path: Path) -> None:
@@ -262,7 +306,9 @@ def test_eviction_takes_synced_rows_first_oldest_first(tmp_path: Path) -> None:
 
 def test_eviction_takes_passes_before_failures_oldest_first(tmp_path: Path) -> None:
     path = tmp_path / "b.db"
-    with Buffer(path, max_bytes=128 * 1024, synchronous="NORMAL") as buf:
+    # Room for enough rows that the first eviction pass leaves some passes (at 128 KiB it
+    # takes them all since rows carry the box columns: nothing left to check the order on).
+    with Buffer(path, max_bytes=160 * 1024, synchronous="NORMAL") as buf:
         # One failure in four parts. (Used bytes count pages: when passes and failures
         # alternate 1:1, deleting every pass leaves pages half full, frees none, and the
         # oldest failures must go as well; see the module docstring.)

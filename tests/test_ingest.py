@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -15,12 +16,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import sqlite_utils
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.config import parse_cloud_config
 from cloud.exceptions import PayloadRejected
 from cloud.ingest import chunk_bytes, decode, subscriptions
-from cloud.store import SQLiteStore
+from cloud.store import SQLiteStore, _m001_initial
 from edge.protocol import (
     MAX_PAYLOAD_BYTES,
     SAMPLE_CHUNK_BYTES,
@@ -62,6 +64,13 @@ def results_payload(device_id: str, seqs: list[int], batch: str = "b1", **over: 
     return body
 
 
+def boxed_payload(device_id: str, seqs: list[int], boxes: Any, **over: Any) -> dict[str, Any]:
+    """A version 2 results batch: the deciding tile's box per row (or null)."""
+    body = results_payload(device_id, seqs, **{"v": 2, **over})
+    body["cols"]["box"] = boxes
+    return body
+
+
 def sample_chunks(device_id: str, seq: int, jpeg: bytes) -> list[dict[str, Any]]:
     parts = [jpeg[i : i + SAMPLE_CHUNK_BYTES] for i in range(0, len(jpeg), SAMPLE_CHUNK_BYTES)]
     digest = hashlib.sha256(jpeg).hexdigest()
@@ -82,7 +91,17 @@ def sample_chunks(device_id: str, seq: int, jpeg: bytes) -> list[dict[str, Any]]
         (b"\xff\xfe not json", "json"),
         (b"[" * 50_000 + b"]" * 50_000, "json"),  # too deeply nested for the parser
         (b"[1, 2]", "schema"),
-        (json.dumps(results_payload("d1", [1], v=2)).encode(), "version"),
+        (json.dumps(results_payload("d1", [1], v=3)).encode(), "version"),
+        (json.dumps(results_payload("d1", [1], v=2)).encode(), "schema"),  # version 2 carries the box column
+        (json.dumps(boxed_payload("d1", [1], [[1, 2, 3, 4]], v=1)).encode(), "schema"),  # the box needs version 2
+        (json.dumps(boxed_payload("d1", [1], [[1, 2, 3]])).encode(), "schema"),
+        (json.dumps(boxed_payload("d1", [1], [[1, 2, 3, 4.5]])).encode(), "schema"),
+        (json.dumps(boxed_payload("d1", [1], [[1, 2, 3, "4"]])).encode(), "schema"),
+        (json.dumps(boxed_payload("d1", [1], [[-1, 2, 3, 4]])).encode(), "schema"),
+        (json.dumps(boxed_payload("d1", [1], [[1, 2, 0, 4]])).encode(), "schema"),
+        (json.dumps(boxed_payload("d1", [1], [[1, 2, 3, 10**12]])).encode(), "schema"),
+        (json.dumps(boxed_payload("d1", [1], "1,2,3,4")).encode(), "schema"),
+        (json.dumps(boxed_payload("d1", [1, 2], [[1, 2, 3, 4]])).encode(), "schema"),  # one box for two rows
         (json.dumps({"type": "results"}).encode(), "version"),
         (json.dumps(results_payload("d1", [1, 2], first_seq=2)).encode(), "schema"),
         (json.dumps(results_payload("d1", [2, 1], first_seq=2, last_seq=1)).encode(), "schema"),
@@ -109,6 +128,29 @@ def test_decode_accepts_valid_payloads_and_checks_chunks() -> None:
         chunk_bytes(decode("samples", "d1", encode_payload(short)))
     status = decode("status", "d1", b'{"v":1,"state":"offline","device_id":"d1","anything":{"x":1}}')
     assert status.state == "offline"
+    boxed = decode("results", "d1", encode_payload(boxed_payload("d1", [3, 4], [[0, 8, 128, 96], None])))
+    assert [r["box"] for r in boxed.rows()] == [(0, 8, 128, 96), None]
+    assert "box" not in batch.rows()[0]  # version 1 has no box column
+
+
+def test_a_cloud_store_from_before_boxes_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    old = sqlite_utils.Database(path)
+    _m001_initial(old)  # the store as ingest wrote it before result boxes
+    old.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied REAL)")
+    old.execute("INSERT INTO _migrations VALUES ('001_initial', 1.0)")
+    old.execute("INSERT INTO results (device_id, seq, ts, label, score, passed) VALUES ('d1', 1, 1.0, 'ok', 0.1, 1)")
+    old.conn.commit()
+    old.close()
+    with SQLiteStore(path, samples_dir=tmp_path / "samples") as store:
+        out = store.store_results(
+            ResultsBatch.model_validate(boxed_payload("d1", [2, 3], [[40, 30, 128, 128], None])), received=2.0
+        )
+        assert out.inserted == 2
+        rows = store.results("d1")
+    assert [(r["seq"], r["label"], r["box"]) for r in rows] == [(1, "ok", None), (2, "ok", [40, 30, 128, 128]), (3, "ok", None)]
+    names = [r[0] for r in sqlite3.connect(path).execute("SELECT name FROM _migrations ORDER BY name")]
+    assert names == ["001_initial", "002_result_box"]
 
 
 def test_store_is_idempotent_and_counts_exactly(tmp_path: Path) -> None:
@@ -232,6 +274,25 @@ def test_rogue_payloads_are_counted_and_dropped_and_ingest_survives(broker: Brok
     assert len(re.findall(r"rejected a message .*\(json\)", ingest.output())) <= 2
     rogue.close()
     good.close()
+
+
+def test_a_malformed_box_is_rejected_counted_and_logged_and_good_boxes_are_stored(broker: Broker, cloud: tuple[Path, Proc]) -> None:
+    cloud_toml, ingest = cloud
+    dev = Client(broker, "boxer")
+    dev.c.subscribe(f"{PREFIX}/devices/boxer/ack", qos=1)
+    time.sleep(0.2)
+    dev.publish(f"{PREFIX}/devices/boxer/results", encode_payload(boxed_payload("boxer", [1, 2], [[5, 5, 0, 9], None], batch="bad")))
+    dev.publish(f"{PREFIX}/devices/boxer/results", encode_payload(boxed_payload("boxer", [1, 2], [[5, 5, 64, 48], None], batch="good")))
+    wait_until(lambda: dev.messages, 10, "the ack of the good batch")
+    assert [json.loads(m.payload)["batch"] for m in dev.messages] == ["good"]  # the bad one is never acked
+    wait_until(lambda: counters(cloud_toml).get("rejected_schema", 0) >= 1, 10, "the rejection to be counted")
+    assert counters(cloud_toml)["rejected"] == 1
+    assert re.search(r"rejected a message on .*boxer/results \(schema\): cols.box: .*box \[5, 5, 0, 9\]", ingest.output())
+    assert cloud_query(cloud_toml, "SELECT seq, box_x, box_y, box_w, box_h FROM results WHERE device_id = 'boxer' ORDER BY seq") == [
+        (1, 5, 5, 64, 48), (2, None, None, None, None)
+    ]
+    assert ingest.alive()
+    dev.close()
 
 
 def test_ingest_killed_repeatedly_loses_and_duplicates_nothing(tmp_path: Path, broker: Broker) -> None:

@@ -269,6 +269,51 @@ def test_backlog_reaches_cloud_exactly_once_in_order(tmp_path: Path, broker: Bro
     assert status["model_version"] == "v7"
 
 
+def test_result_boxes_survive_buffer_sync_and_cloud_store(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
+    """A tiled model's box arrives intact; rows without one still sync, in version 1 batches."""
+    cloud_toml, _ = cloud
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-b", batch_rows=50)
+    cfg = load_config(agent)
+    now = time.time()
+    boxes: dict[int, tuple[int, int, int, int] | None] = {}
+    with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, device_id=cfg.device_id) as buf:
+        whole = [ResultRecord(now, "cam-b", i, "m1", "ok", 0.1, True) for i in range(100)]  # whole-frame model
+        boxes.update(dict.fromkeys(buf.record_results(whole)))
+        tiled = [
+            ResultRecord(now, "cam-b", i, "t1", "scratch" if i % 2 else "ok", 0.9 if i % 2 else 0.2, not i % 2,
+                         box=(16 * (i % 40), 8, 128, 96) if i % 2 else None)  # fmt: skip
+            for i in range(100, 200)
+        ]
+        boxes.update(zip(buf.record_results(tiled), (r.box for r in tiled), strict=True))
+    seen: list[dict[str, Any]] = []  # every results batch on the wire
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{os.getpid()}", protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda _c, _u, m: seen.append(json.loads(m.payload))
+    watcher.connect(broker.host, broker.port)
+    watcher.subscribe(f"{PREFIX}/devices/cam-b/results", qos=1)
+    watcher.loop_start()
+    try:
+        time.sleep(0.3)  # the subscription is in place before the device sends
+        dev = start_device(agent)
+        wait_until(lambda: all_synced(agent), 30, "the results to be acked")
+    finally:
+        watcher.loop_stop()
+        watcher.disconnect()
+    assert dev.term() == 0
+    stored = cloud_query(cloud_toml, "SELECT seq, box_x, box_y, box_w, box_h FROM results WHERE device_id = 'cam-b' ORDER BY seq")
+    assert [r[0] for r in stored] == list(boxes)
+    assert {r[0]: (None if r[1] is None else tuple(r[1:])) for r in stored} == boxes
+    by_first = {b["first_seq"]: b for b in seen}
+    assert by_first[1]["v"] == by_first[51]["v"] == 1 and "box" not in by_first[1]["cols"]
+    assert by_first[101]["v"] == by_first[151]["v"] == 2
+    assert by_first[101]["cols"]["box"][:2] == [None, [16 * 21, 8, 128, 96]]
+    listed = subprocess.run(
+        [LINEWATCH, "cloud", "results", "--device", "cam-b", "--config", str(cloud_toml), "--after", "100", "--limit", "2", "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert [r["box"] for r in json.loads(listed.stdout)] == [None, [336, 8, 128, 96]]
+
+
 def test_broker_outage_then_restart_delivers_everything_once(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
     cloud_toml, ingest = cloud
     agent = write_agent_config(tmp_path / "dev", broker, "cam-b", batch_rows=100)
@@ -590,6 +635,13 @@ def test_column_wise_encoding_is_the_one_wire_encoding(tmp_path: Path, broker: B
             assert list(body["cols"]) == list(COLUMNS[kind])
     assert body["cols"]["detail"][-1] == {"n": 3, "text": "Prüfung ✓"}
     assert breaths, "the encoder gave the GIL away between columns"
+    with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, integrity_check="off") as buf:
+        buf.record_result(ResultRecord(time.time(), "cam-e", 51, "t1", "scratch", 0.9, False, box=(4, 2, 64, 48)))
+        rows = buf.pending("results", limit=500)
+        _, payload = client._encode_rows("results", rows, breathe=lambda: None)
+    body = json.loads(payload)
+    assert payload == encode_payload(body) and body["v"] == 2
+    assert list(body["cols"]) == [*COLUMNS["results"], "box"] and body["cols"]["box"][-2:] == [None, [4, 2, 64, 48]]
 
 
 def test_a_mark_waits_for_the_lines_next_commit(tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
