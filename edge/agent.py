@@ -51,6 +51,7 @@ from typing import Any, TextIO
 import cv2
 import numpy as np
 
+from edge.annotate import LastFailure, draw_box, shrink
 from edge.buffer import Buffer, ResultRecord, SampleRecord, nice_this_thread
 from edge.capture import CameraState, Capture, Frame, open_source, parse_source
 from edge.config import AgentConfig
@@ -83,6 +84,7 @@ class Decision:
     passed: bool
     model_version: str
     latency_ms: float  # frame grabbed -> decision committed
+    box: tuple[int, int, int, int] | None = None  # the deciding tile, camera-frame pixels
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,8 @@ class _Decided:
     rec: ResultRecord
     frame_ts: float
     sample_reason: str | None  # the writer encodes the JPEG after the commit, off the inspect thread
-    image: np.ndarray | None  # only held when a sample is wanted
+    image: np.ndarray | None  # only held for a sample or the operator's last failed part
+    origin: tuple[int, int] = (0, 0)  # where the image's top-left pixel lies in the camera frame
 
 
 class Sampler:
@@ -125,11 +128,13 @@ class Sampler:
             self._taken += 1
         return why
 
-    def encode(self, image: np.ndarray) -> tuple[bytes, int, int]:
-        h, w = image.shape[:2]
-        scale = min(1.0, self.cfg.max_side / max(h, w))
-        if scale < 1.0:
-            image = cv2.resize(image, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA)
+    def encode(
+        self, image: np.ndarray, box: tuple[int, int, int, int] | None = None, origin: tuple[int, int] = (0, 0)
+    ) -> tuple[bytes, int, int]:
+        """JPEG of ``image`` (longest side at most ``max_side``), with ``box`` (frame pixels) drawn when given."""
+        image, scale = shrink(image, self.cfg.max_side)
+        if box is not None:
+            image = draw_box(image, box, origin=origin, scale=scale)
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.cfg.jpeg_quality])
         if not ok:
             raise ValueError("JPEG encoding failed")
@@ -166,6 +171,8 @@ class Agent:
         self.counts = {"results": 0, "passed": 0, "failed": 0, "samples": 0, "errors": 0}
         self._counts_lock = threading.Lock()  # "errors" is counted by two threads
         self.last: Decision | None = None
+        # Only the operator page shows it; without the page no frame is held for it.
+        self.last_failure: LastFailure | None = LastFailure() if config.operator.enabled else None
         self._events: list[tuple[str, dict[str, Any]]] = []  # written by the writer thread
         self._events_lock = threading.Lock()
         self._decided: queue.Queue[_Decided] = queue.Queue(maxsize=DECIDED_QUEUE)
@@ -253,7 +260,9 @@ class Agent:
 
         op = self.config.operator
         try:
-            self.operator = OperatorPage(op.host, op.port, self.status_snapshot, self.config.buffer.path)
+            self.operator = OperatorPage(
+                op.host, op.port, self.status_snapshot, self.config.buffer.path, last_failure=self.last_failure
+            )
         except OSError as exc:  # a taken port must not stop the line
             logger.warning("operator page not started on %s:%s (%s); inspection continues", op.host, op.port, exc)
             return
@@ -346,9 +355,11 @@ class Agent:
         clf = self.classifier
         image = frame.image
         roi = self.config.camera.roi
+        origin = (0, 0)
         if roi is not None:
             x, y, w, h = roi
             image = image[y : y + h, x : x + w]
+            origin = (x, y)
         try:
             if image.size == 0:
                 raise ValueError(f"camera.roi {list(roi or ())} lies outside the {frame.image.shape[1]}x{frame.image.shape[0]} frame")
@@ -373,9 +384,11 @@ class Agent:
             capture_ms=frame.wait_ms,
             preprocess_ms=pred.preprocess_ms,
             invoke_ms=pred.invoke_ms,
+            box=frame_box(pred.box, origin),
         )
         why = self.sampler.reason(pred, frame.ts)
-        return _Decided(rec, frame.ts, why, image if why else None)
+        keep = why is not None or (not pred.passed and self.last_failure is not None)
+        return _Decided(rec, frame.ts, why, image if keep else None, origin)
 
     # -- the writer ------------------------------------------------------------------------
 
@@ -527,10 +540,13 @@ class Agent:
         now = time.time()
         for item, seq in zip(items, seqs, strict=True):
             r = item.rec
-            self._report(
-                Decision(seq, int(r.part_id or 0), item.frame_ts, r.label, r.score, r.passed, r.model_version, (now - item.frame_ts) * 1000.0),
-                record_ms,
-            )
+            decision = Decision(
+                seq, int(r.part_id or 0), item.frame_ts, r.label, r.score, r.passed, r.model_version,
+                (now - item.frame_ts) * 1000.0, r.box,
+            )  # fmt: skip
+            self._report(decision, record_ms)
+            if not r.passed and item.image is not None and self.last_failure is not None:
+                self.last_failure.set(item.image, origin=item.origin, info=_decision_info(decision))
         if items and self.echo is not None:
             self.echo.flush()  # once per group: the lines are already in order
         return [(seq, item) for item, seq in zip(items, seqs, strict=True) if item.sample_reason is not None]
@@ -566,12 +582,14 @@ class Agent:
         """The JPEG sample the sampler asked for with this decision."""
         if item.image is None or item.sample_reason is None:
             return None
+        r = item.rec
+        # Drawn only here, on a sample actually kept: the outline costs nothing on other parts.
+        box = r.box if not r.passed and self.config.sampling.draw_box else None
         try:
-            jpeg, w, h = self.sampler.encode(item.image)
+            jpeg, w, h = self.sampler.encode(item.image, box, item.origin)
         except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept
             logger.warning("sample for part at %s not kept: %s", item.frame_ts, exc)
             return None
-        r = item.rec
         return SampleRecord(
             ts=item.frame_ts, reason=item.sample_reason, label=r.label, score=r.score, width=w, height=h, jpeg=jpeg,
             result_seq=result_seq,
@@ -701,10 +719,9 @@ class Agent:
             "decisions_waiting": self._decided.qsize(),
             "buffer_bytes": stats.get("bytes_used"),
             "evictions": stats.get("evictions"),
-            "last_decision": None
-            if last is None
-            else {"seq": last.seq, "part_id": last.part_id, "ts": last.ts, "label": last.label, "score": last.score,
-                  "passed": last.passed, "latency_ms": last.latency_ms},
+            "last_decision": None if last is None else {**_decision_info(last), "latency_ms": last.latency_ms},
+            # the operator page's last failed part (its picture: GET /api/last-fail.jpg)
+            "last_failure": None if self.last_failure is None else self.last_failure.info(),
             "ota": None if self.ota is None else self.ota.state,
             "sync_process": None if self.sync is None else self.sync.snapshot(),
             "operator_url": None if self.operator is None else f"http://{self.config.operator.host}:{self.operator.port}/",
@@ -721,6 +738,19 @@ class Agent:
             os.replace(tmp, path)
         except OSError as exc:  # a full disk must not stop inspection; the buffer has the data
             logger.warning("status file %s not written: %s", path, exc)
+
+
+def frame_box(box: tuple[int, int, int, int] | None, origin: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """A box in the pixels of the picture the model saw -> camera-frame pixels (ROI offset added)."""
+    if box is None:
+        return None
+    x, y, w, h = box
+    return (int(x) + origin[0], int(y) + origin[1], int(w), int(h))
+
+
+def _decision_info(d: Decision) -> dict[str, Any]:
+    return {"seq": d.seq, "part_id": d.part_id, "ts": d.ts, "label": d.label, "score": d.score, "passed": d.passed,
+            "model_version": d.model_version, "box": None if d.box is None else list(d.box)}  # fmt: skip
 
 
 def run_agent(config: AgentConfig, *, echo: TextIO | None = None) -> int:

@@ -93,6 +93,11 @@ class SamplingConfig(_Section):
     max_per_hour: int = Field(default=600, ge=0, description="cap on all samples per hour, so a bad batch cannot flood the buffer")
     jpeg_quality: int = Field(default=85, ge=10, le=100)
     max_side: int = Field(default=320, ge=32, le=4096, description="samples are downscaled to this longest side")
+    draw_box: bool = Field(
+        default=True,
+        description="outline the deciding tile (tiled models) in red on samples of failed parts;"
+        " false keeps those pixels untouched for retraining (the result row keeps the box either way)",
+    )
 
 
 class MqttConfig(_Section):

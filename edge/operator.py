@@ -1,14 +1,18 @@
 """The operator page: what the agent decided, big enough to read from the line.
 
 A small HTTP server (stdlib, one thread per request) beside the agent. It only reads:
-the agent's in-memory status and, for the last failed part's picture, the buffer through
-its own read-only connection. It never blocks inspection; if the port is taken the
-agent logs it and inspects without the page.
+the agent's in-memory status and last failed part, and the buffer through its own
+read-only connection. It never blocks inspection; if the port is taken the agent logs it
+and inspects without the page.
 
-    GET /             the page (refreshes itself every second)
-    GET /api/status   the agent's status snapshot as JSON
-    GET /api/recent   the last 30 decisions as JSON
-    GET /api/last-fail.jpg   the most recent failed part's sample image
+    GET /                    the page (refreshes itself every second)
+    GET /api/status          the agent's status snapshot as JSON (``last_failure``: seq,
+                             part_id, ts, label, score, box of the part the picture shows)
+    GET /api/recent          the last 30 decisions as JSON
+    GET /api/last-fail.jpg   the last failed part's picture (the ROI the model saw), the
+                             deciding tile outlined in red; 404 before the first failure.
+                             Held in memory (one picture) since the agent started; before
+                             that, the newest failed part's sample from the buffer
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from edge.annotate import LastFailure
 from edge.buffer import Buffer
 from edge.exceptions import BufferStoreError
 
@@ -53,7 +58,7 @@ PAGE = """<!doctype html>
 </div>
 <section style="display:grid;grid-template-columns:2fr 1fr;gap:20px">
  <div><h3>Recent parts</h3><table id="recent"></table></div>
- <div><h3>Last failed part</h3><img id="lastfail" alt="no failure yet"></div>
+ <div><h3>Last failed part</h3><div id="lastfailinfo"></div><img id="lastfail" alt="no failure yet"></div>
 </section>
 <script>
 async function tick(){
@@ -75,7 +80,11 @@ async function tick(){
   document.getElementById('unsynced').textContent=s.unsynced??'\\u2014';
   document.getElementById('recent').innerHTML=r.slice().reverse().map(x=>
    `<tr class="${x.passed?'':'warn'}"><td>#${x.part_id}</td><td>${x.passed?'PASS':'FAIL'}</td><td>${x.label}</td><td>${x.score.toFixed(3)}</td><td>${new Date(x.ts*1000).toLocaleTimeString()}</td></tr>`).join('');
-  if(c.failed){document.getElementById('lastfail').src='/api/last-fail.jpg?'+c.failed;}
+  const f=s.last_failure, img=document.getElementById('lastfail');
+  const src=f?'/api/last-fail.jpg?seq='+f.seq:(c.failed?'/api/last-fail.jpg?buffer':'');
+  if(src&&img.getAttribute('src')!==src){img.src=src;}
+  document.getElementById('lastfailinfo').textContent=f?
+   '#'+f.part_id+' '+f.label+' \\u2014 score '+f.score.toFixed(3)+(f.box?' \\u2014 box '+f.box[0]+','+f.box[1]+' '+f.box[2]+'\\u00d7'+f.box[3]:''):'';
  }catch(e){document.getElementById('camera').textContent='agent not answering';}
 }
 tick();setInterval(tick,1000);
@@ -86,9 +95,18 @@ tick();setInterval(tick,1000);
 class OperatorPage:
     """Serve the page on ``host:port`` from a daemon thread; ``close()`` stops it."""
 
-    def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]], buffer_path: Path) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        status: Callable[[], dict[str, Any]],
+        buffer_path: Path,
+        *,
+        last_failure: LastFailure | None = None,
+    ) -> None:
         self._status = status
         self._buffer_path = Path(buffer_path)
+        self._last_failure = last_failure
         page = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -128,7 +146,11 @@ class OperatorPage:
             rows = self._read(lambda b: b.tail(30)) or []
             self._send(req, 200, "application/json", json.dumps(rows, default=str).encode())
         elif path == "/api/last-fail.jpg":
-            jpeg = self._read(_last_fail_jpeg)
+            held = self._last_failure
+            if held is not None and held.info() is not None:
+                jpeg = held.jpeg()
+            else:  # no failure since the agent started: the buffer's newest failed sample
+                jpeg = self._read(_last_fail_jpeg)
             if jpeg:
                 self._send(req, 200, "image/jpeg", jpeg)
             else:

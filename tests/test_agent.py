@@ -10,12 +10,14 @@ import sqlite3
 import subprocess
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from edge.inference import Prediction
 from tests.conftest import LINEWATCH, run_cli
 
 
@@ -143,6 +145,55 @@ def test_every_frame_one_row_in_order_then_status(tmp_path: Path, tiny_bundle: P
     assert json.loads(after.stdout)["agent"] == "stopped"
     tail = run_cli("edge", "results", "--config", str(cfg), "--tail", "5")
     assert tail.returncode == 0 and len(tail.stdout.strip().splitlines()) == 5
+
+
+def test_deciding_box_in_frame_pixels_reaches_row_sample_and_operator_page(tmp_path: Path, tiny_bundle: Path) -> None:
+    """The real agent in this process, with camera.roi: the box is offset into camera-frame pixels.
+
+    The tiny bundle decides whole frames, so its predictions get the box a tiled bundle would
+    report (in the pixels of the ROI picture given to predict); everything else is real.
+    """
+    from edge.agent import Agent
+    from edge.buffer import Buffer
+    from edge.config import load_config
+    from tests.test_annotate import assert_outline, decode
+
+    video = tmp_path / "parts.avi"
+    write_video(video, 12)  # 320x240
+    cfg = load_config(agent_config(tmp_path, tiny_bundle, str(video), "camera.roi = [40, 20, 240, 200]\nsampling.max_side = 120"))
+    agent = Agent(cfg)
+    real_predict = agent.classifier.predict
+
+    def tiled_predict(image: np.ndarray) -> Prediction:
+        assert image.shape[:2] == (200, 240), "predict sees the ROI picture"
+        return replace(real_predict(image), passed=False, label="scratch", score=0.97, box=(100, 60, 64, 48))
+
+    agent.classifier.predict = tiled_predict  # type: ignore[method-assign]
+    agent.start()
+    try:
+        deadline = time.monotonic() + 30
+        while (agent.status_snapshot()["last_failure"] or {}).get("part_id") != 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = agent.status_snapshot()["operator_url"]
+        status = json.loads(urllib.request.urlopen(url + "api/status", timeout=5).read())
+        assert status["last_failure"]["part_id"] == 12 and status["last_failure"]["box"] == [140, 80, 64, 48]
+        assert status["last_decision"]["box"] == [140, 80, 64, 48]
+        with urllib.request.urlopen(url + "api/last-fail.jpg", timeout=5) as resp:
+            shown = decode(resp.read())
+        assert shown.shape == (200, 240, 3)
+        assert_outline(shown, (100, 60, 64, 48))  # ROI picture pixels, drawn on the operator's copy
+    finally:
+        agent.stop()
+        agent.join()
+    with Buffer.open_readonly(tmp_path / "buffer.db") as buf:
+        results = buf.tail(20)
+        samples = buf.db.execute("SELECT result_seq, reason, width, height, jpeg FROM samples ORDER BY seq").fetchall()
+    assert [r["box"] for r in results] == [[140, 80, 64, 48]] * 12
+    assert {s[0] for s in samples} == {r["seq"] for r in results} and {s[1] for s in samples} == {"fail"}
+    assert (samples[-1][2], samples[-1][3]) == (120, 100)
+    assert_outline(decode(samples[-1][4]), (50, 30, 32, 24))  # the box at the sample's half scale
+    tail = run_cli("edge", "results", "--config", str(tmp_path / "agent.toml"), "--tail", "1")
+    assert tail.returncode == 0 and "box=140,80 64x48" in tail.stdout
 
 
 def test_kill_9_never_loses_a_reported_decision(tmp_path: Path, tiny_bundle: Path) -> None:
