@@ -179,9 +179,9 @@ class Classifier:
     def invoke_batch(self, batch: np.ndarray) -> np.ndarray:
         """Run the model on a quantized batch of N inputs in one invoke; returns (N, outputs).
 
-        The input tensor is resized when N changes (once for a camera's fixed frame size):
-        one invoke over all tiles measured faster than one invoke per tile
-        (docs/benchmarks.md, "Tiles").
+        The input tensor is resized when N changes (once for a camera's fixed frame size).
+        One invoke per frame and one per tile were measured against each other in
+        docs/benchmarks.md, "Tiles".
         """
         with self._lock:
             n = int(batch.shape[0])

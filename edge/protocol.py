@@ -86,7 +86,7 @@ class Preprocessing(_Strict):
 
 
 class Tiling(_Strict):
-    """How a frame is cut into model inputs (edge/tiling.py; docs/design.md, "Tiles").
+    """How a frame is cut into model inputs (edge/tiling.py; docs/training.md, "Tiles").
 
     The frame (or its ``roi``, in frame pixels) is resized by ``scale`` and covered by a
     grid of ``width`` x ``height`` tiles that overlap by at least ``overlap`` of a tile;
