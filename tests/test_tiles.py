@@ -177,3 +177,44 @@ def test_bad_tilings_fail_in_one_line(tmp_path: Path, args: list[str], message: 
     assert out.returncode != 0
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_agent_runs_a_tiled_bundle_on_a_video_and_keeps_the_box(tiled_bundle: Path, tmp_path: Path) -> None:
+    """The real agent process, the real tiled bundle, a video of the pictures it was made for:
+    every row carries its deciding tile's box, failed samples and the operator page show it."""
+    import sqlite3
+    import urllib.request
+
+    from tests.test_agent import agent_config, read_decisions, start_agent, stop
+    from tests.test_annotate import assert_outline, decode
+
+    made = draw_line_pictures(tmp_path / "frames", count=30, seed=21, scratch_share=0.5)
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"MJPG"), 25, (160, 120))
+    for path, _ in made:
+        writer.write(cv2.cvtColor(read_image(path), cv2.COLOR_GRAY2BGR))
+    writer.release()
+    proc = start_agent(agent_config(tmp_path, tiled_bundle, str(video), "sampling.max_side = 160"))
+    try:
+        decisions = read_decisions(proc, len(made))
+        assert len(decisions) == len(made)
+        live = json.loads((tmp_path / "buffer.status.json").read_text())
+        url = live["operator_url"]
+        status = json.loads(urllib.request.urlopen(url + "api/status", timeout=5).read())
+        failed_box = (status.get("last_failure") or {}).get("box")
+        if failed_box is not None:
+            with urllib.request.urlopen(url + "api/last-fail.jpg", timeout=5) as resp:
+                assert_outline(decode(resp.read()), tuple(failed_box))
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, proc.stderr_text  # type: ignore[attr-defined]
+    con = sqlite3.connect(tmp_path / "buffer.db")
+    got = con.execute("SELECT seq, passed, box_x, box_y, box_w, box_h FROM results ORDER BY seq").fetchall()
+    grid = grid_for(160, 120, Classifier(tiled_bundle).manifest.tiling)
+    assert len(got) == len(made)
+    assert all(tuple(r[2:]) in grid.boxes for r in got), "every decision keeps a box of the bundle's grid"
+    failed = [r for r in got if not r[1]]
+    assert failed, "a scratched line fails some parts"
+    samples = dict(con.execute("SELECT result_seq, jpeg FROM samples WHERE reason = 'fail'").fetchall())
+    seq, _, x, y, w, h = failed[-1]
+    assert_outline(decode(samples[seq]), (x, y, w, h))
