@@ -424,3 +424,174 @@ def test_evaluate_bundle_reports_recall_by_visibility(tmp_path: Path, tiny_bundl
     shutil.copytree(data, other)
     (other / "synth.json").unlink()
     assert "recall_by_visibility" not in evaluate_bundle(tiny_bundle, other)
+
+
+# --------------------------------------------------------------------------- high-resolution frames
+
+
+def _frames(root: Path, size: tuple[int, int], count: int, seed: int) -> dict:
+    counts = generate_dataset(root, count=count, seed=seed, size=size)
+    meta = json.loads((root / "synth.json").read_text())
+    assert meta["counts"] == counts
+    return meta
+
+
+@pytest.fixture(scope="module")
+def frame_sets(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, tuple[int, int], dict]]:
+    """Two small frame sets of different sizes (about a second together)."""
+    out = []
+    for size, count, seed in (((640, 480), 6, 1), ((960, 540), 4, 2)):
+        root = tmp_path_factory.mktemp(f"frames{size[0]}")
+        out.append((root, size, _frames(root, size, count, seed)))
+    return out
+
+
+def test_frames_and_masks_have_the_asked_size(frame_sets) -> None:
+    for root, (w, h), meta in frame_sets:
+        images = [m for m in meta["images"]]
+        assert len(images) == meta["count"]
+        assert sum(m["scratched"] for m in images) == meta["counts"]["scratch"] > 0
+        for m in images:
+            img = cv2.imread(str(root / m["file"]), cv2.IMREAD_UNCHANGED)
+            assert img is not None and img.dtype == np.uint8 and img.shape == (h, w)
+            assert img.std() > 5  # a part on a belt, not a flat fill
+            mask_path = root / "masks" / m["file"]
+            assert mask_path.exists() == m["scratched"]
+            if m["scratched"]:
+                mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+                assert mask.shape == (h, w) and set(np.unique(mask)) == {0, 255}
+            # the part fills much of the frame
+            bx, by, bw, bh = m["bbox"]
+            assert bw * bh > 0.3 * w * h and bx >= 0 and by >= 0 and bx + bw <= w and by + bh <= h
+
+
+def test_frame_scratches_are_thin_at_native_resolution(frame_sets) -> None:
+    """A mask's width, its area over the drawn length, is 1-3 px (tapered ends pull it
+    lower, a curve's arc longer than its chord higher), and no 5x5 square fits in any
+    mask; lengths are 40-400 px at 1920x1080, scaled with the frame's shorter side."""
+    widths = []
+    for root, (w, h), meta in frame_sets:
+        k = min(w, h) / 1080
+        for m in meta["images"]:
+            if not m["scratched"]:
+                continue
+            mask = (cv2.imread(str(root / "masks" / m["file"]), cv2.IMREAD_UNCHANGED) > 0).astype(np.uint8)
+            widths.append(mask.sum() / sum(s["length_px"] for s in m["scratch"]))
+            assert not cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)).any(), m["file"]
+            for s in m["scratch"]:
+                assert 1.0 <= s["width_px"] <= 3.0
+                assert max(16, 40 * k) - 0.1 <= s["length_px"] <= 400 * k + 0.1
+                x, y, bw, bh = s["box"]
+                assert mask[y:y + bh, x:x + bw].any()  # every kept scratch is in the mask
+    assert all(0.5 <= x <= 3.2 for x in widths), widths
+    assert 1.0 <= float(np.median(widths)) <= 3.0, widths
+
+
+def test_frames_synth_json_records_size_and_native_visibility(frame_sets) -> None:
+    from training.synth import read_visibility
+
+    for root, (w, h), meta in frame_sets:
+        assert meta["mode"] == "frame" and meta["size"] == [w, h]
+        vis = meta["visibility"]
+        assert vis["size"] == [w, h] and vis["scale"] == 1.0 and vis["floor"] == VISIBILITY_FLOOR
+        assert "native resolution" in vis["measure"]
+        for m in meta["images"]:
+            if m["scratched"]:
+                per = [s["visibility"] for s in m["scratch"]]
+                assert min(per) >= VISIBILITY_FLOOR and m["visibility"] == max(per)
+                assert m["faint"] == (m["visibility"] < 5)
+        # train eval's recall by visibility reads it as it reads the default sets'
+        floor, by_file = read_visibility(root)
+        assert floor == VISIBILITY_FLOOR
+        assert set(by_file) == {m["file"] for m in meta["images"] if m["scratched"]}
+
+
+def test_frame_visibility_is_measured_natively_and_lost_when_squeezed() -> None:
+    """The recorded CNR is the picture's against the same part without scratches at
+    native resolution; a 1920x1080 frame squeezed to the default 128 px model input
+    loses most of it, and most scratches fall below the floor there (what tiles are for)."""
+    from training.synth import _Backdrop, _cnr_on, render_frame_and_mask
+
+    pairs = []
+    for i in range(4):
+        img, mask, desc = render_frame_and_mask(np.random.default_rng([41, i]), (1920, 1080), True)
+        clean, empty, _ = render_frame_and_mask(np.random.default_rng([41, i]), (1920, 1080), False)
+        assert desc["scratched"] and not empty.any()
+        changed = img != clean
+        assert changed.any() and changed.mean() < 0.002  # only around the thin scratches
+        cover = (mask > 0).astype(np.float32)
+        native = _cnr_on(img.astype(np.float32), _Backdrop.native(clean), cover)
+        assert native == pytest.approx(desc["visibility"], rel=0.35, abs=0.5), i
+        pairs.append((native, scratch_visibility(img, clean, cover)))
+    assert all(squeezed < native / 3 for native, squeezed in pairs), pairs
+    assert sum(squeezed < VISIBILITY_FLOOR for _, squeezed in pairs) >= 3, pairs
+
+
+def test_frames_are_deterministic(tmp_path: Path) -> None:
+    generate_dataset(tmp_path / "a", count=3, seed=4, size=(320, 200))
+    generate_dataset(tmp_path / "b", count=3, seed=4, size=(320, 200))
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+
+
+def test_native_video_frames_and_truth(tmp_path: Path) -> None:
+    truth = render_video(tmp_path / "line.avi", parts=3, frames_per_part=2, size=(320, 240), seed=3,
+                         scratch_fraction=0.67, native=True)
+    assert [t["part"] for t in truth] == [0, 0, 1, 1, 2, 2]
+    assert sum(t["scratched"] for t in truth) == 4
+    for t in truth:
+        x, y, w, h = t["bbox"]
+        assert x >= 0 and y >= 0 and x + w <= 320 and y + h <= 240 and w * h > 0
+        if t["scratched"]:
+            assert t["visibility"] >= VISIBILITY_FLOOR and t["defects"]
+            assert all(dx >= 0 and dx + dw <= 320 + 1 for dx, _, dw, _ in t["defects"])
+        else:
+            assert t["visibility"] is None and t["defects"] == []
+    frames = list(render_frames(parts=3, frames_per_part=2, size=(320, 240), seed=3,
+                                scratch_fraction=0.67, native=True))
+    assert all(f.shape == (240, 320, 3) for f, _ in frames)
+    assert [t for _, t in frames] == truth
+    # the part moves with the belt between its two frames
+    assert truth[0]["bbox"][0] != truth[1]["bbox"][0]
+    cap = cv2.VideoCapture(str(tmp_path / "line.avi"))
+    try:
+        ok, first = cap.read()
+    finally:
+        cap.release()
+    assert ok and first.shape == (240, 320, 3)
+
+
+@pytest.mark.parametrize("size", ["abc", "1920x", "12x12", "64x63", "20", "9000x100", "1920x1080x3"])
+def test_train_synth_refuses_a_bad_size_in_one_line(tmp_path: Path, size: str) -> None:
+    from click.testing import CliRunner
+
+    from edge.cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "synth", str(tmp_path / "out"), "--count", "2", "--size", size])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: --size"), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_synth_size_frames_from_the_command_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge.cli import cli
+
+    runner = CliRunner()
+    help_text = runner.invoke(cli, ["train", "synth", "--help"]).output
+    assert "--size 1920x1080" in help_text
+    result = runner.invoke(cli, ["train", "synth", str(tmp_path), "--count", "2", "--size", "320x180", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    assert cv2.imread(str(next((tmp_path / "ok").glob("*.png"))), cv2.IMREAD_UNCHANGED).shape == (180, 320)
+    assert json.loads((tmp_path / "synth.json").read_text())["size"] == [320, 180]
+
+
+def test_evaluate_bundle_reports_recall_by_visibility_on_frames(tmp_path: Path, tiny_bundle: Path) -> None:
+    from training.evaluate import evaluate_bundle
+
+    data = tmp_path / "frames"
+    meta = _frames(data, (320, 240), 8, 6)
+    by_vis = evaluate_bundle(tiny_bundle, data)["recall_by_visibility"]
+    assert by_vis["floor"] == VISIBILITY_FLOOR
+    assert by_vis["n"] == sum(b["n"] for b in by_vis["bands"]) == meta["counts"]["scratch"] > 0

@@ -94,21 +94,30 @@ def train() -> None:
 @click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--count", default=DEFAULT_SYNTH_COUNT, show_default=True, type=click.IntRange(min=1), help="Images to generate (half scratched).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same images.")
-@click.option("--size", default=160, show_default=True, type=click.IntRange(min=32), help="Image side in pixels.")
+@click.option("--size", default="160", show_default=True, metavar="N|WxH",
+              help="N: square close-ups of a part's surface, N px a side. WxH: high-resolution line frames "
+              "(a part on the belt, scratches 1-3 px wide at native resolution, visibility measured there), "
+              "at least 64x64.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Render in this many processes.")
-def synth(out_dir: Path, count: int, seed: int, size: int, workers: int) -> None:
+def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None:
     """Write a synthetic dataset: OUT_DIR/ok/*.png, OUT_DIR/scratch/*.png, and each
     scratched image's defect mask under the same name in OUT_DIR/masks/scratch/.
 
-    Example:
+    With --size WxH the pictures are whole camera frames for a tiled model: thin
+    scratches a model that squeezes the frame to 128 px cannot see.
+
+    Examples:
 
         linewatch train synth data/ --count 2000 --seed 1
+
+        linewatch train synth frames/ --size 1920x1080 --count 1000 --workers 2
     """
     with _one_line_errors():
-        from training.synth import generate_dataset
+        from training.synth import generate_dataset, parse_size
 
+        picture_size = parse_size(size)
         t0 = time.perf_counter()
-        counts = generate_dataset(out_dir, count=count, seed=seed, size=size, workers=workers)
+        counts = generate_dataset(out_dir, count=count, seed=seed, size=picture_size, workers=workers)
     click.echo(
         f"wrote {sum(counts.values())} images to {out_dir} ("
         + ", ".join(f"{k} {v}" for k, v in counts.items())

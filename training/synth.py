@@ -56,6 +56,26 @@ scratches left out, none relabelled. synth.json gives each scratched image its
 ``visibility`` holds the floor and the counts; ``train eval`` reports recall per band of
 it (:func:`recall_by_visibility`).
 
+High-resolution frames (``train synth --size WxH``, :func:`render_frame_and_mask`): whole
+camera frames for a model that looks at native-resolution tiles. A part (a plate with
+rounded corners and mounting holes, or a disc with a bore and bolt holes; 27-72 % of a
+16:9 frame, turned a little) lies on a conveyor belt (rubber or PVC grain, streaks along the
+travel, seams, sometimes guide rails), with a chamfer at its edge and a soft shadow; the
+same three surfaces at native scale (fine brushing or turned rings, glass with glare and
+haze, matte grain); a lighting gradient, ring-light fall-off and glare; harmless marks in
+both classes: dust specks, curly fibres, faint smudges and sometimes an etched part
+number (thin strokes, but letters). Scratches are 1-3 px wide at the frame's own
+resolution (groove and lip together), FRAME_SCRATCH_LENGTH (40-400 px at 1920x1080,
+scaled with the shorter side), dark or bright, each drawn for a CNR between 2 (faint) and
+40 (clear). Visibility follows the same definition and floor, measured at scale 1.0 (no
+resize: what a tiled model sees; the 6 px noise band, sigma-2 detail and 32 signal pixels
+are native pixels). Squeezed to 128 px, 78 of 80 scratched 1920x1080 frames (seed 7)
+have no scratch at or above the floor. The mask marks pixels the scratch covers by at
+least half (FRAME_MASK_COVERAGE), where the picture shows it. A frame is rendered once;
+each draw of its scratches is finished (defocus, sensor noise) on a crop around them,
+which gives the whole frame's values bit for bit. About 0.15 s of one core per
+1920x1080 frame plus 20 ms of PNG writing.
+
 Strokes are drawn at 4x on a small canvas around them and area-downsampled (that is
 the anti-aliasing, and widths below a pixel come out right); dust specks come from
 precomputed anti-aliased sprites. Scratches draw from their own random stream, so the
@@ -118,6 +138,17 @@ _NOISE_RADIUS = 6  # px at 128 around the path where the noise is measured
 _DETAIL_SIGMA = 2.0  # px at 128: the fine detail is the picture minus this Gaussian blur
 _MIN_NOISE = 0.5  # grey levels: no scratch is measured against less than this
 VIDEO_FOURCC = {".avi": "MJPG", ".mkv": "MJPG", ".mp4": "mp4v"}
+# High-resolution frames (``--size WxH``, module docstring "High-resolution frames").
+FRAME_MIN_SIDE = 64
+FRAME_MAX_SIDE = 8192
+FRAME_MAX_PIXELS = 40_000_000
+FRAME_SCRATCH_LENGTH = (40.0, 400.0)  # px at 1920x1080; scaled with the frame's shorter side
+FRAME_MASK_COVERAGE = 0.5  # a frame's mask pixel: its centre is (about) inside the scratch
+FRAME_FAINT_CNR = 5.0  # a frame is "faint" when its most visible scratch is below this
+FRAME_VISIBILITY_SCALE = 1.0  # frames: visibility measured at native resolution
+_FRAME_REF_SIDE = 1080  # the shorter side FRAME_SCRATCH_LENGTH and other lengths are given at
+_FRAME_PAD = 16  # px around a frame's scratches: defocus, noise band and detail blur stay inside
+_FRAME_INNER = 8  # px around them the crop's own result is used (beyond: the clean frame's)
 
 _SS = 4  # supersampling factor for strokes and dots
 _SHIFT = 4  # cv2 fixed-point bits for sub-pixel coordinates
@@ -125,8 +156,12 @@ _SHIFT = 4  # cv2 fixed-point bits for sub-pixel coordinates
 # 3x faster than zlib's default here and the files are smaller (~15 KB at 160 px).
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1,
                cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+# Masks of high-resolution frames are nearly all zero, which Huffman-only coding cannot
+# shrink (260 KB at 1920x1080, 13 ms); zlib level 1 without a filter: 10 KB in 3 ms.
+_MASK_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # recent OpenCV only; older ones use adaptive filters
     _PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_AVG]
+    _MASK_PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
 _FILE_RE = re.compile(r"^(ok|scratch)_\d+\.png$")
 
 Rng = np.random.Generator
@@ -175,22 +210,22 @@ def _unit(angle: float) -> np.ndarray:
     return np.array([math.cos(angle), math.sin(angle)], dtype=np.float64)
 
 
-def _stroke(size: int, pts: np.ndarray, widths: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Anti-aliased polyline mask in [0, 1]: segment i has width ``widths[i]`` px and
-    strength ``values[i]``.
-
-    Drawn at 4x on the stroke's bounding box only and area-downsampled (that is the
-    anti-aliasing); segments go in about a dozen runs of one width and strength, one
-    ``cv2.polylines`` call each, since per-segment calls cost more than the drawing.
-    """
+def _stroke_box(pts: np.ndarray, widths: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1) a :func:`_stroke` of these points and widths can
+    touch, clipped to a ``width`` x ``height`` picture (empty when it lies outside)."""
     pad = float(widths.max()) + 2.0
     x0 = max(0, int(math.floor(pts[:, 0].min() - pad)))
     y0 = max(0, int(math.floor(pts[:, 1].min() - pad)))
-    x1 = min(size, int(math.ceil(pts[:, 0].max() + pad)) + 1)
-    y1 = min(size, int(math.ceil(pts[:, 1].max() + pad)) + 1)
-    out = np.zeros((size, size), np.float32)
-    if x1 <= x0 or y1 <= y0:
-        return out
+    x1 = min(width, int(math.ceil(pts[:, 0].max() + pad)) + 1)
+    y1 = min(height, int(math.ceil(pts[:, 1].max() + pad)) + 1)
+    return x0, y0, x1, y1
+
+
+def _stroke_in_box(box: tuple[int, int, int, int], pts: np.ndarray, widths: np.ndarray,
+                   values: np.ndarray) -> np.ndarray:
+    """:func:`_stroke` drawn on the pixels of ``box`` (x0, y0, x1, y1) only: an array of
+    the box's size (the stroke must lie inside the box, see :func:`_stroke_box`)."""
+    x0, y0, x1, y1 = box
     canvas = np.zeros(((y1 - y0) * _SS, (x1 - x0) * _SS), np.uint8)
     # pixel centres are at integers at 1x; a 4x pixel k has its centre at 1x (k + 0.5)/4 - 0.5
     q = np.round(((pts - (x0, y0)) * _SS + (_SS - 1) / 2) * (1 << _SHIFT))
@@ -205,7 +240,22 @@ def _stroke(size: int, pts: np.ndarray, widths: np.ndarray, values: np.ndarray) 
         if v > 0:
             cv2.polylines(canvas, [q[a:a + n + 1]], False, v, t, cv2.LINE_8, _SHIFT)
     small = cv2.resize(canvas, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
-    out[y0:y1, x0:x1] = small.astype(np.float32) * np.float32(1 / 255)
+    return small.astype(np.float32) * np.float32(1 / 255)
+
+
+def _stroke(size: int, pts: np.ndarray, widths: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Anti-aliased polyline mask in [0, 1]: segment i has width ``widths[i]`` px and
+    strength ``values[i]``.
+
+    Drawn at 4x on the stroke's bounding box only and area-downsampled (that is the
+    anti-aliasing); segments go in about a dozen runs of one width and strength, one
+    ``cv2.polylines`` call each, since per-segment calls cost more than the drawing.
+    """
+    x0, y0, x1, y1 = box = _stroke_box(pts, widths, size, size)
+    out = np.zeros((size, size), np.float32)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    out[y0:y1, x0:x1] = _stroke_in_box(box, pts, widths, values)
     return out
 
 
@@ -229,7 +279,7 @@ def _dot_sprites() -> dict[tuple[int, int, int], np.ndarray]:
     return sprites
 
 
-def _dot(size: int, center: np.ndarray, radius: float, value: float, out: np.ndarray) -> None:
+def _dot(center: np.ndarray, radius: float, value: float, out: np.ndarray) -> None:
     """Max-combine an anti-aliased disc (radius 0.3-2 px) of strength ``value`` into
     ``out``, in place, from a precomputed sprite."""
     r10 = min(20, max(3, int(round(radius * 10))))
@@ -237,8 +287,9 @@ def _dot(size: int, center: np.ndarray, radius: float, value: float, out: np.nda
     ix, iy = math.floor(fx), math.floor(fy)
     sprite = _dot_sprites()[(r10, int((fx - ix) * 4), int((fy - iy) * 4))]
     x0, y0 = ix - 3, iy - 3
+    height, width = out.shape  # size x size for the square pictures
     sx0, sy0 = max(0, -x0), max(0, -y0)
-    sx1, sy1 = min(7, size - x0), min(7, size - y0)
+    sx1, sy1 = min(7, width - x0), min(7, height - y0)
     if sx1 <= sx0 or sy1 <= sy0:
         return
     patch = out[y0 + sy0:y0 + sy1, x0 + sx0:x0 + sx1]
@@ -598,7 +649,7 @@ def _debris(rng: Rng, size: int) -> tuple[np.ndarray, np.ndarray, int, int]:
         target = dark if rng.random() < 0.7 else bright
         c = rng.uniform(0, size, 2)
         r = rng.uniform(0.35, 1.6) * k
-        _dot(size, c, r, rng.uniform(0.05, 0.35), target)
+        _dot(c, r, rng.uniform(0.05, 0.35), target)
     n_fibres = int(rng.choice([0, 1, 1, 2, 3], p=[0.35, 0.3, 0.0, 0.25, 0.1]))
     for _ in range(n_fibres):
         length = rng.uniform(0.05, 0.15) * size
@@ -640,6 +691,12 @@ class _Backdrop:
         view = _model_view(clean)
         return cls(view, view - cv2.GaussianBlur(view, (0, 0), _DETAIL_SIGMA))
 
+    @classmethod
+    def native(cls, clean: np.ndarray) -> _Backdrop:
+        """The same at the picture's own resolution (scale 1.0: high-resolution frames)."""
+        view = clean.astype(np.float32)
+        return cls(view, view - cv2.GaussianBlur(view, (0, 0), _DETAIL_SIGMA))
+
 
 @functools.lru_cache(maxsize=1)
 def _band_kernel() -> np.ndarray:
@@ -662,6 +719,13 @@ def _cnr(view: np.ndarray, backdrop: _Backdrop, footprint: np.ndarray) -> float:
     """:func:`scratch_visibility` on a picture already at VISIBILITY_SIZE."""
     side = (VISIBILITY_SIZE, VISIBILITY_SIZE)
     cover = footprint if footprint.shape == side else cv2.resize(footprint, side, interpolation=cv2.INTER_AREA)
+    return _cnr_on(view, backdrop, cover)
+
+
+def _cnr_on(view: np.ndarray, backdrop: _Backdrop, cover: np.ndarray) -> float:
+    """The CNR of a scratch covering ``cover`` of each pixel of ``view`` (the picture,
+    float32, at the size the visibility is measured at), against ``backdrop`` (the clean
+    picture at that size): steps 2-5 of "Scratch visibility"."""
     path = cover >= _PATH_COVERAGE
     n = int(np.count_nonzero(path))
     if n == 0:
@@ -838,6 +902,660 @@ def render_part_and_mask(rng: Rng, size: int, scratched: bool, kind: str | None 
     return out, mask, desc
 
 
+# --------------------------------------------------------------------------- high-resolution frames
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """A clean frame before optics and sensor, and what a scratch needs to be drawn in it.
+
+    ``pre`` is the lit picture (float32, [0, 1]-ish), ``face`` the part's surface texture,
+    ``keep`` the share of the face left visible by dust (1 - dust), ``gain`` the lighting,
+    ``face_w`` where a scratch may lie (the flat face, away from its edges and holes),
+    ``z`` the sensor's standard normal draw, ``blur`` the defocus sigma and ``noise``
+    (read, shot) the sensor noise. The clean uint8 frame is ``clean``.
+    """
+
+    pre: np.ndarray
+    face: np.ndarray
+    keep: np.ndarray
+    gain: np.ndarray
+    face_w: np.ndarray
+    z: np.ndarray
+    blur: float
+    noise: tuple[float, float]
+    mean: float
+    clean: np.ndarray
+
+
+@dataclass(frozen=True)
+class _FrameStroke:
+    """One scratch of a frame, drawn on the pixels of ``box`` (x0, y0, x1, y1) only:
+    dark and bright face deltas (None when it has none), footprint, description."""
+
+    box: tuple[int, int, int, int]
+    dark: np.ndarray | None
+    bright: np.ndarray | None
+    footprint: np.ndarray
+    desc: dict[str, Any]
+
+
+def _frame_scale(width: int, height: int) -> float:
+    """Lengths of a frame's features are given at 1920x1080 and scale with the shorter
+    side; widths of thin things (scratches, fibres, dust) stay in native pixels."""
+    return min(width, height) / _FRAME_REF_SIDE
+
+
+def _frame_grid(width: int, height: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame coordinates (x, y) of the pixel centres of the frame resized to 1/step
+    (what ``cv2.resize`` to (width, height) interpolates from), float32."""
+    w, h = max(2, -(-width // step)), max(2, -(-height // step))
+    xs = ((np.arange(w, dtype=np.float32) + 0.5) * np.float32(width / w) - 0.5)
+    ys = ((np.arange(h, dtype=np.float32) + 0.5) * np.float32(height / h) - 0.5)
+    return np.meshgrid(xs, ys)
+
+
+def _lowfreq_wh(rng: Rng, width: int, height: int, cells: int) -> np.ndarray:
+    """:func:`_lowfreq` for a width x height frame: about ``cells`` blobs across the
+    shorter side, unit std."""
+    cw = max(2, int(round(cells * width / min(width, height))))
+    ch = max(2, int(round(cells * height / min(width, height))))
+    coarse = rng.standard_normal((ch + 1, cw + 1), dtype=np.float32)
+    coarse = (coarse - coarse.mean()) * np.float32(1.25 / (coarse.std() + 1e-6))
+    mid = cv2.resize(coarse, (max(cw + 1, width // 8), max(ch + 1, height // 8)), interpolation=cv2.INTER_CUBIC)
+    return cv2.resize(mid, (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def _streaks_wh(rng: Rng, width: int, height: int, angle: float, k: float) -> np.ndarray:
+    """:func:`_streaks` for a width x height frame with streaks ``k`` px fine (the square
+    pictures' version ties that to the picture size; kept apart so their bytes stay)."""
+    n = int(math.ceil(math.hypot(width, height) / max(k, 0.5) * 1.02)) + 2  # the diagonal, across
+    rows = max(4, n // 14)
+    table: np.ndarray = cv2.resize(rng.standard_normal((6, n), dtype=np.float32), (n, rows),
+                                   interpolation=cv2.INTER_LINEAR)
+    table = table + 0.6 * rng.standard_normal((rows, n), dtype=np.float32)
+    table = cv2.GaussianBlur(table, (5, 1), 0.6)  # soft across
+    table = table + 0.8 * cv2.resize(rng.standard_normal((3, max(2, n // 8)), dtype=np.float32), (n, rows),
+                                     interpolation=cv2.INTER_CUBIC)
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    ca, sa = math.cos(angle), math.sin(angle)
+    ax = 1.0 / max(k, 0.5)  # table columns per frame pixel, across the streaks
+    ay = (rows - 1) / (n - 1) * ax * 0.35  # segments along the streaks are longer than wide
+    # destination pixel -> table coordinates (across, along), both centred
+    m = np.array([[-sa * ax, ca * ax, (n - 1) / 2 - (-sa * cx + ca * cy) * ax],
+                  [ca * ay, sa * ay, (rows - 1) / 2 - (ca * cx + sa * cy) * ay]])
+    tex = cv2.warpAffine(table, m, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REFLECT)
+    return tex * np.float32(1.0 / (tex.std() + 1e-6))
+
+
+def _frame_texture(rng: Rng, width: int, height: int, kind: str, centre: tuple[float, float]
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The part's surface at native resolution, in [0, 1], and what was drawn."""
+    s = _frame_scale(width, height)
+    info: dict[str, Any] = {"surface": kind}
+    if kind == "brushed_metal":
+        base = rng.uniform(0.38, 0.7)
+        angle = rng.uniform(0.0, math.pi)
+        info["brush_angle"] = round(angle, 3)
+        if rng.random() < 0.3:  # turned finish: rings around the part's centre (or off it)
+            info["brush"] = "circular"
+            off = rng.uniform(0, 0.3) * min(width, height)
+            cx, cy = centre[0] + off * math.cos(angle), centre[1] + off * math.sin(angle)
+            xx, yy = np.meshgrid(np.arange(width, dtype=np.float32) - np.float32(cx),
+                                 np.arange(height, dtype=np.float32) - np.float32(cy))
+            r = cv2.magnitude(xx, yy)
+            n = int(math.hypot(width, height)) + 4
+            prof = rng.standard_normal(n, dtype=np.float32)
+            prof = 0.6 * prof + 0.4 * cv2.GaussianBlur(prof[None, :], (0, 0), 2.0)[0] * 2.0
+            prof += 0.7 * _noise1d(rng, n, max(3, n // 40))
+            # the profile's value at each radius, linear between whole pixels
+            streaks = cv2.remap(prof[None, :].astype(np.float32), r, np.zeros_like(r), cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REPLICATE)
+            streaks = streaks * (1.0 + 0.3 * _lowfreq_wh(rng, width, height, 3))
+            tex = streaks * np.float32(1 / (streaks.std() + 1e-6))
+        else:
+            info["brush"] = "linear"
+            tex = _streaks_wh(rng, width, height, angle, rng.uniform(0.8, 1.6))
+        amp = rng.uniform(0.02, 0.05)
+        surface = base * (1.0 + amp * tex) + 0.02 * _lowfreq_wh(rng, width, height, 3)
+    elif kind == "glass":  # glossy coating or glass: smooth, with haze and smudges
+        base = rng.uniform(0.08, 0.4)
+        surface = base + rng.uniform(0.004, 0.015) * _lowfreq_wh(rng, width, height, int(rng.integers(3, 7)))
+        for _ in range(int(rng.integers(0, 3))):
+            haze = np.clip(_lowfreq_wh(rng, width, height, 5) - 0.8, 0, None)
+            surface += rng.uniform(0.01, 0.03) * haze
+    elif kind == "matte_plastic":
+        base = rng.uniform(0.15, 0.65)
+        grain: np.ndarray = cv2.GaussianBlur(rng.random((height, width), dtype=np.float32), (0, 0),
+                                             rng.uniform(0.6, 1.3))
+        grain = (grain - grain.mean()) * np.float32(1 / (grain.std() + 1e-6))
+        mottle = _lowfreq_wh(rng, width, height, int(rng.integers(5, 12)))
+        surface = base * (1.0 + rng.uniform(0.02, 0.06) * grain + rng.uniform(0.01, 0.03) * mottle)
+    else:
+        raise ValueError(f"unknown surface kind {kind!r}; use one of {', '.join(SURFACES)}")
+    info["base"] = round(float(base), 3)
+    info["scale"] = round(s, 3)
+    return surface.astype(np.float32), info
+
+
+def _rounded_rect_sd(xx: np.ndarray, yy: np.ndarray, centre: tuple[float, float], half: tuple[float, float],
+                     radius: float, angle: float) -> np.ndarray:
+    """Signed distance (px, positive inside) to a rotated rectangle with rounded corners."""
+    c, s = np.float32(math.cos(angle)), np.float32(math.sin(angle))
+    dx, dy = xx - np.float32(centre[0]), yy - np.float32(centre[1])
+    qx = np.abs(dx * c + dy * s) - np.float32(half[0] - radius)
+    qy = np.abs(dy * c - dx * s) - np.float32(half[1] - radius)
+    outside = cv2.magnitude(np.maximum(qx, 0), np.maximum(qy, 0))
+    return np.float32(radius) - outside - np.minimum(np.maximum(qx, qy), 0)
+
+
+def _frame_part(rng: Rng, width: int, height: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Signed distance in px to the part's outline (positive on the part material, holes
+    excluded), computed at half resolution (it is piecewise smooth) and resized."""
+    xx, yy = _frame_grid(width, height, 2)
+    short = min(width, height)
+    centre = (width / 2 + rng.uniform(-0.05, 0.05) * width, height / 2 + rng.uniform(-0.05, 0.05) * height)
+    shape = str(rng.choice(["plate", "disc"], p=[0.65, 0.35]))
+    angle = rng.uniform(-0.2, 0.2)
+    holes: list[tuple[float, float, float]] = []
+    if shape == "plate":
+        a, b = rng.uniform(0.3, 0.43) * width, rng.uniform(0.32, 0.44) * height
+        # keep the rotated plate inside the frame (a margin of 2 % of it)
+        ca, sa = abs(math.cos(angle)), abs(math.sin(angle))
+        fit = min(1.0, (0.49 * width - abs(centre[0] - width / 2)) / (a * ca + b * sa),
+                  (0.49 * height - abs(centre[1] - height / 2)) / (a * sa + b * ca))
+        a, b = a * fit, b * fit
+        radius = rng.uniform(0.03, 1.0) ** 2 * min(a, b)
+        d = _rounded_rect_sd(xx, yy, centre, (a, b), radius, angle)
+        info: dict[str, Any] = {"shape": "plate", "half_size": [round(a, 1), round(b, 1)],
+                                "corner_radius": round(radius, 1)}
+        if rng.random() < 0.6:  # mounting holes near the corners
+            rh = rng.uniform(0.018, 0.04) * short
+            inset = max(rh * 2.2, radius * 0.6 + rh * 1.5)
+            c, s = math.cos(angle), math.sin(angle)
+            corners = [(1, 1), (-1, -1), (1, -1), (-1, 1)][: int(rng.choice([2, 4]))]
+            for sx, sy in corners:
+                u, v = sx * (a - inset), sy * (b - inset)
+                holes.append((centre[0] + u * c - v * s, centre[1] + u * s + v * c, rh))
+    else:
+        radius = rng.uniform(0.4, 0.47) * short
+        radius = min(radius, 0.49 * width - abs(centre[0] - width / 2), 0.49 * height - abs(centre[1] - height / 2))
+        d = np.float32(radius) - cv2.magnitude(xx - np.float32(centre[0]), yy - np.float32(centre[1]))
+        info = {"shape": "disc", "radius": round(radius, 1)}
+        if rng.random() < 0.6:  # a centre bore
+            holes.append((centre[0], centre[1], rng.uniform(0.1, 0.25) * radius))
+        if rng.random() < 0.4:  # a bolt circle
+            n, ring, rh = int(rng.integers(3, 7)), rng.uniform(0.55, 0.75) * radius, rng.uniform(0.04, 0.07) * radius
+            phase = rng.uniform(0, 2 * math.pi)
+            holes += [(centre[0] + ring * math.cos(phase + 2 * math.pi * j / n),
+                       centre[1] + ring * math.sin(phase + 2 * math.pi * j / n), rh) for j in range(n)]
+    for hx, hy, rh in holes:
+        d = np.minimum(d, cv2.magnitude(xx - np.float32(hx), yy - np.float32(hy)) - np.float32(rh))
+    info.update({"angle": round(angle, 3), "holes": len(holes)})
+    return cv2.resize(d, (width, height), interpolation=cv2.INTER_LINEAR), info
+
+
+def _frame_belt(rng: Rng, width: int, height: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The conveyor under the part: rubber or PVC grain, streaks along the travel (x),
+    seams; sometimes guide rails along the top and bottom."""
+    s = _frame_scale(width, height)
+    dark = rng.random() < 0.75
+    level = rng.uniform(0.06, 0.18) if dark else rng.uniform(0.45, 0.7)
+    along = cv2.resize(rng.standard_normal((max(2, height // 3), max(2, width // 150)), dtype=np.float32),
+                       (width, height), interpolation=cv2.INTER_LINEAR)
+    grain = cv2.GaussianBlur(rng.random((height, width), dtype=np.float32), (0, 0), rng.uniform(0.7, 1.4)) - 0.5
+    belt = level * (1 + 0.05 * along + rng.uniform(0.3, 0.8) * grain + 0.08 * _lowfreq_wh(rng, width, height, 4))
+    period = int(rng.uniform(0.3, 0.7) * width)
+    seam = max(2, int(round(3 * s)))
+    for x in range(int(rng.integers(0, period)), width, period):
+        belt[:, x:x + seam] *= 0.7
+    info: dict[str, Any] = {"belt": "dark" if dark else "light", "rails": False}
+    if rng.random() < 0.5:
+        rail = max(3, int(rng.uniform(0.03, 0.06) * height))
+        ramp = np.linspace(-1, 1, rail, dtype=np.float32)[:, None]
+        belt[:rail] = rng.uniform(0.4, 0.6) + 0.05 * ramp
+        belt[-rail:] = rng.uniform(0.4, 0.6) - 0.05 * ramp
+        info["rails"] = True
+    return belt.astype(np.float32), info
+
+
+def _frame_lighting(rng: Rng, width: int, height: int, kind: str, angle: float
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Gain (gradient, ring light fall-off, exposure) and glare, both smooth: computed at
+    1/8 resolution and resized."""
+    xx, yy = _frame_grid(width, height, 8)
+    short = np.float32(min(width, height))
+    u, v = (xx - np.float32(width / 2)) / short, (yy - np.float32(height / 2)) / short
+    d = _unit(rng.uniform(0, 2 * math.pi))
+    gain = 1 + np.float32(rng.uniform(0.05, 0.3)) * (u * np.float32(d[0]) + v * np.float32(d[1]))
+    c = rng.uniform(-0.3, 0.3, 2)
+    gain *= 1 - np.float32(rng.uniform(0.05, 0.35)) * ((u - np.float32(c[0])) ** 2 + (v - np.float32(c[1])) ** 2)
+    gain = np.clip(gain * np.float32(rng.uniform(0.85, 1.15)), 0.3, None)
+    glare = np.zeros_like(gain)
+    n = int(rng.choice([0, 1, 1, 2])) if kind != "matte_plastic" else int(rng.choice([0, 0, 1]))
+    amp_range = {"glass": (0.15, 0.7), "brushed_metal": (0.08, 0.4)}.get(kind, (0.03, 0.1))
+    for _ in range(n):
+        gc = (rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height)
+        sx = rng.uniform(0.04, 0.15) * float(short)
+        sy = sx * rng.uniform(1.5, 6)
+        ga = angle + math.pi / 2 if kind == "brushed_metal" else rng.uniform(0, math.pi)
+        cs, sn = np.float32(math.cos(ga)), np.float32(math.sin(ga))
+        dx, dy = xx - np.float32(gc[0]), yy - np.float32(gc[1])
+        p, q = (dx * cs + dy * sn) / np.float32(sx), (dy * cs - dx * sn) / np.float32(sy)
+        glare += np.float32(rng.uniform(*amp_range)) * np.exp(np.float32(-0.5) * (p * p + q * q))
+    size = (width, height)
+    return (cv2.resize(gain, size, interpolation=cv2.INTER_LINEAR),
+            cv2.resize(glare, size, interpolation=cv2.INTER_LINEAR), n)
+
+
+def _frame_marks(rng: Rng, width: int, height: int, face: np.ndarray, face_w: np.ndarray, angle: float
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Harmless marks of both classes. Drawn into ``face`` in place: smudges (faint
+    blotches) and sometimes an etched part number (thin strokes, like a scratch but
+    letters). Returned as dark and bright deltas over the frame: dust specks and fibres."""
+    s = _frame_scale(width, height)
+    ys, xs = np.nonzero(face_w[::8, ::8] > 0.99)
+
+    def on_face() -> tuple[float, float]:
+        if xs.size == 0:
+            return rng.uniform(0, width), rng.uniform(0, height)
+        j = int(rng.integers(xs.size))
+        return float(xs[j] * 8 + rng.uniform(0, 8)), float(ys[j] * 8 + rng.uniform(0, 8))
+
+    n_smudges = int(rng.choice([0, 1, 2, 3], p=[0.35, 0.35, 0.2, 0.1]))
+    for _ in range(n_smudges):
+        r = max(6, int(rng.uniform(20, 120) * s))
+        cx, cy = on_face()
+        x0, y0 = max(0, int(cx) - r), max(0, int(cy) - r)
+        x1, y1 = min(width, int(cx) + r), min(height, int(cy) + r)
+        if x1 - x0 < 4 or y1 - y0 < 4:
+            continue
+        blob = cv2.resize(rng.standard_normal((6, 6), dtype=np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_CUBIC)
+        py, px = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        fall = np.exp(-((px - np.float32(cx)) ** 2 + (py - np.float32(cy)) ** 2) / np.float32(0.5 * r * r))
+        face[y0:y1, x0:x1] += np.float32(rng.choice([-1, 1]) * rng.uniform(0.006, 0.025)) * np.clip(blob + 0.6, 0, None) * fall
+    marking = bool(rng.random() < 0.35)
+    if marking:  # a laser-etched part number: thin, dark, straight strokes
+        text = f"{rng.choice(['LW', 'PN', 'SN', 'A'])}-{int(rng.integers(1000, 99999))}-{rng.choice(list('ABCDEFG'))}"
+        scale = max(0.35, rng.uniform(0.5, 1.1) * s)
+        thick = int(rng.choice([1, 2]))
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        pad = int(th + 4)
+        canvas = np.zeros((th + base + 2 * pad, tw + 2 * pad), np.uint8)
+        cv2.putText(canvas, text, (pad, pad + th), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thick, cv2.LINE_AA)
+        ch, cw = canvas.shape
+        rot = cv2.getRotationMatrix2D((cw / 2, ch / 2), -math.degrees(angle), 1.0)
+        turned = cv2.warpAffine(canvas, rot, (cw, ch))
+        cx, cy = on_face()
+        x0, y0 = int(cx) - cw // 2, int(cy) - ch // 2
+        fx0, fy0, fx1, fy1 = max(0, x0), max(0, y0), min(width, x0 + cw), min(height, y0 + ch)
+        if fx1 > fx0 and fy1 > fy0:
+            ink = turned[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0].astype(np.float32) * np.float32(1 / 255)
+            face[fy0:fy1, fx0:fx1] *= 1 - np.float32(rng.uniform(0.08, 0.3)) * ink * face_w[fy0:fy1, fx0:fx1]
+    dark = np.zeros((height, width), np.float32)
+    bright = np.zeros((height, width), np.float32)
+    n_dust = int(min(60, rng.geometric(0.06) - 1))
+    for _ in range(n_dust):
+        target = dark if rng.random() < 0.7 else bright
+        c = np.array(on_face() if rng.random() < 0.7 else (rng.uniform(0, width), rng.uniform(0, height)))
+        _dot(c, rng.uniform(0.4, 2.0), rng.uniform(0.05, 0.3), target)
+    n_fibres = int(rng.choice([0, 1, 2, 3], p=[0.35, 0.3, 0.25, 0.1]))
+    for _ in range(n_fibres):
+        length = rng.uniform(30, 160) * s
+        n = max(6, int(length / 1.5))
+        curl = rng.normal(0, 2.5) / n * 4  # strong, changing curvature: curly, not a scratch
+        turn = curl + rng.normal(0, 0.35, n - 1)
+        heading = rng.uniform(0, 2 * math.pi) + np.concatenate([[0.0], np.cumsum(turn)])
+        steps = np.stack([np.cos(heading), np.sin(heading)], 1) * (length / n)
+        pts = np.array(on_face()) + np.concatenate([[[0.0, 0.0]], np.cumsum(steps[:-1], 0)])
+        widths = np.full(n - 1, rng.uniform(0.6, 1.4))
+        vals = np.clip(0.7 + 0.3 * _noise1d(rng, n - 1, 4), 0.2, 1.0)
+        target = dark if rng.random() < 0.6 else bright
+        box = _stroke_box(pts, widths, width, height)
+        if box[2] > box[0] and box[3] > box[1]:
+            x0, y0, x1, y1 = box
+            patch = target[y0:y1, x0:x1]
+            np.maximum(patch, np.float32(rng.uniform(0.05, 0.14)) * _stroke_in_box(box, pts, widths, vals), out=patch)
+    return dark, bright, {"smudges": n_smudges, "marking": marking, "dust": n_dust, "fibres": n_fibres}
+
+
+def _clip01(a: np.ndarray) -> np.ndarray:
+    """``a`` clipped to [0, 1] in place (np.clip's wrapper costs more than the work)."""
+    np.minimum(a, 1, out=a)
+    np.maximum(a, 0, out=a)
+    return a
+
+
+def _frame_finish(pre: np.ndarray, z: np.ndarray, blur: float, noise: tuple[float, float]) -> np.ndarray:
+    """Optics and sensor for a frame or a crop of it: defocus, read + shot noise (from
+    the standard normal draw ``z``), 8-bit quantisation. Pixel by pixel after the blur,
+    so a crop gives the frame's values wherever the blur does not reach its border."""
+    img: np.ndarray = cv2.GaussianBlur(pre, (0, 0), blur)
+    read, shot = noise
+    sigma = _clip01(img.copy())
+    sigma *= np.float32(shot * shot)
+    sigma += np.float32(read * read)
+    cv2.sqrt(sigma, sigma)
+    sigma *= z
+    img += sigma
+    img *= np.float32(255.0)
+    np.rint(img, out=img)
+    np.minimum(img, 255, out=img)
+    np.maximum(img, 0, out=img)
+    return img.astype(np.uint8)
+
+
+def _frame_scene(rng: Rng, width: int, height: int, kind: str) -> tuple[_Scene, dict[str, Any]]:
+    """Everything of a frame but its scratches."""
+    s = _frame_scale(width, height)
+    d, part = _frame_part(rng, width, height)
+    ys, xs = np.nonzero(d[::4, ::4] > 0)
+    centre = (float(xs.mean() * 4), float(ys.mean() * 4)) if xs.size else (width / 2, height / 2)
+    face, info = _frame_texture(rng, width, height, kind, centre)
+    belt, belt_info = _frame_belt(rng, width, height)
+    chamfer = max(1.5, rng.uniform(3.0, 12.0) * s)
+    face_w = _clip01(d - np.float32(chamfer + max(4.0, 8 * s)))
+    dark, bright, marks = _frame_marks(rng, width, height, face, face_w, part["angle"])
+    mean = float(face[face_w > 0.99].mean()) if (face_w > 0.99).any() else float(face.mean())
+    # the part casts a soft shadow on the belt (smooth: drawn at 1/4 resolution)
+    alpha = _clip01(d + np.float32(0.5))
+    small = cv2.resize(alpha, (max(2, width // 4), max(2, height // 4)), interpolation=cv2.INTER_AREA)
+    off = rng.uniform(3, 12, 2) * s / 4
+    shift = np.array([[1, 0, off[0]], [0, 1, off[1]]], np.float32)
+    small = cv2.GaussianBlur(cv2.warpAffine(small, shift, small.shape[::-1]), (0, 0), max(1.0, rng.uniform(2, 6) * s))
+    belt *= 1 - np.float32(rng.uniform(0.25, 0.6)) * cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
+    # the chamfer faces another way, so it catches the light differently: brighter or darker
+    # (in place, two megapixels at a time: this is most of a frame's time)
+    flat = _clip01(d - np.float32(chamfer - 0.5))
+    cham = _clip01(d * np.float32(1 / chamfer))  # the ramp across the chamfer
+    cham *= np.float32(rng.uniform(-0.3, 0.3))
+    cham += 1
+    cham *= np.float32(mean * rng.uniform(0.4, 1.8))
+    np.minimum(cham, 1, out=cham)
+    cham += np.float32(0.2) * (face - np.float32(mean))
+    # img = belt + alpha * (cham + flat * (face - cham) - belt)
+    img = face - cham
+    img *= flat
+    img += cham
+    img -= belt
+    img *= alpha
+    img += belt
+    keep = np.minimum(2 * dark, np.float32(0.9))
+    np.subtract(1, keep, out=keep)
+    gain, glare, n_glare = _frame_lighting(rng, width, height, kind, info.get("brush_angle", 0.0))
+    pre = img * keep
+    pre += bright
+    pre *= gain
+    glare *= alpha
+    pre += glare
+    noise = (rng.uniform(0.003, 0.012), rng.uniform(0.004, 0.014))
+    blur = rng.uniform(0.45, 0.85)
+    z = rng.standard_normal((height, width), dtype=np.float32)
+    clean = _frame_finish(pre, z, blur, noise)
+    ys, xs = np.nonzero(alpha[::2, ::2] > 0.5)
+    bbox = ([int(xs.min() * 2), int(ys.min() * 2), int(xs.max() * 2 - xs.min() * 2 + 2), int(ys.max() * 2 - ys.min() * 2 + 2)]
+            if xs.size else [0, 0, width, height])
+    desc = {"surface": kind, "brush": info.get("brush"), **part, "bbox": bbox, "chamfer_px": round(chamfer, 1),
+            **belt_info, "glare": n_glare, **marks}
+    return _Scene(pre, face, keep, gain, face_w, z, blur, noise, mean, clean), desc
+
+
+def _frame_scratches(rng: Rng, scene: _Scene, width: int, height: int, kind: str) -> list[_FrameStroke]:
+    """1-3 thin scratches on the part's face: 1-3 px wide (groove and lip together),
+    FRAME_SCRATCH_LENGTH long, each with a target CNR from faint (2) to clear (40)."""
+    s = _frame_scale(width, height)
+    ys, xs = np.nonzero(scene.face_w[::4, ::4] > 0.99)
+    count = int(rng.choice([1, 2, 3], p=[0.65, 0.25, 0.1]))
+    detail_sample = scene.face[height // 4:height // 4 + 256, width // 4:width // 4 + 256]
+    texture = float((detail_sample - cv2.GaussianBlur(detail_sample, (0, 0), _DETAIL_SIGMA)).std())
+    strokes: list[_FrameStroke] = []
+    lo, hi = FRAME_SCRATCH_LENGTH
+    for _ in range(count):
+        width_px = float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0], p=[0.3, 0.3, 0.2, 0.12, 0.08]))
+        width_px = min(3.0, max(1.0, width_px * rng.uniform(0.95, 1.05)))
+        length = max(16.0, math.exp(rng.uniform(math.log(lo), math.log(hi))) * s)
+        target = math.exp(rng.uniform(math.log(2.0), math.log(40.0)))  # CNR aimed at, faint to clear
+        polarity = "bright" if rng.random() < (0.7 if kind == "glass" else 0.4) else "dark"
+        m = max(8, int(length / 1.5)) - 1
+        t = (np.arange(m) + 0.5) / m
+        taper = np.clip(np.minimum(t, 1 - t) / rng.uniform(0.05, 0.25), 0, 1) ** 0.7
+        mod = np.clip(1 + 0.3 * _noise1d(rng, m, max(3, m // 10)), 0.3, 1.6)
+        if rng.random() < 0.2:  # skipping tool: the scratch breaks up
+            mod *= _noise1d(rng, m, max(4, m // 6)) > -0.6
+        profile = np.clip(taper * mod, 0, 1)
+        widths = width_px * (0.45 + 0.55 * taper) * np.clip(1 + 0.1 * _noise1d(rng, m, 5), 0.8, 1.0)
+        best: tuple[float, np.ndarray] | None = None
+        for _attempt in range(8):
+            pts = _scratch_path(rng, 0, length)
+            j = int(rng.integers(xs.size)) if xs.size else 0
+            cx = float(xs[j] * 4) if xs.size else width / 2
+            cy = float(ys[j] * 4) if ys.size else height / 2
+            pts = pts + (cx + rng.uniform(-2, 2), cy + rng.uniform(-2, 2))
+            mid = np.round((pts[1:] + pts[:-1]) / 2).astype(int)
+            inside = (mid[:, 0] >= 0) & (mid[:, 0] < width) & (mid[:, 1] >= 0) & (mid[:, 1] < height)
+            on_face = np.zeros(m, np.float32)
+            on_face[inside] = scene.face_w[mid[inside, 1], mid[inside, 0]]
+            ink = widths * profile
+            visible = float((ink * on_face).sum() / max(float(ink.sum()), 1e-6))
+            if best is None or visible > best[0]:
+                best = (visible, pts)
+            if visible >= 0.9:
+                break
+        assert best is not None
+        pts = best[1]
+        # a lip only beside a narrow groove: groove and lip together stay under 3 px
+        highlight = polarity == "dark" and width_px <= 1.6 and rng.random() < 0.35
+        lip_w = min(1.0, 2.6 - width_px)
+        if highlight:  # light catches the raised lip along one side of the groove
+            tang = np.gradient(pts, axis=0)
+            normal = np.stack([-tang[:, 1], tang[:, 0]], 1) / (np.linalg.norm(tang, axis=1)[:, None] + 1e-9)
+            lip_pts = pts + normal * rng.choice([-1.0, 1.0]) * (widths.mean() + lip_w) / 2
+            box = _stroke_box(np.concatenate([pts, lip_pts]), widths, width, height)
+        else:
+            box = _stroke_box(pts, widths, width, height)
+        x0, y0, x1, y1 = box
+        if x1 <= x0 or y1 <= y0:
+            continue
+        fw = scene.face_w[y0:y1, x0:x1]
+        # OpenCV's thick lines come out a quarter pixel (one 4x pixel) wider than asked:
+        # asked for that much less, a stroke is as wide as its width says
+        ink_w = np.maximum(widths - 0.25, 0.25)
+        mask = _stroke_in_box(box, pts, ink_w, profile) * fw
+        # the footprint is where the scratch lies, however faint it is drawn there
+        drawn = (profile > 0.02).astype(np.float32)
+        footprint = _stroke_in_box(box, pts, ink_w, drawn) * fw
+        # what the scratch competes with where it lies, in face units: sensor noise after
+        # the lighting, and the texture's own fine detail
+        gx, gy = int(min(max(pts[:, 0].mean(), 0), width - 1)), int(min(max(pts[:, 1].mean(), 0), height - 1))
+        g = max(0.3, float(scene.gain[gy, gx]))
+        level = min(1.0, float(scene.pre[gy, gx]))
+        sensor = math.sqrt(scene.noise[0] ** 2 + scene.noise[1] ** 2 * level) / g
+        sigma = math.hypot(sensor, texture)
+        # a thin line loses peak contrast to the defocus: erf(w / (2 sqrt(2) sigma))
+        peak = math.erf(width_px / (2 * math.sqrt(2) * scene.blur))
+        contrast = max(3.0 / 255 / g, target * sigma / peak)
+        dark, bright = None, None
+        if highlight:
+            lip_widths = np.full_like(widths, lip_w - 0.25)
+            lip = _stroke_in_box(box, lip_pts, lip_widths, profile * 0.9) * fw
+            bright = np.float32(contrast * rng.uniform(0.4, 0.9)) * lip
+            footprint = np.maximum(footprint, _stroke_in_box(box, lip_pts, lip_widths, drawn) * fw)
+        if polarity == "dark":
+            dark = np.float32(min(contrast, 0.8 * scene.mean)) * mask
+        else:
+            bright = np.float32(contrast) * mask
+        desc = {"polarity": polarity, "width_px": round(width_px, 2), "length_px": round(length, 1),
+                "contrast": round(float(contrast), 4), "highlight": bool(highlight)}
+        strokes.append(_FrameStroke(box, dark, bright, footprint, desc))
+    return strokes
+
+
+def render_frame_and_mask(rng: Rng, size: tuple[int, int], scratched: bool, kind: str | None = None, *,
+                          floor: float = VISIBILITY_FLOOR) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One high-resolution line frame, ``size`` = (width, height): uint8 gray, its defect
+    mask (255 where a scratch or its lip covers at least half a pixel and the picture
+    shows it) and a JSON-able description.
+
+    A part fills much of the frame on a conveyor belt (see the module docstring,
+    "High-resolution frames"); scratches are 1-3 px wide at this resolution. Each
+    scratch's visibility is its CNR measured here, at native resolution (scale 1.0,
+    what a model trained on native-resolution tiles sees), with the rule of
+    :func:`render_part_and_mask`: a scratch below ``floor`` is left out, a part with
+    none left is drawn again, up to _VISIBLE_ATTEMPTS times, and then comes back clean
+    and ``"relabelled"``. The scratches touch only the pixels around them, so the part
+    is rendered once and each draw is finished on a crop around its scratches.
+    """
+    width, height = size
+    _check_frame_size(width, height)
+    kind = _pick_kind(rng, kind)
+    scratch_rng = np.random.default_rng(int(rng.integers(2**63)))
+    scene, desc = _frame_scene(rng, width, height, kind)
+    mask = np.zeros((height, width), np.uint8)
+    out = scene.clean
+    kept: list[_FrameStroke] = []
+    cnr: list[float] = []
+    extra: dict[str, Any] = {}
+
+    def finish(strokes: list[_FrameStroke]) -> tuple[tuple[int, int, int, int], np.ndarray, list[float]]:
+        """(the crop, the picture on it, each stroke's CNR) with these strokes drawn."""
+        x0 = min(st.box[0] for st in strokes)
+        y0 = min(st.box[1] for st in strokes)
+        x1 = max(st.box[2] for st in strokes)
+        y1 = max(st.box[3] for st in strokes)
+        # the crop reaches _FRAME_PAD beyond the strokes: the defocus (<= 4 px) and the
+        # noise band (6 px) plus the detail blur (8 px) around the path stay inside it
+        cx0, cy0 = max(0, x0 - _FRAME_PAD), max(0, y0 - _FRAME_PAD)
+        cx1, cy1 = min(width, x1 + _FRAME_PAD), min(height, y1 + _FRAME_PAD)
+        shape = (cy1 - cy0, cx1 - cx0)
+        darkest, brightest = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        for st in strokes:  # where scratches overlap, the stronger one shows
+            bx0, by0, bx1, by1 = st.box
+            sl = np.s_[by0 - cy0:by1 - cy0, bx0 - cx0:bx1 - cx0]
+            if st.dark is not None:
+                np.maximum(darkest[sl], st.dark, out=darkest[sl])
+            if st.bright is not None:
+                np.maximum(brightest[sl], st.bright, out=brightest[sl])
+        crop = np.s_[cy0:cy1, cx0:cx1]
+        delta = (brightest - scene.face[crop] * darkest * np.float32(1 / max(scene.mean, 1e-3)))
+        drawn = _frame_finish(scene.pre[crop] + delta * scene.keep[crop] * scene.gain[crop],
+                              scene.z[crop], scene.blur, scene.noise)
+        # only the inner part of the crop is the frame's own result (the blur reads
+        # across the crop's border); the scratch changes nothing beyond it
+        picture = scene.clean[crop].copy()
+        ix0, iy0 = (x0 - _FRAME_INNER - cx0 if cx0 > 0 else 0), (y0 - _FRAME_INNER - cy0 if cy0 > 0 else 0)
+        ix1 = (x1 + _FRAME_INNER - cx0) if cx1 < width else cx1 - cx0
+        iy1 = (y1 + _FRAME_INNER - cy0) if cy1 < height else cy1 - cy0
+        picture[iy0:iy1, ix0:ix1] = drawn[iy0:iy1, ix0:ix1]
+        backdrop = _Backdrop.native(scene.clean[crop])
+        view = picture.astype(np.float32)
+        values = []
+        for st in strokes:
+            cover = np.zeros(shape, np.float32)
+            bx0, by0, bx1, by1 = st.box
+            cover[by0 - cy0:by1 - cy0, bx0 - cx0:bx1 - cx0] = st.footprint
+            values.append(_cnr_on(view, backdrop, cover))
+        return (cx0, cy0, cx1, cy1), picture, values
+
+    box: tuple[int, int, int, int] | None = None
+    picture = out
+    if scratched:
+        best = 0.0
+        draws = 0
+        while draws < _VISIBLE_ATTEMPTS:
+            draws += 1
+            kept = _frame_scratches(scratch_rng, scene, width, height, kind)
+            cnr = []
+            if kept:
+                box, picture, cnr = finish(kept)
+                best = max(best, *cnr)
+            # leaving one out changes the picture where it crossed another: measure again
+            while kept and min(cnr) < floor:
+                kept = [st for st, c in zip(kept, cnr, strict=True) if c >= floor]
+                extra["dropped"] = extra.get("dropped", 0) + len(cnr) - len(kept)
+                cnr = []
+                if kept:
+                    box, picture, cnr = finish(kept)
+            if kept:
+                break
+            extra.pop("dropped", None)
+        if draws > 1:
+            extra["redrawn"] = draws - 1
+        if not kept or box is None:
+            scratched = False
+            extra.update({"relabelled": RELABELLED, "best_visibility": round(best, 2)})
+        else:
+            cx0, cy0, cx1, cy1 = box
+            out = scene.clean.copy()
+            out[cy0:cy1, cx0:cx1] = picture
+            footprint = np.zeros((cy1 - cy0, cx1 - cx0), np.float32)
+            for st in kept:
+                bx0, by0, bx1, by1 = st.box
+                sl = np.s_[by0 - cy0:by1 - cy0, bx0 - cx0:bx1 - cx0]
+                np.maximum(footprint[sl], st.footprint, out=footprint[sl])
+            changed = np.abs(picture.astype(np.int16) - scene.clean[cy0:cy1, cx0:cx1].astype(np.int16))
+            shown = cv2.dilate((changed >= 2).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+            mask[cy0:cy1, cx0:cx1][(footprint >= FRAME_MASK_COVERAGE) & shown] = 255
+            extra["visibility"] = round(max(cnr), 2)
+    scratches = []
+    for st, c in zip(kept, cnr, strict=True):
+        bx0, by0, bx1, by1 = st.box
+        scratches.append({**st.desc, "visibility": round(c, 2), "box": [bx0, by0, bx1 - bx0, by1 - by0]})
+    visibility = extra.get("visibility")
+    desc.update({
+        "size": [width, height],
+        "scratched": bool(scratched),
+        "scratches": len(scratches),
+        # faint: the part's most visible scratch is below CNR 5 (the lower two bands of train eval)
+        "faint": bool(scratched and visibility is not None and visibility < FRAME_FAINT_CNR),
+        "scratch": scratches,
+        **extra,
+    })
+    return out, mask, desc
+
+
+def render_frame(rng: Rng, size: tuple[int, int], scratched: bool, kind: str | None = None
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`render_frame_and_mask` without the mask."""
+    img, _mask, desc = render_frame_and_mask(rng, size, scratched, kind)
+    return img, desc
+
+
+def _frame_size_problem(width: int, height: int) -> str | None:
+    if not (FRAME_MIN_SIDE <= width <= FRAME_MAX_SIDE and FRAME_MIN_SIDE <= height <= FRAME_MAX_SIDE):
+        return f"width and height must be {FRAME_MIN_SIDE}-{FRAME_MAX_SIDE} pixels"
+    if width * height > FRAME_MAX_PIXELS:
+        return f"at most {FRAME_MAX_PIXELS // 1_000_000} megapixels"
+    return None
+
+
+def _check_frame_size(width: int, height: int) -> None:
+    problem = _frame_size_problem(width, height)
+    if problem is not None:
+        raise ValueError(f"frame size {width}x{height}: {problem}")
+
+
+def parse_size(text: str) -> int | tuple[int, int]:
+    """``train synth --size``: ``N`` -> N (square close-ups of a part's surface, the
+    default kind) or ``WxH`` -> (W, H) (high-resolution line frames, at least
+    FRAME_MIN_SIDE a side); :class:`ValueError` with a one-line reason otherwise."""
+    raw = str(text)
+    t = raw.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+", t):
+        n = int(t)
+        if n < 32:
+            raise ValueError(f"--size {raw!r}: a square picture is at least 32 px (scratches are 1-3 px wide at 160)")
+        return n
+    match = re.fullmatch(r"(\d+)x(\d+)", t)
+    if match is None:
+        raise ValueError(f"--size {raw!r} is not N or WxH (for example 160 or 1920x1080)")
+    w, h = int(match[1]), int(match[2])
+    problem = _frame_size_problem(w, h)
+    if problem is not None:
+        raise ValueError(f"--size {raw!r}: {problem} (a frame is WxH, for example 1920x1080)")
+    return w, h
+
+
 def _check_args(count: int, size: int, scratch_fraction: float) -> None:
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
@@ -855,32 +1573,39 @@ def _assign(rng: Rng, count: int, scratch_fraction: float) -> np.ndarray:
     return rng.permutation(flags)
 
 
-def _png(img: np.ndarray, i: int) -> bytes:
-    ok, buf = cv2.imencode(".png", img, _PNG_PARAMS)
+def _png(img: np.ndarray, i: int, params: list[int] | None = None) -> bytes:
+    ok, buf = cv2.imencode(".png", img, _PNG_PARAMS if params is None else params)
     if not ok:  # pragma: no cover - PNG encoding of a uint8 array does not fail
         raise ImageError(f"OpenCV could not encode image {i} as PNG; check the OpenCV install")
     return buf.tobytes()
 
 
-def _write_images(out_dir: Path, seed: int, size: int, digits: int, floor: float,
+def _write_images(out_dir: Path, seed: int, size: int | tuple[int, int], digits: int, floor: float,
                   items: list[tuple[int, bool]]) -> list[dict[str, Any]]:
     """Render, encode and write the images ``items`` = [(index, scratched)]; return
-    their descriptions. Module-level so worker processes can run it."""
+    their descriptions. Module-level so worker processes can run it. ``size`` N draws
+    square close-ups, (W, H) high-resolution frames."""
     written: list[dict[str, Any]] = []
     for i, scratched in items:
-        img, mask, desc = render_part_and_mask(np.random.default_rng([seed, i]), size, scratched, floor=floor)
+        rng = np.random.default_rng([seed, i])
+        if isinstance(size, tuple):
+            img, mask, desc = render_frame_and_mask(rng, size, scratched, floor=floor)
+            mask_params: list[int] | None = _MASK_PNG_PARAMS
+        else:
+            img, mask, desc = render_part_and_mask(rng, size, scratched, floor=floor)
+            mask_params = None
         # a part drawn scratched whose scratches all stayed below the floor comes back
         # unscratched (desc "relabelled") and is a pass image
         cls = DEFECT_LABEL if desc["scratched"] else PASS_LABEL
         rel = f"{cls}/{cls}_{i:0{digits}d}.png"
         (out_dir / rel).write_bytes(_png(img, i))
         if desc["scratched"]:  # unscratched parts need no mask: the pass class has no defect pixels
-            (out_dir / MASKS_FOLDER / rel).write_bytes(_png(mask, i))
+            (out_dir / MASKS_FOLDER / rel).write_bytes(_png(mask, i, mask_params))
         written.append({"file": rel, **desc})
     return written
 
 
-def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: int = 160,
+def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: int | tuple[int, int] = 160,
                      scratch_fraction: float = 0.5,
                      progress: Callable[[int, int], None] | None = None,
                      workers: int = 1, visibility_floor: float = VISIBILITY_FLOOR) -> dict[str, int]:
@@ -899,15 +1624,27 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
     Old ``ok_*.png`` and ``scratch_*.png`` files in those folders are removed first so a
     rerun never mixes two datasets; other files are left alone.
 
+    ``size`` (W, H) draws high-resolution line frames instead of square close-ups
+    (:func:`render_frame_and_mask`; module docstring, "High-resolution frames"): thin
+    scratches at native resolution, visibility measured there; synth.json then gives
+    ``"mode": "frame"``, ``size`` [W, H] and, in ``visibility``, ``size`` [W, H] and
+    ``scale`` 1.0.
+
     ``workers`` > 1 renders in that many spawned processes (worth it from a few thousand
-    images on an otherwise idle machine); ``progress(done, total)`` is then called per
-    batch instead of per image.
+    images on an otherwise idle machine, or for frames); ``progress(done, total)`` is
+    then called per batch instead of per image.
 
     Example::
 
         generate_dataset(Path("data"), count=2000, seed=1)  # {'ok': 1000, 'scratch': 1000}
     """
-    _check_args(count, size, scratch_fraction)
+    frames = isinstance(size, tuple)
+    if isinstance(size, tuple):
+        _check_args(count, 160, scratch_fraction)
+        _check_frame_size(*size)
+        size = (int(size[0]), int(size[1]))
+    else:
+        _check_args(count, size, scratch_fraction)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     if not visibility_floor >= 0:
@@ -932,7 +1669,7 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
             if progress is not None:
                 progress(len(images), count)
     else:
-        batch = max(1, min(100, count // (workers * 4)))
+        batch = max(1, min(10 if frames else 100, count // (workers * 4)))
         batches = [items[a:a + batch] for a in range(0, count, batch)]
         # spawn, not fork: forking a process that holds OpenCV's thread pool can deadlock
         context = multiprocessing.get_context("spawn")
@@ -943,7 +1680,7 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
                 if progress is not None:
                     progress(len(images), count)
     counts = {cls: sum(1 for m in images if m["file"].startswith(cls + "/")) for cls in CLASSES}
-    meta = {
+    meta: dict[str, Any] = {
         "generator": "training.synth",
         "version": SYNTH_VERSION,
         "seed": seed,
@@ -964,6 +1701,23 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
         },
         "images": images,
     }
+    if isinstance(size, tuple):
+        del meta["faint_fraction"]
+        w, h = size
+        s = _frame_scale(w, h)
+        meta.update({
+            "mode": "frame",
+            "size": [w, h],
+            "faint_cnr": FRAME_FAINT_CNR,
+            "scratch_width_px": [1.0, 3.0],
+            "scratch_length_px": [round(max(16.0, v * s), 1) for v in FRAME_SCRATCH_LENGTH],
+        })
+        meta["visibility"].update({
+            "measure": "contrast-to-noise ratio of each scratch along its path at native resolution "
+                       "(scale 1.0: what a model on native-resolution tiles sees; training.synth)",
+            "size": [w, h],
+            "scale": FRAME_VISIBILITY_SCALE,
+        })
     (out_dir / "synth.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     logger.info("wrote %s synthetic images to %s: %s", count, out_dir, counts)
     return counts
@@ -1026,8 +1780,8 @@ def _rounded_alpha(side: int, radius: float) -> np.ndarray:
 
 
 def render_frames(*, parts: int = 40, seed: int = 0, size: tuple[int, int] = (640, 480),
-                  frames_per_part: int = 1, scratch_fraction: float = 0.3, part_size: int = 160
-                  ) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+                  frames_per_part: int = 1, scratch_fraction: float = 0.3, part_size: int = 160,
+                  native: bool = False) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
     """Yield (BGR uint8 frame of ``size`` = (width, height), ground truth) for an
     inspection video: each part is one :func:`render_part` image scaled up onto a
     moving conveyor belt, shown for ``frames_per_part`` frames while it drifts a little.
@@ -1037,10 +1791,20 @@ def render_frames(*, parts: int = 40, seed: int = 0, size: tuple[int, int] = (64
     of the part in the frame (for a region of interest). The rule of the datasets
     holds: a part is "scratched" only with a scratch at or above VISIBILITY_FLOOR; one
     drawn scratched whose scratches all stayed below it is shown clean and is not.
+
+    ``native=True`` draws each part at the frame's own resolution instead
+    (:func:`render_frame_and_mask`, the frames of ``train synth --size WxH``): thin
+    scratches 1-3 px wide in the video, visibility measured at native resolution, and
+    each frame's truth also gives ``defects``, the box [x, y, w, h] of every scratch
+    kept. The part rides the belt: with several frames per part the view moves along it
+    by up to 8 % of the width. ``part_size`` is then not used.
     """
     width, height = size
     if parts < 1 or frames_per_part < 1:
         raise ValueError(f"parts and frames_per_part must be at least 1, got {parts}, {frames_per_part}")
+    if native:
+        yield from _native_frames(parts, seed, size, frames_per_part, scratch_fraction)
+        return
     if width < 64 or height < 64:
         raise ValueError(f"frame size must be at least 64x64, got {width}x{height}")
     _check_args(1, part_size, scratch_fraction)
@@ -1090,11 +1854,39 @@ def render_frames(*, parts: int = 40, seed: int = 0, size: tuple[int, int] = (64
             frame_no += 1
 
 
+def _native_frames(parts: int, seed: int, size: tuple[int, int], frames_per_part: int,
+                   scratch_fraction: float) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
+    """:func:`render_frames` with ``native=True``."""
+    width, height = size
+    _check_frame_size(width, height)
+    _check_args(1, 160, scratch_fraction)
+    flags = _assign(np.random.default_rng([seed, 2**31 + 1]), parts, scratch_fraction)
+    travel = int(round(0.08 * width)) if frames_per_part > 1 else 0
+    frame_no = 0
+    for p in range(parts):
+        part_rng = np.random.default_rng([seed, 2**31 + 2, p])
+        scene, _mask, desc = render_frame_and_mask(part_rng, (width + travel, height), bool(flags[p]))
+        color = cv2.cvtColor(scene, cv2.COLOR_GRAY2BGR)
+        for f in range(frames_per_part):
+            # the part rides the belt to the right: the view's window moves back along it
+            x0 = travel - int(round(travel * f / max(1, frames_per_part - 1)))
+            bx, by, bw, bh = desc["bbox"]
+            left, right = max(0, bx - x0), min(width, bx - x0 + bw)
+            truth = {"frame": frame_no, "part": p, "scratched": desc["scratched"],
+                     "surface": desc["surface"], "faint": desc["faint"],
+                     "visibility": desc.get("visibility"),
+                     "bbox": [int(left), int(by), int(max(0, right - left)), int(bh)],
+                     "defects": [[s["box"][0] - x0, *s["box"][1:]] for s in desc["scratch"]]}
+            yield np.ascontiguousarray(color[:, x0:x0 + width]), truth
+            frame_no += 1
+
+
 def render_video(out_path: Path, *, parts: int = 40, seed: int = 0, fps: int = 10,
                  size: tuple[int, int] = (640, 480), frames_per_part: int = 1,
-                 scratch_fraction: float = 0.3) -> list[dict[str, Any]]:
+                 scratch_fraction: float = 0.3, native: bool = False) -> list[dict[str, Any]]:
     """Write the :func:`render_frames` video to ``out_path`` and return its ground truth
-    (one dict per frame: frame, part, scratched, surface, faint, visibility, bbox).
+    (one dict per frame: frame, part, scratched, surface, faint, visibility, bbox; with
+    ``native``, parts drawn at the frame's resolution, and ``defects`` too).
 
     The codec follows the suffix: .avi and .mkv -> MJPG, .mp4 -> mp4v (what
     opencv-python-headless writes and reads back frame-exact without extra codecs).
@@ -1104,7 +1896,7 @@ def render_video(out_path: Path, *, parts: int = 40, seed: int = 0, fps: int = 1
     if fourcc is None:
         raise ValueError(f"{out_path}: unsupported video suffix; use one of {', '.join(VIDEO_FOURCC)}")
     frames = render_frames(parts=parts, seed=seed, size=size, frames_per_part=frames_per_part,
-                           scratch_fraction=scratch_fraction)
+                           scratch_fraction=scratch_fraction, native=native)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter.fourcc(*fourcc), float(fps), size, True)
     if not writer.isOpened():
