@@ -137,6 +137,8 @@ class FitOptions:
     # ``scale`` instead of the whole picture squeezed to ``size``. ``tile`` is in picture
     # pixels; the model input is tile x scale.
     tile: tuple[int, int] | None = None
+    # the map head's decision clip (training/model.py, build_networks); None: no clip
+    map_clip: float | None = 6.0
     scale: float = 1.0
     overlap: float = 0.25
     whole_frame: bool = True
@@ -428,30 +430,33 @@ def _train_on_crops(
     on_epoch: Callable[[Any], None] | None = None,
     say: Echo = lambda line: None,
 ) -> Any:
-    """Train on the crops of ``fit_pictures``, early-stopping on those of ``val_pictures``.
-
-    Defect pictures without masks then get their highest-scoring tile as a defect crop
-    (multiple-instance rule, training/tiles.py) and a second round of half the epochs
-    continues from the first round's weights.
+    """Train on the crops of ``fit_pictures``, early-stopping on those of ``val_pictures``,
+    for two thirds of the epochs, then the last third from the first round's weights, with each
+    picture's highest-scoring tile added: good pictures' as hard negatives, mask-less defect
+    pictures' as their defect (training/tiles.py).
     """
     from training import model as model_mod
 
+    first_epochs = max(1, round(config.epochs * 2 / 3))
+    first = dataclasses.replace(config, epochs=first_epochs, min_epochs=min(config.min_epochs, first_epochs))
+    again = dataclasses.replace(config, epochs=max(1, config.epochs - first_epochs), min_epochs=1)
     fit_set, val_set = crops.of(fit_pictures), crops.of(val_pictures)
     trained = model_mod.train_model(
-        fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, config,
+        fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, first,
         masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class, on_epoch=on_epoch,
     )
-    unmasked_fit, unmasked_val = crops.unmasked_among(fit_pictures), crops.unmasked_among(val_pictures)
-    if len(unmasked_fit) == 0:
-        return trained
     score = _float_scorer(trained.model, crops.pass_class)
-    fit_set = join(fit_set, crops.best_tiles(unmasked_fit, score))
-    val_set = join(val_set, crops.best_tiles(unmasked_val, score))
+
+    def worst_tiles(pictures: np.ndarray) -> np.ndarray:
+        return np.concatenate([crops.good_among(pictures), crops.unmasked_among(pictures)])
+
+    fit_set = join(fit_set, crops.best_tiles(worst_tiles(fit_pictures), score))
+    val_set = join(val_set, crops.best_tiles(worst_tiles(val_pictures), score))
     say(
-        f"  multiple-instance round: the highest-scoring tile of each of {len(unmasked_fit)} training defect pictures "
-        f"without a mask becomes a defect crop; {max(1, config.epochs // 2)} more epochs"
+        f"  second round, {again.epochs} epochs: each good training picture's highest-scoring tile as a good crop"
+        + (f", each of {len(crops.unmasked_among(fit_pictures))} mask-less defect pictures' as a defect crop"
+           if crops.unmasked_among(fit_pictures).size else "")
     )
-    again = dataclasses.replace(config, epochs=max(1, config.epochs // 2), min_epochs=max(1, config.min_epochs // 2))
     return model_mod.train_model(
         fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, again,
         masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class, on_epoch=on_epoch,
@@ -584,6 +589,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         seed=opts.seed,
         width=opts.filters,
         label_smoothing=opts.label_smoothing,
+        map_clip=opts.map_clip,
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
     )
     say(

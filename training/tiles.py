@@ -10,9 +10,12 @@ input. Which crops, and their labels (docs/training.md, "Tiles"):
   holds at least ``min(DEFECT_PIXELS, half the picture's defect pixels)`` defect pixels
   (mask coverage >= COVERAGE after scaling), a good crop when it holds none, and is left
   out when it holds a few (a defect cut at the crop's border is neither).
-- A defect picture without a mask gives no crops in the first round. Multiple-instance
-  rule: after the first round the model scores every tile of such a picture and its
-  highest-scoring tile becomes a defect crop for a second, shorter round.
+- A defect picture without a mask gives no crops in the first round.
+- Second, shorter round: the first round's model scores every tile of the training
+  pictures. A good picture's highest-scoring tile joins as a good crop (its hardest
+  negative: a part fails on its worst tile, so the worst tile is what must stay low), and
+  a defect picture without a mask gives its highest-scoring tile as a defect crop (the
+  multiple-instance rule: the picture says "somewhere here", the model says where).
 - With ``whole_frame``, every picture also gives its whole view (the picture squeezed to
   one tile), labelled by the same rule on the squeezed mask: a good picture's view is good,
   a defect picture's view is a defect when the defect is still visible at that size, left
@@ -278,6 +281,11 @@ class PoolCrops:
     def of_val(self) -> CropSet:
         return self.of(np.arange(self.n_train, len(self.samples)))
 
+    def good_among(self, pictures: np.ndarray) -> np.ndarray:
+        """Those of ``pictures`` that are good."""
+        pictures = np.asarray(pictures)
+        return pictures[self.classes[pictures] == self.pass_class]
+
     def unmasked_among(self, pictures: np.ndarray) -> np.ndarray:
         """Those of ``pictures`` that are defects without a mask."""
         pictures = np.asarray(pictures)
@@ -286,7 +294,9 @@ class PoolCrops:
     def best_tiles(self, pictures: np.ndarray, score_inputs: Callable[[np.ndarray], np.ndarray]) -> CropSet:
         """:func:`best_tiles` of these pictures, owners as picture indices."""
         pictures = np.asarray(pictures)
-        found = best_tiles([self.samples[i] for i in pictures], self.classes[pictures], self.tiling, self.color_mode, score_inputs)
+        found = best_tiles(
+            [self.samples[i] for i in pictures], self.classes[pictures], self.pass_class, self.tiling, self.color_mode, score_inputs
+        )
         return dataclasses.replace(found, owner=pictures[found.owner])
 
     def describe(self) -> str:
@@ -342,12 +352,14 @@ def picture_scores(
 def best_tiles(
     samples: Sequence[Sample],
     classes: np.ndarray,
+    pass_class: int,
     tiling: Tiling,
     color_mode: str,
     score_inputs: Callable[[np.ndarray], np.ndarray],
 ) -> CropSet:
-    """The multiple-instance step: each picture's highest-scoring tile, labelled with the
-    picture's class (no mask)."""
+    """Each picture's highest-scoring tile, labelled with the picture's class: for a defect
+    picture without a mask the multiple-instance guess of where its defect is, for a good
+    picture its hardest negative (known clean: an all-zero mask)."""
     xs, ys, owner = [], [], []
     for index, inputs in picture_inputs(samples, tiling, color_mode):
         tiles = inputs[:-1] if tiling.whole_frame else inputs
@@ -355,14 +367,14 @@ def best_tiles(
         xs.append(tiles[best])
         ys.append(int(classes[index]))
         owner.append(index)
-    n = len(xs)
+    y = np.array(ys, np.int64)
     return CropSet(
-        x=np.stack(xs) if xs else np.zeros((0, tiling.height, tiling.width, 1), np.uint8),
-        y=np.array(ys, np.int64),
-        masks=np.zeros((n, tiling.height, tiling.width), np.float32),
-        known=np.zeros(n, bool),
+        x=np.stack(xs) if xs else np.zeros((0, tiling.height, tiling.width, 1 if color_mode == "gray" else 3), np.uint8),
+        y=y,
+        masks=np.zeros((len(xs), tiling.height, tiling.width), np.float32),
+        known=y == pass_class,
         owner=np.array(owner, np.int64),
-        whole=np.zeros(n, bool),
+        whole=np.zeros(len(xs), bool),
     )
 
 
