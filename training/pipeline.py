@@ -137,8 +137,10 @@ class FitOptions:
     # ``scale`` instead of the whole picture squeezed to ``size``. ``tile`` is in picture
     # pixels; the model input is tile x scale.
     tile: tuple[int, int] | None = None
-    # the map head's decision clip (training/model.py, build_networks); None: no clip
-    map_clip: float | None = 6.0
+    # The map head's decision clip (training/model.py, build_networks); None: no clip.
+    # "auto": 6 for whole pictures, none for tiles, where the max over many tiles would
+    # pile good and defect pictures onto the clip's one top score (docs/training.md, "Tiles").
+    map_clip: float | str | None = "auto"
     scale: float = 1.0
     overlap: float = 0.25
     whole_frame: bool = True
@@ -459,7 +461,8 @@ def _train_on_crops(
     )
     return model_mod.train_model(
         fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, again,
-        masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class, on_epoch=on_epoch,
+        masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class,
+        on_epoch=(lambda log: on_epoch(dataclasses.replace(log, epoch=log.epoch + first_epochs))) if on_epoch else None,
         initial=trained,
     )
 
@@ -589,7 +592,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         seed=opts.seed,
         width=opts.filters,
         label_smoothing=opts.label_smoothing,
-        map_clip=opts.map_clip,
+        map_clip=(None if tiling else 6.0) if opts.map_clip == "auto" else opts.map_clip,  # type: ignore[arg-type]
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
     )
     say(
