@@ -4,16 +4,18 @@ A tiled model (``train fit --tile WxH --scale S``) learns on crops of each pictu
 tiling's scale, the size of one tile, instead of the whole picture squeezed to the model
 input. Which crops, and their labels (docs/training.md, "Tiles"):
 
-- A good picture gives up to ``negatives`` crops at random places: every crop is good.
+- A good picture gives ``negatives`` crops at random places, or an eighth of its tiles
+  when that is more: every crop is good.
 - A defect picture with a mask gives ``focus`` crops placed so that a random defect pixel
-  falls inside, and ``context`` crops at random places. A crop is a defect crop when it
+  falls inside, and ``context`` crops at random places (or a sixteenth of its tiles). A crop is a defect crop when it
   holds at least ``min(DEFECT_PIXELS, half the picture's defect pixels)`` defect pixels
   (mask coverage >= COVERAGE after scaling), a good crop when it holds none, and is left
   out when it holds a few (a defect cut at the crop's border is neither).
 - A defect picture without a mask gives no crops in the first round.
 - Second, shorter round: the first round's model scores every tile of the training
-  pictures. A good picture's highest-scoring tile joins as a good crop (its hardest
-  negative: a part fails on its worst tile, so the worst tile is what must stay low), and
+  pictures. A good picture's highest-scoring tiles (one per 50 of its tiles, at least one)
+  join as good crops (its hardest negatives: a part fails on its worst tile, so the worst
+  tile is what must stay low), and
   a defect picture without a mask gives its highest-scoring tile as a defect crop (the
   multiple-instance rule: the picture says "somewhere here", the model says where).
 - With ``whole_frame``, every picture also gives its whole view (the picture squeezed to
@@ -47,6 +49,10 @@ from training.exceptions import DataError
 COVERAGE = 0.25
 DEFECT_PIXELS = 16
 NEGATIVES_PER_PICTURE = 8
+# Large pictures give more: an eighth of their tiles (a full-HD frame at 128 px tiles: 27).
+NEGATIVE_SHARE = 1 / 8
+# Second round: a good picture's highest-scoring tiles, one per HARD_NEGATIVE_TILES of its tiles.
+HARD_NEGATIVE_TILES = 50
 FOCUS_PER_DEFECT = 8
 CONTEXT_PER_DEFECT = 4
 SCORE_BATCH = 512  # model inputs per float predict call while scoring pictures
@@ -140,6 +146,12 @@ def crop_label(coverage: np.ndarray, picture_defect_pixels: int) -> str:
     return "skip"
 
 
+def _grid_share(width: int, height: int, tiling: Tiling, share: float) -> int:
+    """``share`` of the number of tiles that cover a scaled width x height picture."""
+    tiles = (width / (tiling.width * (1 - tiling.overlap))) * (height / (tiling.height * (1 - tiling.overlap)))
+    return int(round(share * tiles))
+
+
 def _random_offsets(rng: np.random.Generator, size: tuple[int, int], tiling: Tiling, n: int) -> list[tuple[int, int]]:
     sw, sh = size
     return [
@@ -210,9 +222,11 @@ def training_crops(
             continue
         total = int(np.sum(coverage >= COVERAGE))
         if good:
-            offsets = _random_offsets(rng, (sw, sh), tiling, negatives)
+            offsets = _random_offsets(rng, (sw, sh), tiling, max(negatives, _grid_share(sw, sh, tiling, NEGATIVE_SHARE)))
         else:
-            offsets = _focus_offsets(rng, coverage, tiling, focus) + _random_offsets(rng, (sw, sh), tiling, context)
+            offsets = _focus_offsets(rng, coverage, tiling, focus) + _random_offsets(
+                rng, (sw, sh), tiling, max(context, _grid_share(sw, sh, tiling, NEGATIVE_SHARE / 2))
+            )
         for x, y in offsets:
             cov = coverage[y : y + th, x : x + tw]
             verdict = crop_label(cov, total)
@@ -358,15 +372,18 @@ def best_tiles(
     score_inputs: Callable[[np.ndarray], np.ndarray],
 ) -> CropSet:
     """Each picture's highest-scoring tile, labelled with the picture's class: for a defect
-    picture without a mask the multiple-instance guess of where its defect is, for a good
-    picture its hardest negative (known clean: an all-zero mask)."""
+    picture without a mask the multiple-instance guess of where its defect is; for a good
+    picture its hardest negatives (known clean: an all-zero mask), one per
+    HARD_NEGATIVE_TILES of its tiles."""
     xs, ys, owner = [], [], []
     for index, inputs in picture_inputs(samples, tiling, color_mode):
         tiles = inputs[:-1] if tiling.whole_frame else inputs
-        best = int(np.argmax(score_inputs(tiles)))
-        xs.append(tiles[best])
-        ys.append(int(classes[index]))
-        owner.append(index)
+        good = int(classes[index]) == pass_class
+        k = max(1, len(tiles) // HARD_NEGATIVE_TILES) if good else 1
+        for best in np.argsort(-score_inputs(tiles), kind="stable")[:k]:
+            xs.append(tiles[int(best)])
+            ys.append(int(classes[index]))
+            owner.append(index)
     y = np.array(ys, np.int64)
     return CropSet(
         x=np.stack(xs) if xs else np.zeros((0, tiling.height, tiling.width, 1 if color_mode == "gray" else 3), np.uint8),
