@@ -54,7 +54,8 @@ def test_every_command_has_help_with_an_example() -> None:
     for name in ("synth", "fit", "eval", "check", "pack", "threshold"):
         assert name in output
         sub_code, sub_output = invoke(name, "--help")
-        assert sub_code == 0 and "Example:" in sub_output, name
+        assert sub_code == 0 and ("Example:" in sub_output or "Examples:" in sub_output), name
+        assert "    linewatch train " + name in sub_output, name  # the example is a runnable command
 
 
 def test_cli_module_does_not_import_tensorflow() -> None:
