@@ -251,6 +251,14 @@ def model_card(manifest: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
         f"- Input: {prep['width']}x{prep['height']} {prep['color_mode']}, resized with `{prep['interpolation']}`, "
         f"pixels / 255; int8 input scale {m['input']['scale']:.6g}, zero point {m['input']['zero_point']}.",
     ]
+    tiling = m.get("tiling")
+    if tiling:
+        lines.append(
+            f"- Tiles: each frame{' (its ROI ' + str(list(tiling['roi'])) + ')' if tiling.get('roi') else ''} resized by "
+            f"{tiling['scale']:g} and cut into {tiling['width']}x{tiling['height']} tiles overlapping by at least "
+            f"{tiling['overlap']:g}{', plus the whole frame squeezed to one tile' if tiling.get('whole_frame') else ''}; "
+            "the part's score is the worst input's, and its box goes with the result (docs/training.md, \"Tiles\")."
+        )
     for w in extra.get("warnings", []):
         lines.append(f"- Data check warning: {w}")
     lines += [
