@@ -639,6 +639,16 @@ def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma
     return strokes
 
 
+def _fibre_path(rng: Rng, length: float, n: int) -> np.ndarray:
+    """A fibre's n points relative to its start: strong, changing curvature (curly, not a
+    scratch), ``length`` pixels long."""
+    curl = rng.normal(0, 2.5) / n * 4
+    turn = curl + rng.normal(0, 0.35, n - 1)
+    heading = rng.uniform(0, 2 * math.pi) + np.concatenate([[0.0], np.cumsum(turn)])
+    steps = np.stack([np.cos(heading), np.sin(heading)], 1) * (length / n)
+    return np.concatenate([[[0.0, 0.0]], np.cumsum(steps[:-1], 0)])
+
+
 def _debris(rng: Rng, size: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Dust specks and fibres, as dark and bright absolute deltas (both classes)."""
     k = size / 160
@@ -654,11 +664,8 @@ def _debris(rng: Rng, size: int) -> tuple[np.ndarray, np.ndarray, int, int]:
     for _ in range(n_fibres):
         length = rng.uniform(0.05, 0.15) * size
         n = max(6, int(length / 0.7))
-        curl = rng.normal(0, 2.5) / n * 4  # strong, changing curvature: curly, not a scratch
-        turn = curl + rng.normal(0, 0.35, n - 1)
-        heading = rng.uniform(0, 2 * math.pi) + np.concatenate([[0.0], np.cumsum(turn)])
-        steps = np.stack([np.cos(heading), np.sin(heading)], 1) * (length / n)
-        pts = rng.uniform(0, size, 2) + np.concatenate([[[0.0, 0.0]], np.cumsum(steps[:-1], 0)])
+        path = _fibre_path(rng, length, n)
+        pts = rng.uniform(0, size, 2) + path
         widths = np.full(n - 1, rng.uniform(0.5, 1.0) * k)
         vals = np.clip(0.7 + 0.3 * _noise1d(rng, n - 1, 4), 0.2, 1.0)
         target = dark if rng.random() < 0.6 else bright
@@ -1204,11 +1211,8 @@ def _frame_marks(rng: Rng, width: int, height: int, face: np.ndarray, face_w: np
     for _ in range(n_fibres):
         length = rng.uniform(30, 160) * s
         n = max(6, int(length / 1.5))
-        curl = rng.normal(0, 2.5) / n * 4  # strong, changing curvature: curly, not a scratch
-        turn = curl + rng.normal(0, 0.35, n - 1)
-        heading = rng.uniform(0, 2 * math.pi) + np.concatenate([[0.0], np.cumsum(turn)])
-        steps = np.stack([np.cos(heading), np.sin(heading)], 1) * (length / n)
-        pts = np.array(on_face()) + np.concatenate([[[0.0, 0.0]], np.cumsum(steps[:-1], 0)])
+        path = _fibre_path(rng, length, n)
+        pts = np.array(on_face()) + path
         widths = np.full(n - 1, rng.uniform(0.6, 1.4))
         vals = np.clip(0.7 + 0.3 * _noise1d(rng, n - 1, 4), 0.2, 1.0)
         target = dark if rng.random() < 0.6 else bright
