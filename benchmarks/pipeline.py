@@ -349,10 +349,12 @@ def agent_run(
     )
     exe = Path(sys.executable).parent / "linewatch"
     t_start = time.perf_counter()
-    proc = subprocess.Popen(
-        [str(exe), "edge", "run", "--config", str(cfg), "--echo"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, bufsize=1,
-    )
+    log = work / "agent.log"
+    with open(log, "wb") as err:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(exe), "edge", "run", "--config", str(cfg), "--echo"], stdout=subprocess.PIPE, stderr=err,
+            text=True, bufsize=1,
+        )
     assert proc.stdout is not None
     stamps: list[float] = []
     lat: list[float] = []
@@ -379,7 +381,8 @@ def agent_run(
     proc.terminate()
     proc.wait(10)
     if len(stamps) < 20:
-        raise SystemExit(f"the agent gave only {len(stamps)} decisions; run `linewatch edge run --config {cfg}` to see why")
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+        raise SystemExit(f"the agent gave only {len(stamps)} decisions (config {cfg}); its last log lines:\n" + "\n".join(tail))
     con = sqlite3.connect(db)
     samples = con.execute("SELECT count(*) FROM samples").fetchone()[0]
     passed = con.execute("SELECT count(*) FROM results WHERE passed = 1").fetchone()[0]
@@ -575,7 +578,7 @@ def report(result: dict[str, Any]) -> str:
 
 def main() -> None:
     args = parse_args()
-    bundle = args.bundle or default_bundle()
+    bundle = (args.bundle or default_bundle()).resolve()  # agent configs resolve relative paths from their own folder
     info = describe_bundle(bundle, args.size)
     shape = info["input_shape"]
     w, h = args.size

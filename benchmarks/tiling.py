@@ -1,9 +1,9 @@
 """Benchmark: a tiled bundle deciding 1920x1080 frames on the box (issue 19, "Box speed").
 
-    .venv/bin/python benchmarks/tiling.py [--frames 200] [--threads 2]
+    .venv/bin/python benchmarks/tiling.py [--frames 200] [--threads 2] [--stems pool strided] [--filters 16 8]
 
-Trains two throw-away tiled bundles (128x128 model inputs, 16 and 8 first-layer filters,
-one epoch on small generated pictures: speed does not depend on the weights), then times
+Trains throw-away tiled bundles (128x128 model inputs, 16 and 8 first-layer filters, the
+pool and the strided stem, one epoch on small generated pictures: speed does not depend on the weights), then times
 ``Classifier.predict`` (cut + lookup table + one batched invoke + max) on full-HD frames
 with LiteRT, for several scales and overlaps (the manifest's tiling is rewritten: the
 model is the same). Also compares one batched invoke per frame with one invoke per tile.
@@ -48,7 +48,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def build_bundle(out: Path, filters: int) -> Path:
+def build_bundle(out: Path, filters: int, stem: str) -> Path:
     from training.pipeline import FitOptions, fit
     from training.tiny import draw_line_pictures
 
@@ -57,7 +57,7 @@ def build_bundle(out: Path, filters: int) -> Path:
         fit(
             Path(tmp),
             out,
-            FitOptions(tile=(128, 128), filters=filters, epochs=1, folds=0, allow_quantization_drop=True, latency_samples=5),
+            FitOptions(tile=(128, 128), filters=filters, stem=stem, epochs=1, folds=0, allow_quantization_drop=True, latency_samples=5),
             echo=lambda line: None,
         )
     return out
@@ -135,21 +135,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stems", nargs="+", default=["pool", "strided"], choices=["pool", "strided"])
+    parser.add_argument("--filters", nargs="+", type=int, default=[16, 8])
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     frames = [frame(s) for s in range(4)]
     result: dict[str, Any] = {"cpu": cpu_name(), "threads": args.threads, "frame": "1920x1080", "models": {}}
     with tempfile.TemporaryDirectory(prefix="lw-tiling-bundles-") as tmp:
-        for filters in (16, 8):
-            bundle = build_bundle(Path(tmp) / f"f{filters}", filters)
+        for filters, stem in [(f, s) for f in args.filters for s in args.stems]:
+            name = f"filters {filters}, {stem} stem"
+            bundle = build_bundle(Path(tmp) / f"f{filters}-{stem}", filters, stem)
             rows = {}
             for scale, overlap in VARIANTS:
                 variant = with_tiling(bundle, Path(tmp) / f"f{filters}-s{scale}-o{overlap}", scale, overlap)
                 rows[f"scale {scale:g}, overlap {overlap:g}"] = time_variant(variant, frames, args.frames, args.threads)
-                print(f"filters {filters}, scale {scale:g}, overlap {overlap:g}: {rows[f'scale {scale:g}, overlap {overlap:g}']}", flush=True)
+                print(f"{name}, scale {scale:g}, overlap {overlap:g}: {rows[f'scale {scale:g}, overlap {overlap:g}']}", flush=True)
             loop = batch_vs_loop(with_tiling(bundle, Path(tmp) / "bl", 0.5, 0.0), frames[0], 30, args.threads)
-            print(f"filters {filters}, batch vs loop at scale 0.5: {loop}", flush=True)
-            result["models"][f"filters {filters}"] = {"variants": rows, "batch_vs_loop_scale_0.5": loop}
+            print(f"{name}, batch vs loop at scale 0.5: {loop}", flush=True)
+            result["models"][name] = {"variants": rows, "batch_vs_loop_scale_0.5": loop}
     (OUT / "tiling.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

@@ -320,6 +320,14 @@ def test_masks_choose_the_map_head_which_sees_local_contrast() -> None:
         probs, cells = trainer(np.full((2, 30, 42, 1), 0.5, np.float32))
         assert probs.shape == (2, 2) and cells.shape == (2, 3, 5, 1)
         assert ("ctx_conv" in {layer.name for layer in classifier.layers}) == context
+    # the strided stem keeps the map's 8x8-pixel cells, with one pooling fewer
+    classifier, trainer = build_networks(2, height=32, width=48, head="map", stem="strided")
+    probs, cells = trainer(np.full((2, 32, 48, 1), 0.5, np.float32))
+    assert probs.shape == (2, 2) and cells.shape == (2, 4, 6, 1)
+    names = {layer.name for layer in classifier.layers}
+    assert "pool1" not in names and classifier.get_layer("conv1_conv").strides == (2, 2)
+    with pytest.raises(ValueError, match="stem"):
+        build_networks(2, stem="sideways")
     # without the context a flat picture has no local contrast: brightness alone does not
     # move the decision (the context gives the map head the level on purpose: edges). The
     # levels are whole grey levels, as a camera's are: the level is rounded to them

@@ -160,6 +160,9 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 # default = training.pipeline.DEFAULT_FILTERS, written out so --help needs no pipeline import (a test checks)
 @click.option("--filters", default=16, show_default=True, type=click.IntRange(2, 128),
               help="Filters of the first conv layer (later layers 2x-16x): wider learns faster, costs inference time.")
+@click.option("--stem", type=click.Choice(["pool", "strided"]), default="pool", show_default=True,
+              help="First layer: 'pool' (full-resolution conv, then max pool) or 'strided' (a stride-2 conv, "
+              "about half the inference time per input).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
 @click.option("--patience", default=8, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
@@ -194,6 +197,7 @@ def fit_command(
     version: str | None,
     name: str | None,
     filters: int,
+    stem: str,
     batch_size: int,
     learning_rate: float,
     patience: int,
@@ -246,6 +250,7 @@ def fit_command(
             version=version,
             name=name,
             filters=filters,
+            stem=stem,
             batch_size=batch_size,
             learning_rate=learning_rate,
             patience=patience,

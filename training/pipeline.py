@@ -144,6 +144,7 @@ class FitOptions:
     scale: float = 1.0
     overlap: float = 0.25
     whole_frame: bool = True
+    stem: str = "pool"  # training/model.py, build_networks: "pool" or "strided"
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -159,6 +160,8 @@ class FitOptions:
             raise ValueError("color mode must be 'gray' or 'rgb'")
         if self.group_by not in ("none", "number"):
             raise ValueError("group_by must be 'none' or 'number'")
+        if self.stem not in ("pool", "strided"):
+            raise ValueError(f"stem must be 'pool' or 'strided', got {self.stem!r}")
         if self.defects not in ("merged", "separate"):
             raise ValueError("defects must be 'merged' or 'separate'")
         if not 0.0 < self.scale <= 4.0:
@@ -591,6 +594,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         patience=opts.patience,
         seed=opts.seed,
         width=opts.filters,
+        stem=opts.stem,
         label_smoothing=opts.label_smoothing,
         map_clip=(None if tiling else 6.0) if opts.map_clip == "auto" else opts.map_clip,  # type: ignore[arg-type]
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
@@ -876,7 +880,7 @@ def _finish(
         "operating_point_shift": round(shift, 4),
         "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
         "augmentation": config.augmentation.to_dict(),
-        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head},
+        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head, "stem": config.stem},
         **({"tiles": _tiles_info(crops)} if crops is not None else {}),
         "masks": {
             "used": trained.used_masks,
