@@ -335,6 +335,15 @@ def test_masks_choose_the_map_head_which_sees_local_contrast() -> None:
     levels = (26 / 255, 230 / 255)
     flat = classifier(np.stack([np.full((30, 42, 1), v, np.float32) for v in levels]), training=False)
     np.testing.assert_allclose(flat[0], flat[1], atol=1e-5)
+    # the shading branch starts silent: at first the decision is the map's alone, whatever
+    # the picture's level
+    plain, _ = build_networks(2, height=32, width=32, head="map", context=False)
+    shaded, _ = build_networks(2, height=32, width=32, head="map", context=False, shading=True)
+    assert shaded.get_layer("probabilities").get_weights()[0].shape == (2, 2)
+    pictures = np.stack([np.full((32, 32, 1), v, np.float32) for v in levels])
+    probs = shaded(pictures, training=False)
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)
+    assert "shade_logit" in {layer.name for layer in shaded.layers} - {layer.name for layer in plain.layers}
 
 
 def test_bounded_activations_and_map_clip_fix_the_int8_ranges() -> None:

@@ -163,6 +163,9 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 @click.option("--stem", type=click.Choice(["pool", "strided"]), default="pool", show_default=True,
               help="First layer: 'pool' (full-resolution conv, then max pool) or 'strided' (a stride-2 conv, "
               "about half the inference time per input).")
+@click.option("--shading/--no-shading", default=False, show_default=True,
+              help="Beside the defect map, a coarse view of the picture's level, for defects that are shading "
+              "across a region rather than a mark.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
 @click.option("--patience", default=8, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
@@ -198,6 +201,7 @@ def fit_command(
     name: str | None,
     filters: int,
     stem: str,
+    shading: bool,
     batch_size: int,
     learning_rate: float,
     patience: int,
@@ -251,6 +255,7 @@ def fit_command(
             name=name,
             filters=filters,
             stem=stem,
+            shading=shading,
             batch_size=batch_size,
             learning_rate=learning_rate,
             patience=patience,

@@ -93,6 +93,9 @@ class TrainConfig:
     # "pool": the first conv at full resolution, then 2x2 max pooling; "strided": the first
     # conv steps by 2 (a 3x3 window still covers every pixel) at a quarter of the cost.
     stem: str = "pool"
+    # The map head's shading branch (build_networks): a coarse view of the raw input beside
+    # the defect map, for defects that are a whole region's level rather than a local mark.
+    shading: bool = False
     # Class targets 1 - e/2 and e/2 instead of 1 and 0: the softmax stops short of 0 and 1,
     # so int8's 256 output steps keep the order of confident parts instead of rounding
     # them all to the end steps (docs/training.md, "Operating point").
@@ -289,6 +292,18 @@ def _local_contrast(x: Any, height: int, width: int, int8_level: bool = True) ->
     return keras.layers.Rescaling(LOCAL_CONTRAST_GAIN, name="local_contrast_gain")(x)
 
 
+def _shading_logit(inputs: Any, filters: int, relu_max: float | None) -> Any:
+    """One logit from the input's 8x8-cell means: the level across the picture."""
+    x = keras.layers.AveragePooling2D(MAP_CELL, name="shade_mean")(inputs)
+    x = _conv_bn_relu(x, filters * 2, 1, "shade1", relu_max=relu_max)
+    x = keras.layers.MaxPooling2D(name="shade_pool")(x)
+    x = _conv_bn_relu(x, filters * 2, 1, "shade2", relu_max=relu_max)
+    pooled = keras.layers.Concatenate(name="shade_pooled")(
+        [keras.layers.GlobalAveragePooling2D(name="shade_gap")(x), keras.layers.GlobalMaxPooling2D(name="shade_gmp")(x)]
+    )
+    return keras.layers.Dense(1, name="shade_logit")(pooled)
+
+
 def build_networks(
     num_classes: int,
     *,
@@ -304,6 +319,7 @@ def build_networks(
     context: bool = True,
     int8_level: bool = True,
     stem: str = "pool",
+    shading: bool = False,
 ) -> tuple[keras.Model, keras.Model]:
     """The inspection CNN, as (classifier, trainer).
 
@@ -341,6 +357,10 @@ def build_networks(
     convolution instead of a full-resolution convolution and a max pool. Its 3x3 windows
     overlap, so a one-pixel line still lands in one; the first layer is about 60 % of a
     128x128 input's inference time with the pool stem, a quarter of that strided.
+    ``shading`` (map head): the input's 8x8-cell means (the raw level the local contrast
+    takes away) through two small convolutions, global average and max pooling and one
+    logit that joins the map's max before the softmax: shading across a region (the
+    magnetic tiles' "uneven") has no local mark for the map to find. It starts silent.
     """
     if stem not in ("pool", "strided"):
         raise ValueError(f"stem must be 'pool' or 'strided', got {stem!r}")
@@ -387,6 +407,8 @@ def build_networks(
             decided = keras.layers.ReLU(max_value=2 * map_clip, name="map_clip")(decided)
             decided = keras.layers.Rescaling(1.0, offset=-map_clip, name="map_clip_down")(decided)
         features = [keras.layers.GlobalMaxPooling2D(name="map_max")(decided)]
+        if shading:
+            features.append(_shading_logit(inputs, filters, relu_max))
     else:
         x = keras.layers.MaxPooling2D(name="pool4")(x)
         x = _separable_block(x, filters * 16, 1, "sep5", relu_max=relu_max)
@@ -401,8 +423,9 @@ def build_networks(
         # decisions from the first step. A random start can have the wrong sign, and then
         # the class loss pushes the map's max down on defect images, against the masks
         # (seen as a run stuck at chance with the map half-trained).
-        dense.set_weights([np.array([[-0.5, 0.5]] if pass_index == 0 else [[0.5, -0.5]], np.float32),
-                           np.zeros(2, np.float32)])
+        start = [[-0.5, 0.5]] if pass_index == 0 else [[0.5, -0.5]]
+        start += [[0.0, 0.0]] * (len(features) - 1)  # the shading logit starts silent
+        dense.set_weights([np.array(start, np.float32), np.zeros(2, np.float32)])
     classifier = keras.Model(inputs, outputs, name="linewatch_cnn")
     trainer = keras.Model(inputs, [outputs, defect_map], name="linewatch_cnn_with_map")
     return classifier, trainer
@@ -559,6 +582,7 @@ def train_model(
         context=config.context,
         int8_level=config.int8_level,
         stem=config.stem,
+        shading=config.shading,
     )
     if initial is not None and initial.trainer is not None:
         trainer.set_weights(initial.trainer.get_weights())

@@ -145,6 +145,7 @@ class FitOptions:
     overlap: float = 0.25
     whole_frame: bool = True
     stem: str = "pool"  # training/model.py, build_networks: "pool" or "strided"
+    shading: bool = False  # the map head's shading branch (training/model.py, build_networks)
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -595,6 +596,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         seed=opts.seed,
         width=opts.filters,
         stem=opts.stem,
+        shading=opts.shading,
         label_smoothing=opts.label_smoothing,
         map_clip=(None if tiling else 6.0) if opts.map_clip == "auto" else opts.map_clip,  # type: ignore[arg-type]
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
@@ -880,7 +882,7 @@ def _finish(
         "operating_point_shift": round(shift, 4),
         "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
         "augmentation": config.augmentation.to_dict(),
-        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head, "stem": config.stem},
+        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head, "stem": config.stem, "shading": config.shading},
         **({"tiles": _tiles_info(crops)} if crops is not None else {}),
         "masks": {
             "used": trained.used_masks,
