@@ -165,7 +165,7 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
               "about half the inference time per input).")
 @click.option("--shading/--no-shading", default=False, show_default=True,
               help="Beside the defect map, a coarse view of the picture's level, for defects that are shading "
-              "across a region rather than a mark.")
+              "across a region rather than a mark (needs many defect pictures: see docs/training.md, Tiles).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
 @click.option("--patience", default=8, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
