@@ -7,6 +7,7 @@ end-to-end test runs the installed ``linewatch`` as a user would (synth -> fit -
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,20 @@ def test_cli_module_does_not_import_tensorflow() -> None:
     code = "import sys, training.cli; sys.exit(1 if 'tensorflow' in sys.modules or 'keras' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
+
+
+def test_tensorflow_loads_without_its_start_up_lines() -> None:
+    """`train fit` imports TensorFlow through import_quietly: its absl and oneDNN notices
+    (printed from C++ whatever TF_CPP_MIN_LOG_LEVEL says) stay out of the command's output."""
+    pytest.importorskip("tensorflow")
+    code = "from training.native import import_quietly; import_quietly('tensorflow'); print('loaded')"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout == "loaded\n" and proc.stderr == "", proc.stderr
+    from training.native import import_quietly
+
+    with pytest.raises(ModuleNotFoundError):
+        import_quietly("linewatch_no_such_module")
 
 
 def test_cli_defaults_are_the_pipelines() -> None:

@@ -8,6 +8,7 @@ no Python logging setting reaches. No TensorFlow import here.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 import tempfile
@@ -45,4 +46,16 @@ def quiet_native_output() -> Iterator[list[str]]:
             captured.append(sink.read().decode("utf-8", "replace"))
 
 
-__all__ = ["quiet_native_output"]
+def import_quietly(name: str) -> None:
+    """Import ``name`` (e.g. "tensorflow") without the lines its native libraries print as
+    they load (TensorFlow: absl's "All log messages before absl::InitializeLog()" and
+    oneDNN's notice, twice, whatever TF_CPP_MIN_LOG_LEVEL says). A failing import shows them."""
+    try:
+        with quiet_native_output() as captured:
+            importlib.import_module(name)
+    except BaseException:
+        sys.stderr.write("".join(captured))
+        raise
+
+
+__all__ = ["import_quietly", "quiet_native_output"]

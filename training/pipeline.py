@@ -40,7 +40,7 @@ from edge.preprocess import quantize_lut, read_image, to_color_mode, to_float
 from edge.protocol import MODEL_FILE, REPORT_DIR, Preprocessing, Tiling
 from edge.tiling import MIN_TILE
 from training import bundle as bundle_mod
-from training import report
+from training import native, report
 from training.dataset import (
     DataReport,
     Split,
@@ -583,7 +583,8 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
 
     epochs = opts.epochs or auto_epochs(len(model_ys["train"]))  # crops, for a tiled fit
 
-    # 3. Train (TensorFlow is imported only from here on).
+    # 3. Train (TensorFlow is imported only from here on, without its start-up lines).
+    native.import_quietly("tensorflow")
     from training import export as export_mod
     from training import model as model_mod
 
