@@ -5,8 +5,10 @@ Per frame (a few tens of microseconds at 640x480, see docs/benchmarks.md "Drift"
     brightness    mean grey level of a strided subsample (every ``stride``-th pixel and row)
     contrast      standard deviation of the same pixels
     histogram     16-bin grey histogram of the same pixels (the manifest reference's bins)
-    sharpness     variance of the Laplacian on a central crop at full resolution (a blur
-                  spreads edges over pixels; a downscaled copy would hide a 2-pixel blur)
+    sharpness     variance of the Laplacian on a central crop at full resolution, divided by
+                  the crop's squared mean brightness (a blur spreads edges over pixels and a downscaled
+                  copy would hide a 2-pixel blur; the division keeps a dimmer lamp from
+                  reading as a blur)
 
 Per part: the model's defect score, whether it failed, whether it lay near the threshold.
 
@@ -50,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 STATES = ("ok", "warning", "drift")
 HIST_BINS = 16  # the trainer's PIXEL_BINS: 16 bins over 0..255
-SHARP_CROP = (128, 128)  # central crop (width, height) for the Laplacian, full resolution
+SHARP_CROP = (192, 48)  # central crop (width, height) for the Laplacian, full resolution
 PSI_EPS = 1e-4  # floor of a bin's share, so an empty bin does not make PSI infinite
 BASELINE_META_KEY = "drift_baseline"
 SCALARS = ("brightness", "contrast", "sharpness", "score")
@@ -123,15 +125,20 @@ def frame_stats(image: np.ndarray, stride: int = 8) -> FrameStats:
     x0, y0 = (w - cw) // 2, (h - ch) // 2
     crop = np.ascontiguousarray(plane[y0 : y0 + ch, x0 : x0 + cw])
     _, lap_std = cv2.meanStdDev(cv2.Laplacian(crop, cv2.CV_16S))
-    return FrameStats(float(mean[0, 0]), float(std[0, 0]), float(lap_std[0, 0]) ** 2, hist)
+    crop_mean = cv2.mean(crop)[0]
+    # Laplacian variance over the crop's squared mean: a dimmer lamp scales both by the
+    # same factor, so only a change in fine detail (blur, a new texture) moves it.
+    sharpness = 1e4 * float(lap_std[0, 0]) ** 2 / max(crop_mean * crop_mean, 1.0)
+    return FrameStats(float(mean[0, 0]), float(std[0, 0]), sharpness, hist)
 
 
 # -- the tests ------------------------------------------------------------------------------
 
 
-def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+def ks_statistic(a: np.ndarray, b: np.ndarray, *, presorted: bool = False) -> float:
     """Two-sample Kolmogorov-Smirnov D: the largest gap between the two empirical CDFs."""
-    a, b = np.sort(a), np.sort(b)  # sorting a sorted baseline again is cheap
+    if not presorted:
+        a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
     cdf_a = np.searchsorted(a, grid, side="right") / len(a)
     cdf_b = np.searchsorted(b, grid, side="right") / len(b)
@@ -290,6 +297,7 @@ class DriftMonitor:
     def _finish_baseline(self, *, store: bool) -> None:
         self.checks = "on"
         self._base_arrays = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in self._base.items()}
+        self._base_median = {k: float(v[len(v) // 2]) for k, v in self._base_arrays.items()}
         ref = self.reference["input"]
         base_share = self._base_hist / max(1, int(self._base_hist.sum()))
         self._vs_training = {
@@ -312,10 +320,11 @@ class DriftMonitor:
         measures: dict[str, Any] = {}
         base = self._base_arrays
         n = min(self._parts, self.settings.window_parts)
+        window = np.sort(self._win[:n].T, axis=1)  # one sorted row per column
         for col, name in enumerate(SCALARS):
-            win = self._win[:n, col]
-            d = ks_statistic(win, base[name])
-            b_med, w_med = float(np.median(base[name])), float(np.median(win))
+            win = window[col]
+            d = ks_statistic(win, base[name], presorted=True)  # the baseline is kept sorted
+            b_med, w_med = self._base_median[name], float(win[n // 2])
             if name == "sharpness":  # kept as log1p(variance): report the ratio of variances
                 change = math.expm1(w_med) / max(math.expm1(b_med), 1e-9) - 1.0
             else:
@@ -333,7 +342,7 @@ class DriftMonitor:
         levels["histogram"] = 2 if p >= PSI_LIMITS[1] else 1 if p >= PSI_LIMITS[0] else 0
         measures["histogram"] = {"psi": round(p, 4), "level": STATES[levels["histogram"]], "direction": 0}
         for name, key in (("fail_rate", "failed"), ("near_threshold", "near")):
-            k_win, k_base = int(self._win[:n, COLUMNS.index(key)].sum()), int(base[key].sum())
+            k_win, k_base = int(window[COLUMNS.index(key)].sum()), int(base[key].sum())
             n_base = len(base[key])
             z = proportion_z(k_win, n, k_base, n_base)
             diff = k_win / n - k_base / n_base
@@ -433,3 +442,17 @@ def banner(drift: dict[str, Any] | None) -> str | None:
         head = "DRIFT" if drift["state"] == "drift" else "Warning"
         return f"{head}: " + ("; ".join(r.split(": ", 1)[-1] for r in reasons) or "the pictures changed")
     return None
+
+
+def describe(drift: dict[str, Any] | None) -> str:
+    """``edge status``'s drift line: the state, how far the checks are, and what to do."""
+    if not drift:
+        return "unknown (the agent has not written a status with drift yet)"
+    checks = drift.get("checks")
+    if checks == "off":
+        return f"off: {drift.get('note') or 'drift checks are off'}"
+    if checks == "baseline":
+        return f"ok (learning this model's usual pictures: {drift.get('baseline_parts', 0)} parts so far)"
+    line = str(drift.get("state", "unknown"))
+    text = banner(drift)
+    return f"{line}: {text.split(': ', 1)[-1]}" if text else line
