@@ -142,20 +142,20 @@ class Sampler:
         return why
 
     def _drift_reason(self, pred: Prediction, measures: tuple[str, ...]) -> str | None:
-        kind: str | None = None
-        if not pred.passed:
-            kind = "fail"
-        elif abs(pred.score - self._threshold()) <= self.cfg.low_confidence_margin:
-            kind = "near_threshold"
-        elif self._rng.random() < 0.05:  # ~5 % of the other parts: what the line looks like now
-            kind = "random"
-        if kind is None:
-            return None
         per_kind = max(1, self._drift_budget // 3) if self._drift_budget else 0
-        if self._drift_taken.get(kind, 0) >= per_kind:
-            return None
-        self._drift_taken[kind] = self._drift_taken.get(kind, 0) + 1
-        return drift_reason(kind, measures)
+        kinds = []
+        if not pred.passed:
+            kinds.append("fail")
+        if abs(pred.score - self._threshold()) <= self.cfg.low_confidence_margin:
+            kinds.append("near_threshold")
+        if self._rng.random() < 0.1:  # ~10 % of parts: what the line looks like now
+            kinds.append("random")
+        # the first kind with budget left: a full kind does not starve the others
+        for kind in kinds:
+            if self._drift_taken.get(kind, 0) < per_kind:
+                self._drift_taken[kind] = self._drift_taken.get(kind, 0) + 1
+                return drift_reason(kind, measures)
+        return None
 
     def encode(
         self, image: np.ndarray, box: tuple[int, int, int, int] | None = None, origin: tuple[int, int] = (0, 0)
@@ -216,7 +216,8 @@ class Agent:
         )
         self.started_at = time.time()
         self.first_decision_at: float | None = None
-        self.counts = {"results": 0, "passed": 0, "failed": 0, "samples": 0, "errors": 0, "sample_errors": 0}
+        self.counts = {"results": 0, "passed": 0, "failed": 0, "samples": 0, "errors": 0, "sample_errors": 0,
+                       "samples_refused": 0}
         self._counts_lock = threading.Lock()  # "errors" is counted by two threads
         self.last: Decision | None = None
         # Only the operator page shows it; without the page no frame is held for it.
@@ -602,6 +603,7 @@ class Agent:
             return None
         record_ms = (time.perf_counter() - t_rec) * 1000.0
         self.counts["samples"] += len(samples)
+        self.counts["samples_refused"] = buffer.samples_refused
         now = time.time()
         for item, seq in zip(items, seqs, strict=True):
             r = item.rec

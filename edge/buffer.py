@@ -685,6 +685,7 @@ class Buffer:
         self.busy_timeout_s = busy_timeout_s
         self.recovery: Recovery | None = None
         self.last_record_ms: float | None = None
+        self.samples_refused = 0  # samples not kept (bad reason, too large): counted, never fatal
         self.max_bytes = 0
         self.synchronous = ""
         self._page_size = 4096
@@ -1163,6 +1164,7 @@ class Buffer:
         try:
             self._check_sample(rec)
         except (ValueError, BufferStoreError) as exc:
+            self.samples_refused += 1
             logger.warning("sample not kept: %s", exc)
             return False
         return True

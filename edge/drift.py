@@ -24,7 +24,8 @@ runs with the checks off, and the status says so.
 Every ``check_every`` parts the last ``window_parts`` parts are compared with the baseline:
 
     brightness, contrast, sharpness, score   two-sample Kolmogorov-Smirnov statistic D
-    histogram                                population stability index (PSI)
+    histogram                                population stability index (PSI), limits no lower
+                                             than the line's own window-to-window noise
     fail_rate, near_threshold                two-proportion z test
 
 Each measure gets a level (0 ok, 1 warning, 2 drift) from both a significance limit and a
@@ -228,6 +229,8 @@ class DriftMonitor:
             self._below = [0, 0, 0]  # consecutive checks with raw level <= index
             self._base: dict[str, list[float]] = {k: [] for k in COLUMNS}
             self._base_hist = np.zeros(HIST_BINS, np.float64)
+            self._base_frame_hists: list[np.ndarray] = []
+            self._psi_limits = PSI_LIMITS
             # The window as ring buffers (a row per part): a check reads them without copying deques.
             self._win = np.zeros((s.window_parts, len(COLUMNS)), np.float64)
             self._win_hist = np.zeros((s.window_parts, HIST_BINS), np.float64)
@@ -251,14 +254,14 @@ class DriftMonitor:
             if data.get("model_sha256") != self.model_sha256 or int(data.get("stride", -1)) != self.settings.stride:
                 return False
             base = {k: [float(v) for v in data["values"][k]] for k in (*SCALARS, "failed", "near")}
-            hist = np.asarray(data["histogram"], dtype=np.float64)
-            if hist.shape != (HIST_BINS,) or len({len(v) for v in base.values()}) != 1 or not base["score"]:
+            hists = np.asarray(data["histograms"], dtype=np.float64)
+            if hists.shape != (len(base["score"]), HIST_BINS) or len({len(v) for v in base.values()}) != 1 or not base["score"]:
                 return False
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("stored drift baseline not usable (%s); learning a new one", exc)
             return False
         with self._lock:
-            self._base, self._base_hist = base, hist
+            self._base, self._base_frame_hists, self._base_hist = base, list(hists), hists.sum(axis=0)
             self._finish_baseline(store=False)
         logger.info("drift baseline of model %s restored (%d parts)", self.model_version, len(base["score"]))
         return True
@@ -278,6 +281,7 @@ class DriftMonitor:
                     for k, v in zip(COLUMNS, row, strict=True):
                         self._base[k].append(v)
                     self._base_hist += fs.histogram
+                    self._base_frame_hists.append(fs.histogram)
                     if len(self._base["score"]) >= self.settings.baseline_parts:
                         self._finish_baseline(store=True)
                     return
@@ -298,6 +302,7 @@ class DriftMonitor:
         self.checks = "on"
         self._base_arrays = {k: np.sort(np.asarray(v, dtype=np.float64)) for k, v in self._base.items()}
         self._base_median = {k: float(v[len(v) // 2]) for k, v in self._base_arrays.items()}
+        self._psi_limits = self._calibrate_psi()
         ref = self.reference["input"]
         base_share = self._base_hist / max(1, int(self._base_hist.sum()))
         self._vs_training = {
@@ -308,10 +313,24 @@ class DriftMonitor:
         if store:
             self._baseline_record = json.dumps({
                 "model_version": self.model_version, "model_sha256": self.model_sha256, "stride": self.settings.stride,
-                "created": time.time(), "histogram": [int(v) for v in self._base_hist],
+                "created": time.time(), "histograms": [[int(v) for v in h] for h in self._base_frame_hists],
                 "values": {k: [round(x, 4) for x in v] for k, v in self._base.items()},
             }, separators=(",", ":"))
         self._since = time.time()
+
+    def _calibrate_psi(self) -> tuple[float, float]:
+        """PSI limits no lower than the usual bands, nor than the line's own window-to-window noise.
+
+        Pixels of one frame move together (a brighter part moves them all), so a window of W
+        frames is W samples, not W x pixels: windows of the baseline's own frames, drawn at
+        random (fixed seed), show how large PSI gets on a line that did not change; the
+        limits are 2x and 3x the largest of those.
+        """
+        frames = np.asarray(self._base_frame_hists, dtype=np.float64)
+        w = min(self.settings.window_parts, len(frames))
+        rng = np.random.default_rng(0)
+        noise = max(psi(frames[rng.integers(0, len(frames), w)].sum(axis=0), self._base_hist) for _ in range(100))
+        return max(PSI_LIMITS[0], 2.0 * noise), max(PSI_LIMITS[1], 3.0 * noise)
 
     # -- checks --------------------------------------------------------------------------
 
@@ -339,8 +358,10 @@ class DriftMonitor:
                               "direction": 1 if w_med > b_med else -1 if w_med < b_med else 0}
         win_hist = self._win_hist[:n].sum(axis=0)
         p = psi(win_hist, self._base_hist)
-        levels["histogram"] = 2 if p >= PSI_LIMITS[1] else 1 if p >= PSI_LIMITS[0] else 0
-        measures["histogram"] = {"psi": round(p, 4), "level": STATES[levels["histogram"]], "direction": 0}
+        lim = self._psi_limits
+        levels["histogram"] = 2 if p >= lim[1] else 1 if p >= lim[0] else 0
+        measures["histogram"] = {"psi": round(p, 4), "limits": [round(v, 4) for v in lim], "level": STATES[levels["histogram"]],
+                                 "direction": 0}
         for name, key in (("fail_rate", "failed"), ("near_threshold", "near")):
             k_win, k_base = int(window[COLUMNS.index(key)].sum()), int(base[key].sum())
             n_base = len(base[key])
