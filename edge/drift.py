@@ -2,7 +2,8 @@
 
 Per frame (a few tens of microseconds at 640x480, see docs/benchmarks.md "Drift"):
 
-    brightness    mean grey level of a strided subsample (every ``stride``-th pixel and row)
+    brightness    mean grey level of a strided subsample (every ``stride``-th pixel and row
+                  of a 640x480 frame; larger frames are subsampled further, to as many pixels)
     contrast      standard deviation of the same pixels
     histogram     16-bin grey histogram of the same pixels (the manifest reference's bins)
     sharpness     variance of the Laplacian on a central crop at full resolution, divided by
@@ -118,10 +119,12 @@ def frame_stats(image: np.ndarray, stride: int = 8) -> FrameStats:
     weight (0.59) and needs no colour conversion, which would cost more than the rest.
     """
     plane = image if image.ndim == 2 else image[:, :, 0 if image.shape[2] == 1 else 1]
-    sub = np.ascontiguousarray(plane[::stride, ::stride])
+    h, w = plane.shape[:2]
+    # ``stride`` is for 640x480: a larger frame is subsampled further, to about as many pixels
+    step = max(1, round(stride * math.sqrt(h * w / (640 * 480)))) if h * w > 640 * 480 else stride
+    sub = np.ascontiguousarray(plane[::step, ::step])
     mean, std = cv2.meanStdDev(sub)
     hist = cv2.calcHist([sub], [0], None, [HIST_BINS], [0, 256]).ravel()
-    h, w = plane.shape[:2]
     cw, ch = min(w, SHARP_CROP[0]), min(h, SHARP_CROP[1])
     x0, y0 = (w - cw) // 2, (h - ch) // 2
     crop = np.ascontiguousarray(plane[y0 : y0 + ch, x0 : x0 + cw])
