@@ -19,7 +19,8 @@ and edge.drift.DriftMonitor with the agent's default drift settings:
 
 Writes bench-out/drift.json and prints a summary.
 
-    python benchmarks/drift.py [--clean N] [--shift-at N] [--after N] [--paced-frames N] [--bundle DIR]
+    python benchmarks/drift.py [--clean N] [--shift-at N] [--after N] [--paced-frames N] [--pairs N] [--bundle DIR]
+    python benchmarks/drift.py --latency-only [--pairs N]     # the paced runs again, on a quieter box
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -193,7 +196,7 @@ def run_clean(runner: Runner, parts: int) -> dict[str, Any]:
     }
 
 
-def paced_latency(bundle: Path, frames: int, fps: float) -> dict[str, Any]:
+def paced_latency(bundle: Path, frames: int, fps: float, pairs: int = 2) -> dict[str, Any]:
     from training.synth import render_video
 
     runs: list[dict[str, Any]] = []
@@ -203,11 +206,19 @@ def paced_latency(bundle: Path, frames: int, fps: float) -> dict[str, Any]:
         render_video(video, parts=frames, seed=SHIFT_SEED, fps=30, size=SIZE)
         # baseline of 100 parts: the checks run during most of the measured minute
         modes = {"on": "[drift]\nbaseline_parts = 100\n", "off": "[drift]\nenabled = false\n"}
-        for mode in ("on", "off", "on", "off"):
+        for mode in ("on", "off") * pairs:
             r = agent_run(bundle, video, work, frames, fps=fps, extra=modes[mode])
-            runs.append({"mode": mode, **{k: r[k] for k in ("latency_p50_ms", "latency_p99_ms", "cpu_ms_per_frame", "fps")}})
+            drift = json.loads((work / "buffer.status.json").read_text()).get("drift") or {}
+            with sqlite3.connect(work / "buffer.db") as con:
+                drift_samples = con.execute("SELECT count(*) FROM samples WHERE reason LIKE 'drift%'").fetchone()[0]
+                drift_events = con.execute("SELECT count(*) FROM events WHERE kind = 'drift_state'").fetchone()[0]
+            runs.append({"mode": mode, **{k: r[k] for k in ("latency_p50_ms", "latency_p99_ms", "cpu_ms_per_frame", "fps",
+                                                            "samples")},
+                         "drift_state": drift.get("state"), "drift_checks": drift.get("checks"),
+                         "drift_samples": drift_samples, "drift_events": drift_events})
             print(f"  paced {mode}: p50 {r['latency_p50_ms']:.2f} ms, p99 {r['latency_p99_ms']:.2f} ms, "
-                  f"cpu {r['cpu_ms_per_frame']:.2f} ms/frame", flush=True)
+                  f"cpu {r['cpu_ms_per_frame']:.2f} ms/frame, samples {r['samples']} (drift {drift_samples}), "
+                  f"drift {drift.get('state')}/{drift.get('checks')}, load {os.getloadavg()[0]:.1f}", flush=True)
     out: dict[str, Any] = {"runs": runs, "pace_fps": fps, "frames": frames}
     for mode in ("on", "off"):
         sel = [r for r in runs if r["mode"] == mode]
@@ -225,11 +236,20 @@ def main() -> None:
     ap.add_argument("--shift-at", type=int, default=1_000, help="part at which each shift starts")
     ap.add_argument("--after", type=int, default=300, help="parts run after the shift starts")
     ap.add_argument("--paced-frames", type=int, default=900, help="frames per paced agent run (0: skip)")
+    ap.add_argument("--pairs", type=int, default=2, help="paced runs per mode (on, off, on, off, ...)")
+    ap.add_argument("--latency-only", action="store_true", help="only the paced agent runs (merged into bench-out/drift.json)")
     args = ap.parse_args()
     bundle = args.bundle or default_bundle()
     OUT.mkdir(exist_ok=True)
     result: dict[str, Any] = {"machine": machine(), "bundle": str(bundle), "size": list(SIZE),
                               "command": "python " + " ".join(sys.argv)}
+    if args.latency_only:
+        old = json.loads((OUT / "drift.json").read_text()) if (OUT / "drift.json").exists() else {}
+        old["latency"] = paced_latency(bundle, args.paced_frames, 30.0, args.pairs)
+        old["latency"]["machine"], old["latency"]["command"] = machine(), result["command"]
+        (OUT / "drift.json").write_text(json.dumps(old, indent=2, default=str))
+        print(json.dumps({k: v for k, v in old["latency"].items() if k != "runs"}, indent=1, default=str))
+        sys.exit(0 if old["latency"]["met"] else 1)
     runner = Runner(bundle)
     result["settings"] = runner.settings.__dict__
     print(f"bundle {bundle} ({runner.clf.manifest.version}), frames {SIZE[0]}x{SIZE[1]}", flush=True)
@@ -244,7 +264,7 @@ def main() -> None:
     result["fail_share"] = round(runner.failed / max(1, runner.parts), 4)
     result["in_process_s"] = round(time.monotonic() - t0, 1)
     if args.paced_frames:
-        result["latency"] = paced_latency(bundle, args.paced_frames, 30.0)
+        result["latency"] = paced_latency(bundle, args.paced_frames, 30.0, args.pairs)
     (OUT / "drift.json").write_text(json.dumps(result, indent=2, default=str))
     c, cl = result["cost"], result["clean"]
     print(json.dumps({
