@@ -334,9 +334,11 @@ def fsync_floor(folder: Path, count: int = 200, pause_s: float = 0.005) -> list[
 
 
 def agent_run(
-    bundle: Path, video: Path, work: Path, frames: int, fps: float | None = None, synchronous: str = "FULL"
+    bundle: Path, video: Path, work: Path, frames: int, fps: float | None = None, synchronous: str = "FULL",
+    extra: str = "",
 ) -> dict[str, Any]:
-    """The real agent on ``video`` until ``frames`` decisions (paced at ``fps`` when given)."""
+    """The real agent on ``video`` until ``frames`` decisions (paced at ``fps`` when given);
+    ``extra`` is appended to its config (benchmarks/drift.py turns drift checks on and off)."""
     cfg = work / "agent.toml"
     db = work / "buffer.db"
     for suffix in ("", "-wal", "-shm"):
@@ -345,7 +347,7 @@ def agent_run(
     cfg.write_text(
         f'device_id = "bench"\n[camera]\nsource = "{video}"\n{pace}[model]\npath = "{bundle}"\n'
         f'[buffer]\npath = "{db}"\nsynchronous = "{synchronous}"\n[mqtt]\nenabled = false\n'
-        "[operator]\nenabled = false\n"
+        "[operator]\nenabled = false\n" + extra
     )
     exe = Path(sys.executable).parent / "linewatch"
     t_start = time.perf_counter()

@@ -66,7 +66,10 @@ def serve(config_file: Path) -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per device.")
 def fleet(config_file: Path | None, as_json: bool) -> None:
-    """Show every device: online, offline_buffering or dead, rows stored, backlog, gaps.
+    """Show every device: online, offline_buffering or dead, rows stored, backlog, gaps, drift.
+
+    ``drift`` is the device's own report (ok, warning, drift, or off when its model has no
+    reference statistics); `linewatch cloud drift` shows the history.
 
     Example:
 
@@ -81,12 +84,12 @@ def fleet(config_file: Path | None, as_json: bool) -> None:
     if not devices:
         click.echo("no devices yet")
         return
-    click.echo(f"{'device':<24} {'state':<18} {'results':>9} {'backlog':>8} {'evicted':>8}  model  last seen")
+    click.echo(f"{'device':<24} {'state':<18} {'results':>9} {'backlog':>8} {'evicted':>8}  {'drift':<8} model  last seen")
     for d in devices:
         ago = "never" if d["last_seen_s_ago"] is None else f"{d['last_seen_s_ago']:.0f} s ago"
         click.echo(
             f"{d['device_id']:<24} {d['state']:<18} {d['results']:>9} {d['backlog'] if d['backlog'] is not None else '-':>8}"
-            f" {d['evicted']:>8}  {d['model_version'] or '-'}  {ago}"
+            f" {d['evicted']:>8}  {drift_word(d.get('drift')):<8} {d['model_version'] or '-'}  {ago}"
         )
 
 
@@ -141,7 +144,22 @@ def counters(config_file: Path | None, as_json: bool) -> None:
         click.echo(f"{name:>32}: {value}")
 
 
+def drift_word(drift: dict[str, Any] | None) -> str:
+    """One word for the fleet table: ok, warning, drift, off, learning, or - (not reported)."""
+    if not drift:
+        return "-"
+    if drift.get("checks") == "off":
+        return "off"
+    if drift.get("checks") == "baseline":
+        return "learning"
+    return str(drift.get("state") or "-")
+
+
+# Drift history and drift samples (cloud/drift_cli.py).
+from cloud.drift_cli import register as _register_drift  # noqa: E402 - attaches to the group below
+
 # Registry, signing keys, push and rollout commands (cloud/ota_cli.py).
 from cloud.ota_cli import register as _register_ota  # noqa: E402 - attaches to the group above
 
 _register_ota(cloud)
+_register_drift(cloud)

@@ -426,6 +426,8 @@ class SQLiteStore:
                     "last_seen": r["last_seen"],
                     "last_seen_s_ago": None if r["last_seen"] is None else round(now - r["last_seen"], 1),
                     "first_seen": r["first_seen"],
+                    # the device's own drift report from its last status (docs/sync.md, "Drift")
+                    "drift": _status_drift(r["status"]),
                 }
             )
         return out
@@ -444,11 +446,57 @@ class SQLiteStore:
             rows = self.db.conn.execute("SELECT * FROM gaps WHERE device_id = ? ORDER BY seq", (device_id,)).fetchall()
         return [dict(r) for r in rows]
 
-    def samples(self, device_id: str | None = None) -> list[dict[str, Any]]:
-        """Sample index rows, with the absolute file path."""
-        sql = "SELECT * FROM samples" + (" WHERE device_id = ?" if device_id else "") + " ORDER BY device_id, seq"
-        rows = self.db.conn.execute(sql, (device_id,) if device_id else ()).fetchall()
+    def samples(
+        self, device_id: str | None = None, *, since: float | None = None, until: float | None = None,
+        reason: str | None = None, limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Sample index rows, with the absolute file path, oldest first per device.
+
+        ``since``/``until`` bound the part's time (inclusive); ``reason`` matches the reason
+        or its start, so ``drift`` finds every ``drift_<kind>:<measures>`` sample.
+        """
+        where: list[str] = []
+        args: list[Any] = []
+        if device_id:
+            where.append("device_id = ?")
+            args.append(device_id)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("ts <= ?")
+            args.append(until)
+        if reason:
+            where.append("substr(reason, 1, ?) = ?")
+            args += [len(reason), reason]
+        sql = "SELECT * FROM samples" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY device_id, seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        rows = self.db.conn.execute(sql, args).fetchall()
         return [{**dict(r), "file": str(self.samples_dir / r["path"])} for r in rows]
+
+    def drift_history(self, device_id: str | None = None, *, limit: int = 1000) -> list[dict[str, Any]]:
+        """Drift state changes the devices reported (``drift_state`` events), oldest first."""
+        sql = "SELECT device_id, seq, ts, detail FROM events WHERE kind = 'drift_state'"
+        args: list[Any] = []
+        if device_id:
+            sql += " AND device_id = ?"
+            args.append(device_id)
+        sql += " ORDER BY ts, device_id, seq LIMIT ?"
+        args.append(limit)
+        out = []
+        for r in self.db.conn.execute(sql, args).fetchall():
+            try:
+                detail = json.loads(r["detail"]) if r["detail"] else {}
+            except ValueError:
+                detail = {}
+            detail = detail if isinstance(detail, dict) else {}
+            out.append({"device_id": r["device_id"], "seq": r["seq"], "ts": r["ts"], "state": detail.get("state"),
+                        "previous": detail.get("previous"), "reasons": detail.get("reasons") or [],
+                        "why": detail.get("why"), "model_version": detail.get("model_version"),
+                        "measures": detail.get("measures") or {}})
+        return out
 
     def close(self) -> None:
         self.db.conn.close()
@@ -458,6 +506,15 @@ class SQLiteStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _status_drift(body: str | None) -> dict[str, Any] | None:
+    """The ``drift`` object of a stored status message, or None (older agents, no status yet)."""
+    try:
+        drift = json.loads(body).get("drift") if body else None
+    except (ValueError, AttributeError):
+        return None
+    return drift if isinstance(drift, dict) else None
 
 
 def _result_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from edge.annotate import LastFailure, draw_box, shrink
 from edge.buffer import Buffer, ResultRecord, SampleRecord, nice_this_thread
 from edge.capture import CameraState, Capture, Frame, open_source, parse_source
 from edge.config import AgentConfig
+from edge.drift import BASELINE_META_KEY, DriftMonitor, DriftSettings
 from edge.exceptions import BufferStoreError
 from edge.inference import Classifier, Prediction
 from edge.models import ModelStore
@@ -99,20 +100,32 @@ class _Decided:
 
 
 class Sampler:
-    """Chooses which frames are kept as JPEG samples, within hourly budgets."""
+    """Chooses which frames are kept as JPEG samples, within hourly budgets.
+
+    While drift measures are out of band, a separate hourly budget (``drift.samples_per_hour``)
+    keeps pictures that show it, a third each at most for failures, the parts nearest the
+    threshold and random parts, tagged ``drift_<kind>:<measures>``; the normal budget goes on
+    beside it and alone once the measures are back in band.
+    """
 
     def __init__(self, config: AgentConfig, threshold: Callable[[], float], seed: int | None = None) -> None:
         self.cfg = config.sampling
+        self._drift_budget = config.drift.samples_per_hour
         self._threshold = threshold
         self._rng = random.Random(seed)
         self._hour = -1
         self._taken = 0
         self._reservoir_taken = 0
+        self._drift_taken: dict[str, int] = {}
 
-    def reason(self, pred: Prediction, now: float) -> str | None:
+    def reason(self, pred: Prediction, now: float, drift: tuple[str, ...] = ()) -> str | None:
         hour = int(now // 3600)
         if hour != self._hour:
-            self._hour, self._taken, self._reservoir_taken = hour, 0, 0
+            self._hour, self._taken, self._reservoir_taken, self._drift_taken = hour, 0, 0, {}
+        if drift:
+            drift_why = self._drift_reason(pred, drift)
+            if drift_why is not None:
+                return drift_why
         if self._taken >= self.cfg.max_per_hour:
             return None
         why: str | None = None
@@ -128,6 +141,22 @@ class Sampler:
             self._taken += 1
         return why
 
+    def _drift_reason(self, pred: Prediction, measures: tuple[str, ...]) -> str | None:
+        per_kind = max(1, self._drift_budget // 3) if self._drift_budget else 0
+        kinds = []
+        if not pred.passed:
+            kinds.append("fail")
+        if abs(pred.score - self._threshold()) <= self.cfg.low_confidence_margin:
+            kinds.append("near_threshold")
+        if self._rng.random() < 0.1:  # ~10 % of parts: what the line looks like now
+            kinds.append("random")
+        # the first kind with budget left: a full kind does not starve the others
+        for kind in kinds:
+            if self._drift_taken.get(kind, 0) < per_kind:
+                self._drift_taken[kind] = self._drift_taken.get(kind, 0) + 1
+                return drift_reason(kind, measures)
+        return None
+
     def encode(
         self, image: np.ndarray, box: tuple[int, int, int, int] | None = None, origin: tuple[int, int] = (0, 0)
     ) -> tuple[bytes, int, int]:
@@ -139,6 +168,20 @@ class Sampler:
         if not ok:
             raise ValueError("JPEG encoding failed")
         return buf.tobytes(), image.shape[1], image.shape[0]
+
+
+def drift_reason(kind: str, measures: tuple[str, ...]) -> str:
+    """``drift_<kind>:<measure>+<measure>``, within the 64 characters a sample's reason may hold."""
+    return f"drift_{kind}:{'+'.join(measures)}"[:64]
+
+
+def drift_settings(config: AgentConfig) -> DriftSettings:
+    d = config.drift
+    return DriftSettings(
+        enabled=d.enabled, baseline_parts=d.baseline_parts, window_parts=d.window_parts, check_every=d.check_every,
+        persist_checks=d.persist_checks, clear_checks=d.clear_checks, stride=d.stride, near_margin=d.near_margin,
+        samples_per_hour=d.samples_per_hour,
+    )
 
 
 class Agent:
@@ -166,9 +209,15 @@ class Agent:
             on_state_change=self._on_camera_change,
         )
         self.sampler = Sampler(config, lambda: self.classifier.manifest.threshold)
+        m = self.classifier.manifest
+        self.drift = DriftMonitor(
+            drift_settings(config), model_version=m.version, model_sha256=m.model.sha256, threshold=m.threshold,
+            reference=m.reference,
+        )
         self.started_at = time.time()
         self.first_decision_at: float | None = None
-        self.counts = {"results": 0, "passed": 0, "failed": 0, "samples": 0, "errors": 0}
+        self.counts = {"results": 0, "passed": 0, "failed": 0, "samples": 0, "errors": 0, "sample_errors": 0,
+                       "samples_refused": 0}
         self._counts_lock = threading.Lock()  # "errors" is counted by two threads
         self.last: Decision | None = None
         # Only the operator page shows it; without the page no frame is held for it.
@@ -213,7 +262,10 @@ class Agent:
     def _take_events(self) -> list[tuple[str, dict[str, Any]]]:
         with self._events_lock:
             events, self._events = self._events, []
-        return events
+        drift_events = self.drift.take_events()
+        if drift_events:
+            self._status_due.set()  # a drift state change shows at once
+        return events + drift_events
 
     def _count_error(self) -> None:
         with self._counts_lock:
@@ -348,6 +400,13 @@ class Agent:
             old = self.classifier
             self.classifier = nxt
             self.note_event("model_switched", old=old.version, new=nxt.version)
+            # The new model's reference replaces the old one and its statistics start afresh:
+            # its first parts become its baseline, so the swap itself never reads as drift.
+            m = nxt.manifest
+            self.drift.reset(
+                model_version=m.version, model_sha256=m.model.sha256, threshold=m.threshold, reference=m.reference,
+                why=f"model switched to {m.version}",
+            )
             self._status_due.set()
             logger.info("model switched %s -> %s", old.version, nxt.version)
 
@@ -364,6 +423,7 @@ class Agent:
             if image.size == 0:
                 raise ValueError(f"camera.roi {list(roi or ())} lies outside the {frame.image.shape[1]}x{frame.image.shape[0]} frame")
             pred = clf.predict(image)
+            self.drift.observe(image, pred.score, pred.passed)  # never raises; ~0.2 ms at 640x480 (docs/benchmarks.md)
             if self.ota is not None:
                 self.ota.observe(pred, clf.version)  # health watch after a model switch
         except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the line
@@ -386,7 +446,7 @@ class Agent:
             invoke_ms=pred.invoke_ms,
             box=frame_box(pred.box, origin),
         )
-        why = self.sampler.reason(pred, frame.ts)
+        why = self.sampler.reason(pred, frame.ts, self.drift.out_of_band())
         keep = why is not None or (not pred.passed and self.last_failure is not None)
         return _Decided(rec, frame.ts, why, image if keep else None, origin)
 
@@ -423,6 +483,9 @@ class Agent:
         # The newest committed row is exact even after kill -9; meta covers an emptied table.
         part_id = max(int(buffer.meta_get("last_part_id") or 0), int(last.get("part_id") or 0))
         self._first_part_id = part_id
+        # Same model as before the restart: keep its baseline rather than relearn "usual"
+        # from a line that may have drifted meanwhile.
+        self.drift.restore(buffer.meta_get(BASELINE_META_KEY))
         buffer.record_results(
             [],
             events=[
@@ -455,7 +518,10 @@ class Agent:
                 part_id = int(items[-1].rec.part_id or part_id)
                 if time.monotonic() - last_meta >= STATUS_INTERVAL_S:
                     meta, last_meta = {"last_part_id": str(part_id)}, time.monotonic()
-            if items or events or encoded:
+            baseline = self.drift.take_baseline_record()
+            if baseline is not None:
+                meta = {**(meta or {}), BASELINE_META_KEY: baseline}
+            if items or events or encoded or meta:
                 try:
                     committed = self._commit_and_report(buffer, items, encoded, events, meta)
                 except Exception as exc:  # noqa: BLE001 - the writer must outlive any one failure
@@ -537,6 +603,7 @@ class Agent:
             return None
         record_ms = (time.perf_counter() - t_rec) * 1000.0
         self.counts["samples"] += len(samples)
+        self.counts["samples_refused"] = buffer.samples_refused
         now = time.time()
         for item, seq in zip(items, seqs, strict=True):
             r = item.rec
@@ -588,6 +655,7 @@ class Agent:
         try:
             jpeg, w, h = self.sampler.encode(item.image, box, item.origin)
         except Exception as exc:  # noqa: BLE001 - a sample is a nice-to-have, the decision is kept
+            self.counts["sample_errors"] += 1
             logger.warning("sample for part at %s not kept: %s", item.frame_ts, exc)
             return None
         return SampleRecord(
@@ -719,6 +787,7 @@ class Agent:
             "decisions_waiting": self._decided.qsize(),
             "buffer_bytes": stats.get("bytes_used"),
             "evictions": stats.get("evictions"),
+            "drift": self.drift.snapshot(),
             "last_decision": None if last is None else {**_decision_info(last), "latency_ms": last.latency_ms},
             # the operator page's last failed part (its picture: GET /api/last-fail.jpg)
             "last_failure": None if self.last_failure is None else self.last_failure.info(),

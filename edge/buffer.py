@@ -133,6 +133,8 @@ MAX_EVENT_DETAIL_CHARS = 8 * 1024
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 TABLES = ("results", "samples", "events", "gaps")
 SAMPLE_REASONS = ("fail", "low_confidence", "reservoir")
+# Drift samples (edge/drift.py): ``drift_<kind>:<measure>+<measure>``, at most 64 characters.
+DRIFT_SAMPLE_KINDS = ("fail", "near_threshold", "random")
 _BOX_COLUMNS = ("box_x", "box_y", "box_w", "box_h")  # results: the box as four nullable ints
 _NO_BOX = (None, None, None, None)
 EVENT_KINDS = (
@@ -207,13 +209,21 @@ class SampleRecord:
     """One JPEG frame kept for labelling, with why it was kept."""
 
     ts: float
-    reason: str  # one of SAMPLE_REASONS
+    reason: str  # one of SAMPLE_REASONS, or drift_<kind>:<measures> (sample_reason_ok)
     label: str
     score: float
     width: int
     height: int
     jpeg: bytes = field(repr=False)
     result_seq: int | None = None
+
+
+def sample_reason_ok(reason: str) -> bool:
+    """A reason the sampler gives: a normal one, or a drift one naming its kind (and measures)."""
+    if reason in SAMPLE_REASONS:
+        return True
+    kind = reason[len("drift_"):].split(":", 1)[0] if reason.startswith("drift_") else None
+    return kind in DRIFT_SAMPLE_KINDS and len(reason) <= 64
 
 
 @dataclass(frozen=True)
@@ -675,6 +685,7 @@ class Buffer:
         self.busy_timeout_s = busy_timeout_s
         self.recovery: Recovery | None = None
         self.last_record_ms: float | None = None
+        self.samples_refused = 0  # samples not kept (bad reason, too large): counted, never fatal
         self.max_bytes = 0
         self.synchronous = ""
         self._page_size = 4096
@@ -1153,13 +1164,17 @@ class Buffer:
         try:
             self._check_sample(rec)
         except (ValueError, BufferStoreError) as exc:
+            self.samples_refused += 1
             logger.warning("sample not kept: %s", exc)
             return False
         return True
 
     def _check_sample(self, rec: SampleRecord) -> None:
-        if rec.reason not in SAMPLE_REASONS:
-            raise ValueError(f"sample reason {rec.reason!r}; use one of {', '.join(SAMPLE_REASONS)}")
+        if not sample_reason_ok(rec.reason):
+            raise ValueError(
+                f"sample reason {rec.reason!r}; use one of {', '.join(SAMPLE_REASONS)}"
+                f" or drift_<{'|'.join(DRIFT_SAMPLE_KINDS)}>:<measures>"
+            )
         limit = self.max_bytes // MAX_SAMPLE_FRACTION
         if len(rec.jpeg) > limit:
             raise BufferStoreError(

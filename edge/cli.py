@@ -170,8 +170,11 @@ def status(config_file: Path, as_json: bool) -> None:
     if as_json:
         echo_json(report)
         return
+    from edge.drift import describe
+
     for key in sorted(report):
-        click.echo(f"{key:>18}: {report[key]}")
+        value = describe(report[key]) if key == "drift" else report[key]
+        click.echo(f"{key:>18}: {value}")
 
 
 @edge.command("results")

@@ -100,6 +100,22 @@ class SamplingConfig(_Section):
     )
 
 
+class DriftConfig(_Section):
+    """Drift checks: is the line still like it was when this model went live (docs/agent.md, "Drift")."""
+
+    enabled: bool = Field(default=True, description="false turns the checks off (the status says so)")
+    baseline_parts: int = Field(default=500, ge=20, le=20_000, description="parts after a model goes live that define usual")
+    window_parts: int = Field(default=200, ge=10, le=5_000, description="recent parts compared with the baseline")
+    check_every: int = Field(default=25, ge=1, le=5_000, description="parts between two comparisons")
+    persist_checks: int = Field(default=3, ge=1, le=100, description="consecutive checks out of band before the state rises")
+    clear_checks: int = Field(default=6, ge=1, le=100, description="consecutive checks in band before the state falls")
+    stride: int = Field(default=8, ge=1, le=64, description="every n-th pixel of every n-th row feeds the picture measures")
+    near_margin: float = Field(default=0.1, gt=0, le=0.5, description="a part within this of the threshold counts as borderline")
+    samples_per_hour: int = Field(
+        default=60, ge=0, le=3600, description="pictures kept per hour while a measure is out of band (on top of sampling)"
+    )
+
+
 class MqttConfig(_Section):
     """The broker the agent syncs through; inspection never waits for it."""
 
@@ -150,6 +166,7 @@ class AgentConfig(_Section):
     model: ModelConfig
     buffer: BufferConfig
     sampling: SamplingConfig = SamplingConfig()
+    drift: DriftConfig = DriftConfig()
     mqtt: MqttConfig = MqttConfig()
     ota: OtaConfig = OtaConfig()
     operator: OperatorConfig = OperatorConfig()

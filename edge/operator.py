@@ -7,7 +7,10 @@ and inspects without the page.
 
     GET /                    the page (refreshes itself every second)
     GET /api/status          the agent's status snapshot as JSON (``last_failure``: seq,
-                             part_id, ts, label, score, box of the part the picture shows)
+                             part_id, ts, label, score, box of the part the picture shows;
+                             ``drift``: shown as a banner above the verdict while a drift
+                             check is at warning or drift, e.g. "images darker than usual:
+                             check the lighting")
     GET /api/recent          the last 30 decisions as JSON
     GET /api/last-fail.jpg   the last failed part's picture (the ROI the model saw), the
                              deciding tile outlined in red; 404 before the first failure.
@@ -44,10 +47,14 @@ PAGE = """<!doctype html>
  .card{background:#222;padding:10px;border-radius:6px}.card div{font-size:1.8em;font-weight:700}
  table{width:100%;border-collapse:collapse}td{padding:3px 8px;border-bottom:1px solid #333}
  .warn{color:#ffb347}
+ #drift{display:none;padding:14px 20px;font-size:1.6em;font-weight:700}
+ #drift.warning{display:block;background:#8a5a00}#drift.drift{display:block;background:#b34700}
+ #drift.off{display:block;background:#333;font-size:1em;font-weight:400}
  img{max-width:100%;border:2px solid #9b1111}
  section{padding:10px 20px}
 </style></head><body>
 <header><b>Linewatch</b><span id="device"></span><span id="model"></span><span id="camera"></span></header>
+<div id="drift"></div>
 <div id="verdict" class="idle">&mdash;</div>
 <div class="grid">
  <div class="card">inspected<div id="results">0</div></div>
@@ -70,6 +77,12 @@ async function tick(){
   const cam=document.getElementById('camera');
   cam.textContent='camera '+s.camera.state+(s.camera.dropped?' \\u2014 '+s.camera.dropped+' frames dropped':'');
   cam.className=s.camera.state==='up'?'':'warn';
+  const dr=s.drift, db=document.getElementById('drift');
+  if(dr&&dr.checks==='off'){db.className='off';db.textContent=dr.note||'drift checks are off';}
+  else if(dr&&(dr.state==='warning'||dr.state==='drift')){
+   db.className=dr.state;
+   db.textContent=(dr.state==='drift'?'DRIFT: ':'Warning: ')+((dr.reasons||[]).map(x=>x.split(': ').slice(1).join(': ')).join(' \u2014 ')||'the pictures changed');
+  }else{db.className='';db.textContent='';}
   const d=s.last_decision, v=document.getElementById('verdict');
   if(d){v.textContent=d.passed?'PASS':'FAIL '+d.label;v.className=d.passed?'pass':'fail';}
   const c=s.session;

@@ -88,4 +88,7 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "session": live.get("session"),
         # the MQTT drain's child process: {pid, alive, restarts}; None with mqtt.enabled = false
         "sync_process": live.get("sync_process") if state == "running" else None,
+        # {state: ok|warning|drift, checks: off|baseline|on, reasons, measures, ...} (docs/agent.md, "Drift");
+        # the last one the agent wrote, also after it stopped
+        "drift": live.get("drift"),
     }

@@ -290,8 +290,8 @@ def model_card(manifest: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
         "- Recall near the target is an estimate from the defects behind it (see the lower bound above), and "
         "defects unlike the training ones may pass.",
         "- Lighting, camera, focus or part changes shift the inputs; the agent compares live inputs and scores "
-        "with the reference statistics in the manifest to flag drift, which calls for new labelled images and "
-        "retraining.",
+        "with those of this model's first parts on the line, and reports how far they are from the reference "
+        "statistics in the manifest, to flag drift, which calls for new labelled images and retraining.",
         "- Images are downscaled to the model size: defects much thinner than one model pixel may be lost.",
     ]
     if extra.get("gate_message"):
