@@ -400,8 +400,9 @@ def _rollouts(reader: StoreReader, *, limit: int = 50, rollout_id: str | None = 
         by_state: dict[str, int] = {}
         for d in deps:
             by_state[d["state"] or "waiting"] = by_state.get(d["state"] or "waiting", 0) + 1
-        out.append({**dict(r), "devices": json.loads(r["devices"] or "[]"), "canary": json.loads(r["canary"] or "[]"),
-                    "deployments": deps, "by_state": by_state})  # fmt: skip
+        # the rollout row keeps the --canary spec ("1", "25%"); the deployments name the canaries
+        out.append({**dict(r), "devices": json.loads(r["devices"] or "[]"), "canary_spec": r["canary"],
+                    "canary": [d["device_id"] for d in deps if d["phase"] == "canary"], "deployments": deps, "by_state": by_state})  # fmt: skip
     return out
 
 
