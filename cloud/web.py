@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
 import logging
 import math
@@ -188,7 +187,13 @@ def build_app(config: CloudConfig) -> Any:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+    from starlette.responses import (
+        HTMLResponse,
+        JSONResponse,
+        PlainTextResponse,
+        RedirectResponse,
+        Response,
+    )
     from starlette.routing import Route
 
     from cloud.web_metrics import metrics_registry, render_metrics
@@ -275,7 +280,8 @@ def build_app(config: CloudConfig) -> Any:
     def models_page(request: Request) -> Response:
         models = [
             {**dict(r), "metrics": json.loads(r["metrics"] or "{}")}
-            for r in reader.rows("SELECT version, name, sha256, size, key_id, created, added, metrics, file FROM ota_models ORDER BY added DESC")
+            for r in reader.rows("SELECT version, name, sha256, size, key_id, created, added, metrics, file,"
+                " json_extract(manifest, '$.threshold') AS threshold FROM ota_models ORDER BY added DESC")
         ]
         rollouts = _rollouts(reader, limit=50)
         return render("models.html", models=models, rollouts=rollouts, pictures=REPORT_PICTURES, now=time.time())

@@ -15,6 +15,7 @@ Set LINEWATCH_SCREENSHOTS=docs/screenshots to refresh the README's screenshots.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -113,10 +114,8 @@ class Relay:
             pairs, self._pairs = self._pairs, []
         for a, b in pairs:  # both sides: the broker sees the device go (and sends its last will)
             for s in (a, b):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def restore(self) -> None:
         self.open.set()
@@ -442,3 +441,23 @@ def test_rollout_progress_verdict_change_and_halt(site: Site, tiny_bundle: Path)
     site.shot(operator, "operator")
     fleet.context.close()
     operator.context.close()
+
+
+def test_web_and_metrics_config_errors_are_one_clear_line(tmp_path: Path) -> None:
+    from cloud.config import parse_cloud_config
+    from cloud.exceptions import CloudConfigError
+    from cloud.web import build_app
+    from edge.config import parse_config
+    from edge.exceptions import ConfigError
+
+    with pytest.raises(CloudConfigError, match=r"web.token = 'short': String should have at least 16 characters"):
+        parse_cloud_config({"web": {"token": "short"}}, base=tmp_path)
+    with pytest.raises(CloudConfigError, match="the web pages need a token"):
+        build_app(parse_cloud_config({"web": {"port": 0}}, base=tmp_path))
+    agent = {"device_id": "cam", "camera": {"source": "x.avi"}, "model": {"path": "m"}, "buffer": {"path": "b.db"}}
+    assert parse_config(dict(agent), base=tmp_path).metrics is None, "metrics are off without the section"
+    with pytest.raises(ConfigError, match="metrics.port: Field required|metrics.port: required key is missing"):
+        parse_config({**agent, "metrics": {"host": "0.0.0.0"}}, base=tmp_path)
+    (tmp_path / "cloud.toml").write_text("[mqtt]\nport = 1883\n")
+    out = subprocess.run([LINEWATCH, "cloud", "web", "--config", str(tmp_path / "cloud.toml")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no [web] section" in out.stderr and "Traceback" not in out.stderr
