@@ -95,21 +95,23 @@ class StoreReader:
                 return []  # the OTA tables appear with the first `cloud serve` or `cloud models add`
             raise
 
-    def fleet(self, now: float) -> list[dict[str, Any]]:
-        """Every device with its state, pass rate in the last hour and drift state."""
+    def fleet(self, now: float, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Every device (or one) with its state, pass rate in the last hour and drift state."""
         f = self.config.fleet
+        one = "" if device_id is None else " AND device_id = ?"
+        args: tuple[Any, ...] = () if device_id is None else (device_id,)
         hour = {
             r["device_id"]: (r["p"], r["f"])
             for r in self.rows(
-                "SELECT device_id, sum(passed) AS p, sum(failed) AS f FROM result_minutes WHERE minute >= ? GROUP BY device_id",
-                (int((now - 3600) // 60),),
+                f"SELECT device_id, sum(passed) AS p, sum(failed) AS f FROM result_minutes WHERE minute >= ?{one} GROUP BY device_id",
+                (int((now - 3600) // 60), *args),
             )
         }
         out = []
         for r in self.rows(
             "SELECT device_id, reported_state, status_seen, last_seen, model_version, backlog, groups, offline_reason,"
             " results, gaps, evicted, json_extract(status, '$.line') AS line, json_extract(status, '$.drift.state') AS drift"
-            " FROM devices"
+            " FROM devices" + ("" if device_id is None else " WHERE device_id = ?"), args
         ):
             p, fl = hour.get(r["device_id"], (0, 0))
             out.append({
@@ -246,7 +248,7 @@ def build_app(config: CloudConfig) -> Any:
     def device_page(request: Request) -> Response:
         device_id = request.path_params["device_id"]
         now = time.time()
-        found = [d for d in reader.fleet(now) if d["device_id"] == device_id] if _DEVICE_RE.match(device_id) else []
+        found = reader.fleet(now, device_id) if _DEVICE_RE.match(device_id) else []
         if not found:
             return render("error.html", 404, message=f"no device {device_id!r} in the store")
         chart = minute_chart(reader.rows(
