@@ -24,6 +24,7 @@ Writes bench-out/web.json and prints a summary.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -166,10 +167,8 @@ def agent_run(bundle: Path, video: Path, work: Path, frames: int, scrape_every_s
         status = work / "buffer.status.json"
         url = None
         while url is None and not stop.wait(0.1):
-            try:
+            with contextlib.suppress(OSError, ValueError):  # not written yet, or half written
                 url = json.loads(status.read_text()).get("metrics_url")
-            except (OSError, ValueError):
-                pass
         while url and scrape_every_s and not stop.wait(scrape_every_s):
             t0 = time.perf_counter()
             body = urllib.request.urlopen(url, timeout=5).read()
