@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 OUT = REPO / "bench-out"
 TOKEN = "bench-token-0123456789abcdef"
 
-from pipeline import default_bundle, machine, render, video_spec  # noqa: E402
+from pipeline import _cpu_s, default_bundle, machine, render, video_spec  # noqa: E402
 
 
 def chromium() -> str:
@@ -177,11 +177,15 @@ def agent_run(bundle: Path, video: Path, work: Path, frames: int, scrape_every_s
 
     thread = threading.Thread(target=scraper, daemon=True)
     thread.start()
+    cpu0 = 0.0
     while len(lat) < frames:
         line = proc.stdout.readline()
         if not line:
             break
         lat.append(json.loads(line)["latency_ms"])
+        if len(lat) == 30:
+            cpu0 = _cpu_s(proc.pid)
+    cpu1 = _cpu_s(proc.pid)
     stop.set()
     thread.join(5)
     proc.terminate()
@@ -191,6 +195,7 @@ def agent_run(bundle: Path, video: Path, work: Path, frames: int, scrape_every_s
     body = lat[30:]  # skip warm-up
     return {"frames": len(lat), "scraped": bool(scrape_every_s), "latency_p50_ms": float(np.percentile(body, 50)),
             "latency_p99_ms": float(np.percentile(body, 99)), "scrapes": len(scrapes),
+            "cpu_ms_per_frame": (cpu1 - cpu0) * 1000.0 / max(1, len(lat) - 30),
             "scrape_ms": scrapes}  # fmt: skip
 
 
@@ -204,7 +209,7 @@ def metrics_cost(bundle: Path, frames: int, pairs: int) -> dict[str, Any]:
             for scraped in ((False, True) if i % 2 == 0 else (True, False)):  # alternate the order: drift cancels
                 r = agent_run(bundle, video, work, frames, 1.0 if scraped else None)
                 print(f"  run {len(runs) + 1}: scraped={scraped} p50 {r['latency_p50_ms']:.2f} ms p99 {r['latency_p99_ms']:.2f} ms"
-                      f" scrapes {r['scrapes']}", flush=True)  # fmt: skip
+                      f" cpu {r['cpu_ms_per_frame']:.3f} ms/frame scrapes {r['scrapes']}", flush=True)  # fmt: skip
                 runs.append(r)
     plain = [r for r in runs if not r["scraped"]]
     scraped_runs = [r for r in runs if r["scraped"]]
@@ -218,6 +223,8 @@ def metrics_cost(bundle: Path, frames: int, pairs: int) -> dict[str, Any]:
         "scrape_ms_max": max(all_scrapes), "scrapes": len(all_scrapes),
         "p50_plain_ms": statistics.median(r["latency_p50_ms"] for r in plain),
         "p50_scraped_ms": statistics.median(r["latency_p50_ms"] for r in scraped_runs),
+        "cpu_ms_per_frame_plain": statistics.median(r["cpu_ms_per_frame"] for r in plain),
+        "cpu_ms_per_frame_scraped": statistics.median(r["cpu_ms_per_frame"] for r in scraped_runs),
         "p99_plain_ms": p99_plain, "p99_scraped_ms": p99_scraped, "p99_change_pct": 100.0 * (p99_scraped - p99_plain) / p99_plain,
     }  # fmt: skip
 
@@ -232,7 +239,7 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None, help="model bundle (default: as benchmarks/pipeline.py)")
     ap.add_argument("--skip-agent", action="store_true", help="only the fleet page")
     args = ap.parse_args()
-    result: dict[str, Any] = {"machine": machine(), "command": " ".join(["python", "benchmarks/web.py", *sys.argv[1:]])}
+    result: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["python", "benchmarks/web.py", *sys.argv[1:]])}
     print("fleet page ...", flush=True)
     result["fleet"] = fleet_page(args.devices, args.results, args.loads)
     for name in ("default_page", "all_rows_one_page", "group_filter", "device_page"):
@@ -248,7 +255,8 @@ def main() -> None:
         result["metrics"] = m
         print(f"  scrape median {m['scrape_ms_median']:.2f} ms p99 {m['scrape_ms_p99']:.2f} ms over {m['scrapes']} scrapes")
         print(f"  decision p99 {m['p99_plain_ms']:.2f} ms without scraping, {m['p99_scraped_ms']:.2f} ms with"
-              f" ({m['p99_change_pct']:+.1f} %); p50 {m['p50_plain_ms']:.2f} / {m['p50_scraped_ms']:.2f} ms")  # fmt: skip
+              f" ({m['p99_change_pct']:+.1f} %); p50 {m['p50_plain_ms']:.2f} / {m['p50_scraped_ms']:.2f} ms;"
+              f" agent CPU {m['cpu_ms_per_frame_plain']:.3f} / {m['cpu_ms_per_frame_scraped']:.3f} ms per frame")  # fmt: skip
     OUT.mkdir(exist_ok=True)
     (OUT / "web.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {OUT / 'web.json'}")

@@ -330,6 +330,17 @@ def test_agent_metrics_move_with_decisions(site: Site) -> None:
     assert 'linewatch_buffer_evictions_total{kind="evicted_synced"}' in second
 
 
+def test_grafana_dashboard_uses_only_metrics_that_exist(site: Site) -> None:
+    dashboard = (Path(__file__).resolve().parent.parent / "firmware-config" / "grafana-fleet.json").read_text()
+    used = set(re.findall(r"linewatch_[a-z_]+", dashboard))
+    exposed = {re.sub(r"\{.*", "", k) for k in scrape(site.agents["cam-b"].status()["metrics_url"])}
+    exposed |= {ln.split("{")[0].split(" ")[0] for ln in site.get("/metrics")[1].splitlines() if ln.startswith("linewatch_")}
+    exposed |= {ln.split(" ")[2] for ln in site.get("/metrics")[1].splitlines() if ln.startswith("# TYPE")}
+    # only exposed once there is something to say: an OTA state, a drift check
+    later = {"linewatch_ota_state", "linewatch_drift_state"}
+    assert used - exposed - later == set(), "dashboard panels name metrics nobody exports"
+
+
 def test_cloud_metrics_count_ingest_devices_and_lag(site: Site) -> None:
     code, body = site.get("/metrics")
     assert code == 200
@@ -461,3 +472,21 @@ def test_web_and_metrics_config_errors_are_one_clear_line(tmp_path: Path) -> Non
     (tmp_path / "cloud.toml").write_text("[mqtt]\nport = 1883\n")
     out = subprocess.run([LINEWATCH, "cloud", "web", "--config", str(tmp_path / "cloud.toml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "no [web] section" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_drift_in_the_status_becomes_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from edge.metrics import AgentMetrics
+
+    status: dict[str, Any] = {"session": {"passed": 3, "failed": 1}, "camera": {"state": "up", "frames": 4}, "model_version": "m1",
+                              "runtime": "litert", "drift": {"state": "warning", "measures": {"psi": 0.31, "label": "x"}}}  # fmt: skip
+    metrics = AgentMetrics(lambda: status, tmp_path / "no-buffer.db")
+    metrics.observe(0.4, 12.0)
+    text = generate_latest(metrics.registry).decode()
+    assert 'linewatch_drift_state{state="warning"} 1.0' in text and 'linewatch_drift_state{state="ok"} 0.0' in text
+    assert 'linewatch_drift_measure{measure="psi"} 0.31' in text and "label" not in text.split("linewatch_drift_measure")[-1]
+    assert 'linewatch_decisions_total{verdict="fail"} 1.0' in text and "linewatch_sync_lag_seconds 0.0" in text
+    assert 'linewatch_decision_latency_seconds_bucket{le="0.025"} 1.0' in text
+    status.pop("drift")
+    assert "linewatch_drift" not in generate_latest(metrics.registry).decode(), "no drift check, no drift series"
