@@ -181,8 +181,18 @@ def _drift_families(drift: Any) -> Iterator[Metric | None]:
     measures = drift.get("measures", drift)
     if isinstance(measures, dict):
         fam = GaugeMetricFamily("linewatch_drift_measure", "Drift measures the agent reports", labels=["measure"])
-        numeric = [(k, v) for k, v in sorted(measures.items()) if isinstance(v, int | float) and not isinstance(v, bool)]
+        numeric = sorted(_numbers(measures))
         for k, v in numeric:
-            fam.add_metric([k], float(v))
+            fam.add_metric([k], v)
         if numeric:
             yield fam
+
+
+def _numbers(measures: dict[str, Any], prefix: str = "", depth: int = 2) -> Iterator[tuple[str, float]]:
+    """Numeric leaves of a measures object, nested keys joined with '.' (``brightness.value``)."""
+    for key, value in measures.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            yield name, float(value)
+        elif isinstance(value, dict) and depth > 1:
+            yield from _numbers(value, f"{name}.", depth - 1)

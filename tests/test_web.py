@@ -480,12 +480,14 @@ def test_drift_in_the_status_becomes_metrics(tmp_path: Path) -> None:
     from edge.metrics import AgentMetrics
 
     status: dict[str, Any] = {"session": {"passed": 3, "failed": 1}, "camera": {"state": "up", "frames": 4}, "model_version": "m1",
-                              "runtime": "litert", "drift": {"state": "warning", "measures": {"psi": 0.31, "label": "x"}}}  # fmt: skip
+                              "runtime": "litert", "drift": {"state": "warning", "measures": {"psi": 0.31, "label": "x",
+                                                                     "brightness": {"value": 92.5, "band": [100, 140]}}}}  # fmt: skip
     metrics = AgentMetrics(lambda: status, tmp_path / "no-buffer.db")
     metrics.observe(0.4, 12.0)
     text = generate_latest(metrics.registry).decode()
     assert 'linewatch_drift_state{state="warning"} 1.0' in text and 'linewatch_drift_state{state="ok"} 0.0' in text
-    assert 'linewatch_drift_measure{measure="psi"} 0.31' in text and "label" not in text.split("linewatch_drift_measure")[-1]
+    assert 'linewatch_drift_measure{measure="psi"} 0.31' in text and 'linewatch_drift_measure{measure="brightness.value"} 92.5' in text
+    assert "label" not in text.split("linewatch_drift_measure")[-1] and "band" not in text
     assert 'linewatch_decisions_total{verdict="fail"} 1.0' in text and "linewatch_sync_lag_seconds 0.0" in text
     assert 'linewatch_decision_latency_seconds_bucket{le="0.025"} 1.0' in text
     status.pop("drift")
