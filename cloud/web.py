@@ -459,7 +459,8 @@ class WebServer:
             self.sock.close()
             raise CloudConfigError(f"[web] cannot listen on {host}:{port} ({exc}); pick a free port") from exc
         self.host, self.port = host, int(self.sock.getsockname()[1])
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        # log_config=None: uvicorn leaves logging alone (only the CLI configures handlers)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off"))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="web", daemon=True)
 
     @property
