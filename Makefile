@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: all setup mosquitto test demo lint bench clean help
+.PHONY: all setup mosquitto chromium test demo lint bench clean help
 
 help:
 	@echo "make demo    set up, then train, run the agent and show the results"
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[edge,cloud,training,dev]'
 	@touch $(STAMP)
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP) mosquitto chromium
 
 # Mosquitto is a system package: install it when we may, else say exactly how.
 mosquitto:
@@ -41,6 +41,20 @@ mosquitto:
 	fi; \
 	# The tests and demo start their own broker; the packaged service is not needed. \
 	if command -v systemctl >/dev/null 2>&1; then (systemctl disable --now mosquitto >/dev/null 2>&1 || true); fi
+
+# The browser tests drive Debian's chromium through Playwright (its own browser download
+# is not used): install the system package the same way.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "Chromium is not installed and this user cannot install it (the browser tests need it). Run:"; \
+		echo "    sudo apt-get install -y chromium"; \
+		exit 1; \
+	fi
 
 test: setup
 	$(PY) -m pytest -n $(JOBS) --timeout 600 tests

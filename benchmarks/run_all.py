@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # training first: pipeline and ota reuse its bundle when it exists
-ORDER = ["training", "operating_point", "tiling", "int8_speed", "buffer", "pipeline", "drift", "sync", "ota"]
+ORDER = ["training", "operating_point", "tiling", "int8_speed", "buffer", "pipeline", "drift", "sync", "ota", "web"]
 
 
 def main() -> int:

@@ -46,6 +46,7 @@ def serve(config_file: Path) -> None:
     """Run one ingest worker until SIGTERM or Ctrl-C (start several: they share the load).
 
     Stores what devices send, once per (device, seq), and acks it after the commit.
+    With a [web] section it also serves the fleet pages and /metrics (see `cloud web`).
 
     Example:
 
@@ -55,11 +56,63 @@ def serve(config_file: Path) -> None:
     from edge.exceptions import LinewatchError
 
     config = load_config_or_fail(config_file)
+    web = None
     try:
+        if config.web is not None:
+            web = _start_web(config)
         code = run_ingest(config)
     except LinewatchError as exc:
         raise fail(exc) from exc
+    finally:
+        if web is not None:
+            web.stop()
+            web.join()
     sys.exit(code)
+
+
+def _start_web(config: Any) -> Any:
+    try:
+        from cloud.web import WebServer
+    except ImportError as exc:
+        raise click.ClickException(f"the web pages need the cloud extra ({exc.name} is missing): pip install 'linewatch[cloud]'") from exc
+    server = WebServer(config)
+    server.start()
+    click.echo(f"linewatch web: {server.url} (token from [web] token)", err=True)
+    return server
+
+
+@cloud.command("web")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+def web(config_file: Path | None) -> None:
+    """Serve only the read-only fleet pages and /metrics, until SIGTERM or Ctrl-C.
+
+    Needs a [web] section with a token (or LINEWATCH_CLOUD_WEB_TOKEN). Pages: / (fleet),
+    /devices/ID, /models, /rollouts/ID; /api/fleet as JSON; /metrics for Prometheus
+    (Authorization: Bearer TOKEN). `cloud serve` serves the same when [web] is set.
+
+    Example:
+
+        linewatch cloud web --config cloud.toml
+    """
+    import signal
+    import threading
+
+    from edge.exceptions import LinewatchError
+
+    config = load_config_or_fail(config_file)
+    if config.web is None:
+        raise click.ClickException("no [web] section in the cloud config; add one with host, port and token")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
+    signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
+    try:
+        server = _start_web(config)
+    except LinewatchError as exc:
+        raise fail(exc) from exc
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    server.join()
 
 
 @cloud.command("fleet")

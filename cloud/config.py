@@ -17,6 +17,10 @@ from the environment only (``LINEWATCH_CLOUD_MQTT_PASSWORD``).
     [fleet]
     offline_after_s = 60
     dead_after_s = 3600
+    [web]                      # the fleet pages, /api/fleet and /metrics (off when absent)
+    host = "127.0.0.1"
+    port = 8090
+    token = "..."              # or LINEWATCH_CLOUD_WEB_TOKEN, which wins
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from cloud.exceptions import CloudConfigError
 from edge.config import format_errors
 
 PASSWORD_ENV = "LINEWATCH_CLOUD_MQTT_PASSWORD"
+WEB_TOKEN_ENV = "LINEWATCH_CLOUD_WEB_TOKEN"
 DEFAULT_CONFIG_FILE = "cloud.toml"
 
 
@@ -92,6 +97,22 @@ class FleetConfig(_Section):
         return self
 
 
+class WebConfig(_Section):
+    """The read-only web pages and /metrics (cloud/web.py)."""
+
+    host: str = Field(default="127.0.0.1", description="0.0.0.0 to serve the plant network (put TLS in front)")
+    port: int = Field(default=8090, ge=0, le=65535, description="0 picks a free port (tests)")
+    token: str | None = Field(
+        default=None, min_length=16, description="the pages' token (Authorization: Bearer, or the login form); LINEWATCH_CLOUD_WEB_TOKEN wins"
+    )
+    page_size: int = Field(default=200, ge=10, le=5000, description="devices per fleet page")
+
+    @property
+    def effective_token(self) -> str | None:
+        """The environment's token if set, else the file's."""
+        return os.environ.get(WEB_TOKEN_ENV) or self.token
+
+
 class CloudConfig(_Section):
     """The whole cloud config file."""
 
@@ -100,6 +121,7 @@ class CloudConfig(_Section):
     mqtt: CloudMqttConfig = CloudMqttConfig()
     ingest: IngestConfig = IngestConfig()
     fleet: FleetConfig = FleetConfig()
+    web: WebConfig | None = Field(default=None, description="web pages and /metrics; off when absent")
 
     @property
     def samples_dir(self) -> Path:

@@ -235,6 +235,8 @@ class Agent:
         self.buffer_stats: dict[str, Any] = {}
         self.sync: Any = None
         self.operator: Any = None
+        self.metrics: Any = None  # edge.metrics.AgentMetrics when [metrics] is set
+        self.metrics_port: int | None = None
         self.ota: Any = None
         self.buffer_error: str | None = None
         self.buffer_error_since: float | None = None
@@ -300,6 +302,21 @@ class Agent:
             self._start_ota()
         if self.config.operator.enabled:
             self._start_operator_page()
+        if self.config.metrics is not None:
+            self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        from edge.metrics import AgentMetrics
+
+        m = self.config.metrics
+        assert m is not None
+        metrics = AgentMetrics(self.status_snapshot, self.config.buffer.path)
+        try:
+            self.metrics_port = metrics.serve(m.host, m.port)
+        except OSError as exc:  # a taken port must not stop the line
+            logger.warning("metrics not served on %s:%s (%s); inspection continues", m.host, m.port, exc)
+            return
+        self.metrics = metrics
 
     def _start_ota(self) -> None:
         from edge.ota import OtaClient
@@ -348,6 +365,8 @@ class Agent:
             self.sync.join(max(0.1, deadline - time.monotonic()))
         if self.operator is not None:
             self.operator.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self._write_status_file(state="stopped")
 
     # -- inspection ------------------------------------------------------------------------
@@ -612,6 +631,8 @@ class Agent:
                 (now - item.frame_ts) * 1000.0, r.box,
             )  # fmt: skip
             self._report(decision, record_ms)
+            if self.metrics is not None:
+                self.metrics.observe(r.invoke_ms, decision.latency_ms)
             if not r.passed and item.image is not None and self.last_failure is not None:
                 self.last_failure.set(item.image, origin=item.origin, info=_decision_info(decision))
         if items and self.echo is not None:
@@ -794,6 +815,7 @@ class Agent:
             "ota": None if self.ota is None else self.ota.state,
             "sync_process": None if self.sync is None else self.sync.snapshot(),
             "operator_url": None if self.operator is None else f"http://{self.config.operator.host}:{self.operator.port}/",
+            "metrics_url": None if self.metrics is None else f"http://{self.config.metrics.host}:{self.metrics_port}/metrics",  # type: ignore[union-attr]
             "first_decision_s": None if self.first_decision_at is None else self.first_decision_at - self.started_at,
         }
 

@@ -156,6 +156,13 @@ class OperatorConfig(_Section):
     port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics (``GET /metrics``); the section's absence turns them off."""
+
+    host: str = Field(default="127.0.0.1", description="0.0.0.0 to let a Prometheus elsewhere scrape it")
+    port: int = Field(ge=0, le=65535, description="port of /metrics; 0 picks a free port (tests)")
+
+
 class AgentConfig(_Section):
     """The whole agent config file."""
 
@@ -170,6 +177,7 @@ class AgentConfig(_Section):
     mqtt: MqttConfig = MqttConfig()
     ota: OtaConfig = OtaConfig()
     operator: OperatorConfig = OperatorConfig()
+    metrics: MetricsConfig | None = Field(default=None, description="Prometheus metrics; off when absent")
     state_file: Path | None = Field(default=None, description="live status JSON; default: next to the buffer")
 
     @field_validator("groups")

@@ -147,10 +147,16 @@ def test_a_cloud_store_from_before_boxes_is_migrated_and_keeps_its_rows(tmp_path
             ResultsBatch.model_validate(boxed_payload("d1", [2, 3], [[40, 30, 128, 128], None])), received=2.0
         )
         assert out.inserted == 2
+        # a resend with one new row: only the new row is counted per minute
+        again = store.store_results(ResultsBatch.model_validate(boxed_payload("d1", [3, 4], [None, None], batch="b2")), received=3.0)
+        assert (again.inserted, again.duplicates) == (1, 1)
         rows = store.results("d1")
-    assert [(r["seq"], r["label"], r["box"]) for r in rows] == [(1, "ok", None), (2, "ok", [40, 30, 128, 128]), (3, "ok", None)]
-    names = [r[0] for r in sqlite3.connect(path).execute("SELECT name FROM _migrations ORDER BY name")]
-    assert names == ["001_initial", "002_result_box"]
+    assert [(r["seq"], r["label"], r["box"]) for r in rows] == [(1, "ok", None), (2, "ok", [40, 30, 128, 128]), (3, "ok", None), (4, "ok", None)]
+    conn = sqlite3.connect(path)
+    names = [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY name")]
+    assert names == ["001_initial", "002_result_box", "003_result_minutes"]
+    # the old row was counted by the migration, the new ones as they were stored
+    assert conn.execute("SELECT device_id, minute, passed, failed FROM result_minutes").fetchall() == [("d1", 0, 4, 0)]
 
 
 def test_store_is_idempotent_and_counts_exactly(tmp_path: Path) -> None:
@@ -263,7 +269,9 @@ def test_rogue_payloads_are_counted_and_dropped_and_ingest_survives(broker: Brok
     wait_until(lambda: good.messages, 10, "the ack of the valid batch")
     ack = json.loads(good.messages[0].payload)
     assert ack["batch"] == "ok1" and ack["acked"] == {"results": [[1, 3]]} and ack["device_id"] == "good"
-    wait_until(lambda: counters(cloud_toml).get("rejected", 0) >= 26, 10, "rejections to be counted")
+    # counters reach the store in periodic flushes: the rejections and the stored rows may land in different ones
+    wait_until(lambda: (c := counters(cloud_toml)).get("rejected", 0) >= 26 and c.get("stored_results", 0) >= 3, 10,
+               "rejections and stored rows to be counted")  # fmt: skip
     got = counters(cloud_toml)
     assert got["rejected_json"] == 6 and got["rejected_version"] == 5 and got["rejected_oversized"] == 5
     assert got["rejected_schema"] == 5 and got["rejected_device_mismatch"] == 5
