@@ -84,9 +84,13 @@ def fleet(config_file: Path | None, as_json: bool) -> None:
     click.echo(f"{'device':<24} {'state':<18} {'results':>9} {'backlog':>8} {'evicted':>8}  model  last seen")
     for d in devices:
         ago = "never" if d["last_seen_s_ago"] is None else f"{d['last_seen_s_ago']:.0f} s ago"
+        # A changed or doubled buffer must not hide in the JSON only.
+        identity = {"new_buffer": f"  NEW BUFFER ({len(d['buffers'])} buffers)",
+                    "conflict": f"  ID CONFLICT ({d['conflicts']} rows kept aside, {len(d['buffers'])} buffers)"}.get(
+            d["identity"], "")  # fmt: skip
         click.echo(
             f"{d['device_id']:<24} {d['state']:<18} {d['results']:>9} {d['backlog'] if d['backlog'] is not None else '-':>8}"
-            f" {d['evicted']:>8}  {d['model_version'] or '-'}  {ago}"
+            f" {d['evicted']:>8}  {d['model_version'] or '-'}  {ago}{identity}"
         )
 
 

@@ -310,6 +310,12 @@ def box_problem(box: Any) -> str | None:
 
 _DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _BATCH_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+# A buffer's incarnation id: random hex made when the buffer file is created (edge/buffer.py).
+BUFFER_ID_PATTERN = r"^[0-9a-f]{8,32}$"
+_BUFFER_ID_DOC = (
+    "the sending buffer's random id (new for every new buffer file); the cloud dedups on"
+    " (device_id, buffer_id, seq). Optional: payloads without it (older agents) still ingest."
+)
 
 
 def device_topic_filter(prefix: str, *parts: str) -> str:
@@ -359,6 +365,7 @@ class _Batch(_Wire):
     v: int = Field(description="the payload version; each kind lists the ones it reads")
     device_id: str = Field(pattern=_DEVICE_ID)
     batch: str = Field(pattern=_BATCH_ID, description="sender's id for this message; echoed in the ack")
+    buffer_id: str | None = Field(default=None, pattern=BUFFER_ID_PATTERN, description=_BUFFER_ID_DOC)
     first_seq: int = Field(ge=1)
     last_seq: int = Field(ge=1)
     seq: list[int] = Field(min_length=1, max_length=MAX_BATCH_ROWS, description="strictly increasing buffer seqs")
@@ -479,6 +486,7 @@ class SampleChunk(_Wire):
     type: Literal["sample"]
     device_id: str = Field(pattern=_DEVICE_ID)
     batch: str = Field(pattern=_BATCH_ID)
+    buffer_id: str | None = Field(default=None, pattern=BUFFER_ID_PATTERN, description=_BUFFER_ID_DOC)
     seq: int = Field(ge=1)
     result_seq: int | None = None
     ts: float
@@ -515,6 +523,7 @@ class StatusPayload(BaseModel):
     model_version: str | None = None
     unsynced: int | None = None
     groups: list[str] | None = None
+    buffer_id: str | None = Field(default=None, pattern=BUFFER_ID_PATTERN, description=_BUFFER_ID_DOC)
 
 
 class Ack(_Wire):
