@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import ssl
 import threading
 import time
 from collections import deque
@@ -147,6 +148,7 @@ class OtaClient:
         self._last_state: OtaStatePayload | None = None
         self._watch: HealthWatch | None = None
         self._baseline: deque[tuple[bool, tuple[int, ...]]] = deque(maxlen=max(50, min(1000, config.ota.health_parts)))
+        self.setup_error: str | None = None  # why OTA is off (its MQTT TLS setup failed)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -162,11 +164,19 @@ class OtaClient:
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls:
-            client.tls_set(
-                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                keyfile=str(cfg.key_file) if cfg.key_file else None,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                    certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                    keyfile=str(cfg.key_file) if cfg.key_file else None,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                # A wrong path must not stop the agent (under systemd: a restart loop with no
+                # inspection). No OTA until the config is fixed; the status says why.
+                self.setup_error = (f"OTA off: TLS setup failed ({exc}); fix mqtt.ca_file/cert_file/key_file"
+                                    " (`linewatch edge validate-config`) and restart the agent")  # fmt: skip
+                logger.error("%s", self.setup_error)
+                return
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -226,6 +236,8 @@ class OtaClient:
     @property
     def state(self) -> dict[str, Any] | None:
         """The last state reported (for the agent's status), or None before any update."""
+        if self.setup_error is not None:
+            return {"state": "off", "reason": self.setup_error}
         s = self._last_state
         return None if s is None else s.model_dump(exclude_none=True)
 

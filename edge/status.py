@@ -88,4 +88,7 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         "session": live.get("session"),
         # the MQTT drain's child process: {pid, alive, restarts}; None with mqtt.enabled = false
         "sync_process": live.get("sync_process") if state == "running" else None,
+        # why sync and OTA cannot reach the broker (TLS files), and the OTA state; the line inspects anyway
+        "mqtt_error": live.get("mqtt_error") if state == "running" else None,
+        "ota": live.get("ota") if state == "running" else None,
     }

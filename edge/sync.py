@@ -195,18 +195,41 @@ class MqttLink:
         c.max_inflight_messages_set(max_inflight_messages)
         if settings.username:
             c.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            c.tls_set(
-                ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file,
-                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )  # fmt: skip
+        self.client = c
+        self.setup_error: str | None = None  # TLS files unusable: no connect until they are fixed
+        self._setup_tls()
         if will is not None:
             c.will_set(will[0], will[1], qos=will[2], retain=will[3])
         c.on_socket_open = self._handle_socket_open
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
-        self.client = c
+
+    def _setup_tls(self) -> bool:
+        """Load the CA, certificate and key; on failure say why once, keep running, retry later.
+
+        A wrong path in the config must not take the process down (under systemd that is a
+        restart loop): the owner keeps inspecting and buffering, and the status shows
+        ``last_error`` until the file is there.
+        """
+        s = self.settings
+        if not s.tls or self.client._ssl_context is not None:  # noqa: SLF001 - paho keeps it private
+            return True
+        try:
+            self.client.tls_set(
+                ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
+                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )  # fmt: skip
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            error = (f"TLS setup failed (ca_file {s.ca_file}, cert_file {s.cert_file}, key_file {s.key_file}): {exc};"
+                     " fix the paths in [mqtt], check with `linewatch edge validate-config`")  # fmt: skip
+            if error != self.setup_error:
+                logger.error("MQTT %s; not connecting, retrying every %.0f s", error, RECONNECT_MAX_S)
+            self.setup_error = self.last_error = error
+            self._next_attempt = time.monotonic() + RECONNECT_MAX_S
+            return False
+        self.setup_error = None
+        return True
 
     # -- paho callbacks (run inside client.loop on the owner thread) --------------------------
 
@@ -296,7 +319,7 @@ class MqttLink:
                 # A refused CONNACK or a lost link left a socket behind: close it first.
                 self.client.loop(timeout=0)
                 self._close_socket()
-            if now >= self._next_attempt:
+            if now >= self._next_attempt and self._setup_tls():
                 self._start_attempt()
             else:
                 self.stop.wait(min(timeout, self._next_attempt - now))
