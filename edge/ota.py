@@ -59,6 +59,7 @@ from edge.ota_wire import (
     HEALTH_OK,
     HEALTH_WATCHING,
     MAX_REQ_INDEXES,
+    OTA_USER_SUFFIX,
     REQ,
     ROLLED_BACK,
     STATE,
@@ -162,7 +163,9 @@ class OtaClient:
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.device_id}-ota", protocol=mqtt.MQTTv5
         )
         if cfg.username:
-            client.username_pw_set(cfg.username, cfg.password)
+            # Its own user: the broker's device listener makes the client id the username
+            # (use_username_as_clientid), so the sync link and this one need two.
+            client.username_pw_set(f"{cfg.username}{OTA_USER_SUFFIX}", cfg.password)
         if cfg.tls:
             try:
                 client.tls_set(

@@ -31,6 +31,9 @@ REQ = "req"
 CHUNK = "chunk"
 STATE = "state"
 CHUNK_MAGIC = b"LWO1"
+# The OTA link logs in as "<mqtt.username>-ota": the broker's device listener makes every
+# client id the username, and the sync link already uses the plain one (docs/security.md).
+OTA_USER_SUFFIX = "-ota"
 MIN_CHUNK_BYTES = 1024
 MAX_REQ_INDEXES = 64
 _TRANSFER = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -183,6 +186,7 @@ __all__ = [
     "MAX_BUNDLE_BYTES",
     "MAX_REQ_INDEXES",
     "OTA",
+    "OTA_USER_SUFFIX",
     "REQ",
     "ROLLED_BACK",
     "STATE",

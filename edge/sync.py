@@ -216,10 +216,7 @@ class MqttLink:
         if not s.tls or self.client._ssl_context is not None:  # noqa: SLF001 - paho keeps it private
             return True
         try:
-            self.client.tls_set(
-                ca_certs=s.ca_file, certfile=s.cert_file, keyfile=s.key_file,
-                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )  # fmt: skip
+            self.client.tls_set_context(tls_context(s.ca_file, s.cert_file, s.key_file))
         except (OSError, ssl.SSLError, ValueError) as exc:
             error = (f"TLS setup failed (ca_file {s.ca_file}, cert_file {s.cert_file}, key_file {s.key_file}): {exc};"
                      " fix the paths in [mqtt], check with `linewatch edge validate-config`")  # fmt: skip
@@ -367,6 +364,33 @@ class MqttLink:
             self.client.disconnect()
             self.client.loop(timeout=0.05)
         self._close_socket()
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when the handshake fails (a wrong CA): paho drops it unclosed, and a
+    device retrying for days would leak one socket per attempt until the GC finds it."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """A client TLS context: the broker's certificate checked against ``ca_file`` (else the
+    system's CAs) and its host name; our certificate and key when given. Raises OSError or
+    ssl.SSLError when a file is missing or unusable."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    else:
+        context.load_default_certs()
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    context.sslsocket_class = _ClosingSSLSocket
+    return context
 
 
 def link_settings(config: AgentConfig) -> LinkSettings:

@@ -109,4 +109,4 @@ def test_cloud_example_template_is_valid() -> None:
 
     cfg = load_cloud_config(REPO / "firmware-config" / "cloud.example.toml")
     assert cfg.store.path.name == "cloud.db"
-    assert cfg.mqtt.port == 1883
+    assert cfg.mqtt.port == 8884 and cfg.mqtt.tls  # the broker's cloud listener

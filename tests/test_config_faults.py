@@ -10,7 +10,14 @@ from pathlib import Path
 
 from edge.signing import generate_keypair
 from tests.conftest import Broker, run_cli
-from tests.test_agent import agent_config, read_decisions, start_agent, stop, wait_status, write_video
+from tests.test_agent import (
+    agent_config,
+    read_decisions,
+    start_agent,
+    stop,
+    wait_status,
+    write_video,
+)
 
 SECRET = "hunter2-secret"
 
