@@ -273,8 +273,9 @@ class Agent:
         op = self.config.operator
         try:
             self.operator = OperatorPage(
-                op.host, op.port, self.status_snapshot, self.config.buffer.path, last_failure=self.last_failure
-            )
+                op.host, op.port, self.status_snapshot, self.config.buffer.path, last_failure=self.last_failure,
+                token=op.access_token, max_clients=op.max_clients,
+            )  # fmt: skip
         except OSError as exc:  # a taken port must not stop the line
             logger.warning("operator page not started on %s:%s (%s); inspection continues", op.host, op.port, exc)
             return

@@ -225,7 +225,8 @@ def results(config_file: Path, tail: int, as_json: bool) -> None:
 @edge.command("install-model")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
-def install_model(bundle: Path, config_file: Path) -> None:
+@click.option("--allow-downgrade", is_flag=True, help="Install even if it is older than the installed model (anti-rollback).")
+def install_model(bundle: Path, config_file: Path, allow_downgrade: bool) -> None:
     """Install a signed bundle (.lwb file or folder) into the agent's model store by hand.
 
     The same checks as an over-the-air update: signature against ota.trusted_keys,
@@ -250,7 +251,7 @@ def install_model(bundle: Path, config_file: Path) -> None:
             current: Classifier | None = Classifier(store.current(), runtime=config.model.runtime)
         except LinewatchError:
             current = None  # first install on this box
-        result = install_bundle(bundle, store, config.ota, current, runtime=config.model.runtime)
+        result = install_bundle(bundle, store, config.ota, current, runtime=config.model.runtime, allow_downgrade=allow_downgrade)
     except LinewatchError as exc:
         raise fail(exc) from exc
     if not result.ok:

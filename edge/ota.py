@@ -42,6 +42,7 @@ from edge.exceptions import BundleError, LinewatchError
 from edge.health import HealthVerdict, HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
 from edge.install import (
+    STAGE_DOWNGRADE,
     STAGE_GOLDEN,
     STAGE_LOAD,
     STAGE_STORE,
@@ -69,10 +70,13 @@ from edge.ota_wire import (
     OtaRequest,
     OtaStatePayload,
     decode_chunk,
+    downgrade_signed,
+    is_downgrade,
     ota_topic,
     parse_json,
 )
 from edge.protocol import read_manifest
+from edge.signing import load_trusted_keys
 
 logger = logging.getLogger(__name__)
 
@@ -396,6 +400,12 @@ class OtaClient:
                 watching = True
             self._finish(ACTIVE, desired, health=HEALTH_WATCHING if watching else HEALTH_OK, note=not same)
             return
+        if is_downgrade(desired.version, running) and not self._downgrade_allowed(desired):
+            self.stats["refusals"] += 1
+            self._finish(FAILED, desired, stage=STAGE_DOWNGRADE,
+                         reason=f"version {desired.version} is older than the running {running}; anti-rollback refuses it"
+                                " unless the push says --allow-downgrade (signed)")  # fmt: skip
+            return
         prev = self.store.previous() if not self.store.is_single_bundle else None
         if prev is not None and _version_of(prev) == desired.version:
             self._switch_to_previous(desired)
@@ -407,6 +417,19 @@ class OtaClient:
             self._finish(FAILED, desired, stage=STAGE_STORE, reason=f"{self.store.root} holds a single bundle; point model.path at a store folder to receive OTA updates")
             return
         self._start_download(desired)
+
+    def _downgrade_allowed(self, desired: OtaDesired) -> bool:
+        """The push asked for a downgrade, and a trusted key signed that (any ask, if unsigned models are allowed)."""
+        if not desired.allow_downgrade:
+            return False
+        if self.config.ota.allow_unsigned:
+            return True
+        try:
+            trusted = load_trusted_keys(self.config.ota.trusted_keys)
+        except LinewatchError as exc:
+            logger.warning("cannot check a downgrade's signature: %s", exc)
+            return False
+        return downgrade_signed(desired, dict(trusted))
 
     def _abandon_download(self) -> None:
         """Drop the download in progress (a newer desired replaced it); its folder goes too."""
@@ -545,6 +568,7 @@ class OtaClient:
         result = install_bundle(
             dl.part, self.store, self.config.ota, self._current_classifier(),
             runtime=self.config.model.runtime, num_threads=self.config.model.threads,
+            allow_downgrade=self._downgrade_allowed(desired),
         )  # fmt: skip
         dl.remove()
         self._dl = None
