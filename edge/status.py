@@ -61,7 +61,9 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
     results = int(stats.get("results", 0) or 0)
     passed = int(stats.get("passed", 0) or 0)
     failed = int(stats.get("failed", 0) or 0)
-    camera = live.get("camera") or {"state": "unknown", "source": str(config.camera.source)}
+    from edge.capture import redact_url  # a camera URL's password never reaches the output
+
+    camera = live.get("camera") or {"state": "unknown", "source": redact_url(str(config.camera.source))}
     return {
         "device_id": config.device_id,
         "agent": state,

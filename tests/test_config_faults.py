@@ -85,3 +85,18 @@ def test_wrong_ca_path_keeps_the_line_inspecting(tmp_path: Path, tiny_bundle: Pa
     finally:
         stop(proc)
     assert "Traceback" not in proc.stderr_text, proc.stderr_text  # type: ignore[attr-defined]
+
+
+def test_agent_never_logs_or_reports_the_camera_password(tmp_path: Path, tiny_bundle: Path) -> None:
+    from tests.conftest import free_port
+
+    cfg = agent_config(tmp_path, tiny_bundle, f"rtsp://admin:{SECRET}@127.0.0.1:{free_port()}/cam")
+    proc = start_agent(cfg)
+    try:
+        status = wait_status(cfg, lambda s: s["camera"]["state"] == "down")
+        assert SECRET not in str(status) and "admin:***@" in status["camera"]["source"]
+        events = run_cli("edge", "status", "--config", str(cfg), "--json").stdout
+        assert SECRET not in events
+    finally:
+        stop(proc)
+    assert SECRET not in proc.stderr_text and "admin:***@" in proc.stderr_text  # type: ignore[attr-defined]
