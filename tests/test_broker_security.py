@@ -14,7 +14,6 @@ import shutil
 import ssl
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import tomllib
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud.devices import DeviceKit, add_device, issue_certificate, site_ca
