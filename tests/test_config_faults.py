@@ -76,8 +76,9 @@ def test_wrong_ca_path_keeps_the_line_inspecting(tmp_path: Path, tiny_bundle: Pa
     proc = start_agent(cfg)
     try:
         assert len(read_decisions(proc, 20)) == 20
-        status = wait_status(cfg, lambda s: s.get("mqtt_error") and s["results"] >= 20)
+        status = wait_status(cfg, lambda s: s.get("mqtt_error") and s["results"] >= 20 and (s.get("sync") or {}).get("last_error"))
         assert "mqtt.ca_file" in status["mqtt_error"] and "no such file" in status["mqtt_error"]
+        assert "TLS setup failed" in status["sync"]["last_error"] and status["sync"]["connected"] is False
         assert status["ota"]["state"] == "off" and status["agent"] == "running"
         assert status["unsynced"] >= 20, "buffered offline"
         assert len(read_decisions(proc, 20)) == 20, "still inspecting"
