@@ -518,6 +518,10 @@ class SQLiteStore:
         body = json.dumps(status.model_dump(mode="json"), separators=(",", ":"), default=str)
         online = status.state == "online"
         with self._write() as conn:
+            if status.buffer_id is not None and not retained:
+                # Heartbeats keep each buffer's last-seen current: two boxes with one device id
+                # then show as two buffers alive at the same time (identity "conflict").
+                self._note_buffer(conn, status.device_id, status.buffer_id, received, 0)
             row = conn.execute("SELECT last_seen, status_seen FROM devices WHERE device_id = ?", (status.device_id,)).fetchone()
             if row is None:
                 conn.execute("INSERT INTO devices (device_id, first_seen) VALUES (?, ?)", (status.device_id, received))

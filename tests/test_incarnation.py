@@ -114,3 +114,21 @@ def test_reimaged_box_over_mqtt_is_stored_whole_and_flagged(tmp_path: Path, brok
                      and fleet(cloud_toml.parent)["cam-re"], 10, "the fleet to show the new buffer")  # fmt: skip
     assert dev["results"] == 27 and dev["identity"] == "new_buffer" and dev["conflicts"] == 0
     assert {b["buffer_id"] for b in dev["buffers"]} == {first_id, second_id}
+
+
+def test_one_device_id_on_two_boxes_is_flagged_and_both_kept(tmp_path: Path, broker: Broker, cloud: tuple[Path, Any]) -> None:
+    """Two real devices configured with one device id (on this open test broker they even
+    share a client id and keep knocking each other off): every row of both is stored, and
+    the fleet says `conflict`."""
+    cloud_toml, _ = cloud
+    twins = [write_agent_config(tmp_path / name, broker, "cam-twin") for name in ("box1", "box2")]
+    for i, agent in enumerate(twins):
+        fill_buffer(agent, 15, start_part=1000 * i)
+    devices = [start_device(agent) for agent in twins]
+    wait_until(lambda: all(all_synced(a) for a in twins), 60, "both boxes synced")
+    for d in devices:
+        d.term()
+    rows = cloud_query(cloud_toml, "SELECT count(*), count(DISTINCT buffer_id) FROM results WHERE device_id = 'cam-twin'")
+    assert rows == [(30, 2)]
+    dev = fleet(cloud_toml.parent)["cam-twin"]
+    assert dev["identity"] == "conflict" and len(dev["buffers"]) == 2, dev
