@@ -52,7 +52,7 @@ class _PooledHTTPServer(HTTPServer):
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_clients: int) -> None:
         super().__init__(address, handler)
-        self.pool = ThreadPoolExecutor(max_workers=max_clients, thread_name_prefix="operator-req")
+        self.pool = ThreadPoolExecutor(max_workers=max_clients, thread_name_prefix=f"operator-req-{self.server_address[1]}")
         # Waiting connections beyond this are closed at once rather than queued without end.
         self.slots = threading.BoundedSemaphore(max_clients * 2)
         self.refused = 0
