@@ -140,9 +140,13 @@ def fleet(config_file: Path | None, as_json: bool) -> None:
     click.echo(f"{'device':<24} {'state':<18} {'results':>9} {'backlog':>8} {'evicted':>8}  {'drift':<8} model  last seen")
     for d in devices:
         ago = "never" if d["last_seen_s_ago"] is None else f"{d['last_seen_s_ago']:.0f} s ago"
+        # A changed or doubled buffer must not hide in the JSON only.
+        identity = {"new_buffer": f"  NEW BUFFER ({len(d['buffers'])} buffers)",
+                    "conflict": f"  ID CONFLICT ({d['conflicts']} rows kept aside, {len(d['buffers'])} buffers)"}.get(
+            d["identity"], "")  # fmt: skip
         click.echo(
             f"{d['device_id']:<24} {d['state']:<18} {d['results']:>9} {d['backlog'] if d['backlog'] is not None else '-':>8}"
-            f" {d['evicted']:>8}  {drift_word(d.get('drift')):<8} {d['model_version'] or '-'}  {ago}"
+            f" {d['evicted']:>8}  {drift_word(d.get('drift')):<8} {d['model_version'] or '-'}  {ago}{identity}"
         )
 
 
@@ -210,6 +214,115 @@ def drift_word(drift: dict[str, Any] | None) -> str:
 
 # Drift history and drift samples (cloud/drift_cli.py).
 from cloud.drift_cli import register as _register_drift  # noqa: E402 - attaches to the group below
+
+
+@cloud.command("conflicts")
+@click.option("--device", "device_id", help="Only this device.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def conflicts(device_id: str | None, config_file: Path | None, as_json: bool) -> None:
+    """Show rows kept aside because another row already had their (device, buffer, seq).
+
+    A cloned disk or one device id on two boxes makes them; nothing is dropped.
+
+    Example:
+
+        linewatch cloud conflicts --device line1-cam1 --json
+    """
+    config = load_config_or_fail(config_file)
+    with _store(config) as store:
+        rows = store.conflicts(device_id)
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['device_id']} buffer={r['buffer_id'] or '-'} {r['table_name']} seq={r['seq']}: {r['row']} (stored: {r['stored']})")
+
+
+@cloud.group("devices")
+def devices() -> None:
+    """Broker identities: the site CA, device certificates, passwords and ACL entries.
+
+    Example:
+
+        linewatch cloud devices add line1-cam1 --config cloud.toml
+    """
+
+
+def _broker_dir(config: Any) -> Path:
+    return Path(config.data_dir) / "broker"
+
+
+@devices.command("add")
+@click.argument("device_id")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@click.option("--passwd", "passwd_file", type=click.Path(path_type=Path),
+              help="Mosquitto password file to add to (default: <data_dir>/broker/linewatch-devices.passwd,"
+                   " or linewatch-cloud.passwd with --cloud-account).")  # fmt: skip
+@click.option("--acl", "acl_file", type=click.Path(path_type=Path),
+              help="Mosquitto ACL file to add the device's block to (default: <data_dir>/broker/linewatch.acl).")
+@click.option("--cloud-account", is_flag=True, help="A cloud service account (ingest, OTA, push) instead of a device.")
+def devices_add(device_id: str, config_file: Path | None, passwd_file: Path | None, acl_file: Path | None,
+                cloud_account: bool) -> None:  # fmt: skip
+    """Make a device's broker credentials: certificate, password entries, ACL block.
+
+    Writes the files to copy to the box into <data_dir>/devices/DEVICE_ID/ and prints where
+    each goes. The password is only in agent.env there (mode 0600), never printed.
+
+    Example:
+
+        linewatch cloud devices add line1-cam1 --config cloud.toml --passwd /etc/mosquitto/linewatch-devices.passwd
+    """
+    from cloud.devices import add_device
+    from edge.exceptions import LinewatchError
+
+    config = load_config_or_fail(config_file)
+    broker = _broker_dir(config)
+    if passwd_file is None:
+        passwd_file = broker / ("linewatch-cloud.passwd" if cloud_account else "linewatch-devices.passwd")
+    if acl_file is None:
+        acl_file = broker / "linewatch.acl"  # a new file starts with the cloud account's block
+    try:
+        kit = add_device(device_id, ca_dir=Path(config.data_dir) / "ca", out_dir=Path(config.data_dir) / "devices",
+                         passwd_file=passwd_file, acl_file=acl_file, prefix=config.mqtt.topic_prefix,
+                         cloud_account=cloud_account)  # fmt: skip
+    except (LinewatchError, OSError) as exc:
+        raise fail(exc) from exc
+    where = "/etc/linewatch"
+    click.echo(f"{'cloud account' if cloud_account else 'device'} {device_id}: files in {kit.folder}")
+    click.echo(f"  copy {kit.ca} -> {where}/ca.crt")
+    click.echo(f"  copy {kit.cert.cert} -> {where}/{'cloud' if cloud_account else 'device'}.crt")
+    click.echo(f"  copy {kit.cert.key} -> {where}/{'cloud' if cloud_account else 'device'}.key (mode 0640, group linewatch)")
+    click.echo(f"  copy {kit.env_file} -> {where}/{kit.env_file.name} (mode 0600; holds the password)")
+    click.echo(f"broker: password entries in {kit.passwd_file}" + (f", ACL block in {kit.acl_file}" if kit.acl_file else ""))
+    click.echo("  copy them to /etc/mosquitto/ if this is not the broker host, then reload it: systemctl reload mosquitto")
+    if not cloud_account:
+        click.echo(f'agent.toml [mqtt]: username = "{device_id}", tls = true, port = 8883, ca_file = "{where}/ca.crt",'
+                   f' cert_file = "{where}/device.crt", key_file = "{where}/device.key"')  # fmt: skip
+
+
+@devices.command("broker-cert")
+@click.argument("hosts", nargs=-1, required=True)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+def devices_broker_cert(hosts: tuple[str, ...], config_file: Path | None) -> None:
+    """Make the broker's server certificate from the site CA, for the names boxes connect to.
+
+    Example:
+
+        linewatch cloud devices broker-cert broker.plant.local 10.0.0.5 --config cloud.toml
+    """
+    from cloud.devices import issue_certificate, site_ca
+    from edge.exceptions import LinewatchError
+
+    config = load_config_or_fail(config_file)
+    try:
+        ca = site_ca(Path(config.data_dir) / "ca")
+        issued = issue_certificate(ca, hosts[0], _broker_dir(config), hosts=list(hosts))
+    except (LinewatchError, OSError) as exc:
+        raise fail(exc) from exc
+    click.echo(f"copy {ca.cert} -> /etc/mosquitto/certs/ca.crt, {issued.cert} -> /etc/mosquitto/certs/server.crt,"
+               f" {issued.key} -> /etc/mosquitto/certs/server.key (readable by mosquitto only)")  # fmt: skip
+
 
 # Registry, signing keys, push and rollout commands (cloud/ota_cli.py).
 from cloud.ota_cli import register as _register_ota  # noqa: E402 - attaches to the group above

@@ -219,6 +219,11 @@ class Ingestor:
             return
         self.count(f"stored_{kind}", outcome.inserted)
         self.count(f"duplicate_{kind}", outcome.duplicates)
+        if outcome.conflicts:
+            # Kept aside in the store's conflicts table and shown by `cloud fleet`; acked.
+            self.count(f"conflict_{kind}", outcome.conflicts)
+            self.log.warn("conflict", "%s from %s: %s rows reuse a stored key with other content (kept aside in"
+                          " conflicts; a cloned buffer or one device id on two boxes?)", kind, device_id, outcome.conflicts)
         if outcome.problem:
             self.count(outcome.problem)
             self.log.warn(outcome.problem, "%s from %s: %s", kind, device_id, outcome.problem)

@@ -176,10 +176,12 @@ def models_show(version: str, config_file: Path | None, as_json: bool) -> None:
     help="Count a device only after its health watch passed (ota.health_parts decisions of the new model).",
 )  # fmt: skip
 @click.option("--chunk-bytes", default=None, type=int, help="Chunk size (default and max 65536).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Allow devices running a newer version to go back to this one (signed into the push; refused otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON at the end.")
 def push(
     model: str, target: str, config_file: Path | None, canary: str | None, min_success: float, timeout_s: float,
-    wait_health: bool, chunk_bytes: int | None, as_json: bool,
+    wait_health: bool, chunk_bytes: int | None, allow_downgrade: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Roll a model out to devices, canaries first, serving its chunks until done.
 
@@ -205,7 +207,7 @@ def push(
         outcome = run_push(
             config, entry, target, canary=canary, min_success=min_success, timeout_s=timeout_s,
             chunk_bytes=chunk_bytes or OTA_CHUNK_BYTES, wait_health=wait_health,
-            echo=lambda line: click.echo(line, err=as_json),
+            echo=lambda line: click.echo(line, err=as_json), allow_downgrade=allow_downgrade,
         )  # fmt: skip
     except LinewatchError as exc:
         raise fail(exc) from exc

@@ -47,7 +47,7 @@ import paho.mqtt.client as mqtt
 
 from cloud.config import CloudConfig
 from cloud.exceptions import CloudError
-from cloud.registry import RegisteredModel, Registry, open_ota_store
+from cloud.registry import RegisteredModel, Registry, open_ota_store, private_key_path
 from cloud.store import SQLiteStore
 from edge.ota_wire import (
     ACTIVE,
@@ -63,8 +63,10 @@ from edge.ota_wire import (
     encode_chunk,
     ota_topic,
     parse_json,
+    sign_downgrade,
 )
 from edge.protocol import OTA_CHUNK_BYTES, shared_filter, topic
+from edge.signing import load_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -451,8 +453,10 @@ class _Rollout:
         chunk_bytes: int,
         wait_health: bool,
         echo: Callable[[str], None],
+        allow_downgrade: bool = False,
     ) -> None:
         self.config, self.store, self.server, self.model = config, store, server, model
+        self.allow_downgrade = allow_downgrade
         self.devices = devices
         self.chunk_bytes = chunk_bytes
         self.wait_health = wait_health
@@ -483,11 +487,19 @@ class _Rollout:
         self.server.offer(t)
         return t
 
-    def desired(self, device: str, model: RegisteredModel, t: Transfer) -> OtaDesired:
-        return OtaDesired(
+    def desired(self, device: str, model: RegisteredModel, t: Transfer, *, downgrade: bool | None = None) -> OtaDesired:
+        d = OtaDesired(
             v=1, device_id=device, version=model.version, transfer=t.transfer, rollout=self.id, sha256=model.sha256,
             size=model.size, chunks=t.chunks, chunk_bytes=t.chunk_bytes, ts=time.time(),
         )  # fmt: skip
+        return self._intent(d) if (self.allow_downgrade if downgrade is None else downgrade) else d
+
+    def _intent(self, desired: OtaDesired) -> OtaDesired:
+        """Sign the downgrade intent (devices refuse an older version without it)."""
+        path = private_key_path(self.config)
+        if not path.is_file():
+            return desired.model_copy(update={"allow_downgrade": True})  # unsigned: only boxes with allow_unsigned
+        return sign_downgrade(desired, load_private_key(path))
 
     def begin(self, target: str, canaries: list[str], min_success: float, canary_spec: str | None) -> None:
         now = time.time()
@@ -586,10 +598,10 @@ class _Rollout:
             if reg is not None and reg.path.is_file():
                 transfer = f"{self.id}.rb-{reg.sha256[:8]}"
                 t = self.offer(reg, transfer)
-                desired = self.desired(d, reg, t)
+                desired = self.desired(d, reg, t, downgrade=True)  # going back is a downgrade on purpose
             else:
                 # Not in the registry: the device still keeps it as its previous model.
-                desired = OtaDesired(v=1, device_id=d, version=prev, transfer=transfer, rollout=self.id, ts=time.time())
+                desired = self._intent(OtaDesired(v=1, device_id=d, version=prev, transfer=transfer, rollout=self.id, ts=time.time()))
             self._exec("UPDATE ota_deployments SET transfer = ?, desired_version = ? WHERE rollout = ? AND device_id = ?", (transfer, prev, self.id, d))
             self.server.publish_desired(desired)
             waiting[d] = (transfer, prev)
@@ -620,6 +632,7 @@ def run_push(
     wait_health: bool = False,
     server: OtaServer | None = None,
     echo: Callable[[str], None] = print,
+    allow_downgrade: bool = False,
 ) -> RolloutOutcome:
     """One rollout of ``model`` to ``target`` (see the module docstring); returns how it ended.
 
@@ -639,7 +652,8 @@ def run_push(
         if own_server:
             srv.start()
         try:
-            ro = _Rollout(config, store, srv, model, devices, chunk_bytes=chunk_bytes, wait_health=wait_health, echo=echo)
+            ro = _Rollout(config, store, srv, model, devices, chunk_bytes=chunk_bytes, wait_health=wait_health, echo=echo,
+                          allow_downgrade=allow_downgrade)  # fmt: skip
             ro.begin(target, canaries, min_success, canary)
             echo(f"rollout {ro.id}: {model.version} ({model.size} bytes) to {len(devices)} device(s): {', '.join(devices)}")
             results: dict[str, str] = {}

@@ -55,8 +55,8 @@ _RESULT_COLS = ("seq", "ts", "part_id", "model_version", "label", "score", "pass
                 "capture_ms", "preprocess_ms", "invoke_ms", "record_ms", "received", *_BOX_COLS)  # fmt: skip
 _NO_BOX = (None, None, None, None)
 _INSERT_GAP = (
-    "INSERT OR IGNORE INTO gaps (device_id, seq, ts, table_name, first_seq, last_seq, count, passed_count,"
-    " failed_count, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO gaps (device_id, buffer_id, seq, ts, table_name, first_seq, last_seq, count, passed_count,"
+    " failed_count, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -68,6 +68,7 @@ class StoreOutcome:
     inserted: int = 0
     duplicates: int = 0
     problem: str | None = None  # a counter name when the call stored nothing on purpose
+    conflicts: int = 0  # rows whose key was taken by a different row: kept aside in ``conflicts``
 
 
 class Store(Protocol):
@@ -124,6 +125,25 @@ def device_state(
     if reported_state != "online" or status_seen is None or now - status_seen > offline_after_s:
         return "offline_buffering"
     return "online"
+
+
+def identity_state(buffers: list[dict[str, Any]], conflicts: int) -> str:
+    """``ok``, ``new_buffer`` or ``conflict`` for a device's buffer incarnations (oldest first).
+
+    ``new_buffer``: the device sent from more than one buffer, one after the other (a
+    re-imaged box, a new disk, an agent upgraded to send buffer ids, a damaged buffer set
+    aside). ``conflict``: two buffers sent at overlapping times (one device id on two
+    boxes) or rows with one key but different content arrived (a cloned disk); the rows
+    are kept apart (``conflicts`` table, ``linewatch cloud conflicts``).
+    """
+    if conflicts:
+        return "conflict"
+    latest_end = None
+    for b in buffers:
+        if latest_end is not None and b["first_seen"] < latest_end:
+            return "conflict"
+        latest_end = b["last_seen"] if latest_end is None else max(latest_end, b["last_seen"])
+    return "new_buffer" if len(buffers) > 1 else "ok"
 
 
 # -- schema ---------------------------------------------------------------------------------
@@ -192,12 +212,49 @@ def _m003_result_minutes(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m004_buffer_incarnation(db: sqlite_utils.Database) -> None:
+    # Rows are keyed on (device_id, buffer_id, seq): a re-imaged box starts seq at 1 again
+    # under a new buffer id. Rows stored before this migration (and from older agents,
+    # which send no buffer id) keep buffer_id ''.
+    for table, pk in (("results", ("device_id", "buffer_id", "seq")), ("gaps", ("device_id", "buffer_id", "seq")),
+                      ("events", ("device_id", "buffer_id", "seq")), ("samples", ("device_id", "buffer_id", "seq")),
+                      ("sample_chunks", ("device_id", "buffer_id", "seq", "chunk"))):  # fmt: skip
+        db.execute(f"ALTER TABLE {table} ADD COLUMN buffer_id TEXT NOT NULL DEFAULT ''")
+        # transform_sql, not transform: transform would commit the migration's transaction.
+        for sql in db.table(table).transform_sql(pk=pk):
+            db.execute(sql)
+    db.execute("CREATE INDEX IF NOT EXISTS idx_samples_labelled_as ON samples (labelled_as)")
+    db.execute("ALTER TABLE devices ADD COLUMN buffer_id TEXT")
+    db.create_table(
+        "buffers",
+        {"device_id": str, "buffer_id": str, "first_seen": float, "last_seen": float, "rows": int},
+        pk=("device_id", "buffer_id"), defaults={"rows": 0},
+    )  # fmt: skip
+    db.create_table(
+        "conflicts",
+        {"id": int, "device_id": str, "buffer_id": str, "table_name": str, "seq": int, "row": str,
+         "stored": str, "received": float},
+        pk="id",
+    )  # fmt: skip
+    db.table("conflicts").create_index(["device_id"])
+
+
 # Registered migrations, applied in order, each in its own transaction with its own record.
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_result_box", _m002_result_box),
     ("003_result_minutes", _m003_result_minutes),
+    ("004_buffer_incarnation", _m004_buffer_incarnation),
 ]
+
+# What makes two rows with one key the same row (a resend), per table; anything else with
+# an existing key is a conflict (a cloned buffer) and is kept aside in ``conflicts``.
+_SAME_ROW = {
+    RESULTS: ("ts", "part_id", "label", "passed"),
+    GAPS: ("ts", "table_name", "first_seq", "last_seq"),
+    EVENTS: ("ts", "kind"),
+    SAMPLES: ("sha256",),
+}
 
 
 class SQLiteStore:
@@ -299,99 +356,188 @@ class SQLiteStore:
             [(device_id, minute, p, f) for minute, (p, f) in per_minute.items()],
         )
 
-    @staticmethod
-    def _insert_rows(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], device_id: str, rows: list[tuple[Any, ...]]) -> int:
-        """INSERT OR IGNORE (device_id, *row) into ``columns`` for each row; how many were new."""
+    def _insert_rows(
+        conn: sqlite3.Connection, table: str, columns: tuple[str, ...], device_id: str, buffer_id: str,
+        rows: list[tuple[Any, ...]],
+    ) -> int:
+        """INSERT OR IGNORE (device_id, buffer_id, *row) into ``columns`` for each row; how many were new."""
         if not rows:
             return 0
         before = conn.total_changes
         conn.executemany(
-            f"INSERT OR IGNORE INTO {table} (device_id, {', '.join(columns)}) VALUES ({', '.join('?' * (len(columns) + 1))})",
-            [(device_id, *r) for r in rows],
+            f"INSERT OR IGNORE INTO {table} (device_id, buffer_id, {', '.join(columns)})"
+            f" VALUES ({', '.join('?' * (len(columns) + 2))})",
+            [(device_id, buffer_id, *r) for r in rows],
         )
         return conn.total_changes - before
+
+    @staticmethod
+    def _sort_out(
+        conn: sqlite3.Connection, table: str, device_id: str, buffer_id: str, rows: list[dict[str, Any]], received: float,
+    ) -> tuple[list[dict[str, Any]], int, int]:
+        """Split a batch's rows (dicts with ``seq``, in seq order) into (new rows, duplicates, conflicts).
+
+        A row whose key exists with the same content is a resend (a duplicate). With other
+        content it is a conflict: two buffers with one id (a cloned disk). It is written to
+        ``conflicts`` (kept, reported, acked) and the stored row stays. An agent upgraded to
+        send a buffer id resends rows the cloud stored without one (buffer_id ''): those
+        count as duplicates too.
+        """
+        if not rows:
+            return [], 0, 0
+        same = _SAME_ROW[table]
+        existing: dict[int, tuple[Any, ...]] = {}
+        legacy: dict[int, tuple[Any, ...]] = {}
+        sql = (f"SELECT buffer_id, seq, {', '.join(same)} FROM {table}"
+               " WHERE device_id = ? AND buffer_id IN (?, '') AND seq BETWEEN ? AND ?")  # fmt: skip
+        for r in conn.execute(sql, (device_id, buffer_id, rows[0]["seq"], rows[-1]["seq"])):
+            (existing if r[0] == buffer_id else legacy)[r[1]] = tuple(r[2:])
+        fresh: list[dict[str, Any]] = []
+        duplicates = conflicts = 0
+        for row in rows:
+            key = tuple(row.get(c) for c in same)
+            stored = existing.get(row["seq"])
+            if stored is None and legacy.get(row["seq"]) != key:
+                fresh.append(row)
+            elif stored is None or stored == key:
+                duplicates += 1
+            else:
+                conflicts += 1
+                conn.execute(
+                    "INSERT INTO conflicts (device_id, buffer_id, table_name, seq, row, stored, received)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (device_id, buffer_id, table, row["seq"], json.dumps(row, default=str),
+                     json.dumps(dict(zip(same, stored, strict=True)), default=str), received),
+                )  # fmt: skip
+        return fresh, duplicates, conflicts
+
+    @staticmethod
+    def _note_buffer(conn: sqlite3.Connection, device_id: str, buffer_id: str, seen: float, rows: int) -> None:
+        """Keep the device's buffer incarnations: when each was first and last heard from."""
+        conn.execute(
+            "INSERT INTO buffers (device_id, buffer_id, first_seen, last_seen, rows) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT(device_id, buffer_id) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen),"
+            " rows = rows + excluded.rows",
+            (device_id, buffer_id, seen, seen, rows),
+        )
 
     # -- writes --------------------------------------------------------------------------------
 
     def store_results(self, batch: ResultsBatch, *, received: float) -> StoreOutcome:
         c = batch.cols
         boxes = c.box if c.box is not None else [None] * len(batch.seq)
-        rows = [(*row, *(box or _NO_BOX)) for row, box in zip(
-            zip(batch.seq, c.ts, c.part_id, c.model_version, c.label, c.score, [int(p) for p in c.passed],
-                c.capture_ms, c.preprocess_ms, c.invoke_ms, c.record_ms, [received] * len(batch.seq), strict=True),
-            boxes, strict=True)]  # fmt: skip
+        buffer_id = batch.buffer_id or ""
+        rows = [
+            {"seq": s, "ts": ts, "part_id": part, "model_version": mv, "label": label, "score": score, "passed": int(ok),
+             "capture_ms": cap, "preprocess_ms": pre, "invoke_ms": inv, "record_ms": rec, "received": received,
+             "box": box}
+            for s, ts, part, mv, label, score, ok, cap, pre, inv, rec, box in zip(
+                batch.seq, c.ts, c.part_id, c.model_version, c.label, c.score, c.passed, c.capture_ms,
+                c.preprocess_ms, c.invoke_ms, c.record_ms, boxes, strict=True)
+        ]  # fmt: skip
         with self._write() as conn:
-            # Seqs already stored (a resent batch): a primary-key range read, so the
-            # per-minute counts below count each new row exactly once.
-            known = {r[0] for r in conn.execute(
-                "SELECT seq FROM results WHERE device_id = ? AND seq BETWEEN ? AND ?",
-                (batch.device_id, min(batch.seq, default=0), max(batch.seq, default=-1)),
-            )} if rows else set()  # fmt: skip
-            inserted = self._insert_rows(conn, "results", _RESULT_COLS, batch.device_id, rows)
-            new = [(r[1], r[6]) for r in rows if r[0] not in known and not known.add(r[0])]  # type: ignore[func-returns-value]
-            self._count_minutes(conn, batch.device_id, new)
+            fresh, duplicates, conflicts = self._sort_out(conn, RESULTS, batch.device_id, buffer_id, rows, received)
+            values = [(*(r[k] for k in _RESULT_COLS[:12]), *(r["box"] or _NO_BOX)) for r in fresh]
+            inserted = self._insert_rows(conn, "results", _RESULT_COLS, batch.device_id, buffer_id, values)
+            self._note_buffer(conn, batch.device_id, buffer_id, received, inserted)
+            # per-minute pass/fail counts of the rows new to the store (a resend counts nothing)
+            self._count_minutes(conn, batch.device_id, [(r["ts"], r["passed"]) for r in fresh])
             self._touch(conn, batch.device_id, received, results=inserted)
-        return StoreOutcome({RESULTS: seq_ranges(batch.seq)}, inserted, len(rows) - inserted)
+        return StoreOutcome({RESULTS: seq_ranges(batch.seq)}, inserted, duplicates + len(fresh) - inserted, conflicts=conflicts)
 
     def store_gaps(self, batch: GapsBatch, *, received: float) -> StoreOutcome:
         c = batch.cols
-        rows = list(zip(batch.seq, c.ts, c.table_name, c.first_seq, c.last_seq, c.count, c.passed_count,
-                        c.failed_count, [received] * len(batch.seq), strict=True))  # fmt: skip
+        buffer_id = batch.buffer_id or ""
+        rows = [
+            {"seq": s, "ts": ts, "table_name": t, "first_seq": a, "last_seq": b, "count": n, "passed_count": p,
+             "failed_count": f}
+            for s, ts, t, a, b, n, p, f in zip(batch.seq, c.ts, c.table_name, c.first_seq, c.last_seq, c.count,
+                                                c.passed_count, c.failed_count, strict=True)
+        ]  # fmt: skip
         inserted = evicted = 0
         with self._write() as conn:
-            for row in rows:
-                cur = conn.execute(_INSERT_GAP, (batch.device_id, *row))
+            fresh, duplicates, conflicts = self._sort_out(conn, GAPS, batch.device_id, buffer_id, rows, received)
+            for r in fresh:
+                cur = conn.execute(_INSERT_GAP, (batch.device_id, buffer_id, *r.values(), received))
                 if cur.rowcount == 1:
                     inserted += 1
-                    evicted += int(row[5] or 0)
+                    evicted += int(r["count"] or 0)
+            self._note_buffer(conn, batch.device_id, buffer_id, received, 0)
             self._touch(conn, batch.device_id, received, gaps=inserted, evicted=evicted)
-        return StoreOutcome({GAPS: seq_ranges(batch.seq)}, inserted, len(rows) - inserted)
+        return StoreOutcome({GAPS: seq_ranges(batch.seq)}, inserted, duplicates + len(fresh) - inserted, conflicts=conflicts)
 
     def store_events(self, batch: EventsBatch, *, received: float) -> StoreOutcome:
         c = batch.cols
-        details = [json.dumps(d, separators=(",", ":"), default=str) for d in c.detail]
-        rows = list(zip(batch.seq, c.ts, c.kind, details, [received] * len(batch.seq), strict=True))
+        buffer_id = batch.buffer_id or ""
+        rows = [
+            {"seq": s, "ts": ts, "kind": kind, "detail": json.dumps(d, separators=(",", ":"), default=str), "received": received}
+            for s, ts, kind, d in zip(batch.seq, c.ts, c.kind, c.detail, strict=True)
+        ]
         with self._write() as conn:
-            inserted = self._insert_rows(conn, "events", ("seq", "ts", "kind", "detail", "received"), batch.device_id, rows)
+            fresh, duplicates, conflicts = self._sort_out(conn, EVENTS, batch.device_id, buffer_id, rows, received)
+            inserted = self._insert_rows(conn, "events", ("seq", "ts", "kind", "detail", "received"), batch.device_id,
+                                         buffer_id, [tuple(r.values()) for r in fresh])  # fmt: skip
+            self._note_buffer(conn, batch.device_id, buffer_id, received, 0)
             self._touch(conn, batch.device_id, received, events=inserted)
-        return StoreOutcome({EVENTS: seq_ranges(batch.seq)}, inserted, len(rows) - inserted)
+        return StoreOutcome({EVENTS: seq_ranges(batch.seq)}, inserted, duplicates + len(fresh) - inserted, conflicts=conflicts)
 
-    def sample_path(self, device_id: str, seq: int) -> Path:
-        return self.samples_dir / device_id / f"{seq}.jpg"
+    def sample_path(self, device_id: str, seq: int, buffer_id: str = "") -> Path:
+        """Where a sample's JPEG goes: ``<device>/<seq>.jpg``, under ``<device>/<buffer_id>/`` when known."""
+        folder = self.samples_dir / device_id
+        return (folder / buffer_id if buffer_id else folder) / f"{seq}.jpg"
 
     def store_sample_chunk(self, chunk: SampleChunk, data: bytes, *, received: float) -> StoreOutcome:
-        dev, seq = chunk.device_id, chunk.seq
+        dev, seq, buffer_id = chunk.device_id, chunk.seq, chunk.buffer_id or ""
         done = StoreOutcome({SAMPLES: [(seq, seq)]}, 0, 1)
         with self._write() as conn:
-            if conn.execute("SELECT 1 FROM samples WHERE device_id = ? AND seq = ?", (dev, seq)).fetchone():
+            stored = conn.execute(
+                "SELECT buffer_id, sha256 FROM samples WHERE device_id = ? AND buffer_id IN (?, '') AND seq = ?"
+                " ORDER BY buffer_id = ? DESC", (dev, buffer_id, seq, buffer_id),
+            ).fetchone()  # fmt: skip
+            if stored is not None and stored["sha256"] == chunk.sha256:
                 self._touch(conn, dev, received)
                 return done
             conn.execute(
-                "INSERT OR IGNORE INTO sample_chunks (device_id, seq, chunk, chunks, data, received) VALUES (?, ?, ?, ?, ?, ?)",
-                (dev, seq, chunk.chunk, chunk.chunks, data, received),
+                "INSERT OR IGNORE INTO sample_chunks (device_id, buffer_id, seq, chunk, chunks, data, received)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (dev, buffer_id, seq, chunk.chunk, chunk.chunks, data, received),
             )
             parts = conn.execute(
-                "SELECT chunk, data FROM sample_chunks WHERE device_id = ? AND seq = ? AND chunks = ? ORDER BY chunk",
-                (dev, seq, chunk.chunks),
-            ).fetchall()
+                "SELECT chunk, data FROM sample_chunks WHERE device_id = ? AND buffer_id = ? AND seq = ? AND chunks = ?"
+                " ORDER BY chunk", (dev, buffer_id, seq, chunk.chunks),
+            ).fetchall()  # fmt: skip
             if len(parts) < chunk.chunks:
                 self._touch(conn, dev, received)
                 return StoreOutcome()
             jpeg = b"".join(bytes(p["data"]) for p in parts)
-            conn.execute("DELETE FROM sample_chunks WHERE device_id = ? AND seq = ?", (dev, seq))
+            conn.execute("DELETE FROM sample_chunks WHERE device_id = ? AND buffer_id = ? AND seq = ?", (dev, buffer_id, seq))
             if len(jpeg) != chunk.bytes or hashlib.sha256(jpeg).hexdigest() != chunk.sha256:
                 # Chunks of different sends mixed up: drop them all (committed, no ack); the
                 # device resends the whole sample after its ack timeout.
                 self._touch(conn, dev, received)
                 return StoreOutcome(problem="sample_checksum")
-            path = self.sample_path(dev, seq)
+            meta = {"seq": seq, "result_seq": chunk.result_seq, "ts": chunk.ts, "reason": chunk.reason,
+                    "label": chunk.label, "score": chunk.score, "width": chunk.width, "height": chunk.height,
+                    "bytes": chunk.bytes, "sha256": chunk.sha256}  # fmt: skip
+            if stored is not None and stored["buffer_id"] == buffer_id:
+                # Same key, another image (a cloned buffer): keep it aside, reported, acked.
+                aside = self.samples_dir / dev / "conflicts" / f"{buffer_id or 'none'}-{seq}-{chunk.sha256[:12]}.jpg"
+                _write_file_durably(aside, jpeg)
+                conn.execute(
+                    "INSERT INTO conflicts (device_id, buffer_id, table_name, seq, row, stored, received) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (dev, buffer_id, SAMPLES, seq, json.dumps({**meta, "file": str(aside.relative_to(self.samples_dir))}),
+                     json.dumps({"sha256": stored["sha256"]}), received),
+                )  # fmt: skip
+                self._touch(conn, dev, received)
+                return StoreOutcome({SAMPLES: [(seq, seq)]}, 0, 0, conflicts=1)
+            path = self.sample_path(dev, seq, buffer_id)
             _write_file_durably(path, jpeg)
             conn.execute(
-                "INSERT OR IGNORE INTO samples (device_id, seq, result_seq, ts, reason, label, score, width, height,"
-                " bytes, sha256, path, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (dev, seq, chunk.result_seq, chunk.ts, chunk.reason, chunk.label, chunk.score, chunk.width,
-                 chunk.height, chunk.bytes, chunk.sha256, str(path.relative_to(self.samples_dir)), received),
+                "INSERT OR IGNORE INTO samples (device_id, buffer_id, seq, result_seq, ts, reason, label, score, width,"
+                " height, bytes, sha256, path, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (dev, buffer_id, *meta.values(), str(path.relative_to(self.samples_dir)), received),
             )  # fmt: skip
+            self._note_buffer(conn, dev, buffer_id, received, 0)
             self._touch(conn, dev, received, samples=1)
         return StoreOutcome({SAMPLES: [(seq, seq)]}, 1, 0)
 
@@ -402,6 +548,10 @@ class SQLiteStore:
         body = json.dumps(status.model_dump(mode="json"), separators=(",", ":"), default=str)
         online = status.state == "online"
         with self._write() as conn:
+            if status.buffer_id is not None and not retained:
+                # Heartbeats keep each buffer's last-seen current: two boxes with one device id
+                # then show as two buffers alive at the same time (identity "conflict").
+                self._note_buffer(conn, status.device_id, status.buffer_id, received, 0)
             row = conn.execute("SELECT last_seen, status_seen FROM devices WHERE device_id = ?", (status.device_id,)).fetchone()
             if row is None:
                 conn.execute("INSERT INTO devices (device_id, first_seen) VALUES (?, ?)", (status.device_id, received))
@@ -420,6 +570,8 @@ class SQLiteStore:
                 fields["backlog"] = status.unsynced
             if status.groups is not None:
                 fields["groups"] = json.dumps(status.groups)
+            if status.buffer_id is not None:
+                fields["buffer_id"] = status.buffer_id
             fields["offline_reason"] = None if online else (status.reason or "lost")
             sets = ", ".join(f"{k} = :{k}" for k in fields)
             conn.execute(f"UPDATE devices SET {sets} WHERE device_id = :device_id", {**fields, "device_id": status.device_id})
@@ -441,8 +593,14 @@ class SQLiteStore:
         return {r["name"]: int(r["value"]) for r in self.db.conn.execute("SELECT name, value FROM counters ORDER BY name")}
 
     def fleet(self, *, now: float, offline_after_s: float, dead_after_s: float) -> list[dict[str, Any]]:
+        buffers: dict[str, list[dict[str, Any]]] = {}
+        for b in self.db.conn.execute("SELECT * FROM buffers ORDER BY device_id, first_seen"):
+            buffers.setdefault(b["device_id"], []).append(dict(b))
+        conflicts = dict(self.db.conn.execute("SELECT device_id, count(*) FROM conflicts GROUP BY device_id").fetchall())
         out = []
         for r in self.db.conn.execute("SELECT * FROM devices ORDER BY device_id"):
+            incarnations = buffers.get(r["device_id"], [])
+            n_conflicts = int(conflicts.get(r["device_id"], 0))
             out.append(
                 {
                     "device_id": r["device_id"],
@@ -465,9 +623,18 @@ class SQLiteStore:
                     "first_seen": r["first_seen"],
                     # the device's own drift report from its last status (docs/sync.md, "Drift")
                     "drift": _status_drift(r["status"]),
+                    "buffer_id": r["buffer_id"] or (incarnations[-1]["buffer_id"] if incarnations else None),
+                    "identity": identity_state(incarnations, n_conflicts),
+                    "buffers": [{k: b[k] for k in ("buffer_id", "first_seen", "last_seen", "rows")} for b in incarnations],
+                    "conflicts": n_conflicts,
                 }
             )
         return out
+
+    def conflicts(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        """Rows kept aside because their key was taken by a different row, oldest first."""
+        sql = "SELECT * FROM conflicts" + (" WHERE device_id = ?" if device_id else "") + " ORDER BY id"
+        return [dict(r) for r in self.db.conn.execute(sql, (device_id,) if device_id else ())]
 
     def results(self, device_id: str, *, limit: int = 100, after_seq: int = 0) -> list[dict[str, Any]]:
         rows = self.db.conn.execute(

@@ -53,7 +53,7 @@ import numpy as np
 
 from edge.annotate import LastFailure, draw_box, shrink
 from edge.buffer import Buffer, ResultRecord, SampleRecord, nice_this_thread
-from edge.capture import CameraState, Capture, Frame, open_source, parse_source
+from edge.capture import CameraState, Capture, Frame, open_source, parse_source, redact_url
 from edge.config import AgentConfig
 from edge.drift import BASELINE_META_KEY, DriftMonitor, DriftSettings
 from edge.exceptions import BufferStoreError
@@ -203,7 +203,7 @@ class Agent:
         spec = parse_source(config.camera.source)
         self.capture = Capture(
             lambda: open_source(spec, fps=config.camera.fps, loop=config.camera.loop),
-            source=str(config.camera.source),
+            source=spec.display,  # URL passwords masked: this shows in the status, events and logs
             maxsize=config.camera.queue_size,
             backpressure=not config.live_camera,
             on_state_change=self._on_camera_change,
@@ -215,6 +215,8 @@ class Agent:
             reference=m.reference,
         )
         self.started_at = time.time()
+        self.mqtt_error: str | None = None  # why the MQTT link cannot work (TLS files), shown in the status
+        self.ota_error: str | None = None
         self.first_decision_at: float | None = None
         self.counts = {"results": 0, "passed": 0, "failed": 0, "samples": 0, "errors": 0, "sample_errors": 0,
                        "samples_refused": 0}
@@ -296,6 +298,12 @@ class Agent:
         status.start()
         self._threads = [inspect, writer, watchdog, status]
         if self.config.mqtt.enabled:
+            from edge.checks import tls_problem
+
+            # A TLS file problem turns sync and OTA off, never inspection; the status says why.
+            self.mqtt_error = tls_problem(self.config.mqtt)
+            if self.mqtt_error:
+                logger.error("MQTT: %s; inspecting and buffering offline until it is fixed", self.mqtt_error)
             # The sync process reads the agent's live state from the status file: have one.
             self._write_status_file(state="running")
             self._start_sync()
@@ -321,8 +329,12 @@ class Agent:
     def _start_ota(self) -> None:
         from edge.ota import OtaClient
 
-        self.ota = OtaClient(self.config, self)
-        self.ota.start()
+        try:
+            self.ota = OtaClient(self.config, self)
+            self.ota.start()
+        except Exception as exc:  # noqa: BLE001 - an OTA setup fault must not stop inspection
+            logger.error("OTA not started (%s); inspection continues, models stay as they are", exc)
+            self.ota_error = f"OTA not started: {exc}"
 
     def _start_operator_page(self) -> None:
         from edge.operator import OperatorPage
@@ -330,8 +342,9 @@ class Agent:
         op = self.config.operator
         try:
             self.operator = OperatorPage(
-                op.host, op.port, self.status_snapshot, self.config.buffer.path, last_failure=self.last_failure
-            )
+                op.host, op.port, self.status_snapshot, self.config.buffer.path, last_failure=self.last_failure,
+                token=op.access_token, max_clients=op.max_clients,
+            )  # fmt: skip
         except OSError as exc:  # a taken port must not stop the line
             logger.warning("operator page not started on %s:%s (%s); inspection continues", op.host, op.port, exc)
             return
@@ -812,7 +825,8 @@ class Agent:
             "last_decision": None if last is None else {**_decision_info(last), "latency_ms": last.latency_ms},
             # the operator page's last failed part (its picture: GET /api/last-fail.jpg)
             "last_failure": None if self.last_failure is None else self.last_failure.info(),
-            "ota": None if self.ota is None else self.ota.state,
+            "ota": {"state": "off", "reason": self.ota_error} if self.ota_error else None if self.ota is None else self.ota.state,
+            "mqtt_error": self.mqtt_error,
             "sync_process": None if self.sync is None else self.sync.snapshot(),
             "operator_url": None if self.operator is None else f"http://{self.config.operator.host}:{self.operator.port}/",
             "metrics_url": None if self.metrics is None else f"http://{self.config.metrics.host}:{self.metrics_port}/metrics",  # type: ignore[union-attr]
@@ -860,7 +874,7 @@ def run_agent(config: AgentConfig, *, echo: TextIO | None = None) -> int:
     gc.freeze()
     print(
         f"linewatch agent {config.device_id}: model {agent.classifier.version} ({agent.classifier.runtime}), "
-        f"camera {config.camera.source}, buffer {config.buffer.path}",
+        f"camera {redact_url(str(config.camera.source))}, buffer {config.buffer.path}",
         file=sys.stderr,
         flush=True,
     )

@@ -11,7 +11,7 @@ Tables (schema version 3, see :data:`MIGRATIONS`)::
     events     camera_up/down, model_loaded, eviction, start, stop, buffer_recovered, ...
     gaps       every eviction of rows the cloud has not stored yet, as seq ranges
     counters   eviction and recovery counters (name -> value)
-    meta       small key/value settings (device_id, max_bytes)
+    meta       small key/value settings (device_id, max_bytes, buffer_id)
     _migrations  version, name, applied_at of every applied migration
 
 Every ``seq`` is ``INTEGER PRIMARY KEY AUTOINCREMENT``: SQLite never hands out a seq
@@ -665,6 +665,10 @@ class Buffer:
         self._configure_wal(backstop=checkpoint == "background")
         with self._write("store settings"):
             self._meta_put("max_bytes", str(max_bytes))
+            if self._meta_read("buffer_id") is None:
+                # This file's incarnation: a re-imaged box or a fresh file starts seq again
+                # (or a cloned disk repeats them); the cloud keys rows on it (docs/sync.md).
+                self._meta_put("buffer_id", os.urandom(8).hex())
             if device_id is not None:
                 old = self._meta_read("device_id")
                 if old is not None and old != device_id:
@@ -1213,6 +1217,11 @@ class Buffer:
 
     def _meta_put(self, key: str, value: str) -> None:
         self.db.table("meta").upsert({"key": key, "value": str(value)}, pk="key")
+
+    @property
+    def buffer_id(self) -> str | None:
+        """The random id this buffer file got when it was created (None: an older file read-only)."""
+        return self._meta_read("buffer_id")
 
     def meta_get(self, key: str, default: str | None = None) -> str | None:
         """A setting stored with :meth:`meta_set`, or ``default``."""

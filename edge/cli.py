@@ -113,10 +113,16 @@ def edge() -> None:
 def validate_config(file: Path) -> None:
     """Check an agent config file and print every problem with its key path.
 
+    Besides the keys, it checks the files the config names (CA, client certificate and
+    key, trusted keys, a video file) and warns about risky settings (allow_unsigned, MQTT
+    in clear to another host, an open operator page). Exit code 1 on any error.
+
     Example:
 
         linewatch edge validate-config /etc/linewatch/agent.toml
     """
+    from edge.capture import redact_url
+    from edge.checks import check_config
     from edge.config import load_config
     from edge.exceptions import ConfigError
 
@@ -124,7 +130,15 @@ def validate_config(file: Path) -> None:
         config = load_config(file)
     except ConfigError as exc:
         raise fail(exc) from exc
-    click.echo(f"{file}: ok (device {config.device_id}, camera {config.camera.source})")
+    findings = check_config(config)
+    for finding in findings:
+        click.echo(f"{file}: {finding}", err=finding.level == "error")
+    errors = sum(f.level == "error" for f in findings)
+    if errors:
+        raise click.ClickException(f"{file}: {errors} error(s); the agent would inspect but not sync or update until fixed")
+    source = redact_url(str(config.camera.source))
+    click.echo(f"{file}: ok (device {config.device_id}, camera {source}"
+               f"{f', {len(findings)} warning(s)' if findings else ''})")  # fmt: skip
 
 
 @edge.command("run")
@@ -214,7 +228,8 @@ def results(config_file: Path, tail: int, as_json: bool) -> None:
 @edge.command("install-model")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
-def install_model(bundle: Path, config_file: Path) -> None:
+@click.option("--allow-downgrade", is_flag=True, help="Install even if it is older than the installed model (anti-rollback).")
+def install_model(bundle: Path, config_file: Path, allow_downgrade: bool) -> None:
     """Install a signed bundle (.lwb file or folder) into the agent's model store by hand.
 
     The same checks as an over-the-air update: signature against ota.trusted_keys,
@@ -239,7 +254,7 @@ def install_model(bundle: Path, config_file: Path) -> None:
             current: Classifier | None = Classifier(store.current(), runtime=config.model.runtime)
         except LinewatchError:
             current = None  # first install on this box
-        result = install_bundle(bundle, store, config.ota, current, runtime=config.model.runtime)
+        result = install_bundle(bundle, store, config.ota, current, runtime=config.model.runtime, allow_downgrade=allow_downgrade)
     except LinewatchError as exc:
         raise fail(exc) from exc
     if not result.ok:

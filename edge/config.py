@@ -154,6 +154,17 @@ class OperatorConfig(_Section):
     enabled: bool = Field(default=True, description="serve the operator page")
     host: str = Field(default="127.0.0.1", description="0.0.0.0 to show it on a screen elsewhere on the plant network")
     port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port (tests)")
+    token: str | None = Field(
+        default=None, min_length=16,
+        description="when set, the page and its API need it (?token=..., or Authorization: Bearer ...);"
+        " set it when host is not 127.0.0.1 (env LINEWATCH_OPERATOR_TOKEN overrides)",
+    )  # fmt: skip
+    max_clients: int = Field(default=8, ge=1, le=64, description="requests served at once; more wait (bounded threads)")
+
+    @property
+    def access_token(self) -> str | None:
+        """The token from the environment, else from the file."""
+        return os.environ.get("LINEWATCH_OPERATOR_TOKEN") or self.token
 
 
 class MetricsConfig(_Section):
@@ -238,6 +249,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
 
 def format_errors(exc: ValidationError, source: str, example: str = "firmware-config/agent.example.toml") -> str:
     """pydantic errors as 'key.path = value: message' lines, Frigate-style (cloud config too)."""
+    from edge.capture import redact_url  # camera URLs may hold a password: never print it
+
     lines = [f"{source}: {exc.error_count()} problem(s)"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
@@ -248,7 +261,7 @@ def format_errors(exc: ValidationError, source: str, example: str = "firmware-co
             msg = "required key is missing"
         value = err.get("input")
         shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
-        lines.append(f"  {loc}{shown}: {msg}")
+        lines.append(redact_url(f"  {loc}{shown}: {msg}"))
     return "\n".join(lines)
 
 

@@ -47,6 +47,7 @@ from edge.exceptions import (
 )
 from edge.inference import Classifier, GoldenResult, check_golden, sha256_file
 from edge.models import CURRENT, PREVIOUS, VERSIONS, ModelStore
+from edge.ota_wire import is_downgrade
 from edge.protocol import Manifest, read_manifest
 from edge.signing import verify_bundle
 
@@ -61,6 +62,7 @@ STAGE_SIGNATURE = "signature"
 STAGE_MANIFEST = "manifest"
 STAGE_CHECKSUM = "checksum"
 STAGE_COMPATIBLE = "compatible"
+STAGE_DOWNGRADE = "downgrade"
 STAGE_LOAD = "load"
 STAGE_GOLDEN = "golden"
 STAGE_LATENCY = "latency"
@@ -210,6 +212,7 @@ def install_bundle(
     num_threads: int | None = None,
     activate: bool = True,
     staging_id: str | None = None,
+    allow_downgrade: bool = False,
 ) -> InstallResult:
     """Validate a packed bundle (``.lwb``) or bundle folder and make it the live model.
 
@@ -253,6 +256,10 @@ def install_bundle(
         except BundleError as exc:
             raise _Refused(STAGE_MANIFEST, str(exc)) from exc
         version = manifest.version
+        # -- anti-rollback: an older model (known flaws, a weaker threshold) only on purpose --
+        if current is not None and not allow_downgrade and is_downgrade(version, current.version):
+            raise _Refused(STAGE_DOWNGRADE, f"version {version} is older than the running {current.version}; push it with"
+                                            " --allow-downgrade if that is what you want")  # fmt: skip
         # -- checksum ----------------------------------------------------------------------
         model_path = bundle / Path(manifest.model.file).name
         if Path(manifest.model.file).name != manifest.model.file or not model_path.is_file():

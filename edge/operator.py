@@ -1,6 +1,11 @@
 """The operator page: what the agent decided, big enough to read from the line.
 
-A small HTTP server (stdlib, one thread per request) beside the agent. It only reads:
+A small HTTP server (stdlib) beside the agent, on 127.0.0.1 unless ``operator.host``
+says otherwise. With ``operator.token`` every request needs the token (``?token=`` once,
+which sets a cookie for the page's own requests, or ``Authorization: Bearer``). At most
+``operator.max_clients`` requests are served at once by a fixed pool of threads; a
+connection that sends nothing is dropped after ``REQUEST_TIMEOUT_S``, and beyond
+``max_clients`` waiting connections new ones are closed at once. It only reads:
 the agent's in-memory status and last failed part, and the buffer through its own
 read-only connection. It never blocks inspection; if the port is taken the agent logs it
 and inspects without the page.
@@ -20,19 +25,60 @@ and inspects without the page.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from edge.annotate import LastFailure
 from edge.buffer import Buffer
 from edge.exceptions import BufferStoreError
 
 logger = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 10.0  # a connection that sends nothing holds a pool thread at most this long
+COOKIE = "lw_token"
+
+
+class _PooledHTTPServer(HTTPServer):
+    """An HTTPServer whose requests run on a fixed pool: a flood of connections cannot make
+    it start one thread each (the stdlib ThreadingHTTPServer does)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_clients: int) -> None:
+        super().__init__(address, handler)
+        self.pool = ThreadPoolExecutor(max_workers=max_clients, thread_name_prefix=f"operator-req-{self.server_address[1]}")
+        # Waiting connections beyond this are closed at once rather than queued without end.
+        self.slots = threading.BoundedSemaphore(max_clients * 2)
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        self.pool.submit(self._serve_one, request, client_address)
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - one bad request must not take the pool thread down
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self.slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Linewatch</title>
@@ -116,21 +162,26 @@ class OperatorPage:
         buffer_path: Path,
         *,
         last_failure: LastFailure | None = None,
+        token: str | None = None,
+        max_clients: int = 8,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
+        self._token = token
         self._status = status
         self._buffer_path = Path(buffer_path)
         self._last_failure = last_failure
         page = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = request_timeout_s  # a silent connection gives its pool thread back
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 page._handle(self)
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 logger.debug("operator page: " + format, *args)
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _PooledHTTPServer((host, port), Handler, max_clients)
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5}, name="operator-page", daemon=True)
 
@@ -149,10 +200,32 @@ class OperatorPage:
         except BufferStoreError:
             return None
 
+    def _authorized(self, req: BaseHTTPRequestHandler) -> tuple[bool, str | None]:
+        """(allowed, token given in the URL): no token configured, or a matching one presented."""
+        if not self._token:
+            return True, None
+        offered: list[str] = []
+        query = parse_qs(urlsplit(req.path).query).get("token", [])
+        offered += query
+        auth = req.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            offered.append(auth[7:].strip())
+        cookie = SimpleCookie(req.headers.get("Cookie", ""))
+        if COOKIE in cookie:
+            offered.append(cookie[COOKIE].value)
+        ok = any(hmac.compare_digest(t.encode(), self._token.encode()) for t in offered)
+        return ok, query[0] if ok and query else None
+
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
         path = req.path.split("?", 1)[0]
+        allowed, from_url = self._authorized(req)
+        if not allowed:
+            self._send(req, 401, "text/plain", b"operator page: add ?token=<operator.token> to the address")
+            return
         if path == "/":
-            self._send(req, 200, "text/html; charset=utf-8", PAGE.encode())
+            # The token came in the URL: a cookie carries it on the page's own requests.
+            cookie = f"{COOKIE}={from_url}; HttpOnly; SameSite=Strict; Path=/" if from_url else None
+            self._send(req, 200, "text/html; charset=utf-8", PAGE.encode(), cookie=cookie)
         elif path == "/api/status":
             self._send(req, 200, "application/json", json.dumps(self._status(), default=str).encode())
         elif path == "/api/recent":
@@ -172,15 +245,17 @@ class OperatorPage:
             self._send(req, 404, "text/plain", b"not found")
 
     @staticmethod
-    def _send(req: BaseHTTPRequestHandler, code: int, ctype: str, body: bytes) -> None:
+    def _send(req: BaseHTTPRequestHandler, code: int, ctype: str, body: bytes, *, cookie: str | None = None) -> None:
         try:
             req.send_response(code)
+            if cookie:
+                req.send_header("Set-Cookie", cookie)
             req.send_header("Content-Type", ctype)
             req.send_header("Content-Length", str(len(body)))
             req.send_header("Cache-Control", "no-store")
             req.end_headers()
             req.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
             pass  # the browser went away
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import ssl
 import threading
 import time
 from collections import deque
@@ -41,6 +42,7 @@ from edge.exceptions import BundleError, LinewatchError
 from edge.health import HealthVerdict, HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
 from edge.install import (
+    STAGE_DOWNGRADE,
     STAGE_GOLDEN,
     STAGE_LOAD,
     STAGE_STORE,
@@ -58,6 +60,7 @@ from edge.ota_wire import (
     HEALTH_OK,
     HEALTH_WATCHING,
     MAX_REQ_INDEXES,
+    OTA_USER_SUFFIX,
     REQ,
     ROLLED_BACK,
     STATE,
@@ -67,10 +70,13 @@ from edge.ota_wire import (
     OtaRequest,
     OtaStatePayload,
     decode_chunk,
+    downgrade_signed,
+    is_downgrade,
     ota_topic,
     parse_json,
 )
 from edge.protocol import read_manifest
+from edge.signing import load_trusted_keys
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +153,7 @@ class OtaClient:
         self._last_state: OtaStatePayload | None = None
         self._watch: HealthWatch | None = None
         self._baseline: deque[tuple[bool, tuple[int, ...]]] = deque(maxlen=max(50, min(1000, config.ota.health_parts)))
+        self.setup_error: str | None = None  # why OTA is off (its MQTT TLS setup failed)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -160,13 +167,23 @@ class OtaClient:
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.device_id}-ota", protocol=mqtt.MQTTv5
         )
         if cfg.username:
-            client.username_pw_set(cfg.username, cfg.password)
+            # Its own user: the broker's device listener makes the client id the username
+            # (use_username_as_clientid), so the sync link and this one need two.
+            client.username_pw_set(f"{cfg.username}{OTA_USER_SUFFIX}", cfg.password)
         if cfg.tls:
-            client.tls_set(
-                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                keyfile=str(cfg.key_file) if cfg.key_file else None,
-            )
+            try:
+                client.tls_set(
+                    ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                    certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                    keyfile=str(cfg.key_file) if cfg.key_file else None,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                # A wrong path must not stop the agent (under systemd: a restart loop with no
+                # inspection). No OTA until the config is fixed; the status says why.
+                self.setup_error = (f"OTA off: TLS setup failed ({exc}); fix mqtt.ca_file/cert_file/key_file"
+                                    " (`linewatch edge validate-config`) and restart the agent")  # fmt: skip
+                logger.error("%s", self.setup_error)
+                return
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -226,6 +243,8 @@ class OtaClient:
     @property
     def state(self) -> dict[str, Any] | None:
         """The last state reported (for the agent's status), or None before any update."""
+        if self.setup_error is not None:
+            return {"state": "off", "reason": self.setup_error}
         s = self._last_state
         return None if s is None else s.model_dump(exclude_none=True)
 
@@ -381,6 +400,12 @@ class OtaClient:
                 watching = True
             self._finish(ACTIVE, desired, health=HEALTH_WATCHING if watching else HEALTH_OK, note=not same)
             return
+        if is_downgrade(desired.version, running) and not self._downgrade_allowed(desired):
+            self.stats["refusals"] += 1
+            self._finish(FAILED, desired, stage=STAGE_DOWNGRADE,
+                         reason=f"version {desired.version} is older than the running {running}; anti-rollback refuses it"
+                                " unless the push says --allow-downgrade (signed)")  # fmt: skip
+            return
         prev = self.store.previous() if not self.store.is_single_bundle else None
         if prev is not None and _version_of(prev) == desired.version:
             self._switch_to_previous(desired)
@@ -392,6 +417,19 @@ class OtaClient:
             self._finish(FAILED, desired, stage=STAGE_STORE, reason=f"{self.store.root} holds a single bundle; point model.path at a store folder to receive OTA updates")
             return
         self._start_download(desired)
+
+    def _downgrade_allowed(self, desired: OtaDesired) -> bool:
+        """The push asked for a downgrade, and a trusted key signed that (any ask, if unsigned models are allowed)."""
+        if not desired.allow_downgrade:
+            return False
+        if self.config.ota.allow_unsigned:
+            return True
+        try:
+            trusted = load_trusted_keys(self.config.ota.trusted_keys)
+        except LinewatchError as exc:
+            logger.warning("cannot check a downgrade's signature: %s", exc)
+            return False
+        return downgrade_signed(desired, dict(trusted))
 
     def _abandon_download(self) -> None:
         """Drop the download in progress (a newer desired replaced it); its folder goes too."""
@@ -530,6 +568,7 @@ class OtaClient:
         result = install_bundle(
             dl.part, self.store, self.config.ota, self._current_classifier(),
             runtime=self.config.model.runtime, num_threads=self.config.model.threads,
+            allow_downgrade=self._downgrade_allowed(desired),
         )  # fmt: skip
         dl.remove()
         self._dl = None

@@ -13,7 +13,9 @@ The edge owns this contract (docs/design.md); cloud/rollout.py imports it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import re
 import struct
 from typing import Literal, TypeVar
 
@@ -31,6 +33,9 @@ REQ = "req"
 CHUNK = "chunk"
 STATE = "state"
 CHUNK_MAGIC = b"LWO1"
+# The OTA link logs in as "<mqtt.username>-ota": the broker's device listener makes every
+# client id the username, and the sync link already uses the plain one (docs/security.md).
+OTA_USER_SUFFIX = "-ota"
 MIN_CHUNK_BYTES = 1024
 MAX_REQ_INDEXES = 64
 _TRANSFER = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -82,6 +87,12 @@ class OtaDesired(_Wire):
     chunks: int | None = Field(default=None, ge=1)
     chunk_bytes: int = Field(default=OTA_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=OTA_CHUNK_BYTES)
     ts: float | None = None
+    # Anti-rollback: a version older than the running one is refused unless the push said
+    # --allow-downgrade. The message itself is not signed, so that intent is: an Ed25519
+    # signature by a trusted key over downgrade_intent() (docs/ota.md, "Anti-rollback").
+    allow_downgrade: bool = False
+    intent_key: str | None = Field(default=None, max_length=64, description="key id of the intent signature")
+    intent_sig: str | None = Field(default=None, max_length=200, description="base64 Ed25519 signature")
 
     @model_validator(mode="after")
     def _consistent(self) -> OtaDesired:
@@ -131,6 +142,43 @@ class OtaStatePayload(_Wire):
     reason: str | None = Field(default=None, max_length=1000)
     health: str | None = None
     ts: float
+
+
+def downgrade_intent(desired: OtaDesired) -> bytes:
+    """The bytes a downgrade's signature covers: this device, this version, this delivery."""
+    return f"linewatch-downgrade:v1:{desired.device_id}:{desired.version}:{desired.transfer}:{desired.sha256 or ''}".encode()
+
+
+def sign_downgrade(desired: OtaDesired, key: object) -> OtaDesired:
+    """``desired`` with ``allow_downgrade`` and its intent signed by ``key`` (an Ed25519 private key)."""
+    from edge.signing import key_id
+
+    intent = desired.model_copy(update={"allow_downgrade": True})
+    sig = key.sign(downgrade_intent(intent))  # type: ignore[attr-defined]
+    return intent.model_copy(update={"intent_key": key_id(key), "intent_sig": base64.b64encode(sig).decode()})  # type: ignore[arg-type]
+
+
+def downgrade_signed(desired: OtaDesired, trusted: dict[str, object]) -> bool:
+    """Whether ``desired`` carries a downgrade intent signed by one of the ``trusted`` keys."""
+    if not desired.allow_downgrade or not desired.intent_sig or desired.intent_key not in trusted:
+        return False
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        trusted[desired.intent_key].verify(base64.b64decode(desired.intent_sig), downgrade_intent(desired))  # type: ignore[attr-defined]
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order of model versions: numbers compare as numbers (1.10 > 1.9, tiny-2 > tiny-1)."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.findall(r"\d+|[A-Za-z]+", version))
+
+
+def is_downgrade(new: str, running: str | None) -> bool:
+    """Whether installing ``new`` over ``running`` goes back to an older version."""
+    return running is not None and new != running and version_key(new) < version_key(running)
 
 
 def encode_chunk(transfer: str, index: int, data: bytes) -> bytes:
@@ -183,6 +231,7 @@ __all__ = [
     "MAX_BUNDLE_BYTES",
     "MAX_REQ_INDEXES",
     "OTA",
+    "OTA_USER_SUFFIX",
     "REQ",
     "ROLLED_BACK",
     "STATE",

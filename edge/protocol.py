@@ -207,6 +207,38 @@ class Manifest(_Strict):
         return self.labels.index(self.pass_label)
 
 
+# A real manifest is 10-40 KB (reference statistics included); anything far larger is
+# refused before it is read, so a hostile bundle cannot make the box read 64 MiB.
+MAX_MANIFEST_BYTES = 1024 * 1024
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path`` if it holds at most ``limit`` (checked before and while reading)."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise BundleError(f"{path}: {what} of {size} bytes is over the {limit} byte limit; the bundle is not"
+                              " one `linewatch train fit` makes")  # fmt: skip
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the {what} ({exc})") from exc
+    if len(data) > limit:  # grew while we looked
+        raise BundleError(f"{path}: {what} is over the {limit} byte limit")
+    return data
+
+
+def load_json_bounded(path: Path, limit: int, what: str) -> Any:
+    """JSON from ``path``, size-capped; too deep a nesting is a clean BundleError, not a RecursionError."""
+    data = read_bounded(path, limit, what)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise BundleError(f"{path}: {what} is nested too deeply to be one Linewatch writes") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is damaged, export it again") from exc
+
+
 def read_manifest(bundle_dir: Path) -> Manifest:
     """Read and validate ``bundle_dir/manifest.json``; raise :class:`BundleError` with the reason."""
     path = Path(bundle_dir) / MANIFEST_FILE
@@ -214,10 +246,7 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{bundle_dir} is not a bundle directory; pass the folder `linewatch train fit --out` made")
     if not path.is_file():
         raise BundleError(f"{path} is missing; this folder is not a model bundle (re-run `linewatch train fit`)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is damaged, export it again") from exc
+    raw = load_json_bounded(path, MAX_MANIFEST_BYTES, "manifest")
     return parse_manifest(raw, source=str(path))
 
 
@@ -225,6 +254,8 @@ def parse_manifest(raw: Any, source: str = "manifest") -> Manifest:
     """Validate a manifest dict, turning pydantic's report into one readable line."""
     try:
         return Manifest.model_validate(raw)
+    except RecursionError:
+        raise BundleError(f"{source} is nested too deeply to be one Linewatch writes") from None
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
@@ -310,6 +341,12 @@ def box_problem(box: Any) -> str | None:
 
 _DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _BATCH_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+# A buffer's incarnation id: random hex made when the buffer file is created (edge/buffer.py).
+BUFFER_ID_PATTERN = r"^[0-9a-f]{8,32}$"
+_BUFFER_ID_DOC = (
+    "the sending buffer's random id (new for every new buffer file); the cloud dedups on"
+    " (device_id, buffer_id, seq). Optional: payloads without it (older agents) still ingest."
+)
 
 
 def device_topic_filter(prefix: str, *parts: str) -> str:
@@ -359,6 +396,7 @@ class _Batch(_Wire):
     v: int = Field(description="the payload version; each kind lists the ones it reads")
     device_id: str = Field(pattern=_DEVICE_ID)
     batch: str = Field(pattern=_BATCH_ID, description="sender's id for this message; echoed in the ack")
+    buffer_id: str | None = Field(default=None, pattern=BUFFER_ID_PATTERN, description=_BUFFER_ID_DOC)
     first_seq: int = Field(ge=1)
     last_seq: int = Field(ge=1)
     seq: list[int] = Field(min_length=1, max_length=MAX_BATCH_ROWS, description="strictly increasing buffer seqs")
@@ -479,6 +517,7 @@ class SampleChunk(_Wire):
     type: Literal["sample"]
     device_id: str = Field(pattern=_DEVICE_ID)
     batch: str = Field(pattern=_BATCH_ID)
+    buffer_id: str | None = Field(default=None, pattern=BUFFER_ID_PATTERN, description=_BUFFER_ID_DOC)
     seq: int = Field(ge=1)
     result_seq: int | None = None
     ts: float
@@ -515,6 +554,7 @@ class StatusPayload(BaseModel):
     model_version: str | None = None
     unsynced: int | None = None
     groups: list[str] | None = None
+    buffer_id: str | None = Field(default=None, pattern=BUFFER_ID_PATTERN, description=_BUFFER_ID_DOC)
 
 
 class Ack(_Wire):

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge.exceptions import BundleError, ConfigError
-from edge.protocol import MANIFEST_FILE, SIGNATURE_FILE
+from edge.protocol import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, read_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ def read_signature(bundle_dir: Path) -> SignatureInfo | None:
         if path.stat().st_size > MAX_SIGNATURE_FILE_BYTES:
             raise BundleError(f"{SIGNATURE_FILE} is {path.stat().st_size} bytes, not a signature; re-sign the bundle")
         raw = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise BundleError(f"{SIGNATURE_FILE} is nested too deeply to be a signature; re-sign the bundle") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{SIGNATURE_FILE} is unreadable ({exc}); re-sign the bundle with `linewatch cloud models add`") from exc
     fields = ("key_id", "algorithm", "signed", "signature")
@@ -262,10 +264,9 @@ def verify_bundle(
     bundle_dir = Path(bundle_dir)
     keys = trusted if isinstance(trusted, dict) else load_trusted_keys(trusted)
     manifest_path = bundle_dir / MANIFEST_FILE
-    try:
-        manifest = manifest_path.read_bytes()
-    except OSError as exc:
-        raise BundleError(f"{manifest_path} is missing or unreadable ({exc}); the bundle is incomplete") from exc
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} is missing; the bundle is incomplete")
+    manifest = read_bounded(manifest_path, MAX_MANIFEST_BYTES, "manifest")  # size checked before reading
     return verify_manifest_bytes(manifest, read_signature(bundle_dir), keys, allow_unsigned=allow_unsigned)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from edge.buffer import Buffer
@@ -27,6 +28,19 @@ def _alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def sync_status_path(config: AgentConfig) -> Path:
+    """Where the sync process keeps its link state (connected, last error, acks ignored)."""
+    return config.status_path.with_name(config.status_path.stem + ".sync.json")
+
+
+def read_sync(config: AgentConfig) -> dict[str, Any] | None:
+    """The sync process's last link state, or None if it never wrote one."""
+    try:
+        return dict(json.loads(sync_status_path(config).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def read_live(config: AgentConfig) -> dict[str, Any]:
@@ -61,7 +75,9 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
     results = int(stats.get("results", 0) or 0)
     passed = int(stats.get("passed", 0) or 0)
     failed = int(stats.get("failed", 0) or 0)
-    camera = live.get("camera") or {"state": "unknown", "source": str(config.camera.source)}
+    from edge.capture import redact_url  # a camera URL's password never reaches the output
+
+    camera = live.get("camera") or {"state": "unknown", "source": redact_url(str(config.camera.source))}
     return {
         "device_id": config.device_id,
         "agent": state,
@@ -91,4 +107,9 @@ def read_status(config: AgentConfig) -> dict[str, Any]:
         # {state: ok|warning|drift, checks: off|baseline|on, reasons, measures, ...} (docs/agent.md, "Drift");
         # the last one the agent wrote, also after it stopped
         "drift": live.get("drift"),
+        # why sync and OTA cannot reach the broker (TLS files), and the OTA state; the line inspects anyway
+        "mqtt_error": live.get("mqtt_error") if state == "running" else None,
+        "ota": live.get("ota") if state == "running" else None,
+        # the MQTT link as the sync process sees it: connected, last_error (a wrong CA shows here), acks ignored
+        "sync": read_sync(config) if state == "running" else None,
     }

@@ -195,18 +195,38 @@ class MqttLink:
         c.max_inflight_messages_set(max_inflight_messages)
         if settings.username:
             c.username_pw_set(settings.username, settings.password)
-        if settings.tls:
-            c.tls_set(
-                ca_certs=settings.ca_file, certfile=settings.cert_file, keyfile=settings.key_file,
-                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )  # fmt: skip
+        self.client = c
+        self.setup_error: str | None = None  # TLS files unusable: no connect until they are fixed
+        self._setup_tls()
         if will is not None:
             c.will_set(will[0], will[1], qos=will[2], retain=will[3])
         c.on_socket_open = self._handle_socket_open
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
-        self.client = c
+
+    def _setup_tls(self) -> bool:
+        """Load the CA, certificate and key; on failure say why once, keep running, retry later.
+
+        A wrong path in the config must not take the process down (under systemd that is a
+        restart loop): the owner keeps inspecting and buffering, and the status shows
+        ``last_error`` until the file is there.
+        """
+        s = self.settings
+        if not s.tls or self.client._ssl_context is not None:  # noqa: SLF001 - paho keeps it private
+            return True
+        try:
+            self.client.tls_set_context(tls_context(s.ca_file, s.cert_file, s.key_file))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            error = (f"TLS setup failed (ca_file {s.ca_file}, cert_file {s.cert_file}, key_file {s.key_file}): {exc};"
+                     " fix the paths in [mqtt], check with `linewatch edge validate-config`")  # fmt: skip
+            if error != self.setup_error:
+                logger.error("MQTT %s; not connecting, retrying every %.0f s", error, RECONNECT_MAX_S)
+            self.setup_error = self.last_error = error
+            self._next_attempt = time.monotonic() + RECONNECT_MAX_S
+            return False
+        self.setup_error = None
+        return True
 
     # -- paho callbacks (run inside client.loop on the owner thread) --------------------------
 
@@ -296,7 +316,7 @@ class MqttLink:
                 # A refused CONNACK or a lost link left a socket behind: close it first.
                 self.client.loop(timeout=0)
                 self._close_socket()
-            if now >= self._next_attempt:
+            if now >= self._next_attempt and self._setup_tls():
                 self._start_attempt()
             else:
                 self.stop.wait(min(timeout, self._next_attempt - now))
@@ -346,6 +366,33 @@ class MqttLink:
         self._close_socket()
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """Closes itself when the handshake fails (a wrong CA): paho drops it unclosed, and a
+    device retrying for days would leak one socket per attempt until the GC finds it."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
+
+
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """A client TLS context: the broker's certificate checked against ``ca_file`` (else the
+    system's CAs) and its host name; our certificate and key when given. Raises OSError or
+    ssl.SSLError when a file is missing or unusable."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    else:
+        context.load_default_certs()
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file)
+    context.sslsocket_class = _ClosingSSLSocket
+    return context
+
+
 def link_settings(config: AgentConfig) -> LinkSettings:
     """The agent's MQTT settings (password from the environment)."""
     m = config.mqtt
@@ -381,7 +428,9 @@ class SyncStats:
     acks: int = 0
     rows_acked: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DATA_KINDS, 0))
     last_ack_at: float | None = None
-    bad_acks: int = 0
+    bad_acks: int = 0  # malformed, or for another device
+    ignored_acks: int = 0  # well-formed acks that answer no batch in flight (stale or forged)
+    ignored_ack_rows: int = 0  # rows named by acks that this device had not sent in that batch
     mark_commits: int = 0  # transactions that marked rows synced
     paced_s: float = 0.0  # pauses left to the running line during drains
 
@@ -428,6 +477,7 @@ class SyncClient:
         self._next_kind = 0  # paced drain: the table the next slice starts with
         self._aligned_s = 0.0  # this slice's wait for the agent's commit (see _follow_line_commit)
         self.link: MqttLink | None = None
+        self.buffer_id: str | None = None  # the buffer's incarnation, read when the thread opens it
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -466,6 +516,9 @@ class SyncClient:
             "batches_sent": self.stats.batches_sent,
             "resends": self.stats.resends,
             "acks": self.stats.acks,
+            "bad_acks": self.stats.bad_acks,
+            "ignored_acks": self.stats.ignored_acks,
+            "ignored_ack_rows": self.stats.ignored_ack_rows,
             "rows_acked": dict(self.stats.rows_acked),
             "last_ack_at": self.stats.last_ack_at,
             "mark_commits": self.stats.mark_commits,
@@ -507,6 +560,7 @@ class SyncClient:
 
     def _run(self, buf: Any) -> None:
         will = encode_payload({"v": PAYLOAD_VERSION, "state": "offline", "device_id": self.device_id, "reason": "lost"})
+        self.buffer_id = buf.buffer_id
         self._inflight.clear()
         self._to_mark.clear()
         self._ahead = {k: [] for k in DATA_KINDS}
@@ -598,25 +652,48 @@ class SyncClient:
     # -- acks ------------------------------------------------------------------------------
 
     def _take_acks(self) -> None:
-        """Retire the in-flight batches the received acks cover; queue their ranges to mark."""
+        """Retire the in-flight batches the received acks answer; queue their rows to mark.
+
+        Only rows this device sent and still waits for are ever marked: an ack must name an
+        in-flight batch (its batch id, or a chunk of an in-flight sample), and of its
+        ranges only the seqs of that batch count. Anything else (an ack for a batch already
+        settled, an unknown batch id, a range the device never sent, a forged ack) is
+        counted in ``ignored_acks`` / ``ignored_ack_rows``, logged, and changes nothing.
+        """
         if not self._acks:
             return
         acks, self._acks = self._acks, []
-        by_table: dict[str, list[tuple[int, int]]] = {}
         for ack in acks:
             self.stats.acks += 1
-            for table, ranges in ack.acked.items():
-                by_table.setdefault(table, []).extend(ranges)
-                self._to_mark.setdefault(table, []).extend(ranges)
-        self.stats.last_ack_at = time.time()
-        for ack in acks:
-            item = self._inflight.get(ack.batch)
-            if item is not None and _covered(item.seqs, list(ack.acked.get(item.kind, []))):  # type: ignore[call-overload]
-                self._done(ack.batch)
-        # Acks of an earlier send (other batch id) still settle what they cover.
-        for batch_id, item in list(self._inflight.items()):
-            if _covered(item.seqs, by_table.get(item.kind, [])):
-                self._done(batch_id)
+            item = self._inflight_for(ack.batch)
+            if item is None:
+                self.stats.ignored_acks += 1
+                rows = sum(b - a + 1 for ranges in ack.acked.values() for a, b in ranges)
+                self.stats.ignored_ack_rows += rows
+                # A late second ack of a resent batch lands here too: harmless, debug only.
+                logger.debug("ignored an ack for batch %s: not in flight (%s rows named)", ack.batch, rows)
+                continue
+            ranges = _merge(list(ack.acked.get(item.kind, [])))  # type: ignore[call-overload]
+            sent = [s for s in item.seqs if _inside(s, ranges)]
+            stray = sum(b - a + 1 for table, rs in ack.acked.items() for a, b in rs) - len(sent)
+            if stray > 0:
+                self.stats.ignored_ack_rows += stray
+                logger.warning("ack for batch %s names %s rows this batch did not send; only its own %s are marked",
+                               ack.batch, stray, len(sent))  # fmt: skip
+            if sent:
+                self._to_mark.setdefault(item.kind, []).extend(_ranges_of(sent))
+                self.stats.last_ack_at = time.time()
+            if len(sent) == len(item.seqs):
+                self._done(item.batch)
+
+    def _inflight_for(self, batch_id: str) -> _Inflight | None:
+        """The in-flight batch an ack answers: its own id, or a chunk id of an in-flight sample."""
+        item = self._inflight.get(batch_id)
+        if item is None and "." in batch_id:
+            item = self._inflight.get(batch_id.rsplit(".", 1)[0])
+            if item is not None and item.kind != SAMPLES:
+                return None
+        return item
 
     def _mark_acked(self, buf: Any, *, force: bool = False, busy: bool = False) -> bool:
         """Mark what the cloud acked as synced; True when acked rows are left for the next slice.
@@ -783,8 +860,10 @@ class SyncClient:
         if kind == RESULTS and any(r.get(BOX_COLUMN) is not None for r in rows):
             # Only batches that hold a box need version 2 (docs/sync.md, "Payloads").
             names, version = (*names, BOX_COLUMN), RESULTS_BOX_VERSION
-        head = {"v": version, "type": kind, "device_id": self.device_id, "batch": batch_id,
-                "first_seq": seqs[0], "last_seq": seqs[-1]}  # fmt: skip
+        head: dict[str, Any] = {"v": version, "type": kind, "device_id": self.device_id, "batch": batch_id}
+        if self.buffer_id:
+            head["buffer_id"] = self.buffer_id
+        head.update(first_seq=seqs[0], last_seq=seqs[-1])
         parts = [_dumps(head)[:-1], ',"seq":', _dumps(seqs), ',"cols":{']
         for i, name in enumerate(names):
             col: list[Any] = list(map(itemgetter(name), rows))
@@ -846,7 +925,7 @@ class SyncClient:
         payloads = [
             encode_payload(
                 {"v": PAYLOAD_VERSION, "type": "sample", "device_id": self.device_id, "batch": f"{batch_id}.{i}",
-                 "seq": seq, "result_seq": row.get("result_seq"), "ts": row.get("ts"), "reason": row.get("reason"),
+                 **({"buffer_id": self.buffer_id} if self.buffer_id else {}), "seq": seq, "result_seq": row.get("result_seq"), "ts": row.get("ts"), "reason": row.get("reason"),
                  "label": row.get("label"), "score": row.get("score"), "width": row.get("width"),
                  "height": row.get("height"), "bytes": len(jpeg), "sha256": digest, "chunk": i, "chunks": len(chunks),
                  "data": base64.b64encode(part).decode("ascii")}
@@ -893,6 +972,7 @@ class SyncClient:
                 "model_version": agent.get("model_version") if isinstance(agent.get("model_version"), str) else None,
                 "unsynced": int(pending.get(RESULTS, 0)),
                 "pending": pending,
+                "buffer_id": self.buffer_id,
                 "sync": self.snapshot(),
             }
         )
@@ -900,7 +980,8 @@ class SyncClient:
             body["groups"] = list(self.config.groups)
         payload = encode_payload(json.loads(json.dumps(body, default=str)))
         if len(payload) > MAX_PAYLOAD_BYTES:
-            keep = ("v", "state", "device_id", "ts", "reason", "model_version", "unsynced", "pending", "groups", "sync")
+            keep = ("v", "state", "device_id", "ts", "reason", "model_version", "unsynced", "pending", "groups", "sync",
+                    "buffer_id")
             payload = encode_payload(json.loads(json.dumps({k: body[k] for k in keep}, default=str)))
         return payload
 
@@ -950,9 +1031,18 @@ def _split(ranges: list[tuple[int, int]], rows: int) -> tuple[list[tuple[int, in
     return head, []
 
 
-def _covered(seqs: list[int], ranges: list[tuple[int, int]]) -> bool:
-    """Every seq (sorted, distinct) lies in one of the inclusive ranges."""
-    if not ranges:
-        return False
-    inside = sum(bisect.bisect_right(seqs, b) - bisect.bisect_left(seqs, a) for a, b in _merge(ranges))
-    return inside == len(seqs)
+def _inside(seq: int, ranges: list[tuple[int, int]]) -> bool:
+    """``seq`` lies in one of the sorted, disjoint inclusive ranges."""
+    i = bisect.bisect_right(ranges, (seq, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= seq <= ranges[i][1]
+
+
+def _ranges_of(seqs: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct seqs as inclusive ranges of consecutive values."""
+    out: list[tuple[int, int]] = []
+    for s in seqs:
+        if out and s == out[-1][1] + 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out

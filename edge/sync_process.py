@@ -143,7 +143,9 @@ def _child_main(parent_pid: int, level: int) -> int:
     signal.signal(signal.SIGTERM, lambda _s, _f: client.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the agent decides
     client.start()
+    shown: dict[str, Any] | None = None
     while not client.stop_event.wait(PARENT_POLL_S):
+        shown = _publish_link_state(config, client, shown)
         if os.getppid() != parent_pid:
             # The agent died without stopping us: vanish, and let the broker send the will.
             logger.warning("agent %s is gone; sync process exits", parent_pid)
@@ -152,6 +154,31 @@ def _child_main(parent_pid: int, level: int) -> int:
             return 1
     client.join(5.0)
     return 0
+
+
+LINK_STATE_KEYS = ("connected", "connected_since", "connects", "last_error", "bad_acks", "ignored_acks", "ignored_ack_rows")
+
+
+def _publish_link_state(config: AgentConfig, client: Any, shown: dict[str, Any] | None) -> dict[str, Any]:
+    """Write the link state for `linewatch edge status` when it changed (a wrong CA is only
+    seen here: the link cannot tell the cloud). Returns what the file now holds."""
+    import json
+
+    from edge.status import sync_status_path
+
+    snap = client.snapshot()
+    state = {k: snap.get(k) for k in LINK_STATE_KEYS}
+    if state == shown:
+        return state
+    path = sync_status_path(config)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk must not stop the sync
+        logger.debug("sync state file %s not written: %s", path, exc)
+        return shown or {}
+    return state
 
 
 if __name__ == "__main__":

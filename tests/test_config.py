@@ -84,6 +84,12 @@ def test_validate_config_cli_one_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     path.write_text(GOOD)
     proc = run_cli("edge", "validate-config", str(path))
+    assert proc.returncode == 1 and "parts.mp4: no such video file" in proc.stderr, "the files it names are checked"
+    (tmp_path / "parts.mp4").write_bytes(b"x")
+    from edge.signing import generate_keypair
+
+    generate_keypair(tmp_path / "signing.key", tmp_path / "signing.pub")
+    proc = run_cli("edge", "validate-config", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout
 
@@ -103,4 +109,4 @@ def test_cloud_example_template_is_valid() -> None:
 
     cfg = load_cloud_config(REPO / "firmware-config" / "cloud.example.toml")
     assert cfg.store.path.name == "cloud.db"
-    assert cfg.mqtt.port == 1883
+    assert cfg.mqtt.port == 8884 and cfg.mqtt.tls  # the broker's cloud listener

@@ -56,7 +56,7 @@ def results_payload(device_id: str, seqs: list[int], batch: str = "b1", **over: 
     body: dict[str, Any] = {
         "v": 1, "type": "results", "device_id": device_id, "batch": batch, "first_seq": seqs[0], "last_seq": seqs[-1],
         "seq": seqs,
-        "cols": {"ts": [1.0] * n, "part_id": list(range(n)), "model_version": ["m1"] * n, "label": ["ok"] * n,
+        "cols": {"ts": [1.0] * n, "part_id": list(seqs), "model_version": ["m1"] * n, "label": ["ok"] * n,
                  "score": [0.1] * n, "passed": [True] * n, "capture_ms": [None] * n, "preprocess_ms": [None] * n,
                  "invoke_ms": [None] * n, "record_ms": [None] * n},
     }  # fmt: skip
@@ -154,7 +154,7 @@ def test_a_cloud_store_from_before_boxes_is_migrated_and_keeps_its_rows(tmp_path
     assert [(r["seq"], r["label"], r["box"]) for r in rows] == [(1, "ok", None), (2, "ok", [40, 30, 128, 128]), (3, "ok", None), (4, "ok", None)]
     conn = sqlite3.connect(path)
     names = [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY name")]
-    assert names == ["001_initial", "002_result_box", "003_result_minutes"]
+    assert names == ["001_initial", "002_result_box", "003_result_minutes", "004_buffer_incarnation"]
     # the old row was counted by the migration, the new ones as they were stored
     assert conn.execute("SELECT device_id, minute, passed, failed FROM result_minutes").fetchall() == [("d1", 0, 4, 0)]
 

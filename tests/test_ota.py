@@ -142,7 +142,11 @@ def test_install_happy_path_then_reinstall_previous(tmp_path: Path, live_store: 
     assert res.path is not None and res.path.parent.name == "versions" and res.path.name.startswith("tiny-2-")
     assert_untouched(live_store, "tiny-2")
     # Pushing v1 again (a rollback by the cloud) reuses the kept folder.
-    res1 = install_bundle(signed_pack(v1, keys, tmp_path / "v1b.lwb"), live_store, ota_config(keys), res.classifier)
+    older = signed_pack(v1, keys, tmp_path / "v1b.lwb")
+    refused = install_bundle(older, live_store, ota_config(keys), res.classifier)
+    assert not refused.ok and refused.stage == "downgrade" and "older than the running tiny-2" in str(refused.reason)
+    assert Classifier(live_store.current()).version == "tiny-2", "anti-rollback left the running model"
+    res1 = install_bundle(older, live_store, ota_config(keys), res.classifier, allow_downgrade=True)
     assert res1.ok and Classifier(live_store.current()).version == "tiny-1"
     assert sorted(p.name.split("-")[1] for p in (live_store.root / "versions").iterdir()) == ["1", "2"]
 
@@ -843,3 +847,63 @@ def test_real_agent_switches_between_frames_and_keeps_inspecting(
         versions = {r["model_version"] for r in buf.tail(100000)}
     assert {"ota_downloading", "ota_validating", "ota_active", "model_switched"} <= set(kinds), kinds
     assert versions == {"tiny-1", "tiny-2"}
+
+
+def test_anti_rollback_refuses_an_older_version_unless_the_push_signed_it(
+    tmp_path: Path, broker: Broker, live_store: ModelStore, v1: Path, v2: Path, keys: Keys,
+    ota_server: Callable[..., Any], clients: list[OtaClient],
+) -> None:  # fmt: skip
+    """Running tiny-2, the box is told to go to tiny-1: refused without a signed downgrade
+    intent (none, or one signed by an unknown key), accepted with one."""
+    from cloud.rollout import Transfer
+    from edge.ota_wire import sign_downgrade
+
+    res = install_bundle(signed_pack(v2, keys, tmp_path / "v2.lwb"), live_store, ota_config(keys), Classifier(live_store.current()))
+    assert res.ok, res.reason
+    packed = signed_pack(v1, keys, tmp_path / "v1.lwb")
+    srv = ota_server()
+    host = Host(Classifier(live_store.current()))
+    client = OtaClient(agent_cfg(tmp_path, live_store, broker, keys), host)
+    clients.append(client)
+    client.start()
+    stranger = Keys(tmp_path / "stranger")
+    for transfer, sign_with in (("t-old", None), ("t-forged", stranger)):
+        desired = desired_for("cam1", transfer, packed, "tiny-1", 16384)
+        if sign_with is not None:
+            desired = sign_downgrade(desired, sign_with.key)
+        srv.offer(Transfer(desired.transfer, packed, str(desired.sha256), packed.stat().st_size, desired.chunk_bytes))
+        srv.publish_desired(desired)
+        wait_for(f"{transfer} refused", lambda t=transfer: client.state is not None and client.state.get("transfer") == t
+                 and client.state["state"] == FAILED)  # fmt: skip
+        assert client.state["stage"] == "downgrade" and "older than the running tiny-2" in client.state["reason"]
+    assert srv.stats["chunks_sent"] == 0 and host.swapped == [] and Classifier(live_store.current()).version == "tiny-2"
+    unsigned_ask = desired_for("cam1", "t-unsigned", packed, "tiny-1", 16384).model_copy(update={"allow_downgrade": True})
+    srv.offer(Transfer(unsigned_ask.transfer, packed, str(unsigned_ask.sha256), packed.stat().st_size, unsigned_ask.chunk_bytes))
+    srv.publish_desired(unsigned_ask)
+    wait_for("unsigned ask refused", lambda: client.state is not None and client.state.get("transfer") == "t-unsigned"
+             and client.state["state"] == FAILED)  # fmt: skip
+    signed = sign_downgrade(desired_for("cam1", "t-signed", packed, "tiny-1", 16384), keys.key)
+    srv.offer(Transfer(signed.transfer, packed, str(signed.sha256), packed.stat().st_size, signed.chunk_bytes))
+    srv.publish_desired(signed)
+    wait_for("signed downgrade active", lambda: client.state is not None and client.state.get("transfer") == "t-signed"
+             and client.state["state"] in (ACTIVE, FAILED))  # fmt: skip
+    assert client.state["state"] == ACTIVE, client.state
+    assert Classifier(live_store.current()).version == "tiny-1" and [c.version for c in host.swapped] == ["tiny-1"]
+
+
+def test_oversized_and_deeply_nested_manifests_are_clean_refusals(tmp_path: Path, live_store: ModelStore, v2: Path, keys: Keys) -> None:
+    """Even with allow_unsigned: a 2 MiB manifest is refused before it is read, a manifest
+    nested 100,000 deep is refused without a RecursionError, and the running model stays."""
+    from edge.protocol import MAX_MANIFEST_BYTES
+
+    cfg = ota_config(keys, allow_unsigned=True)
+    for case, text in (("huge", '{"pad": "' + "x" * (2 * MAX_MANIFEST_BYTES) + '"}'), ("deep", "[" * 100_000 + "]" * 100_000)):
+        work = tmp_path / case
+        shutil.copytree(v2, work)
+        (work / "signature.json").unlink(missing_ok=True)
+        (work / MANIFEST_FILE).write_text(text)
+        res = install_bundle(work, live_store, cfg, Classifier(live_store.current()))
+        assert not res.ok and res.reason is not None, case
+        expected = "byte limit" if case == "huge" else "nested too deeply"
+        assert expected in res.reason, (case, res.stage, res.reason)
+        assert_untouched(live_store, "tiny-1")

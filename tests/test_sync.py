@@ -674,3 +674,44 @@ def test_a_mark_waits_for_the_lines_next_commit(tmp_path: Path, broker: Broker, 
         worker.join()
         assert committed and returned - t1 >= 0.15 and returned < committed[0] + 5.0
         assert client._aligned_s >= 0.15  # the wait is booked apart: the pacing does not count it
+
+
+def test_forged_acks_mark_only_what_the_device_sent(tmp_path: Path, broker: Broker) -> None:
+    """With no cloud running, acks published by someone else (a range never sent, an unknown
+    batch id, a real batch id with a wider range) mark nothing the device did not send."""
+    agent = write_agent_config(tmp_path / "dev", broker, "cam-forge", batch_rows=5, max_inflight=1, ack_timeout_s=30.0)
+    fill_buffer(agent, 17)
+    seen: list[dict[str, Any]] = []
+    spy = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="spy", protocol=mqtt.MQTTv5)
+    spy.on_message = lambda _c, _u, m: seen.append(json.loads(m.payload))
+    spy.connect(broker.host, broker.port)
+    spy.subscribe(f"{PREFIX}/devices/cam-forge/results", qos=1)
+    spy.loop_start()
+    client = SyncClient(load_config(agent))
+    client.start()
+    try:
+        wait_until(lambda: seen, 15, "the device's first results batch")
+        ack_topic = f"{PREFIX}/devices/cam-forge/ack"
+
+        def forge(batch: str, acked: dict[str, list[list[int]]]) -> None:
+            body = {"v": 1, "type": "ack", "device_id": "cam-forge", "batch": batch, "ts": time.time(), "acked": acked}
+            spy.publish(ack_topic, encode_payload(body), qos=1).wait_for_publish(5)
+
+        forge("r1-1000000000.forged1", {"results": [[1, 10**9]]})
+        wait_until(lambda: client.stats.ignored_acks >= 1, 10, "the forged ack to be counted")
+        time.sleep(0.5)  # a mark would have been written by now
+        assert unsynced(agent)["results"] == 17, "an ack for a batch never sent marked nothing"
+        # The real batch id sniffed off the wire, with a range far wider than that batch.
+        first = seen[0]
+        assert first["seq"] == [1, 2, 3, 4, 5]
+        forge(first["batch"], {"results": [[1, 10**9]], "events": [[1, 50]]})
+        wait_until(lambda: unsynced(agent)["results"] == 12, 10, "the sent batch, and only it, marked synced")
+        time.sleep(0.5)
+        assert unsynced(agent)["results"] == 12
+        snap = client.snapshot()
+        assert snap["ignored_acks"] == 1 and snap["ignored_ack_rows"] >= 10**9 - 1
+    finally:
+        client.stop()
+        client.join(3)
+        spy.loop_stop()
+        spy.disconnect()
