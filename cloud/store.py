@@ -356,6 +356,7 @@ class SQLiteStore:
             [(device_id, minute, p, f) for minute, (p, f) in per_minute.items()],
         )
 
+    @staticmethod
     def _insert_rows(
         conn: sqlite3.Connection, table: str, columns: tuple[str, ...], device_id: str, buffer_id: str,
         rows: list[tuple[Any, ...]],
