@@ -27,34 +27,30 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) mosquitto chromium
 
-# Mosquitto is a system package: install it when we may, else say exactly how.
+# A Debian package: install it when we may (root, or sudo without a password), else say
+# exactly how. $(1) package, $(2) what it is for.
+define apt_install
+if [ "$$(id -u)" = 0 ]; then \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); \
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); \
+else \
+	echo "$(1) is not installed and this user cannot install it ($(2)). Run:"; \
+	echo "    sudo apt-get install -y $(1)"; \
+	exit 1; \
+fi
+endef
+
 mosquitto:
 	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
-	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto; \
-	else \
-		echo "Mosquitto is not installed and this user cannot install it. Run:"; \
-		echo "    sudo apt-get install -y mosquitto"; \
-		exit 1; \
-	fi; \
-	# The tests and demo start their own broker; the packaged service is not needed. \
+	$(call apt_install,mosquitto,the tests and the demo start their own broker); \
 	if command -v systemctl >/dev/null 2>&1; then (systemctl disable --now mosquitto >/dev/null 2>&1 || true); fi
 
 # The browser tests drive Debian's chromium through Playwright (its own browser download
-# is not used): install the system package the same way.
+# is not used).
 chromium:
 	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	else \
-		echo "Chromium is not installed and this user cannot install it (the browser tests need it). Run:"; \
-		echo "    sudo apt-get install -y chromium"; \
-		exit 1; \
-	fi
+	$(call apt_install,chromium,the browser tests drive it)
 
 test: setup
 	$(PY) -m pytest -n $(JOBS) --timeout 600 tests

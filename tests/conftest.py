@@ -8,6 +8,7 @@ through a lock file), databases are SQLite files under tmp_path.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,6 +166,20 @@ def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None)
     """Run the installed ``linewatch`` command as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([LINEWATCH, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def wait_status(cfg: Path, pred: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+    """`edge status --json` until ``pred`` holds on it; the last status in the failure."""
+    last: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = run_cli("edge", "status", "--config", str(cfg), "--json")
+        if proc.returncode == 0:
+            last = json.loads(proc.stdout)
+            if pred(last):
+                return last
+        time.sleep(0.3)
+    raise AssertionError(f"status never matched: {last}")
 
 
 # Two compatible versions of the tiny model, for OTA, registry and rollout tests.

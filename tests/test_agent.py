@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from edge.inference import Prediction
-from tests.conftest import LINEWATCH, run_cli
+from tests.conftest import LINEWATCH, run_cli, wait_status
 
 
 def write_video(path: Path, frames: int, size: tuple[int, int] = (320, 240), fps: int = 25) -> None:
@@ -81,19 +81,6 @@ def rows(db: Path) -> list[tuple]:
         return con.execute("SELECT seq, part_id, label, passed FROM results ORDER BY seq").fetchall()
     finally:
         con.close()
-
-
-def wait_status(cfg: Path, pred, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    last: dict = {}
-    while time.monotonic() < deadline:
-        proc = run_cli("edge", "status", "--config", str(cfg), "--json")
-        if proc.returncode == 0:
-            last = json.loads(proc.stdout)
-            if pred(last):
-                return last
-        time.sleep(0.3)
-    raise AssertionError(f"status never matched: {last}")
 
 
 def stop(proc: subprocess.Popen[str]) -> float:

@@ -27,7 +27,7 @@ from edge.drift import (
     psi,
 )
 from edge.inference import Classifier, Prediction
-from tests.conftest import LINEWATCH, Broker, run_cli
+from tests.conftest import LINEWATCH, Broker, run_cli, wait_status
 from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtures
     PREFIX,
     Proc,
@@ -199,19 +199,6 @@ def write_parts_video(path: Path, n: int, dark_from: int | None = None) -> None:
     for i, f in enumerate(part_frames(n, seed=7)):
         writer.write(darker(f) if dark_from is not None and i >= dark_from else f)
     writer.release()
-
-
-def wait_status(cfg: Path, pred: Any, timeout: float = 60) -> dict[str, Any]:
-    last: dict[str, Any] = {}
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc = run_cli("edge", "status", "--config", str(cfg), "--json")
-        if proc.returncode == 0:
-            last = json.loads(proc.stdout)
-            if pred(last):
-                return last
-        time.sleep(0.3)
-    raise AssertionError(f"status never matched: {last.get('drift')}")
 
 
 def test_agent_declares_drift_syncs_it_and_exports_tagged_samples(
