@@ -196,11 +196,14 @@ class Classifier:
             self._interpreter.invoke()
             return self._interpreter.get_tensor(self._output_index).copy()
 
-    def decide(self, raw: np.ndarray) -> tuple[str, float, bool, np.ndarray]:
-        """Raw output -> (label, defect score, passed, probabilities) by the manifest's threshold."""
+    def decide(self, raw: np.ndarray, score: float | None = None) -> tuple[str, float, bool, np.ndarray]:
+        """Raw output -> (label, defect score, passed, probabilities) by the manifest's
+        threshold; ``score`` is the part's when a tiled bundle's rule gave it (the label is
+        then the deciding input's most likely defect)."""
         probs = (raw.astype(np.float32) - self._out_zero) * self._out_scale
         probs = np.clip(probs, 0.0, 1.0)
-        score = float(np.clip(1.0 - probs[self._pass_index], 0.0, 1.0))
+        if score is None:
+            score = float(np.clip(1.0 - probs[self._pass_index], 0.0, 1.0))
         passed = score < self.manifest.threshold
         if passed:
             label = self.manifest.pass_label
@@ -244,8 +247,8 @@ class Classifier:
         t1 = time.perf_counter()
         raws = self.invoke_batch(batch)
         t2 = time.perf_counter()
-        worst = int(np.argmax(self.scores(raws)))  # the max rule: the worst input decides
-        label, score, passed, probs = self.decide(raws[worst])
+        score, worst = tiling_mod.part_score(self.scores(raws), self.manifest.tiling)
+        label, _, passed, probs = self.decide(raws[worst], score)
         return Prediction(
             label=label,
             score=score,

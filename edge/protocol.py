@@ -92,7 +92,9 @@ class Tiling(_Strict):
     grid of ``width`` x ``height`` tiles that overlap by at least ``overlap`` of a tile;
     with ``whole_frame`` one more input is the whole ROI squeezed to the tile size, for
     defects that are about the whole part (shading). All inputs go through the model
-    together and the part's score is the ``rule`` over them.
+    together and the part's score is the ``rule`` over them: ``max``, the worst input's
+    score; ``fused``, the worst tile's defect logit plus ``whole_weight`` times the whole
+    view's (edge/tiling.py ``part_score``; docs/training.md, "Decision rule").
     """
 
     width: int = Field(ge=16, le=4096, description="tile width in scaled pixels (the model input)")
@@ -101,7 +103,8 @@ class Tiling(_Strict):
     overlap: float = Field(default=0.0, ge=0.0, lt=0.9)
     roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, width, height in frame pixels")
     whole_frame: bool = True
-    rule: Literal["max"] = "max"
+    rule: Literal["max", "fused"] = "max"
+    whole_weight: float = Field(default=0.0, ge=0.0, le=8.0, description="the whole view's weight in the fused rule")
 
     @field_validator("roi")
     @classmethod
@@ -109,6 +112,12 @@ class Tiling(_Strict):
         if v is not None and (v[0] < 0 or v[1] < 0 or v[2] < 1 or v[3] < 1):
             raise ValueError("roi is [x, y, width, height] with x, y >= 0 and width, height >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _fused_needs_whole_view(self) -> Tiling:
+        if self.rule == "fused" and not self.whole_frame:
+            raise ValueError("the fused rule weighs the whole view in: it needs whole_frame")
+        return self
 
 
 class GoldenImage(_Strict):

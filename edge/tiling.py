@@ -9,6 +9,12 @@ frames with these functions, so the box sees exactly what the model was scored o
 Grid rule: along a side of L scaled pixels, n = 1 + ceil((L - T) / (T * (1 - overlap)))
 tiles of T pixels, spread evenly from 0 to L - T (rounded to whole pixels), so the first
 and last tiles touch the edges and neighbours overlap by at least ``overlap`` of a tile.
+
+Decision rule (manifest ``tiling.rule``): ``max``, the part's score is its worst input's;
+``fused``, the part's defect logit is the worst tile's plus ``whole_weight`` times the whole
+view's, so a part whose tiles look slightly off and whose whole view looks slightly off
+together outranks one with a single odd tile. Training chooses the rule and the weight on
+held-out scores (docs/training.md, "Decision rule").
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from edge.protocol import Tiling
 MIN_TILE = 16
 
 Box = tuple[int, int, int, int]  # x, y, width, height in frame pixels
+
+# The fused rule takes logits of scores clipped to half an int8 output step (1/256) from 0
+# and 1: a saturated input counts as what the int8 model can tell apart, not as infinity.
+SCORE_CLIP = 1.0 / 512.0
 
 
 def positions(length: int, tile: int, overlap: float) -> list[int]:
@@ -133,6 +143,41 @@ def cut(image: np.ndarray, tiling: Tiling, color_mode: str, out: np.ndarray | No
     return out, grid
 
 
+def score_logits(scores: np.ndarray) -> np.ndarray:
+    """Defect scores -> their logits, clipped by SCORE_CLIP."""
+    s = np.clip(np.asarray(scores, dtype=np.float64), SCORE_CLIP, 1.0 - SCORE_CLIP)
+    return np.log(s) - np.log1p(-s)
+
+
+def rule_scores(parts: np.ndarray, tiling: Tiling) -> np.ndarray:
+    """Each part's score by the tiling's rule, from (N, 2) rows of (worst tile's score,
+    whole view's score); without a whole view the second column is ignored."""
+    parts = np.asarray(parts, dtype=np.float64).reshape(-1, 2)
+    if not tiling.whole_frame:
+        return parts[:, 0].copy()
+    if tiling.rule == "max":
+        return parts.max(axis=1)
+    z = score_logits(parts[:, 0]) + tiling.whole_weight * score_logits(parts[:, 1])
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def part_score(scores: np.ndarray, tiling: Tiling) -> tuple[float, int]:
+    """A part's score from all its inputs' scores (in :func:`cut`'s order), and the input
+    that decided it (its box goes with the result): the worst tile, or the whole view when
+    it counts for more."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not tiling.whole_frame:
+        worst = int(np.argmax(scores))
+        return float(scores[worst]), worst
+    worst = int(np.argmax(scores[:-1]))
+    score = float(rule_scores(np.array([scores[worst], scores[-1]]), tiling)[0])
+    if tiling.rule == "max":
+        whole_counts = scores[-1] > scores[worst]
+    else:
+        whole_counts = tiling.whole_weight * score_logits(scores[-1:])[0] > score_logits(scores[worst : worst + 1])[0]
+    return score, len(scores) - 1 if whole_counts else worst
+
+
 def parse_tile(text: str) -> tuple[int, int]:
     """'WxH' (or one number for a square) -> (width, height); ValueError when malformed."""
     parts = text.lower().replace(" ", "").split("x")
@@ -150,4 +195,19 @@ def parse_tile(text: str) -> tuple[int, int]:
     return w, h
 
 
-__all__ = ["MIN_TILE", "Box", "TileGrid", "cut", "grid_for", "parse_tile", "positions", "roi_box", "scaled_roi", "whole_view"]
+__all__ = [
+    "MIN_TILE",
+    "SCORE_CLIP",
+    "Box",
+    "TileGrid",
+    "cut",
+    "grid_for",
+    "parse_tile",
+    "part_score",
+    "positions",
+    "roi_box",
+    "rule_scores",
+    "scaled_roi",
+    "score_logits",
+    "whole_view",
+]

@@ -15,10 +15,10 @@ from edge.exceptions import ImageError
 from edge.inference import Classifier, check_golden
 from edge.preprocess import read_image
 from edge.protocol import Tiling
-from edge.tiling import cut, grid_for, parse_tile, positions
+from edge.tiling import cut, grid_for, parse_tile, part_score, positions, rule_scores
 from tests.conftest import run_cli, shared_bundle
 from training.dataset import scan_dataset
-from training.tiles import COVERAGE, crop_label, training_crops
+from training.tiles import COVERAGE, RULE_MIN_GAIN, choose_rule, crop_label, training_crops
 from training.tiny import draw_line_pictures
 
 
@@ -101,6 +101,44 @@ def test_training_crops_follow_the_masks(tmp_path: Path) -> None:
     assert x[m].mean() < x[~m].mean() - 25
 
 
+def test_fused_rule_adds_the_whole_views_logit_and_names_the_deciding_input() -> None:
+    fused = Tiling(width=32, height=32, scale=1.0, rule="fused", whole_weight=1.0)
+    scores = np.array([0.1, 0.6, 0.2, 0.7])  # three tiles, then the whole view
+    score, decider = part_score(scores, fused)
+    assert score == pytest.approx(0.6 * 0.7 / (0.6 * 0.7 + 0.4 * 0.3))  # logits add: odds multiply
+    assert decider == 3  # the whole view's weighted logit is the larger: its box goes with the result
+    score, decider = part_score(np.array([0.1, 0.9, 0.2, 0.6]), fused)
+    assert decider == 1 and score > 0.9
+    # saturated scores count as half an int8 step from 0 or 1, not as infinite logits
+    assert 0.0 < part_score(np.array([0.999, 0.0]), fused)[0] < 1.0
+    plain = Tiling(width=32, height=32, scale=1.0)
+    assert part_score(scores, plain) == (0.7, 3)
+    assert rule_scores(np.array([[0.6, 0.7], [0.9, 0.2]]), plain).tolist() == [0.7, 0.9]
+    with pytest.raises(ValueError, match="needs whole_frame"):
+        Tiling(width=32, height=32, scale=1.0, whole_frame=False, rule="fused", whole_weight=1.0)
+
+
+def test_the_rule_is_fused_only_when_the_whole_view_ranks_held_out_parts_better() -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    is_defect = np.arange(n) < 120
+    local = is_defect & (np.arange(n) < 60)  # half the defects show in a tile, half only as shading
+    # shading defects: tiles a little off, the whole view a little off; neither alone decides
+    tile = np.where(local, rng.uniform(0.6, 0.95, n), np.where(is_defect, rng.uniform(0.3, 0.7, n), rng.uniform(0.05, 0.7, n)))
+    whole = np.where(is_defect & ~local, rng.uniform(0.3, 0.6, n), rng.uniform(0.02, 0.4, n))
+    base = Tiling(width=32, height=32, scale=1.0)
+    choice = choose_rule(np.stack([tile, whole], 1), is_defect, base)
+    assert choice.tiling.rule == "fused" and choice.tiling.whole_weight > 0
+    assert max(v for k, v in choice.auc.items() if k != "max") >= choice.auc["max"] + RULE_MIN_GAIN  # type: ignore[operator]
+    # a whole view that carries nothing: the max rule stays
+    noise = rng.uniform(0.02, 0.3, n)
+    tile_only = np.where(is_defect, rng.uniform(0.5, 0.95, n), rng.uniform(0.05, 0.6, n))
+    assert choose_rule(np.stack([tile_only, noise], 1), is_defect, base).tiling.rule == "max"
+    # without a whole view there is nothing to fuse
+    no_whole = Tiling(width=32, height=32, scale=1.0, whole_frame=False)
+    assert choose_rule(np.stack([tile, whole], 1), is_defect, no_whole).tiling.rule == "max"
+
+
 @pytest.fixture(scope="session")
 def tiled_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_bundle(tmp_path_factory, "tiny-tiled-1", seed=0, tile=(48, 48), count=80)
@@ -108,7 +146,9 @@ def tiled_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_tiled_bundle_decides_frames_by_their_worst_tile(tiled_bundle: Path, tmp_path: Path) -> None:
     manifest = json.loads((tiled_bundle / "manifest.json").read_text())
-    assert manifest["tiling"]["width"] == 48 and manifest["tiling"]["rule"] == "max"
+    assert manifest["tiling"]["width"] == 48
+    chosen = manifest["training"]["tiles"]["decision_rule"]
+    assert manifest["tiling"]["rule"] == chosen["rule"] and "max" in chosen["held_out_auc"]
     assert manifest["input"]["shape"] == [1, 48, 48, 1]
     assert manifest["training"]["tiles"]["crops_train"] > 0
     clf = Classifier(tiled_bundle)
@@ -124,7 +164,7 @@ def test_tiled_bundle_decides_frames_by_their_worst_tile(tiled_bundle: Path, tmp
         inputs, grid = cut(image, clf.manifest.tiling, "gray")
         assert pred.box in grid.boxes and len(pred.tile_raws or ()) == grid.count
         scores = clf.scores(np.array(pred.tile_raws))
-        assert pred.score == pytest.approx(float(scores.max()), abs=1e-6)
+        assert pred.score == pytest.approx(part_score(scores, clf.manifest.tiling)[0], abs=1e-6)
         if mask_path is not None:
             scratched += 1
             mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)

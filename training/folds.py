@@ -94,7 +94,8 @@ def out_of_fold(
     groups: Sequence[str] | None = None,
     say: Callable[[str], None] = lambda line: None,
 ) -> np.ndarray:
-    """A defect score for every item, each from the fold model that did not train on it.
+    """A defect score (or a row of scores) for every item, each from the fold model that did
+    not train on it.
 
     ``train_and_score`` trains one fold model with the given recipe (the final model's, with
     the fold's own seed) and scores the held-out items; each fold model trains on its other
@@ -111,20 +112,24 @@ def out_of_fold(
             "(or --folds 0 to choose the threshold on the validation split alone)"
         )
     fold_of = assign_folds(y, folds, config.seed, groups)
-    scores = np.zeros(len(y), dtype=np.float64)
+    scores: np.ndarray | None = None
     for k in range(folds):
         hold = fold_of == k
         rest = np.flatnonzero(~hold)
         inner = _inner_split(y[rest], config.seed + k)
         fit_idx, val_idx = rest[~inner], rest[inner]
         fold_config = dataclasses.replace(config, seed=config.seed + 1000 * (k + 1))
-        scores[hold], trained = train_and_score(fit_idx, val_idx, np.flatnonzero(hold), fold_config)
+        held, trained = train_and_score(fit_idx, val_idx, np.flatnonzero(hold), fold_config)
+        if scores is None:  # one score per item, or a row (a tiled picture's worst tile and whole view)
+            scores = np.zeros((len(y), *np.shape(held)[1:]), dtype=np.float64)
+        scores[hold] = held
         say(
             f"  fold {k + 1}/{folds}: {len(fit_idx)} training and {len(val_idx)} validation images, best epoch "
             f"{trained.best_epoch} of {trained.epochs_run}; scored {int(np.sum(hold))} "
             f"({int(np.sum(is_defect[hold]))} defects), {trained.seconds:.0f}s"
         )
         del trained
+    assert scores is not None  # folds >= 2
     return scores
 
 

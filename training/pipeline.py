@@ -28,7 +28,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import numpy as np
 from edge.inference import Classifier
 from edge.preprocess import quantize_lut, read_image, to_color_mode, to_float
 from edge.protocol import MODEL_FILE, REPORT_DIR, Preprocessing, Tiling
-from edge.tiling import MIN_TILE
+from edge.tiling import MIN_TILE, rule_scores
 from training import bundle as bundle_mod
 from training import native, report
 from training.dataset import (
@@ -63,7 +63,16 @@ from training.operating_point import (
     OperatingScores,
     check_budgets,
 )
-from training.tiles import PoolCrops, check_pictures, join, picture_inputs, picture_scores
+from training.tiles import (
+    PoolCrops,
+    RuleChoice,
+    check_pictures,
+    choose_rule,
+    join,
+    picture_inputs,
+    picture_parts,
+    picture_scores,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -480,47 +489,49 @@ def _tiled_selection_scores(
     config: Any,
     model_labels: list[str],
     say: Echo,
-) -> OperatingScores:
-    """:func:`_selection_scores` for a tiled model: each picture's score is the max over its
-    model inputs, cut as the box cuts them."""
+) -> tuple[OperatingScores, RuleChoice]:
+    """:func:`_selection_scores` for a tiled model, and the decision rule chosen on the same
+    held-out pictures (training/tiles.py ``choose_rule``): each picture's score is the rule
+    over its model inputs, cut as the box cuts them."""
     from training.folds import out_of_fold
 
     pass_class = crops.pass_class
     val_pictures = np.arange(crops.n_train, len(crops.samples))
     n_val_defects = int(np.sum(crops.classes[val_pictures] != pass_class))
     if opts.folds == 0 or n_val_defects >= MIN_VALIDATION_DEFECTS:
-        val_samples = crops.samples[crops.n_train :]
-        return OperatingScores(
-            scores_from="validation",
-            model="float",
-            pass_label=data.pass_label,
-            files=tuple(str(s.path) for s in val_samples),
-            labels=tuple(s.label for s in val_samples),
-            scores=picture_scores(val_samples, crops.tiling, crops.color_mode, _float_scorer(trained.model, pass_class)),
+        held_samples: Sequence[Any] = crops.samples[crops.n_train :]
+        is_defect = crops.classes[val_pictures] != pass_class
+        parts = picture_parts(held_samples, crops.tiling, crops.color_mode, _float_scorer(trained.model, pass_class))
+        scores_from = "validation"
+    else:
+        held_samples = crops.samples
+        is_defect = crops.classes != pass_class
+        say(
+            f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
+            f"models score all {int(np.sum(is_defect))} training and validation defect pictures out of fold"
         )
-    is_defect = crops.classes != pass_class
-    say(
-        f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
-        f"models score all {int(np.sum(is_defect))} training and validation defect pictures out of fold"
-    )
 
-    def train_and_score(fit_idx: np.ndarray, val_idx: np.ndarray, hold_idx: np.ndarray, fold_config: Any) -> tuple[np.ndarray, Any]:
-        fold = _train_on_crops(crops, fit_idx, val_idx, fold_config, len(model_labels))
-        held = [crops.samples[i] for i in hold_idx]
-        return picture_scores(held, crops.tiling, crops.color_mode, _float_scorer(fold.model, pass_class)), fold
+        def train_and_score(fit_idx: np.ndarray, val_idx: np.ndarray, hold_idx: np.ndarray, fold_config: Any) -> tuple[np.ndarray, Any]:
+            fold = _train_on_crops(crops, fit_idx, val_idx, fold_config, len(model_labels))
+            held = [crops.samples[i] for i in hold_idx]
+            return picture_parts(held, crops.tiling, crops.color_mode, _float_scorer(fold.model, pass_class)), fold
 
-    scores = out_of_fold(
-        crops.classes, is_defect, config, train_and_score, folds=opts.folds,
-        groups=[groups(s) for s in crops.samples] if groups else None, say=say,
-    )
-    return OperatingScores(
-        scores_from=f"out-of-fold ({opts.folds} folds)",
+        parts = out_of_fold(
+            crops.classes, is_defect, config, train_and_score, folds=opts.folds,
+            groups=[groups(s) for s in crops.samples] if groups else None, say=say,
+        )
+        scores_from = f"out-of-fold ({opts.folds} folds)"
+    rule = choose_rule(parts, is_defect, crops.tiling)
+    say(rule.describe())
+    selection = OperatingScores(
+        scores_from=scores_from,
         model="float",
         pass_label=data.pass_label,
-        files=tuple(str(s.path) for s in crops.samples),
-        labels=tuple(s.label for s in crops.samples),
-        scores=scores,
+        files=tuple(str(s.path) for s in held_samples),
+        labels=tuple(s.label for s in held_samples),
+        scores=rule_scores(parts, rule.tiling),
     )
+    return selection, rule
 
 
 def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, echo: Echo | None = None) -> FitResult:
@@ -649,12 +660,17 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
         selection = _selection_scores(
             opts, data, split, fx, model_ys, masks_train, mask_known, groups, trained, config, model_labels, say
         )
+        rule: RuleChoice | None = None
     else:
-        selection = _tiled_selection_scores(opts, data, crops, groups, trained, config, model_labels, say)
+        selection, rule = _tiled_selection_scores(opts, data, crops, groups, trained, config, model_labels, say)
+        crops = dataclasses.replace(crops, tiling=rule.tiling)
     float_point = selection.choose(opts.target_recall, opts.max_false_reject)
-    # Move the chosen cut to the middle of the output range, where int8 resolves it best.
-    shift = model_mod.move_operating_point(trained.model, float_point.threshold, model_pass)
-    selection = selection.shifted(shift)
+    # Move the chosen cut to the middle of the output range, where int8 resolves it best. A
+    # fused rule adds the whole view's logit with its weight, so it moves (1 + weight) times.
+    gain = 1.0 + (rule.tiling.whole_weight if rule is not None and rule.tiling.rule == "fused" else 0.0)
+    cut = float(np.clip(float_point.threshold, 1e-4, 1 - 1e-4))
+    shift = model_mod.move_operating_point(trained.model, 1.0 / (1.0 + ((1 - cut) / cut) ** (1.0 / gain)), model_pass)
+    selection = selection.shifted(shift * gain)
     if shift:
         say(f"  operating point moved to the middle of the output range (defect logit {shift:+.2f})")
     durations["operating_scores"] = time.perf_counter() - t0
@@ -690,6 +706,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
             trained=trained,
             config=config,
             crops=crops,
+            rule=rule,
             shift=shift,
             selection=selection,
             int8_bytes=int8_bytes,
@@ -728,6 +745,7 @@ def _finish(
     selection: OperatingScores,
     config: Any,
     crops: PoolCrops | None,
+    rule: RuleChoice | None,
     int8_bytes: bytes,
     float_bytes: bytes,
     in_spec: Any,
@@ -884,7 +902,7 @@ def _finish(
         "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
         "augmentation": config.augmentation.to_dict(),
         "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head, "stem": config.stem, "shading": config.shading},
-        **({"tiles": _tiles_info(crops)} if crops is not None else {}),
+        **({"tiles": _tiles_info(crops) | ({"decision_rule": rule.to_dict()} if rule else {})} if crops is not None else {}),
         "masks": {
             "used": trained.used_masks,
             "train_images_with_defect_mask": trained.masked_images,

@@ -41,7 +41,7 @@ import numpy as np
 from edge.exceptions import ImageError
 from edge.preprocess import read_image
 from edge.protocol import Tiling
-from edge.tiling import cut, grid_for, scaled_roi, whole_view
+from edge.tiling import cut, grid_for, rule_scores, scaled_roi, whole_view
 from training.dataset import Sample
 from training.exceptions import DataError
 
@@ -330,7 +330,7 @@ def picture_inputs(samples: Sequence[Sample], tiling: Tiling, color_mode: str) -
         yield index, inputs
 
 
-def picture_scores(
+def picture_parts(
     samples: Sequence[Sample],
     tiling: Tiling,
     color_mode: str,
@@ -338,8 +338,9 @@ def picture_scores(
     *,
     batch: int = SCORE_BATCH,
 ) -> np.ndarray:
-    """Each picture's score: the max of ``score_inputs`` over its model inputs."""
-    out = np.zeros(len(samples), np.float64)
+    """Each picture's (worst tile's score, whole view's score) by ``score_inputs``: (N, 2);
+    without a whole view both columns hold the worst tile's."""
+    out = np.zeros((len(samples), 2), np.float64)
     pending: list[tuple[int, np.ndarray]] = []
     size = 0
 
@@ -350,7 +351,9 @@ def picture_scores(
         scores = score_inputs(np.concatenate([p[1] for p in pending]))
         start = 0
         for index, inputs in pending:
-            out[index] = float(np.max(scores[start : start + len(inputs)]))
+            mine = scores[start : start + len(inputs)]
+            worst = float(np.max(mine[:-1] if tiling.whole_frame else mine))
+            out[index] = (worst, float(mine[-1]) if tiling.whole_frame else worst)
             start += len(inputs)
         pending, size = [], 0
 
@@ -361,6 +364,64 @@ def picture_scores(
             flush()
     flush()
     return out
+
+
+def picture_scores(
+    samples: Sequence[Sample],
+    tiling: Tiling,
+    color_mode: str,
+    score_inputs: Callable[[np.ndarray], np.ndarray],
+    *,
+    batch: int = SCORE_BATCH,
+) -> np.ndarray:
+    """Each picture's score by the tiling's decision rule (edge/tiling.py ``rule_scores``)."""
+    return rule_scores(picture_parts(samples, tiling, color_mode, score_inputs, batch=batch), tiling)
+
+
+# Decision rules training tries for a tiled bundle with a whole view: "max", then "fused"
+# with these whole-view weights. A fused rule replaces "max" only when it ranks the
+# held-out pictures better by RULE_MIN_GAIN of ROC AUC: on split halves of the magnetic
+# tiles' test sets a smaller margin chose weights that lost on the other half as often as
+# they won on the single-kind sets (docs/training.md, "Decision rule").
+RULE_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)
+RULE_MIN_GAIN = 0.01
+
+
+@dataclass(frozen=True)
+class RuleChoice:
+    """The decision rule picked on held-out pictures' (worst tile, whole view) scores."""
+
+    tiling: Tiling
+    auc: dict[str, float | None]  # each candidate's ROC AUC on the held-out pictures
+
+    def describe(self) -> str:
+        t = self.tiling
+        chosen = "max" if t.rule == "max" else f"fused, whole-view weight {t.whole_weight:g}"
+        tried = ", ".join(f"{k} {v:.3f}" for k, v in self.auc.items() if v is not None)
+        return f"decision rule: {chosen} (held-out ROC AUC {tried})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.tiling.rule, "whole_weight": self.tiling.whole_weight, "min_gain": RULE_MIN_GAIN,
+                "held_out_auc": {k: (None if v is None else round(v, 4)) for k, v in self.auc.items()}}
+
+
+def choose_rule(parts: np.ndarray, is_defect: np.ndarray, tiling: Tiling) -> RuleChoice:
+    """The decision rule for a tiled bundle, from held-out pictures' :func:`picture_parts`:
+    ``max`` unless a fused weight ranks them better by RULE_MIN_GAIN (ROC AUC)."""
+    from training.evaluate import roc_auc
+
+    base = tiling.model_copy(update={"rule": "max", "whole_weight": 0.0})
+    auc: dict[str, float | None] = {"max": roc_auc(is_defect, rule_scores(parts, base))}
+    if not tiling.whole_frame or auc["max"] is None:
+        return RuleChoice(base, auc)
+    best, best_auc = base, auc["max"]
+    for weight in RULE_WEIGHTS:
+        candidate = tiling.model_copy(update={"rule": "fused", "whole_weight": weight})
+        value = roc_auc(is_defect, rule_scores(parts, candidate))
+        auc[f"fused {weight:g}"] = value
+        if value is not None and value > best_auc + (RULE_MIN_GAIN if best is base else 0.0):
+            best, best_auc = candidate, value
+    return RuleChoice(best, auc)
 
 
 def best_tiles(
@@ -404,7 +465,12 @@ __all__ = [
     "check_pictures",
     "crop_label",
     "join",
+    "RULE_MIN_GAIN",
+    "RULE_WEIGHTS",
+    "RuleChoice",
+    "choose_rule",
     "picture_inputs",
+    "picture_parts",
     "picture_scores",
     "training_crops",
 ]
