@@ -14,9 +14,12 @@ import pytest
 from training.synth import (
     _VISIBLE_ATTEMPTS,
     CLASSES,
+    FIBRE_MIN_TORTUOSITY,
     RELABELLED,
     SURFACES,
     VISIBILITY_FLOOR,
+    _fibre_path,
+    _scratch_path,
     generate_dataset,
     recall_by_visibility,
     render_frames,
@@ -25,6 +28,7 @@ from training.synth import (
     render_surface,
     render_video,
     scratch_visibility,
+    tortuosity,
 )
 
 
@@ -175,6 +179,17 @@ def test_distractors_and_variety_in_both_classes(samples) -> None:
     assert {s["polarity"] for d in sc for s in d["scratch"]} == {"dark", "bright"}
     lengths = [s["length_px"] for d in sc for s in d["scratch"]]
     assert min(lengths) < 0.35 * 160 and max(lengths) > 0.6 * 160
+
+
+def test_fibres_are_curly_and_scratches_straight() -> None:
+    """A good part must not carry a stroke drawn like a scratch: every fibre winds at least
+    FIBRE_MIN_TORTUOSITY, which no scratch reaches."""
+    rng = np.random.default_rng(3)
+    fibres = [tortuosity(_fibre_path(rng, length, max(6, int(length / 0.7)))) for length in rng.uniform(8, 160, 400)]
+    scratches = [tortuosity(_scratch_path(rng, 160, length)) for length in rng.uniform(24, 144, 400)]
+    assert min(fibres) >= FIBRE_MIN_TORTUOSITY
+    assert max(scratches) < 1.2 < FIBRE_MIN_TORTUOSITY
+    assert tortuosity(np.array([[0.0, 0.0], [5.0, 0.0], [10.0, 0.0]])) == pytest.approx(1.0)
 
 
 def test_faint_scratches_are_a_minority() -> None:

@@ -126,7 +126,7 @@ FAINT_FRACTION = 0.15
 # Fibres are curly, scratches nearly straight: a fibre's path is at least this many times the
 # distance between its ends. Drawn scratches stay under 1.08 (99th percentile) and never
 # reach 1.2; before this rule 12 % of fibres were under 1.2, short straight strokes that
-# no viewer can tell from a short scratch (docs/training.md, "Synthetic data").
+# no viewer can tell from a short scratch (docs/training.md, "Fibres are curly").
 FIBRE_MIN_TORTUOSITY = 1.3
 _FIBRE_ATTEMPTS = 50
 # A mask pixel is a defect pixel where the scratch covers at least this much of it.
