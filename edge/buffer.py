@@ -114,6 +114,7 @@ from sqlite_utils import Database
 
 from edge.exceptions import BufferStoreError
 from edge.protocol import box_problem
+from edge.sqlite import Migration, VersionedLedger, run_migrations, write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -239,16 +240,8 @@ class Recovery:
 # ------------------------------------------------------------- migrations
 
 
-@dataclass(frozen=True)
-class Migration:
-    """One schema change: ``apply(db)`` runs inside a transaction with its record."""
-
-    version: int
-    name: str
-    apply: Callable[[Database], None]
-
-
 MIGRATIONS: list[Migration] = []
+_LEDGER = VersionedLedger()
 
 
 def migration(version: int, name: str) -> Callable[[Callable[[Database], None]], Callable[[Database], None]]:
@@ -258,7 +251,7 @@ def migration(version: int, name: str) -> Callable[[Callable[[Database], None]],
         expected = len(MIGRATIONS) + 1
         if version != expected:
             raise ValueError(f"migration {name!r} has version {version}, expected {expected}")
-        MIGRATIONS.append(Migration(version, name, fn))
+        MIGRATIONS.append(Migration(name, fn, version))
         return fn
 
     return register
@@ -344,33 +337,13 @@ def _result_box(db: Database) -> None:
 LATEST_VERSION = len(MIGRATIONS)
 
 
-@contextlib.contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction that takes the write lock up front.
-
-    A deferred transaction that reads first and writes later fails at once with
-    SQLITE_BUSY if another connection wrote in between; IMMEDIATE waits instead.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def _db_file(db: Database) -> str:
     return str(db.execute("PRAGMA database_list").fetchone()[2])
 
 
 def schema_version(db: Database) -> int:
     """The highest applied migration version, 0 for a database without ``_migrations``."""
-    if not db.table("_migrations").exists():
-        return 0
-    row = db.execute("SELECT max(version) FROM _migrations").fetchone()
-    return int(row[0] or 0)
+    return _LEDGER.version(db)
 
 
 def migrate(db: Database, target: int | None = None) -> list[int]:
@@ -380,31 +353,16 @@ def migrate(db: Database, target: int | None = None) -> list[int]:
     leaves the schema at a whole version. Returns the versions applied.
     """
     target = LATEST_VERSION if target is None else target
-    with _immediate(db.conn):
-        db.table("_migrations").create(
-            {"version": int, "name": str, "applied_at": str}, pk="version", if_not_exists=True
-        )
+    with write_transaction(db.conn):
+        _LEDGER.create(db)
     current = schema_version(db)
     if current > LATEST_VERSION:
         raise BufferStoreError(
             f"buffer {_db_file(db)} has schema version {current} but this agent knows up to"
             f" {LATEST_VERSION}; upgrade the agent, or move the buffer file aside to start a new one"
         )
-    applied: list[int] = []
-    for m in MIGRATIONS:
-        if m.version > target:
-            break
-        with _immediate(db.conn):
-            # Re-read inside the lock: another connection may have applied it meanwhile.
-            if m.version <= schema_version(db):
-                continue
-            m.apply(db)
-            db.table("_migrations").insert(
-                {"version": m.version, "name": m.name, "applied_at": datetime.now(timezone.utc).isoformat()}
-            )
-        logger.info("buffer schema migrated to version %s (%s)", m.version, m.name)
-        applied.append(m.version)
-    return applied
+    applied = run_migrations(db, MIGRATIONS[:target], _LEDGER, what=f"buffer {_db_file(db)}")
+    return [m.version or 0 for m in applied]
 
 
 # ----------------------------------------------------------------- helpers
@@ -886,7 +844,7 @@ class Buffer:
             raise BufferStoreError(f"buffer {self.path} was opened read-only; cannot {what}")
         conn = self.db.conn
         try:
-            with _immediate(conn):
+            with write_transaction(conn):
                 yield conn
                 self._enforce_budget(conn)
         except sqlite3.Error as exc:
