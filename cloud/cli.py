@@ -16,21 +16,11 @@ from typing import Any
 
 import click
 
-from cloud.cli_common import CONFIG_HELP, load_config_or_fail
-from edge.cli import echo_json, fail
+from cloud.cli_common import config_option, load_config, open_readonly_store, required_config_option
+from edge.cli import LinewatchGroup, echo_json, fail, result_line
 
 
-def _store(config: Any) -> Any:
-    from cloud.store import open_store
-    from edge.exceptions import LinewatchError
-
-    try:
-        return open_store(config, readonly=True)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
-
-
-@click.group()
+@click.group(cls=LinewatchGroup)
 def cloud() -> None:
     """Run the cloud side: MQTT ingest, fleet state, stored results.
 
@@ -41,7 +31,7 @@ def cloud() -> None:
 
 
 @cloud.command("serve")
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Cloud TOML file.")
+@required_config_option
 def serve(config_file: Path) -> None:
     """Run one ingest worker until SIGTERM or Ctrl-C (start several: they share the load).
 
@@ -53,16 +43,13 @@ def serve(config_file: Path) -> None:
         linewatch cloud serve --config cloud.toml
     """
     from cloud.ingest import run_ingest
-    from edge.exceptions import LinewatchError
 
-    config = load_config_or_fail(config_file)
+    config = load_config(config_file)
     web = None
     try:
         if config.web is not None:
             web = _start_web(config)
         code = run_ingest(config)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
     finally:
         if web is not None:
             web.stop()
@@ -82,7 +69,7 @@ def _start_web(config: Any) -> Any:
 
 
 @cloud.command("web")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@config_option
 def web(config_file: Path | None) -> None:
     """Serve only the read-only fleet pages and /metrics, until SIGTERM or Ctrl-C.
 
@@ -97,18 +84,13 @@ def web(config_file: Path | None) -> None:
     import signal
     import threading
 
-    from edge.exceptions import LinewatchError
-
-    config = load_config_or_fail(config_file)
+    config = load_config(config_file)
     if config.web is None:
         raise click.ClickException("no [web] section in the cloud config; add one with host, port and token")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _s, _f: stop.set())
     signal.signal(signal.SIGINT, lambda _s, _f: stop.set())
-    try:
-        server = _start_web(config)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    server = _start_web(config)
     while not stop.wait(0.5):
         pass
     server.stop()
@@ -116,7 +98,7 @@ def web(config_file: Path | None) -> None:
 
 
 @cloud.command("fleet")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per device.")
 def fleet(config_file: Path | None, as_json: bool) -> None:
     """Show every device: online, offline_buffering or dead, rows stored, backlog, gaps, drift.
@@ -128,8 +110,8 @@ def fleet(config_file: Path | None, as_json: bool) -> None:
 
         linewatch cloud fleet --json
     """
-    config = load_config_or_fail(config_file)
-    with _store(config) as store:
+    config = load_config(config_file)
+    with open_readonly_store(config) as store:
         devices = store.fleet(now=time.time(), offline_after_s=config.fleet.offline_after_s, dead_after_s=config.fleet.dead_after_s)
     if as_json:
         echo_json(devices)
@@ -152,7 +134,7 @@ def fleet(config_file: Path | None, as_json: bool) -> None:
 
 @cloud.command("results")
 @click.option("--device", "device_id", required=True, help="Device id.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@config_option
 @click.option("--after", "after_seq", default=0, show_default=True, help="Only seqs above this.")
 @click.option("--limit", default=100, show_default=True, help="At most this many rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
@@ -165,24 +147,18 @@ def results(device_id: str, config_file: Path | None, after_seq: int, limit: int
 
         linewatch cloud results --device line1-cam1 --limit 20 --json
     """
-    config = load_config_or_fail(config_file)
-    with _store(config) as store:
+    config = load_config(config_file)
+    with open_readonly_store(config) as store:
         rows = store.results(device_id, limit=limit, after_seq=after_seq)
     if as_json:
         echo_json(rows)
         return
-    from edge.cli import box_text
-
     for r in rows:
-        verdict = "PASS" if r["passed"] else "FAIL"
-        click.echo(
-            f"{r['seq']:>8} {r['ts']:.3f} part={r['part_id']} {verdict} {r['label']} score={r['score']:.3f}"
-            f" model={r['model_version']}{box_text(r.get('box'))}"
-        )
+        click.echo(result_line(r, ts_format=".3f"))
 
 
 @cloud.command("counters")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def counters(config_file: Path | None, as_json: bool) -> None:
     """Show ingest counters: rows stored, duplicates ignored, messages rejected and why.
@@ -191,8 +167,8 @@ def counters(config_file: Path | None, as_json: bool) -> None:
 
         linewatch cloud counters --json
     """
-    config = load_config_or_fail(config_file)
-    with _store(config) as store:
+    config = load_config(config_file)
+    with open_readonly_store(config) as store:
         values = store.counters()
     if as_json:
         echo_json(values)
@@ -218,7 +194,7 @@ from cloud.drift_cli import register as _register_drift  # noqa: E402 - attaches
 
 @cloud.command("conflicts")
 @click.option("--device", "device_id", help="Only this device.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@config_option
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def conflicts(device_id: str | None, config_file: Path | None, as_json: bool) -> None:
     """Show rows kept aside because another row already had their (device, buffer, seq).
@@ -229,8 +205,8 @@ def conflicts(device_id: str | None, config_file: Path | None, as_json: bool) ->
 
         linewatch cloud conflicts --device line1-cam1 --json
     """
-    config = load_config_or_fail(config_file)
-    with _store(config) as store:
+    config = load_config(config_file)
+    with open_readonly_store(config) as store:
         rows = store.conflicts(device_id)
     if as_json:
         echo_json(rows)
@@ -255,7 +231,7 @@ def _broker_dir(config: Any) -> Path:
 
 @devices.command("add")
 @click.argument("device_id")
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@config_option
 @click.option("--passwd", "passwd_file", type=click.Path(path_type=Path),
               help="Mosquitto password file to add to (default: <data_dir>/broker/linewatch-devices.passwd,"
                    " or linewatch-cloud.passwd with --cloud-account).")  # fmt: skip
@@ -274,9 +250,8 @@ def devices_add(device_id: str, config_file: Path | None, passwd_file: Path | No
         linewatch cloud devices add line1-cam1 --config cloud.toml --passwd /etc/mosquitto/linewatch-devices.passwd
     """
     from cloud.devices import add_device
-    from edge.exceptions import LinewatchError
 
-    config = load_config_or_fail(config_file)
+    config = load_config(config_file)
     broker = _broker_dir(config)
     if passwd_file is None:
         passwd_file = broker / ("linewatch-cloud.passwd" if cloud_account else "linewatch-devices.passwd")
@@ -286,7 +261,7 @@ def devices_add(device_id: str, config_file: Path | None, passwd_file: Path | No
         kit = add_device(device_id, ca_dir=Path(config.data_dir) / "ca", out_dir=Path(config.data_dir) / "devices",
                          passwd_file=passwd_file, acl_file=acl_file, prefix=config.mqtt.topic_prefix,
                          cloud_account=cloud_account)  # fmt: skip
-    except (LinewatchError, OSError) as exc:
+    except OSError as exc:
         raise fail(exc) from exc
     where = "/etc/linewatch"
     click.echo(f"{'cloud account' if cloud_account else 'device'} {device_id}: files in {kit.folder}")
@@ -303,7 +278,7 @@ def devices_add(device_id: str, config_file: Path | None, passwd_file: Path | No
 
 @devices.command("broker-cert")
 @click.argument("hosts", nargs=-1, required=True)
-@click.option("--config", "config_file", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@config_option
 def devices_broker_cert(hosts: tuple[str, ...], config_file: Path | None) -> None:
     """Make the broker's server certificate from the site CA, for the names boxes connect to.
 
@@ -312,13 +287,12 @@ def devices_broker_cert(hosts: tuple[str, ...], config_file: Path | None) -> Non
         linewatch cloud devices broker-cert broker.plant.local 10.0.0.5 --config cloud.toml
     """
     from cloud.devices import issue_certificate, site_ca
-    from edge.exceptions import LinewatchError
 
-    config = load_config_or_fail(config_file)
+    config = load_config(config_file)
     try:
         ca = site_ca(Path(config.data_dir) / "ca")
         issued = issue_certificate(ca, hosts[0], _broker_dir(config), hosts=list(hosts))
-    except (LinewatchError, OSError) as exc:
+    except OSError as exc:
         raise fail(exc) from exc
     click.echo(f"copy {ca.cert} -> /etc/mosquitto/certs/ca.crt, {issued.cert} -> /etc/mosquitto/certs/server.crt,"
                f" {issued.key} -> /etc/mosquitto/certs/server.key (readable by mosquitto only)")  # fmt: skip

@@ -21,8 +21,8 @@ from typing import Any
 
 import click
 
-from cloud.cli_common import config_option, load_config_or_fail
-from edge.cli import echo_json, fail
+from cloud.cli_common import config_option, load_config, open_readonly_store
+from edge.cli import LinewatchGroup, echo_json
 
 UNLABELLED = "unlabelled"
 INDEX_FILE = "linewatch-samples.csv"
@@ -60,16 +60,6 @@ def _utc(ts: float | None) -> str:
     return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _store(config: Any) -> Any:
-    from cloud.store import open_store
-    from edge.exceptions import LinewatchError
-
-    try:
-        return open_store(config, readonly=True)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
-
-
 def _filters(fn: Any) -> Any:
     fn = click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many samples.")(fn)
     fn = click.option("--reason", default=None, help="Reason or its start: fail, drift, drift_fail, drift_random:brightness ...")(fn)
@@ -81,9 +71,9 @@ def _filters(fn: Any) -> Any:
 
 def _query(config_file: Path | None, device_id: str | None, since: str | None, until: str | None, reason: str | None,
            limit: int | None) -> list[dict[str, Any]]:
-    config = load_config_or_fail(config_file)
+    config = load_config(config_file)
     lo, hi = parse_when(since), parse_when(until)
-    with _store(config) as store:
+    with open_readonly_store(config) as store:
         return list(store.samples(device_id, since=lo, until=hi, reason=reason, limit=limit))
 
 
@@ -102,8 +92,8 @@ def drift(device_id: str | None, config_file: Path | None, limit: int, as_json: 
 
         linewatch cloud drift --device line1-cam1 --json
     """
-    config = load_config_or_fail(config_file)
-    with _store(config) as store:
+    config = load_config(config_file)
+    with open_readonly_store(config) as store:
         rows = store.drift_history(device_id, limit=limit)
     if as_json:
         echo_json(rows)
@@ -116,7 +106,7 @@ def drift(device_id: str | None, config_file: Path | None, limit: int, as_json: 
         click.echo(f"{_utc(r['ts'])} {r['device_id']} {r['previous']} -> {r['state']} model={r['model_version']}: {why}")
 
 
-@click.group("samples")
+@click.group("samples", cls=LinewatchGroup)
 def samples() -> None:
     """List and export the pictures devices kept (failed, borderline, random, drift).
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import click
 
-from cloud.cli_common import config_option, load_config_or_fail
-from edge.cli import echo_json, fail
+from cloud.cli_common import config_option, load_config
+from edge.cli import LinewatchGroup, echo_json
 
 # -- keys -------------------------------------------------------------------------------------
 
 
-@click.group("keys")
+@click.group("keys", cls=LinewatchGroup)
 def keys() -> None:
     """Manage the Ed25519 key that signs models (devices trust its public half).
 
@@ -49,13 +49,9 @@ def keys_init(config_file: Path | None, force: bool) -> None:
         linewatch cloud keys init --config cloud.toml
     """
     from cloud.registry import init_keys
-    from edge.exceptions import LinewatchError
 
-    config = load_config_or_fail(config_file)
-    try:
-        kid, priv, pub = init_keys(config, force=force)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    config = load_config(config_file)
+    kid, priv, pub = init_keys(config, force=force)
     click.echo(f"key id:      {kid}")
     click.echo(f"private key: {priv} (keep it here, mode 0600)")
     click.echo(f"public key:  {pub}")
@@ -65,7 +61,7 @@ def keys_init(config_file: Path | None, force: bool) -> None:
 # -- models -----------------------------------------------------------------------------------
 
 
-@click.group("models")
+@click.group("models", cls=LinewatchGroup)
 def models() -> None:
     """The model registry: signed, packed bundles ready to push.
 
@@ -88,14 +84,10 @@ def models_add(bundle: Path, config_file: Path | None, check: bool, as_json: boo
         linewatch cloud models add bundle-v2/ --config cloud.toml
     """
     from cloud.registry import Registry, open_ota_store
-    from edge.exceptions import LinewatchError
 
-    config = load_config_or_fail(config_file)
-    try:
-        with open_ota_store(config) as store:
-            model = Registry(config, store).add(bundle, check=check)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    config = load_config(config_file)
+    with open_ota_store(config) as store:
+        model = Registry(config, store).add(bundle, check=check)
     if as_json:
         echo_json(model.summary())
         return
@@ -113,14 +105,10 @@ def models_list(config_file: Path | None, as_json: bool) -> None:
         linewatch cloud models list --json
     """
     from cloud.registry import Registry, open_ota_store
-    from edge.exceptions import LinewatchError
 
-    config = load_config_or_fail(config_file)
-    try:
-        with open_ota_store(config) as store:
-            entries = Registry(config, store).list()
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    config = load_config(config_file)
+    with open_ota_store(config) as store:
+        entries = Registry(config, store).list()
     if as_json:
         echo_json([m.summary() for m in entries])
         return
@@ -146,14 +134,10 @@ def models_show(version: str, config_file: Path | None, as_json: bool) -> None:
         linewatch cloud models show 1.2.0 --json
     """
     from cloud.registry import Registry, open_ota_store
-    from edge.exceptions import LinewatchError
 
-    config = load_config_or_fail(config_file)
-    try:
-        with open_ota_store(config) as store:
-            m = Registry(config, store).get(version)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    config = load_config(config_file)
+    with open_ota_store(config) as store:
+        m = Registry(config, store).get(version)
     if as_json:
         echo_json({**m.summary(), "manifest": m.manifest})
         return
@@ -195,22 +179,18 @@ def push(
     """
     from cloud.registry import Registry, open_ota_store
     from cloud.rollout import run_push
-    from edge.exceptions import LinewatchError
     from edge.protocol import OTA_CHUNK_BYTES
 
-    config = load_config_or_fail(config_file)
-    try:
-        with open_ota_store(config) as store:
-            registry = Registry(config, store)
-            path = Path(model)
-            entry = registry.add(path) if path.exists() else registry.get(model)
-        outcome = run_push(
-            config, entry, target, canary=canary, min_success=min_success, timeout_s=timeout_s,
-            chunk_bytes=chunk_bytes or OTA_CHUNK_BYTES, wait_health=wait_health,
-            echo=lambda line: click.echo(line, err=as_json), allow_downgrade=allow_downgrade,
-        )  # fmt: skip
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    config = load_config(config_file)
+    with open_ota_store(config) as store:
+        registry = Registry(config, store)
+        path = Path(model)
+        entry = registry.add(path) if path.exists() else registry.get(model)
+    outcome = run_push(
+        config, entry, target, canary=canary, min_success=min_success, timeout_s=timeout_s,
+        chunk_bytes=chunk_bytes or OTA_CHUNK_BYTES, wait_health=wait_health,
+        echo=lambda line: click.echo(line, err=as_json), allow_downgrade=allow_downgrade,
+    )  # fmt: skip
     if as_json:
         echo_json(
             {"rollout": outcome.rollout_id, "version": outcome.version, "state": outcome.state, "canaries": list(outcome.canaries),
@@ -223,7 +203,7 @@ def push(
     sys.exit(0 if outcome.state == "done" else 1)
 
 
-@click.group("rollout")
+@click.group("rollout", cls=LinewatchGroup)
 def rollout() -> None:
     """Follow rollouts.
 
@@ -245,13 +225,9 @@ def rollout_status_cmd(config_file: Path | None, rollout_id: str | None, as_json
         linewatch cloud rollout status --json
     """
     from cloud.rollout import rollout_status
-    from edge.exceptions import LinewatchError
 
-    config = load_config_or_fail(config_file)
-    try:
-        report = rollout_status(config, rollout_id)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    config = load_config(config_file)
+    report = rollout_status(config, rollout_id)
     if as_json:
         echo_json(report)
         return

@@ -30,7 +30,6 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from edge.signing import (
     sign_bundle,
     verify_bundle,
 )
+from edge.sqlite import Migration, NamedLedger, run_migrations, write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -100,25 +100,12 @@ def _ota_001(db: sqlite_utils.Database) -> None:
     )  # fmt: skip
 
 
-OTA_MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [("ota_001_registry_rollouts", _ota_001)]
+OTA_MIGRATIONS: list[Migration] = [Migration("ota_001_registry_rollouts", _ota_001)]
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
     """Apply the OTA migrations to an open cloud store, each in its own transaction."""
-    conn = db.conn
-    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied REAL)")
-    for name, apply in OTA_MIGRATIONS:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone() is None:
-                apply(db)
-                conn.execute("INSERT INTO _migrations (name, applied) VALUES (?, ?)", (name, time.time()))
-                logger.info("cloud store: applied migration %s", name)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    run_migrations(db, OTA_MIGRATIONS, NamedLedger(), what="cloud store")
 
 
 def open_ota_store(config: CloudConfig) -> SQLiteStore:
@@ -278,18 +265,11 @@ class Registry:
             "created": manifest.created, "added": time.time(), "manifest": json.dumps(raw_manifest),
             "metrics": json.dumps(manifest.metrics), "file": final.name,
         }  # fmt: skip
-        conn = self.store.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self.store.db.conn) as conn:
             conn.execute("DELETE FROM ota_models WHERE version = ?", (manifest.version,))  # a stale row whose file vanished
             conn.execute(
                 f"INSERT OR REPLACE INTO ota_models ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values())
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         logger.info("registered model %s as %s (%d bytes, key %s)", manifest.version, final.name, row["size"], key)
         return self._row_to_model(row)
 

@@ -67,6 +67,7 @@ from edge.ota_wire import (
 )
 from edge.protocol import OTA_CHUNK_BYTES, shared_filter, topic
 from edge.signing import load_private_key
+from edge.sqlite import write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -349,10 +350,8 @@ class OtaServer:
 
 def record_state(store: SQLiteStore, st: OtaStatePayload) -> None:
     """Store a device's OTA state (latest per device, and on its rollout's deployment row)."""
-    conn = store.db.conn
     now = time.time()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(store.db.conn) as conn:
         old = conn.execute("SELECT ts FROM ota_device_state WHERE device_id = ?", (st.device_id,)).fetchone()
         if old is None or old["ts"] is None or st.ts >= old["ts"]:
             conn.execute(
@@ -368,11 +367,6 @@ def record_state(store: SQLiteStore, st: OtaStatePayload) -> None:
                 (st.state, st.received, st.chunks, st.stage, st.reason, st.health, st.model_version, now,
                  st.rollout, st.device_id, st.transfer),
             )  # fmt: skip
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def start_ota_server(config: CloudConfig) -> OtaServer:
@@ -468,15 +462,8 @@ class _Rollout:
         self._shown: dict[str, tuple[Any, ...]] = {}
 
     def _exec(self, sql: str, params: tuple[Any, ...]) -> None:
-        conn = self.store.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(self.store.db.conn) as conn:
             conn.execute(sql, params)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def offer(self, model: RegisteredModel, transfer: str) -> Transfer:
         t = Transfer(transfer, model.path, model.sha256, model.size, self.chunk_bytes)

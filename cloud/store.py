@@ -25,8 +25,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,6 +45,7 @@ from edge.protocol import (
     StatusPayload,
     seq_ranges,
 )
+from edge.sqlite import Migration, NamedLedger, run_migrations, write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -240,11 +240,11 @@ def _m004_buffer_incarnation(db: sqlite_utils.Database) -> None:
 
 
 # Registered migrations, applied in order, each in its own transaction with its own record.
-MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
-    ("001_initial", _m001_initial),
-    ("002_result_box", _m002_result_box),
-    ("003_result_minutes", _m003_result_minutes),
-    ("004_buffer_incarnation", _m004_buffer_incarnation),
+MIGRATIONS: list[Migration] = [
+    Migration("001_initial", _m001_initial),
+    Migration("002_result_box", _m002_result_box),
+    Migration("003_result_minutes", _m003_result_minutes),
+    Migration("004_buffer_incarnation", _m004_buffer_incarnation),
 ]
 
 # What makes two rows with one key the same row (a resend), per table; anything else with
@@ -307,29 +307,12 @@ class SQLiteStore:
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction; IMMEDIATE so concurrent workers queue on busy_timeout."""
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        return write_transaction(self.db.conn)
 
     def _migrate(self) -> None:
-        with self._write():
-            self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied REAL)")
-        for name, apply in MIGRATIONS:
-            with self._write() as conn:
-                if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone():
-                    continue
-                apply(self.db)
-                conn.execute("INSERT INTO _migrations (name, applied) VALUES (?, ?)", (name, time.time()))
-                logger.info("cloud store %s: applied migration %s", self.path, name)
+        run_migrations(self.db, MIGRATIONS, NamedLedger(), what=f"cloud store {self.path}")
 
     @staticmethod
     def _touch(conn: sqlite3.Connection, device_id: str, seen: float, **add: int) -> None:

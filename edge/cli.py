@@ -13,10 +13,15 @@ import importlib.util
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+
+from edge.exceptions import LinewatchError
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # name -> ("module:attribute", extra that provides it, modules that extra brings)
 LAZY_COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -32,8 +37,28 @@ def missing_modules(modules: tuple[str, ...]) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use."""
+class LinewatchGroup(click.Group):
+    """A click group that turns our own errors into click's one-line ``Error: ...`` (exit code 1).
+
+    Every ``linewatch`` group is one (subgroups made with ``@group.group()`` too), so
+    commands raise :class:`~edge.exceptions.LinewatchError` and never catch it just to
+    print it; whichever group ran the command converts it, the root included, and a
+    group invoked on its own (tests, ``python -m training.cli``) behaves the same.
+    """
+
+    group_class = type  # subgroups made with @group.group() are LinewatchGroups too
+    # What becomes a one-line error instead of a traceback.
+    one_line_errors: tuple[type[Exception], ...] = (LinewatchError,)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except self.one_line_errors as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+class LazyGroup(LinewatchGroup):
+    """The root group: its part groups are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
@@ -85,6 +110,14 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+def config_option(help_text: str, *, required: bool = False) -> Callable[[F], F]:
+    """The ``--config FILE`` option (the ``config_file`` parameter, a Path) with this help."""
+    return click.option("--config", "config_file", required=required, type=click.Path(path_type=Path), help=help_text)
+
+
+agent_config_option = config_option("Agent TOML file.", required=True)
+
+
 def box_text(box: Any) -> str:
     """' box=x,y WxH' for a result row's box (tiled models), '' without one."""
     if not box:
@@ -93,12 +126,24 @@ def box_text(box: Any) -> str:
     return f" box={x},{y} {w}x{h}"
 
 
+def result_line(row: dict[str, Any], *, ts_format: str = "") -> str:
+    """One stored decision as a line of ``edge results`` / ``cloud results``.
+
+    ``ts_format`` is the format spec of the capture time (``""``: as stored).
+    """
+    verdict = "PASS" if row["passed"] else "FAIL"
+    return (
+        f"{row['seq']:>8} {row['ts']:{ts_format}} part={row['part_id']} {verdict} {row['label']} score={row['score']:.3f}"
+        f" model={row['model_version']}{box_text(row.get('box'))}"
+    )
+
+
 def fail(exc: BaseException) -> click.ClickException:
-    """Turn one of our exceptions into the CLI's one-line error (exit code 1, no traceback)."""
+    """Turn an error that is not a LinewatchError (an OSError) into the CLI's one-line error."""
     return click.ClickException(str(exc))
 
 
-@click.group()
+@click.group(cls=LinewatchGroup)
 def edge() -> None:
     """Run and inspect the edge agent on this box.
 
@@ -124,12 +169,8 @@ def validate_config(file: Path) -> None:
     from edge.capture import redact_url
     from edge.checks import check_config
     from edge.config import load_config
-    from edge.exceptions import ConfigError
 
-    try:
-        config = load_config(file)
-    except ConfigError as exc:
-        raise fail(exc) from exc
+    config = load_config(file)
     findings = check_config(config)
     for finding in findings:
         click.echo(f"{file}: {finding}", err=finding.level == "error")
@@ -142,7 +183,7 @@ def validate_config(file: Path) -> None:
 
 
 @edge.command("run")
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
+@agent_config_option
 @click.option("--echo", is_flag=True, help="Print one JSON line per decision on stdout, after it is committed.")
 def run(config_file: Path, echo: bool) -> None:
     """Run the agent until SIGTERM or Ctrl-C: capture, decide, record, sync.
@@ -153,18 +194,12 @@ def run(config_file: Path, echo: bool) -> None:
     """
     from edge.agent import run_agent
     from edge.config import load_config
-    from edge.exceptions import LinewatchError
 
-    try:
-        config = load_config(config_file)
-        code = run_agent(config, echo=sys.stdout if echo else None)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
-    sys.exit(code)
+    sys.exit(run_agent(load_config(config_file), echo=sys.stdout if echo else None))
 
 
 @edge.command("status")
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
+@agent_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(config_file: Path, as_json: bool) -> None:
     """Show what the agent decided, its camera, model and buffer (read from the buffer).
@@ -174,13 +209,9 @@ def status(config_file: Path, as_json: bool) -> None:
         linewatch edge status --config /etc/linewatch/agent.toml --json
     """
     from edge.config import load_config
-    from edge.exceptions import LinewatchError
     from edge.status import read_status
 
-    try:
-        report = read_status(load_config(config_file))
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    report = read_status(load_config(config_file))
     if as_json:
         echo_json(report)
         return
@@ -192,7 +223,7 @@ def status(config_file: Path, as_json: bool) -> None:
 
 
 @edge.command("results")
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
+@agent_config_option
 @click.option("--tail", default=20, show_default=True, help="How many recent decisions to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def results(config_file: Path, tail: int, as_json: bool) -> None:
@@ -206,28 +237,20 @@ def results(config_file: Path, tail: int, as_json: bool) -> None:
     """
     from edge.buffer import Buffer
     from edge.config import load_config
-    from edge.exceptions import LinewatchError
 
-    try:
-        config = load_config(config_file)
-        with Buffer.open_readonly(config.buffer.path) as buf:
-            rows = buf.tail(tail)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+    config = load_config(config_file)
+    with Buffer.open_readonly(config.buffer.path) as buf:
+        rows = buf.tail(tail)
     if as_json:
         echo_json(rows)
         return
     for r in rows:
-        verdict = "PASS" if r["passed"] else "FAIL"
-        click.echo(
-            f"{r['seq']:>8} {r['ts']} part={r['part_id']} {verdict} {r['label']} score={r['score']:.3f}"
-            f" model={r['model_version']}{box_text(r.get('box'))}"
-        )
+        click.echo(result_line(r))
 
 
 @edge.command("install-model")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--config", "config_file", required=True, type=click.Path(path_type=Path), help="Agent TOML file.")
+@agent_config_option
 @click.option("--allow-downgrade", is_flag=True, help="Install even if it is older than the installed model (anti-rollback).")
 def install_model(bundle: Path, config_file: Path, allow_downgrade: bool) -> None:
     """Install a signed bundle (.lwb file or folder) into the agent's model store by hand.
@@ -241,22 +264,18 @@ def install_model(bundle: Path, config_file: Path, allow_downgrade: bool) -> Non
         linewatch edge install-model model-1.0.0.lwb --config /etc/linewatch/agent.toml
     """
     from edge.config import load_config
-    from edge.exceptions import LinewatchError
     from edge.inference import Classifier
     from edge.install import install_bundle
     from edge.models import ModelStore
 
+    config = load_config(config_file)
+    store = ModelStore(config.model.path)
+    store.root.mkdir(parents=True, exist_ok=True)
     try:
-        config = load_config(config_file)
-        store = ModelStore(config.model.path)
-        store.root.mkdir(parents=True, exist_ok=True)
-        try:
-            current: Classifier | None = Classifier(store.current(), runtime=config.model.runtime)
-        except LinewatchError:
-            current = None  # first install on this box
-        result = install_bundle(bundle, store, config.ota, current, runtime=config.model.runtime, allow_downgrade=allow_downgrade)
-    except LinewatchError as exc:
-        raise fail(exc) from exc
+        current: Classifier | None = Classifier(store.current(), runtime=config.model.runtime)
+    except LinewatchError:
+        current = None  # first install on this box
+    result = install_bundle(bundle, store, config.ota, current, runtime=config.model.runtime, allow_downgrade=allow_downgrade)
     if not result.ok:
         raise click.ClickException(f"{bundle} refused at {result.stage}: {result.reason}; the current model is unchanged")
     click.echo(f"installed {result.version} at {result.path} (signed by key {result.key_id})")

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from edge import bundle as _bundle
 from edge.config import OtaConfig
+from edge.enums import TextEnum
 from edge.exceptions import (
     BundleError,
     ConfigError,
@@ -55,19 +56,28 @@ logger = logging.getLogger(__name__)
 
 STAGING = "staging"
 
-# Stages of install_bundle, in order (reported with every refusal).
-STAGE_STORE = "store"
-STAGE_UNPACK = "unpack"
-STAGE_SIGNATURE = "signature"
-STAGE_MANIFEST = "manifest"
-STAGE_CHECKSUM = "checksum"
-STAGE_COMPATIBLE = "compatible"
-STAGE_DOWNGRADE = "downgrade"
-STAGE_LOAD = "load"
-STAGE_GOLDEN = "golden"
-STAGE_LATENCY = "latency"
-STAGE_COMMIT = "commit"
-STAGE_DONE = "done"
+class InstallStage(TextEnum):
+    """The stages of :func:`install_bundle`, in order; every refusal names the one that refused."""
+
+    STORE = "store"
+    UNPACK = "unpack"
+    SIGNATURE = "signature"
+    MANIFEST = "manifest"
+    CHECKSUM = "checksum"
+    COMPATIBLE = "compatible"
+    DOWNGRADE = "downgrade"
+    LOAD = "load"
+    GOLDEN = "golden"
+    LATENCY = "latency"
+    COMMIT = "commit"
+    DONE = "done"
+
+
+# The stages edge/ota.py refers to by these names.
+STAGE_DOWNGRADE = InstallStage.DOWNGRADE
+STAGE_GOLDEN = InstallStage.GOLDEN
+STAGE_LOAD = InstallStage.LOAD
+STAGE_STORE = InstallStage.STORE
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,7 @@ class InstallResult:
     """What :func:`install_bundle` did: ``ok`` and the live folder, or the stage and reason it refused."""
 
     ok: bool
-    stage: str
+    stage: InstallStage
     reason: str | None = None
     version: str | None = None
     path: Path | None = None
@@ -182,7 +192,7 @@ def fsync_dir(path: Path) -> None:
 
 
 class _Refused(Exception):
-    def __init__(self, stage: str, reason: str) -> None:
+    def __init__(self, stage: InstallStage, reason: str) -> None:
         super().__init__(reason)
         self.stage = stage
         self.reason = reason
@@ -231,7 +241,7 @@ def install_bundle(
     try:
         if store.is_single_bundle:
             raise _Refused(
-                STAGE_STORE,
+                InstallStage.STORE,
                 f"{store.root} holds a single bundle; point model.path at a store folder to receive OTA updates",
             )
         # -- unpack ------------------------------------------------------------------------
@@ -243,56 +253,56 @@ def install_bundle(
             else:
                 unpack_bundle(source, bundle)
         except (BundleError, OSError) as exc:
-            raise _Refused(STAGE_UNPACK, str(exc)) from exc
+            raise _Refused(InstallStage.UNPACK, str(exc)) from exc
         # -- signature ---------------------------------------------------------------------
         try:
             verified = verify_bundle(bundle, list(ota_config.trusted_keys), allow_unsigned=ota_config.allow_unsigned)
         except (BundleError, ConfigError) as exc:
-            raise _Refused(STAGE_SIGNATURE, str(exc)) from exc
+            raise _Refused(InstallStage.SIGNATURE, str(exc)) from exc
         key, manifest_sha = verified.key_id, verified.manifest_sha256
         # -- manifest ----------------------------------------------------------------------
         try:
             manifest = read_manifest(bundle)
         except BundleError as exc:
-            raise _Refused(STAGE_MANIFEST, str(exc)) from exc
+            raise _Refused(InstallStage.MANIFEST, str(exc)) from exc
         version = manifest.version
         # -- anti-rollback: an older model (known flaws, a weaker threshold) only on purpose --
         if current is not None and not allow_downgrade and is_downgrade(version, current.version):
-            raise _Refused(STAGE_DOWNGRADE, f"version {version} is older than the running {current.version}; push it with"
+            raise _Refused(InstallStage.DOWNGRADE, f"version {version} is older than the running {current.version}; push it with"
                                             " --allow-downgrade if that is what you want")  # fmt: skip
         # -- checksum ----------------------------------------------------------------------
         model_path = bundle / Path(manifest.model.file).name
         if Path(manifest.model.file).name != manifest.model.file or not model_path.is_file():
-            raise _Refused(STAGE_CHECKSUM, f"model file {manifest.model.file!r} is missing from the bundle")
+            raise _Refused(InstallStage.CHECKSUM, f"model file {manifest.model.file!r} is missing from the bundle")
         size = model_path.stat().st_size
         if size != manifest.model.bytes:
-            raise _Refused(STAGE_CHECKSUM, f"model file is {size} bytes, the manifest says {manifest.model.bytes}")
+            raise _Refused(InstallStage.CHECKSUM, f"model file is {size} bytes, the manifest says {manifest.model.bytes}")
         actual = sha256_file(model_path)
         if actual != manifest.model.sha256:
             raise _Refused(
-                STAGE_CHECKSUM,
+                InstallStage.CHECKSUM,
                 f"model sha256 {actual[:12]}… does not match the manifest's {manifest.model.sha256[:12]}…; damaged in transit or altered",
             )
         # -- compatibility -----------------------------------------------------------------
         if current is not None:
             problems = check_compatible(manifest, current.manifest)
             if problems:
-                raise _Refused(STAGE_COMPATIBLE, "not compatible with the running model: " + "; ".join(problems))
+                raise _Refused(InstallStage.COMPATIBLE, "not compatible with the running model: " + "; ".join(problems))
         # -- load --------------------------------------------------------------------------
         try:
             candidate = Classifier(bundle, runtime=runtime, num_threads=num_threads, verify_checksum=False)
         except (ModelLoadError, RuntimeUnavailable, BundleError) as exc:
-            raise _Refused(STAGE_LOAD, str(exc)) from exc
+            raise _Refused(InstallStage.LOAD, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - a runtime crash on a hostile model is a refusal too
-            raise _Refused(STAGE_LOAD, f"the runtime cannot load the model ({type(exc).__name__}: {exc})") from exc
+            raise _Refused(InstallStage.LOAD, f"the runtime cannot load the model ({type(exc).__name__}: {exc})") from exc
         # -- golden ------------------------------------------------------------------------
         golden = check_golden(candidate)
         del candidate  # release the interpreter before the folder moves
         if not golden.ok:
-            raise _Refused(STAGE_GOLDEN, "golden images check failed: " + "; ".join(golden.failures[:3]))
+            raise _Refused(InstallStage.GOLDEN, "golden images check failed: " + "; ".join(golden.failures[:3]))
         if golden.p50_invoke_ms > manifest.latency_budget_ms:
             raise _Refused(
-                STAGE_LATENCY,
+                InstallStage.LATENCY,
                 f"invoke p50 {golden.p50_invoke_ms:.2f} ms is over the manifest's budget of {manifest.latency_budget_ms} ms",
             )
         # -- commit ------------------------------------------------------------------------
@@ -309,21 +319,21 @@ def install_bundle(
                 fsync_dir(final.parent)
             live = Classifier(final, runtime=runtime, num_threads=num_threads)
         except (OSError, LinewatchError) as exc:
-            raise _Refused(STAGE_COMMIT, f"could not commit {final.name}: {exc}") from exc
+            raise _Refused(InstallStage.COMMIT, f"could not commit {final.name}: {exc}") from exc
         cur_link = store.root / CURRENT
         already_active = cur_link.exists() and cur_link.resolve() == final.resolve()
         if activate and not already_active:
             try:
                 store.activate(final)
             except (OSError, BundleError) as exc:
-                raise _Refused(STAGE_COMMIT, f"could not switch current to {final.name}: {exc}") from exc
+                raise _Refused(InstallStage.COMMIT, f"could not switch current to {final.name}: {exc}") from exc
             prune_versions(store)
         logger.info(
             "model %s installed at %s%s", version, final, " (already active)" if already_active else " (reused)" if already else ""
         )
         return InstallResult(
             ok=True,
-            stage=STAGE_DONE,
+            stage=InstallStage.DONE,
             version=version,
             path=final,
             manifest_sha256=manifest_sha,
@@ -348,19 +358,13 @@ def install_bundle(
 
 
 __all__ = [
-    "STAGE_CHECKSUM",
-    "STAGE_COMMIT",
-    "STAGE_COMPATIBLE",
-    "STAGE_DONE",
+    "STAGE_DOWNGRADE",
     "STAGE_GOLDEN",
-    "STAGE_LATENCY",
     "STAGE_LOAD",
-    "STAGE_MANIFEST",
-    "STAGE_SIGNATURE",
     "STAGE_STORE",
-    "STAGE_UNPACK",
     "STAGING",
     "InstallResult",
+    "InstallStage",
     "check_compatible",
     "fsync_dir",
     "install_bundle",

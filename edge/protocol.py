@@ -350,7 +350,7 @@ def box_problem(box: Any) -> str | None:
 
 _DEVICE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _BATCH_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
-# A buffer's incarnation id: random hex made when the buffer file is created (edge/buffer.py).
+# A buffer's incarnation id: random hex made when the buffer file is created (edge/buffer/).
 BUFFER_ID_PATTERN = r"^[0-9a-f]{8,32}$"
 _BUFFER_ID_DOC = (
     "the sending buffer's random id (new for every new buffer file); the cloud dedups on"

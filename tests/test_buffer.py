@@ -1,4 +1,4 @@
-"""edge/buffer.py on real SQLite files: migrations, seq, byte budget, eviction, corruption, durability."""
+"""edge/buffer/ on real SQLite files: migrations, seq, byte budget, eviction, corruption, durability."""
 
 from __future__ import annotations
 

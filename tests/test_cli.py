@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from edge.cli import cli
+from edge.cli import LinewatchGroup, cli
 
 
 def _all_commands(group: click.Group, ctx: click.Context, prefix: tuple[str, ...] = ()):
@@ -31,6 +31,17 @@ def test_every_command_has_help_with_an_example() -> None:
         result = CliRunner().invoke(cli, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Example" in result.output, f"linewatch {' '.join(path)} --help has no example"
+
+
+def test_every_group_turns_our_errors_into_one_line() -> None:
+    """One convention: every group is a LinewatchGroup, so no command catches LinewatchError itself."""
+    ctx = click.Context(cli)
+    groups = [" ".join(path) for path, cmd in _all_commands(cli, ctx) if isinstance(cmd, click.Group)]
+    assert {"edge", "cloud", "train", "cloud devices", "cloud models", "cloud rollout"} <= set(groups)
+    assert isinstance(cli, LinewatchGroup)
+    for path, cmd in _all_commands(cli, ctx):
+        if isinstance(cmd, click.Group):
+            assert isinstance(cmd, LinewatchGroup), f"linewatch {' '.join(path)} is not a LinewatchGroup"
 
 
 def test_edge_group_does_not_import_tensorflow_or_other_parts() -> None:

@@ -27,18 +27,7 @@ from edge.config import AgentConfig, OtaConfig, parse_config
 from edge.download import file_sha256
 from edge.health import HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
-from edge.install import (
-    STAGE_CHECKSUM,
-    STAGE_COMPATIBLE,
-    STAGE_GOLDEN,
-    STAGE_LATENCY,
-    STAGE_MANIFEST,
-    STAGE_SIGNATURE,
-    STAGE_STORE,
-    STAGE_UNPACK,
-    install_bundle,
-    recover_store,
-)
+from edge.install import InstallStage, install_bundle, recover_store
 from edge.models import ModelStore
 from edge.ota import OtaClient
 from edge.ota_wire import (
@@ -161,21 +150,21 @@ def test_install_from_folder_and_first_install(tmp_path: Path, v1: Path, keys: K
     assert Classifier(store.current()).version == "tiny-1" and store.previous() is None
 
 
-REFUSALS: list[tuple[str, str, str]] = [
+REFUSALS: list[tuple[str, InstallStage, str]] = [
     # (case, expected stage, text expected in the reason)
-    ("truncated", STAGE_UNPACK, "not a valid packed bundle"),
-    ("corrupted_model", STAGE_CHECKSUM, "sha256"),
-    ("wrong_sha256", STAGE_CHECKSUM, "does not match the manifest"),
-    ("unsigned", STAGE_SIGNATURE, "unsigned"),
-    ("unknown_key", STAGE_SIGNATURE, "unknown key"),
-    ("altered_after_signing", STAGE_SIGNATURE, "manifest altered after signing"),
-    ("wrong_input_shape", STAGE_COMPATIBLE, "input shape"),
-    ("wrong_labels", STAGE_COMPATIBLE, "labels"),
-    ("golden_wrong", STAGE_GOLDEN, "golden"),
-    ("garbage_manifest", STAGE_MANIFEST, "invalid"),
-    ("manifest_not_json", STAGE_MANIFEST, "not valid JSON"),
-    ("over_latency_budget", STAGE_LATENCY, "budget"),
-    ("unsafe_path", STAGE_UNPACK, "points outside the bundle"),
+    ("truncated", InstallStage.UNPACK, "not a valid packed bundle"),
+    ("corrupted_model", InstallStage.CHECKSUM, "sha256"),
+    ("wrong_sha256", InstallStage.CHECKSUM, "does not match the manifest"),
+    ("unsigned", InstallStage.SIGNATURE, "unsigned"),
+    ("unknown_key", InstallStage.SIGNATURE, "unknown key"),
+    ("altered_after_signing", InstallStage.SIGNATURE, "manifest altered after signing"),
+    ("wrong_input_shape", InstallStage.COMPATIBLE, "input shape"),
+    ("wrong_labels", InstallStage.COMPATIBLE, "labels"),
+    ("golden_wrong", InstallStage.GOLDEN, "golden"),
+    ("garbage_manifest", InstallStage.MANIFEST, "invalid"),
+    ("manifest_not_json", InstallStage.MANIFEST, "not valid JSON"),
+    ("over_latency_budget", InstallStage.LATENCY, "budget"),
+    ("unsafe_path", InstallStage.UNPACK, "points outside the bundle"),
 ]
 
 
@@ -255,7 +244,7 @@ def test_install_refusals_leave_old_model(
 def test_allow_unsigned_accepts_unsigned_only(tmp_path: Path, live_store: ModelStore, v2: Path, keys: Keys) -> None:
     cfg = ota_config(keys, allow_unsigned=True)
     res = install_bundle(signed_pack(v2, Keys(tmp_path / "other"), tmp_path / "x.lwb"), live_store, cfg, None)
-    assert not res.ok and res.stage == STAGE_SIGNATURE
+    assert not res.ok and res.stage == InstallStage.SIGNATURE
     res = install_bundle(signed_pack(v2, None, tmp_path / "u.lwb"), live_store, cfg, None)
     assert res.ok and res.key_id is None
 
@@ -265,7 +254,7 @@ def test_single_bundle_store_refused(tmp_path: Path, v1: Path, v2: Path, keys: K
     shutil.copytree(v1, single)
     store = ModelStore(single)
     res = install_bundle(signed_pack(v2, keys, tmp_path / "v2.lwb"), store, ota_config(keys), None)
-    assert not res.ok and res.stage == STAGE_STORE and "store folder" in (res.reason or "")
+    assert not res.ok and res.stage == InstallStage.STORE and "store folder" in (res.reason or "")
     assert Classifier(store.current()).version == "tiny-1"
 
 
@@ -692,7 +681,7 @@ def test_refused_bundle_over_mqtt_reports_failed_and_is_not_retried(
     client.start()
     wait_for("failed", state_is(client, ACTIVE, FAILED))
     st = client.state
-    assert st is not None and st["state"] == FAILED and st["stage"] == STAGE_COMPATIBLE and "input shape" in st["reason"]
+    assert st is not None and st["state"] == FAILED and st["stage"] == InstallStage.COMPATIBLE and "input shape" in st["reason"]
     assert host.swapped == [] and Classifier(live_store.current()).version == "tiny-1"
     assert "ota_failed" in host.kinds()
     sent = srv.stats["chunks_sent"]

@@ -24,6 +24,7 @@ from cloud.registry import Registry, open_ota_store, public_key_path
 from cloud.rollout import parse_canary, resolve_targets, run_push
 from cloud.store import open_store
 from edge.bundle import pack_bundle
+from edge.cli import LinewatchGroup
 from edge.config import parse_config
 from edge.exceptions import LinewatchError
 from edge.inference import Classifier
@@ -37,7 +38,7 @@ from tests.conftest import Broker
 from tests.test_ota import Keys
 
 
-@click.group()
+@click.group(cls=LinewatchGroup)
 def cloud() -> None:
     """Stand-in for cloud/cli.py's group, with the OTA commands attached the same way."""
 

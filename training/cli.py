@@ -12,12 +12,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
+
+from edge.cli import LinewatchGroup
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +60,10 @@ class TileSize(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Our errors -> click's one-line ``Error: ...`` with exit code 1, never a traceback."""
-    from edge.exceptions import LinewatchError
+class TrainGroup(LinewatchGroup):
+    """``linewatch train``: the option dataclasses refuse bad option combinations with ValueError."""
 
-    try:
-        yield
-    except LinewatchError as exc:
-        raise click.ClickException(str(exc)) from exc
-    except ValueError as exc:  # bad option combinations caught by the option dataclasses
-        raise click.ClickException(str(exc)) from exc
+    one_line_errors = (*LinewatchGroup.one_line_errors, ValueError)
 
 
 def _quiet_tensorflow() -> None:
@@ -80,7 +73,7 @@ def _quiet_tensorflow() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-@click.group()
+@click.group(cls=TrainGroup)
 def train() -> None:
     """Make datasets, train int8 model bundles and evaluate them.
 
@@ -112,12 +105,11 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 
         linewatch train synth frames/ --size 1920x1080 --count 1000 --workers 2
     """
-    with _one_line_errors():
-        from training.synth import generate_dataset, parse_size
+    from training.synth import generate_dataset, parse_size
 
-        picture_size = parse_size(size)
-        t0 = time.perf_counter()
-        counts = generate_dataset(out_dir, count=count, seed=seed, size=picture_size, workers=workers)
+    picture_size = parse_size(size)
+    t0 = time.perf_counter()
+    counts = generate_dataset(out_dir, count=count, seed=seed, size=picture_size, workers=workers)
     click.echo(
         f"wrote {sum(counts.values())} images to {out_dir} ("
         + ", ".join(f"{k} {v}" for k, v in counts.items())
@@ -233,47 +225,46 @@ def fit_command(
 
         linewatch train fit frames/ --out bundle/ --tile 256x256 --scale 0.5
     """
-    with _one_line_errors():
-        from training.pipeline import DEFAULT_SIZE, FitOptions
+    from training.pipeline import DEFAULT_SIZE, FitOptions
 
-        options = FitOptions(
-            epochs=epochs,
-            seed=seed,
-            pass_label=pass_label,
-            target_recall=target_recall,
-            max_false_reject=max_false_reject,
-            folds=folds,
-            label_smoothing=label_smoothing,
-            size=size[0] if size else DEFAULT_SIZE,
-            height=size[1] if size else None,
-            color_mode=color_mode,
-            tile=tile,
-            scale=scale,
-            overlap=overlap,
-            whole_frame=whole_frame,
-            version=version,
-            name=name,
-            filters=filters,
-            stem=stem,
-            shading=shading,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            patience=patience,
-            augment=not no_augment,
-            masks=masks_dir,
-            group_by=group_by,
-            group_gap=group_gap,
-            defects=defects,
-            max_quantization_drop=max_quantization_drop,
-            allow_quantization_drop=allow_quantization_drop,
-        )
-        # fit() checks the data before it imports TensorFlow, so bad data fails in a second.
-        _quiet_tensorflow()
-        from training.pipeline import fit
+    options = FitOptions(
+        epochs=epochs,
+        seed=seed,
+        pass_label=pass_label,
+        target_recall=target_recall,
+        max_false_reject=max_false_reject,
+        folds=folds,
+        label_smoothing=label_smoothing,
+        size=size[0] if size else DEFAULT_SIZE,
+        height=size[1] if size else None,
+        color_mode=color_mode,
+        tile=tile,
+        scale=scale,
+        overlap=overlap,
+        whole_frame=whole_frame,
+        version=version,
+        name=name,
+        filters=filters,
+        stem=stem,
+        shading=shading,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        patience=patience,
+        augment=not no_augment,
+        masks=masks_dir,
+        group_by=group_by,
+        group_gap=group_gap,
+        defects=defects,
+        max_quantization_drop=max_quantization_drop,
+        allow_quantization_drop=allow_quantization_drop,
+    )
+    # fit() checks the data before it imports TensorFlow, so bad data fails in a second.
+    _quiet_tensorflow()
+    from training.pipeline import fit
 
-        t0 = time.perf_counter()
-        result = fit(data_dir, out_dir, options, echo=lambda line: click.echo(line))
-        click.echo(f"done in {time.perf_counter() - t0:.0f}s: {result.bundle_dir}")
+    t0 = time.perf_counter()
+    result = fit(data_dir, out_dir, options, echo=lambda line: click.echo(line))
+    click.echo(f"done in {time.perf_counter() - t0:.0f}s: {result.bundle_dir}")
 
 
 @train.command("threshold")
@@ -293,17 +284,16 @@ def threshold_command(bundle_dir: Path, out_dir: Path, recall: float | None, max
 
         linewatch train threshold bundle/ --out bundle-r95/ --recall 0.95
     """
-    with _one_line_errors():
-        if recall is not None and not 0.0 < recall <= 1.0:
-            raise click.BadParameter(f"{recall} is not in (0, 1]", param_hint="--recall")
-        if max_false_reject is not None and not 0.0 <= max_false_reject < 1.0:
-            raise click.BadParameter(f"{max_false_reject} is not in [0, 1)", param_hint="--max-false-reject")
-        if recall is None and max_false_reject is None:
-            raise click.UsageError("give --recall R or --max-false-reject F (or both)")
-        from training.report import operating_point_lines
-        from training.threshold import move_threshold
+    if recall is not None and not 0.0 < recall <= 1.0:
+        raise click.BadParameter(f"{recall} is not in (0, 1]", param_hint="--recall")
+    if max_false_reject is not None and not 0.0 <= max_false_reject < 1.0:
+        raise click.BadParameter(f"{max_false_reject} is not in [0, 1)", param_hint="--max-false-reject")
+    if recall is None and max_false_reject is None:
+        raise click.UsageError("give --recall R or --max-false-reject F (or both)")
+    from training.report import operating_point_lines
+    from training.threshold import move_threshold
 
-        moved = move_threshold(bundle_dir, out_dir, recall=recall, max_false_reject=max_false_reject, version=version)
+    moved = move_threshold(bundle_dir, out_dir, recall=recall, max_false_reject=max_false_reject, version=version)
     click.echo(f"{moved.bundle_dir}: version {moved.version} (from {moved.previous_version})")
     for line in operating_point_lines(moved.operating_point):
         click.echo(line)
@@ -331,12 +321,11 @@ def eval_command(bundle_dir: Path, data_dir: Path, pass_label: str | None, runti
 
         linewatch train eval bundle/ --data holdout/ --json
     """
-    with _one_line_errors():
-        if runtime is None or runtime == "tensorflow":
-            _quiet_tensorflow()
-        from training.evaluate import evaluate_bundle
+    if runtime is None or runtime == "tensorflow":
+        _quiet_tensorflow()
+    from training.evaluate import evaluate_bundle
 
-        result = evaluate_bundle(bundle_dir, data_dir, pass_label, runtime=runtime)
+    result = evaluate_bundle(bundle_dir, data_dir, pass_label, runtime=runtime)
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
         return
@@ -379,10 +368,9 @@ def check_command(data_dir: Path, pass_label: str | None, as_json: bool) -> None
 
         linewatch train check data/ --pass-label good
     """
-    with _one_line_errors():
-        from training.dataset import scan_dataset
+    from training.dataset import scan_dataset
 
-        report = scan_dataset(data_dir, pass_label=pass_label)
+    report = scan_dataset(data_dir, pass_label=pass_label)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
         return
@@ -400,13 +388,12 @@ def pack_command(bundle_dir: Path, out_file: Path) -> None:
 
         linewatch train pack bundle/ model-1.0.0.lwb
     """
-    with _one_line_errors():
-        from edge.bundle import pack_bundle
-        from edge.inference import sha256_file
-        from edge.protocol import read_manifest
+    from edge.bundle import pack_bundle
+    from edge.inference import sha256_file
+    from edge.protocol import read_manifest
 
-        read_manifest(bundle_dir)
-        path = pack_bundle(bundle_dir, out_file)
+    read_manifest(bundle_dir)
+    path = pack_bundle(bundle_dir, out_file)
     click.echo(f"{path} ({path.stat().st_size} bytes, sha256 {sha256_file(path)})")
 
 
