@@ -27,14 +27,19 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cloud.exceptions import CloudConfigError
 from edge.config import format_errors
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomli is the same parser (it became tomllib)
+    import tomli as tomllib
 
 PASSWORD_ENV = "LINEWATCH_CLOUD_MQTT_PASSWORD"
 WEB_TOKEN_ENV = "LINEWATCH_CLOUD_WEB_TOKEN"

@@ -46,7 +46,8 @@ def parse_when(text: str | None, *, now: float | None = None) -> float | None:
     except ValueError:
         pass
     try:
-        dt = datetime.fromisoformat(t)
+        # Python 3.10's fromisoformat does not read a "Z" suffix; 3.11's does.
+        dt = datetime.fromisoformat(t[:-1] + "+00:00" if t[-1:] in ("Z", "z") else t)
     except ValueError:
         raise click.BadParameter(
             f"{text!r} is not a time; use unix seconds, an ISO date like 2026-12-07T14:00 (UTC), or an age like 2h"
