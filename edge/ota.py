@@ -11,7 +11,7 @@ The parts live in a module each; their names are re-exported here for existing i
 edge/install.py     install_bundle and its stages, recover_store, prune_versions
 edge/ota_wire.py    topics, payload models (OtaDesired, OtaRequest, OtaStatePayload),
                     the binary chunk format, device states
-edge/download.py    Download (bundle.part + on-disk bitmap), file_sha256
+edge/download.py    Download (bundle.part + on-disk bitmap)
 edge/health.py      HealthWatch, HealthVerdict
 edge/ota.py         OtaClient: the MQTT client and its worker thread
 =================== ===================================================================
@@ -37,8 +37,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import AgentConfig
-from edge.download import DOWNLOADS, Download, file_sha256
+from edge.download import DOWNLOADS, Download
 from edge.exceptions import BundleError, LinewatchError
+from edge.fsutil import atomic_write, sha256_file
 from edge.health import HealthVerdict, HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
 from edge.install import (
@@ -549,7 +550,7 @@ class OtaClient:
         desired = dl.desired
         self._report(VERIFYING, desired, note=True)
         dl.sync()
-        actual = file_sha256(dl.part)
+        actual = sha256_file(dl.part)
         if actual != desired.sha256:
             self._verify_failures += 1
             if self._verify_failures >= 2:
@@ -718,9 +719,7 @@ class OtaClient:
             return
         path = self._state_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self._persisted))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self._persisted))
 
 
 def _lower_priority() -> None:

@@ -24,7 +24,7 @@ import pytest
 
 from edge.bundle import pack_bundle
 from edge.config import AgentConfig, OtaConfig, parse_config
-from edge.download import file_sha256
+from edge.fsutil import sha256_file
 from edge.health import HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
 from edge.install import (
@@ -392,7 +392,7 @@ def state_is(client: OtaClient, *states: str) -> Callable[[], bool]:
 def desired_for(device: str, transfer: str, packed: Path, version: str, chunk_bytes: int, rollout: str = "r-test") -> OtaDesired:
     size = packed.stat().st_size
     return OtaDesired(
-        v=1, device_id=device, version=version, transfer=transfer, rollout=rollout, sha256=file_sha256(packed),
+        v=1, device_id=device, version=version, transfer=transfer, rollout=rollout, sha256=sha256_file(packed),
         size=size, chunks=-(-size // chunk_bytes), chunk_bytes=chunk_bytes, ts=time.time(),
     )  # fmt: skip
 

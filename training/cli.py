@@ -402,7 +402,7 @@ def pack_command(bundle_dir: Path, out_file: Path) -> None:
     """
     with _one_line_errors():
         from edge.bundle import pack_bundle
-        from edge.inference import sha256_file
+        from edge.fsutil import sha256_file
         from edge.protocol import read_manifest
 
         read_manifest(bundle_dir)
