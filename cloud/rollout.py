@@ -49,6 +49,7 @@ from cloud.config import CloudConfig
 from cloud.exceptions import CloudError
 from cloud.registry import RegisteredModel, Registry, open_ota_store, private_key_path
 from cloud.store import SQLiteStore
+from edge.mqtt import LinkSettings, make_client
 from edge.ota_wire import (
     ACTIVE,
     FAILED,
@@ -130,17 +131,7 @@ class OtaServer:
         self._link = 0
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[OtaStatePayload], None]] = []
-        cfg = config.mqtt
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
-        if cfg.username:
-            c.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls:
-            c.tls_set(
-                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                keyfile=str(cfg.key_file) if cfg.key_file else None,
-            )
-        c.max_inflight_messages_set(64)
+        c = make_client(LinkSettings.of(config.mqtt, client_id=self.client_id), max_inflight_messages=64)
         c.reconnect_delay_set(1, 30)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect

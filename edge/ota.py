@@ -29,6 +29,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +53,7 @@ from edge.install import (
     rmtree,
 )
 from edge.models import ModelStore
+from edge.mqtt import LinkSettings, make_client
 from edge.ota_wire import (
     ACTIVE,
     CHUNK,
@@ -164,27 +166,20 @@ class OtaClient:
             recover_store(self.store)
         self._persisted = self._load_persisted()
         cfg = self.config.mqtt
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.device_id}-ota", protocol=mqtt.MQTTv5
-        )
+        settings = LinkSettings.of(cfg, client_id=f"{self.device_id}-ota")
         if cfg.username:
             # Its own user: the broker's device listener makes the client id the username
             # (use_username_as_clientid), so the sync link and this one need two.
-            client.username_pw_set(f"{cfg.username}{OTA_USER_SUFFIX}", cfg.password)
-        if cfg.tls:
-            try:
-                client.tls_set(
-                    ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                    certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                    keyfile=str(cfg.key_file) if cfg.key_file else None,
-                )
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                # A wrong path must not stop the agent (under systemd: a restart loop with no
-                # inspection). No OTA until the config is fixed; the status says why.
-                self.setup_error = (f"OTA off: TLS setup failed ({exc}); fix mqtt.ca_file/cert_file/key_file"
-                                    " (`linewatch edge validate-config`) and restart the agent")  # fmt: skip
-                logger.error("%s", self.setup_error)
-                return
+            settings = replace(settings, username=f"{cfg.username}{OTA_USER_SUFFIX}")
+        try:
+            client = make_client(settings)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # A wrong path must not stop the agent (under systemd: a restart loop with no
+            # inspection). No OTA until the config is fixed; the status says why.
+            self.setup_error = (f"OTA off: TLS setup failed ({exc}); fix mqtt.ca_file/cert_file/key_file"
+                                " (`linewatch edge validate-config`) and restart the agent")  # fmt: skip
+            logger.error("%s", self.setup_error)
+            return
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
