@@ -16,14 +16,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.backoff import Backoff
+from edge.configbase import BrokerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -31,29 +31,6 @@ CONNECT_TIMEOUT_S = 5.0  # TCP + TLS handshake; runs beside the loop so stop() i
 CONNACK_TIMEOUT_S = 10.0
 TLS_RETRY_S = 30.0  # unusable TLS files: how often MqttLink tries them again
 MAX_INFLIGHT_MESSAGES = 20  # paho's default: QoS 1 messages sent and not yet PUBACKed
-
-
-class BrokerSection(Protocol):
-    """What :meth:`LinkSettings.of` reads from a config's ``[mqtt]`` section."""
-
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def keepalive_s(self) -> int: ...
-    @property
-    def username(self) -> str | None: ...
-    @property
-    def password(self) -> str | None: ...
-    @property
-    def tls(self) -> bool: ...
-    @property
-    def ca_file(self) -> Path | None: ...
-    @property
-    def cert_file(self) -> Path | None: ...
-    @property
-    def key_file(self) -> Path | None: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +49,7 @@ class LinkSettings:
     key_file: str | None = None
 
     @classmethod
-    def of(cls, section: BrokerSection, client_id: str) -> LinkSettings:
+    def of(cls, section: BrokerConfig, client_id: str) -> LinkSettings:
         """The settings of a config's ``[mqtt]`` section (password from the environment)."""
         return cls(
             host=section.host, port=section.port, client_id=client_id, keepalive_s=section.keepalive_s,
@@ -354,7 +331,6 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "MAX_INFLIGHT_MESSAGES",
     "TLS_RETRY_S",
-    "BrokerSection",
     "LinkSettings",
     "MqttLink",
     "make_client",
