@@ -319,7 +319,7 @@ def run_ingest(config: CloudConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # The same process answers OTA chunk requests, so a push works while only `serve` runs.
-    from cloud.rollout import start_ota_server
+    from cloud.ota_server import start_ota_server
 
     ota = start_ota_server(config)
     try:

@@ -421,7 +421,7 @@ class Spy:
 
 @pytest.fixture
 def ota_server(tmp_path: Path, broker: Broker) -> Iterator[Callable[..., Any]]:
-    from cloud.rollout import OtaServer
+    from cloud.ota_server import OtaServer
 
     servers: list[Any] = []
 
@@ -463,7 +463,7 @@ def test_happy_path_over_mqtt(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=100_000)
     desired = desired_for("cam1", "t-happy", packed, "tiny-2", 16 * 1024)
@@ -496,7 +496,7 @@ def test_resume_after_restart_asks_only_for_missing_chunks(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=400_000)
     desired = desired_for("cam1", "t-resume", packed, "tiny-2", 4096)
@@ -655,7 +655,7 @@ def test_broker_restart_without_persistence_resumes_the_transfer(
     cloud drops requests that came in on the broken link. (How many in practice, usually
     0 or 1, is measured by benchmarks/ota.py; it depends on timing.)
     """
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=400_000)
     desired = desired_for("cam1", "t-broker", packed, "tiny-2", 8192)
@@ -678,7 +678,7 @@ def test_refused_bundle_over_mqtt_reports_failed_and_is_not_retried(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v48: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v48, keys, tmp_path / "v48.lwb")
     desired = desired_for("cam1", "t-bad", packed, "tiny-48", 16384)
@@ -744,7 +744,7 @@ def test_rollback_on_health_trip(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb")
     desired = desired_for("cam1", "t-health", packed, "tiny-2", 65536)
@@ -784,7 +784,7 @@ def test_healthy_model_reports_health_ok(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb")
     desired = desired_for("cam1", "t-ok", packed, "tiny-2", 65536)
@@ -811,7 +811,7 @@ def test_real_agent_switches_between_frames_and_keeps_inspecting(
     import cv2
     import numpy as np
 
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
     from edge.agent import Agent
     from edge.buffer import Buffer
 
@@ -855,7 +855,7 @@ def test_anti_rollback_refuses_an_older_version_unless_the_push_signed_it(
 ) -> None:  # fmt: skip
     """Running tiny-2, the box is told to go to tiny-1: refused without a signed downgrade
     intent (none, or one signed by an unknown key), accepted with one."""
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
     from edge.ota_wire import sign_downgrade
 
     res = install_bundle(signed_pack(v2, keys, tmp_path / "v2.lwb"), live_store, ota_config(keys), Classifier(live_store.current()))
