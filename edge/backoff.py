@@ -22,7 +22,12 @@ class Backoff:
     rng: random.Random | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.initial <= 0 or self.factor < 1 or self.maximum < self.initial or not 0 <= self.jitter <= 1:
+        if (
+            self.initial <= 0
+            or self.factor < 1
+            or self.maximum < self.initial
+            or not 0 <= self.jitter <= 1
+        ):
             raise ValueError(
                 "backoff needs initial > 0, factor >= 1, maximum >= initial and 0 <= jitter <= 1, "
                 f"got {self}"

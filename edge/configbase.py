@@ -39,9 +39,13 @@ class BrokerConfig(Section):
     host: str = Field(default="127.0.0.1", description="broker host")
     port: int = Field(default=1883, ge=1, le=65535, description="broker port")
     topic_prefix: str = Field(
-        default="linewatch", pattern=r"^[A-Za-z0-9_/-]+$", description="the same on the agents and the cloud"
+        default="linewatch",
+        pattern=r"^[A-Za-z0-9_/-]+$",
+        description="the same on the agents and the cloud",
     )
-    username: str | None = Field(default=None, description="the password comes from the environment")
+    username: str | None = Field(
+        default=None, description="the password comes from the environment"
+    )
     tls: bool = Field(default=False, description="connect with TLS")
     ca_file: Path | None = Field(default=None, description="CA bundle for the broker's certificate")
     cert_file: Path | None = Field(default=None, description="client certificate (mutual TLS)")
@@ -105,8 +109,9 @@ def format_errors(exc: ValidationError, source: str, example: str) -> str:
     return "\n".join(lines)
 
 
-def validate(model: type[SectionT], raw: dict[str, Any], *, source: str, error: type[Exception],
-             example: str) -> SectionT:
+def validate(
+    model: type[SectionT], raw: dict[str, Any], *, source: str, error: type[Exception], example: str
+) -> SectionT:
     """``raw`` as a ``model``; ``error`` lists every problem (see :func:`format_errors`)."""
     try:
         return model.model_validate(raw)

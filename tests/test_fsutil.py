@@ -24,7 +24,9 @@ def test_atomic_write_replaces_bytes_and_text(tmp_path: Path) -> None:
     assert path.read_bytes() == "grüße".encode()
     atomic_write(path, b"fast", durable=False)
     assert path.read_bytes() == b"fast"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"], "no temp file is left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"], (
+        "no temp file is left behind"
+    )
 
 
 def test_atomic_write_creates_with_mode_and_respects_the_umask(tmp_path: Path) -> None:

@@ -31,14 +31,43 @@ NEW_MODULES: dict[str, tuple[int, int]] = {"tomllib": (3, 11), "wsgiref.types": 
 NEW_NAMES: dict[tuple[str, str], tuple[int, int]] = {
     **{("builtins", n): (3, 11) for n in ("ExceptionGroup", "BaseExceptionGroup")},
     ("datetime", "UTC"): (3, 11),
-    **{("enum", n): (3, 11) for n in ("StrEnum", "ReprEnum", "EnumCheck", "FlagBoundary", "verify",
-                                       "member", "nonmember", "global_enum", "show_flag_values")},
-    **{("typing", n): (3, 11) for n in ("Self", "LiteralString", "Never", "assert_never", "assert_type",
-                                         "reveal_type", "dataclass_transform", "NotRequired", "Required",
-                                         "TypeVarTuple", "Unpack", "get_overloads", "clear_overloads")},
+    **{
+        ("enum", n): (3, 11)
+        for n in (
+            "StrEnum",
+            "ReprEnum",
+            "EnumCheck",
+            "FlagBoundary",
+            "verify",
+            "member",
+            "nonmember",
+            "global_enum",
+            "show_flag_values",
+        )
+    },
+    **{
+        ("typing", n): (3, 11)
+        for n in (
+            "Self",
+            "LiteralString",
+            "Never",
+            "assert_never",
+            "assert_type",
+            "reveal_type",
+            "dataclass_transform",
+            "NotRequired",
+            "Required",
+            "TypeVarTuple",
+            "Unpack",
+            "get_overloads",
+            "clear_overloads",
+        )
+    },
     **{("typing", n): (3, 12) for n in ("override", "TypeAliasType")},
     **{("typing", n): (3, 13) for n in ("ReadOnly", "TypeIs", "NoDefault")},
-    **{("asyncio", n): (3, 11) for n in ("TaskGroup", "timeout", "timeout_at", "Runner", "Barrier")},
+    **{
+        ("asyncio", n): (3, 11) for n in ("TaskGroup", "timeout", "timeout_at", "Runner", "Barrier")
+    },
     ("hashlib", "file_digest"): (3, 11),
     ("contextlib", "chdir"): (3, 11),
     ("operator", "call"): (3, 11),
@@ -75,8 +104,13 @@ def _sources() -> Iterator[Path]:
 
 def _guard_version(test: ast.expr) -> tuple[int, int] | None:
     """``sys.version_info >= (3, 11)`` -> (3, 11); anything else -> None."""
-    if (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.GtE)
-            and ast.unparse(test.left) == "sys.version_info" and isinstance(test.comparators[0], ast.Tuple)):
+    if (
+        isinstance(test, ast.Compare)
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], ast.GtE)
+        and ast.unparse(test.left) == "sys.version_info"
+        and isinstance(test.comparators[0], ast.Tuple)
+    ):
         try:
             version = ast.literal_eval(test.comparators[0])
         except ValueError:
@@ -134,8 +168,11 @@ class _NewNames(ast.NodeVisitor):
         module = node.module or ""
         self._use(node, f"from {module} import", NEW_MODULES.get(module))
         for alias in node.names:
-            self._use(node, f"from {module} import {alias.name}",
-                      NEW_NAMES.get((module, alias.name)) or NEW_MODULES.get(f"{module}.{alias.name}"))
+            self._use(
+                node,
+                f"from {module} import {alias.name}",
+                NEW_NAMES.get((module, alias.name)) or NEW_MODULES.get(f"{module}.{alias.name}"),
+            )
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
         if isinstance(node.value, ast.Name) and node.value.id in self.modules:
@@ -158,10 +195,17 @@ def test_every_place_states_the_same_oldest_python() -> None:
     major, minor = oldest_python()
     config = _pyproject()["tool"]
     assert config["ruff"]["target-version"] == f"py{major}{minor}"
-    assert config["mypy"]["python_version"] == f"{major}.{minor}", "mypy must check as the oldest Python"
+    assert config["mypy"]["python_version"] == f"{major}.{minor}", (
+        "mypy must check as the oldest Python"
+    )
     assert f"Python {major}.{minor}+" in (REPO / "README.md").read_text(encoding="utf-8")
+    design = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
+    assert f"| language | Python {major}.{minor} or newer |" in design
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
-    assert f"sys.version_info < ({major}, {minor})" in makefile and f"Python {major}.{minor} or newer" in makefile
+    assert (
+        f"sys.version_info < ({major}, {minor})" in makefile
+        and f"Python {major}.{minor} or newer" in makefile
+    )
 
 
 @pytest.mark.parametrize("path", list(_sources()), ids=lambda p: str(p.relative_to(REPO)))
@@ -171,7 +215,9 @@ def test_module_runs_on_the_oldest_python(path: Path) -> None:
     try:
         ast.parse(source, filename=str(path), feature_version=oldest)
     except SyntaxError as exc:
-        pytest.fail(f"{path.relative_to(REPO)}:{exc.lineno}: not Python {oldest[0]}.{oldest[1]} syntax: {exc.msg}")
+        pytest.fail(
+            f"{path.relative_to(REPO)}:{exc.lineno}: not Python {oldest[0]}.{oldest[1]} syntax: {exc.msg}"
+        )
     found = new_names_in(source, oldest)
     assert not found, "\n".join(
         f"{path.relative_to(REPO)}:{line}: {what} needs Python {v[0]}.{v[1]}; guard it "
@@ -186,16 +232,23 @@ def test_tomli_is_installed_where_tomllib_is_missing() -> None:
         return
     extras = _pyproject()["project"]["optional-dependencies"]
     wanted = re.compile(r"""^tomli\b.*;\s*python_version\s*<\s*["']3\.11["']$""")
-    assert any(wanted.match(d) for d in extras["edge"]), "the edge extra (cloud and training include it) needs tomli on 3.10"
+    assert any(wanted.match(d) for d in extras["edge"]), (
+        "the edge extra (cloud and training include it) needs tomli on 3.10"
+    )
 
 
 def test_the_checker_sees_new_names() -> None:
     """The scan itself: unguarded new names are found, guarded ones are not."""
     bad = "import tomllib\nfrom enum import StrEnum\nimport datetime as dt\nx = dt.UTC\ntry:\n    pass\nexcept ExceptionGroup:\n    pass\n"
     assert [what for _line, what, _v in new_names_in(bad, (3, 10))] == [
-        "import tomllib", "from enum import StrEnum", "datetime.UTC", "ExceptionGroup",
+        "import tomllib",
+        "from enum import StrEnum",
+        "datetime.UTC",
+        "ExceptionGroup",
     ]
     assert new_names_in(bad, (3, 11)) == []
-    good = ("import sys\nif sys.version_info >= (3, 11):\n    import tomllib\nelse:\n    import tomli as tomllib\n"
-            "try:\n    from typing import Self\nexcept ImportError:\n    Self = None\n")
+    good = (
+        "import sys\nif sys.version_info >= (3, 11):\n    import tomllib\nelse:\n    import tomli as tomllib\n"
+        "try:\n    from typing import Self\nexcept ImportError:\n    Self = None\n"
+    )
     assert new_names_in(good, (3, 10)) == []
