@@ -55,8 +55,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from cloud.config import CloudConfig, parse_cloud_config  # noqa: E402
+from cloud.ota_server import OtaServer  # noqa: E402
 from cloud.registry import RegisteredModel, Registry, init_keys, open_ota_store, public_key_path  # noqa: E402
-from cloud.rollout import OtaServer, run_push  # noqa: E402
+from cloud.rollout import run_push  # noqa: E402
 from cloud.store import open_store  # noqa: E402
 from edge.config import AgentConfig, parse_config  # noqa: E402
 from edge.inference import Classifier  # noqa: E402

@@ -28,24 +28,20 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from cloud.exceptions import CloudConfigError
-from edge.config import format_errors
+from edge.configbase import BrokerConfig, Section, read_toml, resolve_paths, validate
 
 PASSWORD_ENV = "LINEWATCH_CLOUD_MQTT_PASSWORD"
 WEB_TOKEN_ENV = "LINEWATCH_CLOUD_WEB_TOKEN"
 DEFAULT_CONFIG_FILE = "cloud.toml"
+EXAMPLE = "firmware-config/cloud.example.toml"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StoreConfig(_Section):
+class StoreConfig(Section):
     """Where ingest keeps what devices sent (SQLite; the Store interface allows PostgreSQL later)."""
 
     path: Path = Field(default=Path("cloud.db"), description="SQLite file of the cloud store")
@@ -55,27 +51,15 @@ class StoreConfig(_Section):
     busy_timeout_s: float = Field(default=30.0, gt=0, description="how long a writer waits for another ingest worker's lock")
 
 
-class CloudMqttConfig(_Section):
+class CloudMqttConfig(BrokerConfig):
     """The broker ingest reads from and acks through."""
 
-    host: str = Field(default="127.0.0.1", description="broker host")
-    port: int = Field(default=1883, ge=1, le=65535, description="broker port")
-    topic_prefix: str = Field(default="linewatch", pattern=r"^[A-Za-z0-9_/-]+$", description="same as the agents' mqtt.topic_prefix")
+    password_env: ClassVar[str] = PASSWORD_ENV
+
     client_id: str | None = Field(default=None, description="default: linewatch-ingest-<host>-<pid>, unique per worker")
-    username: str | None = Field(default=None, description="password from LINEWATCH_CLOUD_MQTT_PASSWORD")
-    tls: bool = Field(default=False, description="connect with TLS")
-    ca_file: Path | None = Field(default=None, description="CA bundle for the broker's certificate")
-    cert_file: Path | None = Field(default=None, description="client certificate (mutual TLS)")
-    key_file: Path | None = Field(default=None, description="client key (mutual TLS)")
-    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive")
-
-    @property
-    def password(self) -> str | None:
-        """From the environment only, never from the file."""
-        return os.environ.get(PASSWORD_ENV)
 
 
-class IngestConfig(_Section):
+class IngestConfig(Section):
     """How ingest workers share the device traffic."""
 
     share_group: str = Field(
@@ -84,7 +68,7 @@ class IngestConfig(_Section):
     log_interval_s: float = Field(default=10.0, gt=0, description="at most one log line per rejection reason per interval")
 
 
-class FleetConfig(_Section):
+class FleetConfig(Section):
     """When a device counts as offline or dead."""
 
     offline_after_s: float = Field(default=60.0, gt=0, description="no status heartbeat for this long: offline_buffering")
@@ -97,7 +81,7 @@ class FleetConfig(_Section):
         return self
 
 
-class WebConfig(_Section):
+class WebConfig(Section):
     """The read-only web pages and /metrics (cloud/web.py)."""
 
     host: str = Field(default="127.0.0.1", description="0.0.0.0 to serve the plant network (put TLS in front)")
@@ -113,7 +97,7 @@ class WebConfig(_Section):
         return os.environ.get(WEB_TOKEN_ENV) or self.token
 
 
-class CloudConfig(_Section):
+class CloudConfig(Section):
     """The whole cloud config file."""
 
     data_dir: Path = Field(default=Path("cloud-data"), description="registry, samples and keys live here")
@@ -129,31 +113,20 @@ class CloudConfig(_Section):
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    def fix(section: dict[str, Any], key: str) -> None:
-        value = section.get(key)
-        if isinstance(value, str) and value:
-            p = Path(value).expanduser()
-            section[key] = str(p if p.is_absolute() else base / p)
-
     raw.setdefault("data_dir", "cloud-data")
-    fix(raw, "data_dir")
+    resolve_paths(raw, ["data_dir"], base)
     store = raw.setdefault("store", {})
     if isinstance(store, dict):
         store.setdefault("path", "cloud.db")
-        fix(store, "path")
-    mqtt = raw.get("mqtt")
-    if isinstance(mqtt, dict):
-        for key in ("ca_file", "cert_file", "key_file"):
-            fix(mqtt, key)
+    resolve_paths(store, ["path"], base)
+    CloudMqttConfig.resolve_file_paths(raw.get("mqtt"), base)
     return raw
 
 
 def parse_cloud_config(raw: dict[str, Any], *, base: Path, source: str = "cloud config") -> CloudConfig:
     """Validate a config dict, resolving relative paths against ``base``."""
-    try:
-        return CloudConfig.model_validate(_resolve_paths(copy.deepcopy(raw), base))
-    except ValidationError as exc:
-        raise CloudConfigError(format_errors(exc, source, example="firmware-config/cloud.example.toml")) from exc
+    resolved = _resolve_paths(copy.deepcopy(raw), base)
+    return validate(CloudConfig, resolved, source=source, error=CloudConfigError, example=EXAMPLE)
 
 
 def load_cloud_config(path: Path | None = None) -> CloudConfig:
@@ -164,14 +137,5 @@ def load_cloud_config(path: Path | None = None) -> CloudConfig:
             return parse_cloud_config({}, base=Path.cwd(), source="defaults")
         path = default
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise CloudConfigError(f"{path}: no such file; pass --config with an existing cloud TOML file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CloudConfigError(f"{path}: cannot read it ({exc})") from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CloudConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from exc
+    raw = read_toml(path, CloudConfigError, missing="pass --config with an existing cloud TOML file")
     return parse_cloud_config(raw, base=path.resolve().parent, source=str(path))

@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloud.exceptions import CloudError
 from edge.config import DEVICE_ID_PATTERN
+from edge.fsutil import atomic_write
 from edge.ota_wire import CHUNK, DESIRED, OTA, OTA_USER_SUFFIX, REQ, STATE
 from edge.protocol import ACK, EVENTS, GAPS, RESULTS, SAMPLES, STATUS, topic
 
@@ -59,14 +60,7 @@ def password_entry(username: str, password: str, *, salt: bytes | None = None, i
 def _write_private(path: Path, text: str, mode: int = 0o640) -> None:
     """Replace ``path`` atomically; created with ``mode`` (never world-readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, text, mode=mode)
 
 
 def set_passwords(path: Path, entries: dict[str, str]) -> None:

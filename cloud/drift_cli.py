@@ -12,8 +12,8 @@ goes under its label. ``OUT/linewatch-samples.csv`` lists what was exported and 
 from __future__ import annotations
 
 import csv
+import io
 import re
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +23,7 @@ import click
 
 from cloud.cli_common import config_option, load_config, open_readonly_store
 from edge.cli import LinewatchGroup, echo_json
+from edge.fsutil import atomic_write
 
 UNLABELLED = "unlabelled"
 INDEX_FILE = "linewatch-samples.csv"
@@ -46,7 +47,8 @@ def parse_when(text: str | None, *, now: float | None = None) -> float | None:
     except ValueError:
         pass
     try:
-        dt = datetime.fromisoformat(t)
+        # Python 3.10's fromisoformat does not read a "Z" suffix; 3.11's does.
+        dt = datetime.fromisoformat(t[:-1] + "+00:00" if t[-1:] in ("Z", "z") else t)
     except ValueError:
         raise click.BadParameter(
             f"{text!r} is not a time; use unix seconds, an ISO date like 2026-12-07T14:00 (UTC), or an age like 2h"
@@ -174,20 +176,18 @@ def export_samples(out_dir: Path, config_file: Path | None, device_id: str | Non
         dest = out_dir / rel
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(".jpg.tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dest)
+            # An export is made again by running it again: whole files, but no fsync for each.
+            atomic_write(dest, src.read_bytes(), durable=False)
             copied += 1
         index[rel] = {"file": rel, "device_id": r["device_id"], "seq": r["seq"], "result_seq": r["result_seq"],
                       "ts": r["ts"], "time_utc": _utc(r["ts"]), "reason": r["reason"], "label": r["label"],
                       "score": r["score"], "sha256": r["sha256"]}
-    tmp_index = index_path.with_suffix(".csv.tmp")
-    with open(tmp_index, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(INDEX_COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        for key in sorted(index):
-            writer.writerow(index[key])
-    tmp_index.replace(index_path)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(INDEX_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    for key in sorted(index):
+        writer.writerow(index[key])
+    atomic_write(index_path, table.getvalue(), durable=False)
     click.echo(f"{len(rows)} samples matched, {copied} copied into {out_dir}"
                + (f", {missing} listed in the store but their file is gone" if missing else ""))
 

@@ -43,6 +43,8 @@ from pydantic import ValidationError
 from cloud.config import CloudConfig
 from cloud.exceptions import PayloadRejected, StoreError
 from cloud.store import Store, StoreOutcome, open_store
+from edge.backoff import Backoff
+from edge.mqtt import LinkSettings, MqttLink
 from edge.protocol import (
     ACK,
     DATA_MODELS,
@@ -66,7 +68,6 @@ from edge.protocol import (
     shared_filter,
     topic,
 )
-from edge.sync import Backoff, LinkSettings, MqttLink
 
 logger = logging.getLogger(__name__)
 
@@ -275,16 +276,10 @@ def serve(config: CloudConfig, stop: threading.Event, *, on_ready: Callable[[str
     m = config.mqtt
     store = open_store(config)
     ingestor = Ingestor(config, store)
-    settings = LinkSettings(
-        host=m.host, port=m.port, client_id=worker_client_id(config), keepalive_s=m.keepalive_s,
-        username=m.username, password=m.password, tls=m.tls,
-        ca_file=None if m.ca_file is None else str(m.ca_file),
-        cert_file=None if m.cert_file is None else str(m.cert_file),
-        key_file=None if m.key_file is None else str(m.key_file),
-    )  # fmt: skip
+    settings = LinkSettings.of(m, client_id=worker_client_id(config))
     link = MqttLink(
         settings, stop=stop, subscriptions=subscriptions(config), on_message=ingestor.handle,
-        backoff=Backoff(0.2, 5.0), max_inflight_messages=1000,
+        backoff=Backoff(initial=0.2, maximum=5.0), max_inflight_messages=1000,
     )  # fmt: skip
     ingestor.publish = lambda name, payload, qos: link.publish(name, payload, qos=qos)
     logger.info("ingest %s: store %s, broker %s:%s, group %s", settings.client_id, config.store.path, m.host, m.port,
@@ -324,7 +319,7 @@ def run_ingest(config: CloudConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # The same process answers OTA chunk requests, so a push works while only `serve` runs.
-    from cloud.rollout import start_ota_server
+    from cloud.ota_server import start_ota_server
 
     ota = start_ota_server(config)
     try:

@@ -40,9 +40,10 @@ from cloud.config import CloudConfig
 from cloud.exceptions import CloudError
 from cloud.store import SQLiteStore, open_store
 from edge.bundle import pack_bundle
-from edge.download import file_sha256
 from edge.exceptions import LinewatchError
-from edge.inference import Classifier, check_golden, sha256_file
+from edge.fsutil import sha256_file
+from edge.fsutil import sha256_file as file_sha256
+from edge.inference import Classifier, check_golden
 from edge.install import unpack_bundle
 from edge.protocol import MANIFEST_FILE, PACKED_SUFFIX, read_manifest
 from edge.signing import (

@@ -57,6 +57,7 @@ from edge.capture import CameraState, Capture, Frame, open_source, parse_source,
 from edge.config import AgentConfig
 from edge.drift import BASELINE_META_KEY, DriftMonitor, DriftSettings
 from edge.exceptions import BufferStoreError
+from edge.fsutil import atomic_write
 from edge.inference import Classifier, Prediction
 from edge.models import ModelStore
 
@@ -837,10 +838,9 @@ class Agent:
         snap = self.status_snapshot()
         snap["state"] = state
         path = self.config.status_path
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(snap, default=str))
-            os.replace(tmp, path)
+            # Rewritten every few seconds: no fsync, so it never waits beside the buffer's commits.
+            atomic_write(path, json.dumps(snap, default=str), durable=False)
         except OSError as exc:  # a full disk must not stop inspection; the buffer has the data
             logger.warning("status file %s not written: %s", path, exc)
 

@@ -17,6 +17,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from edge.exceptions import BundleError
+from edge.fsutil import atomic_write
 from edge.protocol import MANIFEST_FILE, PACKED_SUFFIX
 
 logger = logging.getLogger(__name__)
@@ -55,25 +56,22 @@ def pack_bundle(bundle_dir: Path, out_file: Path) -> Path:
         raise BundleError(f"{bundle_dir} has no {MANIFEST_FILE}; pass the folder `linewatch train fit --out` made")
     files = _bundle_files(bundle_dir)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for directory in sorted({p.as_posix() for f in files for p in f.parents if p.as_posix() != "."}):
-                info = tarfile.TarInfo(directory)
-                info.type = tarfile.DIRTYPE
-                info.mode = 0o755
-                _normalise(info)
-                tar.addfile(info)
-            for rel in files:
-                data = (bundle_dir / rel).read_bytes()
-                info = tarfile.TarInfo(rel.as_posix())
-                info.size = len(data)
-                info.mode = 0o644
-                _normalise(info)
-                tar.addfile(info, io.BytesIO(data))
-        os.replace(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    packed = io.BytesIO()  # a bundle is a few MB at most: build it in memory, write it once
+    with tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for directory in sorted({p.as_posix() for f in files for p in f.parents if p.as_posix() != "."}):
+            info = tarfile.TarInfo(directory)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            _normalise(info)
+            tar.addfile(info)
+        for rel in files:
+            data = (bundle_dir / rel).read_bytes()
+            info = tarfile.TarInfo(rel.as_posix())
+            info.size = len(data)
+            info.mode = 0o644
+            _normalise(info)
+            tar.addfile(info, io.BytesIO(data))
+    atomic_write(out_file, packed.getvalue())
     logger.info("packed %s (%s files) into %s", bundle_dir, len(files), out_file)
     return out_file
 

@@ -13,7 +13,7 @@ implementation (OpenCV ``VideoCapture`` or an image folder), so a test can hand
   consumer falls behind, so decisions stay close to real time; drops are counted and logged.
 
 The reader never dies: a failed open or read puts the camera 'down' and retries with
-exponential backoff and jitter; a file that does not exist yet is retried until it appears;
+exponential backoff and jitter (:class:`edge.backoff.Backoff`); a file that does not exist yet is retried until it appears;
 a finite source that ends is reported as 'ended' and the agent keeps running. Every wait
 is on a stop Event, so :meth:`Capture.stop` returns within a second.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import glob
 import logging
 import queue
-import random
 import re
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import NoReturn, Protocol, runtime_checkable
 import cv2
 import numpy as np
 
+from edge.backoff import Backoff
 from edge.exceptions import CameraError, ImageError
 from edge.preprocess import IMAGE_SUFFIXES, read_image
 
@@ -486,29 +486,6 @@ def open_source(
 
 
 # --------------------------------------------------------------------------- capture
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: ``initial * factor**n`` capped at ``maximum``, plus up to ``jitter`` of it."""
-
-    initial: float = 0.5
-    factor: float = 2.0
-    maximum: float = 30.0
-    jitter: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.initial <= 0 or self.factor < 1 or self.maximum < self.initial or not 0 <= self.jitter <= 1:
-            raise ValueError(
-                "backoff needs initial > 0, factor >= 1, maximum >= initial and 0 <= jitter <= 1, "
-                f"got {self}"
-            )
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number ``attempt`` (0-based)."""
-        base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
-        # Jitter spreads reconnects of many boxes after a shared network outage.
-        return base + random.uniform(0.0, self.jitter * base)
 
 
 class _Worker:

@@ -11,22 +11,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from edge.configbase import BrokerConfig, Section, read_toml, resolve_paths, validate
 from edge.exceptions import ConfigError
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 PASSWORD_ENV = "LINEWATCH_MQTT_PASSWORD"
+EXAMPLE = "firmware-config/agent.example.toml"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CameraConfig(_Section):
+class CameraConfig(Section):
     """Where frames come from."""
 
     source: str | int = Field(
@@ -62,7 +59,7 @@ class CameraConfig(_Section):
         return v
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Which model bundles the agent runs."""
 
     path: Path = Field(description="model store folder (OTA keeps current/ and previous/ here) or a single bundle folder")
@@ -72,7 +69,7 @@ class ModelConfig(_Section):
     threads: int = Field(default=1, ge=1, le=64, description="interpreter threads (1 leaves a core for capture)")
 
 
-class BufferConfig(_Section):
+class BufferConfig(Section):
     """The local SQLite buffer every decision is written to before it goes anywhere."""
 
     path: Path = Field(description="SQLite file")
@@ -82,7 +79,7 @@ class BufferConfig(_Section):
     )
 
 
-class SamplingConfig(_Section):
+class SamplingConfig(Section):
     """Which frames are kept as JPEG samples for drift checks and retraining."""
 
     failed: bool = Field(default=True, description="keep a sample of every failed part")
@@ -100,7 +97,7 @@ class SamplingConfig(_Section):
     )
 
 
-class DriftConfig(_Section):
+class DriftConfig(Section):
     """Drift checks: is the line still like it was when this model went live (docs/agent.md, "Drift")."""
 
     enabled: bool = Field(default=True, description="false turns the checks off (the status says so)")
@@ -116,31 +113,19 @@ class DriftConfig(_Section):
     )
 
 
-class MqttConfig(_Section):
+class MqttConfig(BrokerConfig):
     """The broker the agent syncs through; inspection never waits for it."""
 
-    host: str = Field(default="127.0.0.1")
-    port: int = Field(default=1883, ge=1, le=65535)
+    password_env: ClassVar[str] = PASSWORD_ENV
+
     enabled: bool = Field(default=True, description="false: inspect and buffer only, never connect")
-    topic_prefix: str = Field(default="linewatch", pattern=r"^[A-Za-z0-9_/-]+$")
-    username: str | None = None
-    tls: bool = False
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    keepalive_s: int = Field(default=30, ge=5, le=3600)
     status_interval_s: float = Field(default=10.0, gt=0)
     batch_rows: int = Field(default=500, ge=1, le=5000, description="results per message (also capped at 128 KiB)")
     ack_timeout_s: float = Field(default=10.0, gt=0, description="resend a batch the cloud has not acknowledged after this")
     max_inflight: int = Field(default=8, ge=1, le=256, description="batches sent but not yet acknowledged")
 
-    @property
-    def password(self) -> str | None:
-        """From the environment only, never from the file."""
-        return os.environ.get(PASSWORD_ENV)
 
-
-class OtaConfig(_Section):
+class OtaConfig(Section):
     """Over-the-air model updates."""
 
     trusted_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys (PEM) allowed to sign models")
@@ -148,7 +133,7 @@ class OtaConfig(_Section):
     health_parts: int = Field(default=200, ge=1, description="parts watched after a switch before the new model is trusted")
 
 
-class OperatorConfig(_Section):
+class OperatorConfig(Section):
     """The operator page (pass/fail as the line sees it)."""
 
     enabled: bool = Field(default=True, description="serve the operator page")
@@ -167,14 +152,14 @@ class OperatorConfig(_Section):
         return os.environ.get("LINEWATCH_OPERATOR_TOKEN") or self.token
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(Section):
     """Prometheus metrics (``GET /metrics``); the section's absence turns them off."""
 
     host: str = Field(default="127.0.0.1", description="0.0.0.0 to let a Prometheus elsewhere scrape it")
     port: int = Field(ge=0, le=65535, description="port of /metrics; 0 picks a free port (tests)")
 
 
-class AgentConfig(_Section):
+class AgentConfig(Section):
     """The whole agent config file."""
 
     device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="unique per box; used in MQTT topics")
@@ -220,17 +205,9 @@ class AgentConfig(_Section):
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Resolve relative file paths against the config file's folder."""
-
-    def fix(section: str, key: str) -> None:
-        sec = raw.get(section)
-        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key]:
-            p = Path(sec[key]).expanduser()
-            sec[key] = str(p if p.is_absolute() else base / p)
-
-    fix("model", "path")
-    fix("buffer", "path")
-    for key in ("ca_file", "cert_file", "key_file"):
-        fix("mqtt", key)
+    resolve_paths(raw.get("model"), ["path"], base)
+    resolve_paths(raw.get("buffer"), ["path"], base)
+    MqttConfig.resolve_file_paths(raw.get("mqtt"), base)
     cam = raw.get("camera")
     if isinstance(cam, dict) and isinstance(cam.get("source"), str):
         src = cam["source"]
@@ -247,43 +224,13 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
-def format_errors(exc: ValidationError, source: str, example: str = "firmware-config/agent.example.toml") -> str:
-    """pydantic errors as 'key.path = value: message' lines, Frigate-style (cloud config too)."""
-    from edge.capture import redact_url  # camera URLs may hold a password: never print it
-
-    lines = [f"{source}: {exc.error_count()} problem(s)"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key (typo? see {example})"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        value = err.get("input")
-        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
-        lines.append(redact_url(f"  {loc}{shown}: {msg}"))
-    return "\n".join(lines)
-
-
 def parse_config(raw: dict[str, Any], *, base: Path, source: str = "config") -> AgentConfig:
     """Validate a config dict (paths relative to ``base``)."""
-    try:
-        return AgentConfig.model_validate(_resolve_paths(raw, base))
-    except ValidationError as exc:
-        raise ConfigError(format_errors(exc, source)) from exc
+    return validate(AgentConfig, _resolve_paths(raw, base), source=source, error=ConfigError, example=EXAMPLE)
 
 
 def load_config(path: Path) -> AgentConfig:
     """Read and validate an agent TOML file; :class:`ConfigError` lists every problem."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no such file; copy firmware-config/agent.example.toml and edit it") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc})") from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from exc
+    raw = read_toml(path, ConfigError, missing=f"copy {EXAMPLE} and edit it")
     return parse_config(raw, base=path.resolve().parent, source=str(path))

@@ -8,25 +8,16 @@ each chunk's data) so :class:`edge.ota.OtaClient` resumes by asking only for wha
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
-from edge.install import fsync_dir, rmtree
+from edge.fsutil import atomic_write
+from edge.install import rmtree
 from edge.ota_wire import OtaDesired
 
 DOWNLOADS = "downloads"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file (the packed bundle's transport checksum)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Download:
@@ -83,10 +74,7 @@ class Download:
         os.fsync(self._fd)
         os.fsync(self._bfd)
         # meta.json last: a folder without it is not a resumable download
-        tmp = self.meta_path.with_name("meta.json.tmp")
-        tmp.write_text(self.desired.model_dump_json())
-        os.replace(tmp, self.meta_path)
-        fsync_dir(self.dir)
+        atomic_write(self.meta_path, self.desired.model_dump_json())
 
     def expected_len(self, index: int) -> int:
         return min(self.chunk_bytes, self.size - index * self.chunk_bytes)
@@ -146,4 +134,4 @@ class Download:
         rmtree(self.dir)
 
 
-__all__ = ["DOWNLOADS", "Download", "file_sha256"]
+__all__ = ["DOWNLOADS", "Download"]

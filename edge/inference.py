@@ -10,7 +10,6 @@ validation and test sets in ``linewatch train eval``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -26,6 +25,7 @@ import numpy as np
 
 from edge import tiling as tiling_mod
 from edge.exceptions import ChecksumMismatch, ModelLoadError, RuntimeUnavailable
+from edge.fsutil import sha256_file
 from edge.preprocess import quantize_lut, read_image, to_model_input
 from edge.protocol import MODEL_FILE, Manifest, read_manifest
 
@@ -63,15 +63,6 @@ def load_runtime(prefer: str | None = None) -> tuple[str, Callable[..., Any]]:
         + "; ".join(tried)
         + "); install the edge extra: pip install 'linewatch[edge]'"
     )
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -319,5 +310,4 @@ __all__ = [
     "Prediction",
     "check_golden",
     "load_runtime",
-    "sha256_file",
 ]

@@ -46,7 +46,8 @@ from edge.exceptions import (
     ModelLoadError,
     RuntimeUnavailable,
 )
-from edge.inference import Classifier, GoldenResult, check_golden, sha256_file
+from edge.fsutil import fsync_dir, fsync_tree, sha256_file
+from edge.inference import Classifier, GoldenResult, check_golden
 from edge.models import CURRENT, PREVIOUS, VERSIONS, ModelStore
 from edge.ota_wire import is_downgrade
 from edge.protocol import Manifest, read_manifest
@@ -160,30 +161,6 @@ def rmtree(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file, then every folder bottom-up, so a rename publishes complete data."""
-    dirs: list[Path] = []
-    for dirpath, _dirnames, filenames in os.walk(root):
-        dirs.append(Path(dirpath))
-        for name in filenames:
-            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for d in reversed(dirs):
-        fsync_dir(d)
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a folder, so the names created or renamed in it survive a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +343,6 @@ __all__ = [
     "InstallResult",
     "InstallStage",
     "check_compatible",
-    "fsync_dir",
     "install_bundle",
     "prune_versions",
     "recover_store",

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from edge.exceptions import BundleError
+from edge.fsutil import fsync_dir
 from edge.protocol import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,4 @@ def _atomic_symlink(target: Path, link: Path) -> None:
         tmp.unlink()
     os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)
-    fd = os.open(link.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
+    fsync_dir(link.parent)  # make the rename itself durable

@@ -11,7 +11,7 @@ The parts live in a module each; their names are re-exported here for existing i
 edge/install.py     install_bundle and its stages, recover_store, prune_versions
 edge/ota_wire.py    topics, payload models (OtaDesired, OtaRequest, OtaStatePayload),
                     the binary chunk format, device states
-edge/download.py    Download (bundle.part + on-disk bitmap), file_sha256
+edge/download.py    Download (bundle.part + on-disk bitmap)
 edge/health.py      HealthWatch, HealthVerdict
 edge/ota.py         OtaClient: the MQTT client and its worker thread
 =================== ===================================================================
@@ -29,6 +29,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,8 +38,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import AgentConfig
-from edge.download import DOWNLOADS, Download, file_sha256
+from edge.download import DOWNLOADS, Download
 from edge.exceptions import BundleError, LinewatchError
+from edge.fsutil import atomic_write, sha256_file
 from edge.health import HealthVerdict, HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
 from edge.install import (
@@ -51,6 +53,7 @@ from edge.install import (
     rmtree,
 )
 from edge.models import ModelStore
+from edge.mqtt import LinkSettings, make_client
 from edge.ota_wire import (
     ACTIVE,
     CHUNK,
@@ -163,27 +166,20 @@ class OtaClient:
             recover_store(self.store)
         self._persisted = self._load_persisted()
         cfg = self.config.mqtt
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=f"{self.device_id}-ota", protocol=mqtt.MQTTv5
-        )
+        settings = LinkSettings.of(cfg, client_id=f"{self.device_id}-ota")
         if cfg.username:
             # Its own user: the broker's device listener makes the client id the username
             # (use_username_as_clientid), so the sync link and this one need two.
-            client.username_pw_set(f"{cfg.username}{OTA_USER_SUFFIX}", cfg.password)
-        if cfg.tls:
-            try:
-                client.tls_set(
-                    ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
-                    certfile=str(cfg.cert_file) if cfg.cert_file else None,
-                    keyfile=str(cfg.key_file) if cfg.key_file else None,
-                )
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                # A wrong path must not stop the agent (under systemd: a restart loop with no
-                # inspection). No OTA until the config is fixed; the status says why.
-                self.setup_error = (f"OTA off: TLS setup failed ({exc}); fix mqtt.ca_file/cert_file/key_file"
-                                    " (`linewatch edge validate-config`) and restart the agent")  # fmt: skip
-                logger.error("%s", self.setup_error)
-                return
+            settings = replace(settings, username=f"{cfg.username}{OTA_USER_SUFFIX}")
+        try:
+            client = make_client(settings)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # A wrong path must not stop the agent (under systemd: a restart loop with no
+            # inspection). No OTA until the config is fixed; the status says why.
+            self.setup_error = (f"OTA off: TLS setup failed ({exc}); fix mqtt.ca_file/cert_file/key_file"
+                                " (`linewatch edge validate-config`) and restart the agent")  # fmt: skip
+            logger.error("%s", self.setup_error)
+            return
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -549,7 +545,7 @@ class OtaClient:
         desired = dl.desired
         self._report(VERIFYING, desired, note=True)
         dl.sync()
-        actual = file_sha256(dl.part)
+        actual = sha256_file(dl.part)
         if actual != desired.sha256:
             self._verify_failures += 1
             if self._verify_failures >= 2:
@@ -718,9 +714,7 @@ class OtaClient:
             return
         path = self._state_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self._persisted))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self._persisted))
 
 
 def _lower_priority() -> None:

@@ -8,7 +8,7 @@ a device to its own subtree covers OTA too::
     chunk    cloud -> device, BINARY (encode_chunk): one chunk and its sha256
     state    device -> cloud, RETAINED, JSON OtaStatePayload: where the update stands
 
-The edge owns this contract (docs/design.md); cloud/rollout.py imports it.
+The edge owns this contract (docs/design.md); cloud/ota_server.py and cloud/rollout.py import it.
 """
 
 from __future__ import annotations

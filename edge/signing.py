@@ -25,7 +25,6 @@ import binascii
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge.exceptions import BundleError, ConfigError
+from edge.fsutil import atomic_write
 from edge.protocol import MANIFEST_FILE, MAX_MANIFEST_BYTES, SIGNATURE_FILE, read_bounded
 
 logger = logging.getLogger(__name__)
@@ -100,20 +100,9 @@ def generate_keypair(private_path: Path, public_path: Path, *, overwrite: bool =
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # Create with 0600 from the start: a chmod after writing would leave a readable window.
-    tmp = private_path.with_name(private_path.name + ".tmp")
-    if tmp.exists():
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, private_path)
-    os.chmod(private_path, 0o600)
+    atomic_write(private_path, pem, mode=0o600)  # created 0600: a chmod after writing leaves a readable window
     pub_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_atomic(public_path, pub_pem)
+    atomic_write(public_path, pub_pem)
     kid = key_id(key)
     logger.info("new signing key %s: private %s, public %s", kid, private_path, public_path)
     return kid
@@ -183,7 +172,7 @@ def sign_bundle(bundle_dir: Path, key: Ed25519PrivateKey) -> SignatureInfo:
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path} is missing; sign a bundle folder made by `linewatch train fit`")
     info = sign_manifest_bytes(manifest_path.read_bytes(), key)
-    _write_atomic(bundle_dir / SIGNATURE_FILE, info.to_json().encode("utf-8"))
+    atomic_write(bundle_dir / SIGNATURE_FILE, info.to_json())
     return info
 
 
@@ -268,15 +257,6 @@ def verify_bundle(
         raise BundleError(f"{manifest_path} is missing; the bundle is incomplete")
     manifest = read_bounded(manifest_path, MAX_MANIFEST_BYTES, "manifest")  # size checked before reading
     return verify_manifest_bytes(manifest, read_signature(bundle_dir), keys, allow_unsigned=allow_unsigned)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 __all__ = [

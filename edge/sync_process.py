@@ -164,6 +164,7 @@ def _publish_link_state(config: AgentConfig, client: Any, shown: dict[str, Any] 
     seen here: the link cannot tell the cloud). Returns what the file now holds."""
     import json
 
+    from edge.fsutil import atomic_write
     from edge.status import sync_status_path
 
     snap = client.snapshot()
@@ -171,10 +172,8 @@ def _publish_link_state(config: AgentConfig, client: Any, shown: dict[str, Any] 
     if state == shown:
         return state
     path = sync_status_path(config)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(state), durable=False)  # live state: no fsync beside the buffer's
     except OSError as exc:  # a full disk must not stop the sync
         logger.debug("sync state file %s not written: %s", path, exc)
         return shown or {}

@@ -21,9 +21,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-import tomllib
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cloud.config import load_cloud_config
 from cloud.devices import DeviceKit, add_device, issue_certificate, site_ca
 from edge.config import load_config
 from edge.sync import SyncClient
@@ -257,7 +257,7 @@ def test_shipped_agent_cloud_and_broker_examples_work_together(site: Site, tmp_p
     (tmp_path / "cloud").mkdir()
     cloud_toml = tmp_path / "cloud" / "cloud.toml"
     cloud_toml.write_text(cloud_text)
-    assert tomllib.loads(cloud_text)["mqtt"]["tls"] is True
+    assert load_cloud_config(cloud_toml).mqtt.tls
     monkeypatch.setenv("LINEWATCH_CLOUD_MQTT_PASSWORD", password(kit))
     monkeypatch.setenv("LINEWATCH_MQTT_PASSWORD", password(site.kits["cam-a"]))
     agent = agent_toml(site, tmp_path / "dev", "cam-a")

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
+from edge.backoff import Backoff
 from edge.capture import (
-    Backoff,
     CameraState,
     Capture,
     Frame,
@@ -475,18 +475,6 @@ def test_live_camera_failure_reconnects_and_keeps_counting(captures: list) -> No
     assert st.source == "usb-cam" and frames[0].source == "usb-cam"
     assert seen.seen == ["starting->up", "up->down", "down->up"]
     assert st.fps > 0
-
-
-def test_backoff_grows_to_the_cap_with_bounded_jitter() -> None:
-    backoff = Backoff()  # the defaults: 0.5 s, x2, 30 s max
-    for attempt, base in [(0, 0.5), (1, 1.0), (2, 2.0), (5, 16.0), (6, 30.0), (100, 30.0)]:
-        delays = [backoff.delay(attempt) for _ in range(50)]
-        assert all(base <= d <= base * (1 + backoff.jitter) for d in delays)
-        assert len(set(delays)) > 1  # jittered
-    with pytest.raises(ValueError, match="initial > 0"):
-        Backoff(initial=0)
-    with pytest.raises(ValueError, match="maximum >= initial"):
-        Backoff(initial=5, maximum=1)
 
 
 def test_callback_errors_do_not_kill_the_camera(tmp_path: Path, captures: list) -> None:

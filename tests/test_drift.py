@@ -185,6 +185,7 @@ def test_drift_samples_are_tagged_budgeted_and_accepted_by_the_buffer(tmp_path: 
 def test_parse_when_takes_seconds_iso_and_ages() -> None:
     assert parse_when("1765100000") == 1765100000.0
     assert parse_when("2026-12-07T00:00") == parse_when("2026-12-07T00:00+00:00")
+    assert parse_when("2026-12-07T00:00Z") == parse_when("2026-12-07T00:00+00:00")
     assert parse_when("2h", now=10_000.0) == 10_000.0 - 7200
     with pytest.raises(Exception, match="is not a time"):
         parse_when("yesterday-ish")

@@ -24,7 +24,7 @@ import pytest
 
 from edge.bundle import pack_bundle
 from edge.config import AgentConfig, OtaConfig, parse_config
-from edge.download import file_sha256
+from edge.fsutil import sha256_file
 from edge.health import HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
 from edge.install import InstallStage, install_bundle, recover_store
@@ -381,7 +381,7 @@ def state_is(client: OtaClient, *states: str) -> Callable[[], bool]:
 def desired_for(device: str, transfer: str, packed: Path, version: str, chunk_bytes: int, rollout: str = "r-test") -> OtaDesired:
     size = packed.stat().st_size
     return OtaDesired(
-        v=1, device_id=device, version=version, transfer=transfer, rollout=rollout, sha256=file_sha256(packed),
+        v=1, device_id=device, version=version, transfer=transfer, rollout=rollout, sha256=sha256_file(packed),
         size=size, chunks=-(-size // chunk_bytes), chunk_bytes=chunk_bytes, ts=time.time(),
     )  # fmt: skip
 
@@ -410,7 +410,7 @@ class Spy:
 
 @pytest.fixture
 def ota_server(tmp_path: Path, broker: Broker) -> Iterator[Callable[..., Any]]:
-    from cloud.rollout import OtaServer
+    from cloud.ota_server import OtaServer
 
     servers: list[Any] = []
 
@@ -452,7 +452,7 @@ def test_happy_path_over_mqtt(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=100_000)
     desired = desired_for("cam1", "t-happy", packed, "tiny-2", 16 * 1024)
@@ -485,7 +485,7 @@ def test_resume_after_restart_asks_only_for_missing_chunks(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=400_000)
     desired = desired_for("cam1", "t-resume", packed, "tiny-2", 4096)
@@ -644,7 +644,7 @@ def test_broker_restart_without_persistence_resumes_the_transfer(
     cloud drops requests that came in on the broken link. (How many in practice, usually
     0 or 1, is measured by benchmarks/ota.py; it depends on timing.)
     """
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=400_000)
     desired = desired_for("cam1", "t-broker", packed, "tiny-2", 8192)
@@ -667,7 +667,7 @@ def test_refused_bundle_over_mqtt_reports_failed_and_is_not_retried(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v48: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v48, keys, tmp_path / "v48.lwb")
     desired = desired_for("cam1", "t-bad", packed, "tiny-48", 16384)
@@ -733,7 +733,7 @@ def test_rollback_on_health_trip(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb")
     desired = desired_for("cam1", "t-health", packed, "tiny-2", 65536)
@@ -773,7 +773,7 @@ def test_healthy_model_reports_health_ok(
     tmp_path: Path, broker: Broker, live_store: ModelStore, v2: Path, keys: Keys,
     ota_server: Callable[..., Any], clients: list[OtaClient],
 ) -> None:  # fmt: skip
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
 
     packed = signed_pack(v2, keys, tmp_path / "v2.lwb")
     desired = desired_for("cam1", "t-ok", packed, "tiny-2", 65536)
@@ -800,7 +800,7 @@ def test_real_agent_switches_between_frames_and_keeps_inspecting(
     import cv2
     import numpy as np
 
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
     from edge.agent import Agent
     from edge.buffer import Buffer
 
@@ -844,7 +844,7 @@ def test_anti_rollback_refuses_an_older_version_unless_the_push_signed_it(
 ) -> None:  # fmt: skip
     """Running tiny-2, the box is told to go to tiny-1: refused without a signed downgrade
     intent (none, or one signed by an unknown key), accepted with one."""
-    from cloud.rollout import Transfer
+    from cloud.ota_server import Transfer
     from edge.ota_wire import sign_downgrade
 
     res = install_bundle(signed_pack(v2, keys, tmp_path / "v2.lwb"), live_store, ota_config(keys), Classifier(live_store.current()))

@@ -308,7 +308,7 @@ def test_pack_is_repeatable(tmp_path: Path, v1: Path) -> None:
 
 def test_push_beside_cloud_serve_answers_each_request_once(fleet: Fleet, v2: Path) -> None:
     """A server in `cloud serve` and one in `cloud push` share the requests (found via the store)."""
-    from cloud.rollout import start_ota_server
+    from cloud.ota_server import start_ota_server
 
     fleet.add("cam1", ["line1"])
     serve = start_ota_server(fleet.cfg)

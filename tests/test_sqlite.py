@@ -141,3 +141,14 @@ def test_a_cloud_store_written_before_the_shared_runner_opens_and_keeps_its_rows
     after = ledger_rows(path)
     assert [r for r in after if r[0] in names] == before  # applied once, records untouched
     assert sorted(r[0] for r in after) == sorted(ALL_CLOUD)
+
+
+def test_sqlite_errors_are_classified_without_result_codes() -> None:
+    """Python 3.10's sqlite3 errors carry no result code; the buffer reads the message, so a
+    full disk still evicts synced rows there instead of stopping the writer."""
+    from edge.buffer.errors import error_code, is_corruption
+
+    assert error_code(sqlite3.OperationalError("database or disk is full")) == 13
+    assert error_code(sqlite3.OperationalError("database is locked")) == 5
+    assert is_corruption(sqlite3.DatabaseError("file is not a database"))
+    assert error_code(sqlite3.OperationalError("no such table: x")) is None

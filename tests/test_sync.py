@@ -28,7 +28,7 @@ from edge import sync as sync_mod
 from edge.buffer import Buffer, ResultRecord, SampleRecord
 from edge.config import load_config
 from edge.protocol import COLUMNS, encode_payload
-from edge.sync import MARK_CHUNK_ROWS, Backoff, SyncClient, _split
+from edge.sync import MARK_CHUNK_ROWS, SyncClient, _split
 from tests.conftest import LINEWATCH, Broker
 
 PREFIX = "lwtest"
@@ -234,18 +234,6 @@ def cloud_fixture(tmp_path: Path, broker: Broker) -> Iterator[tuple[Path, Proc]]
 # -- tests -------------------------------------------------------------------------------------
 
 
-def test_backoff_grows_with_jitter_and_resets() -> None:
-    b = Backoff(0.5, 4.0, rng=random.Random(1))
-    delays = [b.next_delay() for _ in range(6)]
-    ceilings = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
-    assert len({round(d, 6) for d in delays[3:]}) == 3, "jitter: equal ceilings give different delays"
-    b.reset()
-    assert b.next_delay() <= 0.5
-    with pytest.raises(ValueError):
-        Backoff(0, 1)
-
-
 def test_backlog_reaches_cloud_exactly_once_in_order(tmp_path: Path, broker: Broker, cloud: tuple[Path, Proc]) -> None:
     cloud_toml, _ = cloud
     agent = write_agent_config(tmp_path / "dev", broker, "cam-a", batch_rows=200)
@@ -414,7 +402,7 @@ def test_unreachable_broker_and_refused_connect(tmp_path: Path, broker: Broker) 
                and "refused" in client.link.last_error, 10, "a refused connect")  # fmt: skip
     time.sleep(0.8)
     assert not client.connected and client.link is not None and client.link.connects == 0
-    assert client.link.backoff.attempts >= 2, "it keeps retrying with backoff"
+    assert client.link.attempts >= 2, "it keeps retrying with backoff"
     # Nothing listening at all: stop still ends the thread within a second.
     broker.stop()
     time.sleep(0.3)

@@ -19,7 +19,8 @@ import pytest
 
 from edge.bundle import pack_bundle, unpack_bundle
 from edge.exceptions import BundleError, LinewatchError
-from edge.inference import Classifier, check_golden, sha256_file
+from edge.fsutil import sha256_file
+from edge.inference import Classifier, check_golden
 from edge.protocol import read_manifest
 from training.dataset import (
     Sample,

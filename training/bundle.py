@@ -27,7 +27,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge.inference import Classifier, check_golden, sha256_file
+from edge.fsutil import atomic_write, sha256_file
+from edge.inference import Classifier, check_golden
 from edge.protocol import (
     GOLDEN_DIR,
     MANIFEST_FILE,
@@ -188,9 +189,7 @@ def write_manifest(bundle_dir: Path, manifest: Mapping[str, Any]) -> Manifest:
     """Validate with the edge's own schema, then write manifest.json."""
     parsed = parse_manifest(json.loads(json.dumps(manifest)), source="manifest being written")
     path = Path(bundle_dir) / MANIFEST_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(manifest, indent=2) + "\n")
     return parsed
 
 

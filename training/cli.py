@@ -389,7 +389,7 @@ def pack_command(bundle_dir: Path, out_file: Path) -> None:
         linewatch train pack bundle/ model-1.0.0.lwb
     """
     from edge.bundle import pack_bundle
-    from edge.inference import sha256_file
+    from edge.fsutil import sha256_file
     from edge.protocol import read_manifest
 
     read_manifest(bundle_dir)

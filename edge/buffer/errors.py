@@ -14,10 +14,20 @@ _SQLITE_READONLY = 8
 _SQLITE_FULL = 13
 
 
+# Python 3.10's sqlite3 errors carry no result code, only SQLite's message for it.
+_CODE_OF_MESSAGE = {
+    "database or disk is full": _SQLITE_FULL,
+    "database is locked": _SQLITE_BUSY,
+    "attempt to write a readonly database": _SQLITE_READONLY,
+    "database disk image is malformed": _SQLITE_CORRUPT,
+    "file is not a database": _SQLITE_NOTADB,
+}
+
+
 def error_code(exc: sqlite3.Error) -> int | None:
-    """The primary SQLite result code of ``exc`` (None before Python 3.11)."""
+    """The primary SQLite result code of ``exc`` (on Python 3.10, read from its message)."""
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    return None if code is None else int(code) & 0xFF
+    return _CODE_OF_MESSAGE.get(str(exc)) if code is None else int(code) & 0xFF
 
 
 def is_corruption(exc: sqlite3.Error) -> bool:
