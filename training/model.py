@@ -79,17 +79,13 @@ class TrainConfig:
     width: int = 8  # filters of the first conv; later blocks use 2x, 4x, 8x, 16x
     dropout: float = 0.2
     # build_networks' head. "auto": "map" when masks show defects in the training split,
-    # "features" otherwise. Without masks the map head (a max over cells, trained by image
-    # labels alone) and a first layer blind to the level both learn slower: on the magnetic
-    # tiles (192 px, no masks) validation ROC AUC was 0.52-0.65 after 8 epochs with the map
-    # head and 0.72 after 21 with zero-mean first-layer filters, where the plain features
-    # head had 0.81 at 15 (the tiles' "uneven" defects are about shading).
+    # "features" otherwise: without masks the map head (a max over cells, trained by image
+    # labels alone) learns slower than the features head (docs/training.md, "Model").
     head: str = "auto"
     mask_weight: float = 1.0  # defect-map loss against the class loss, where masks exist
     # Defect cells are few (a scratch covers ~5 % of the cells of its image): weigh them up.
     mask_pos_weight: float = 5.0
-    # int8-friendly bounds and the map head's cell context: see build_networks. Together
-    # they took the default synthetic fit from test ROC AUC 0.970 to 0.982 (docs/training.md).
+    # int8-friendly bounds and the map head's cell context: see build_networks.
     relu_max: float | None = 6.0
     map_clip: float | None = 6.0
     context: bool = True
@@ -155,10 +151,9 @@ def set_seed(seed: int) -> None:
 class FusedBatchNorm(keras.layers.BatchNormalization):
     """Keras' BatchNormalization, trained through TensorFlow's fused kernel.
 
-    Keras 3 computes training-time moments with separate reductions; on this CPU that made
-    the full-resolution block's BatchNorm cost more than its convolution (21 against 6 ms
-    per 32-image step for conv1, `benchmarks/` notes in docs/training.md). FusedBatchNormV3
-    does the same arithmetic in one pass. Inference (and so the export, where the converter
+    Keras 3 computes training-time moments with separate reductions, which on a CPU makes
+    the full-resolution block's BatchNorm cost more than its convolution (docs/training.md,
+    "Model"); FusedBatchNormV3 does the same arithmetic in one pass. Inference (and so the export, where the converter
     folds BatchNorm into the convolution) is Keras' own code, untouched; the weights and the
     moving-statistics update are Keras' as well.
     """
@@ -208,20 +203,16 @@ class RoundLikeInt8(keras.layers.Layer):
     For the local-contrast level: int8 AveragePooling and ResizeBilinear keep the input's
     scale, so on the box the level is rounded to whole grey levels, twice. In a lighting
     gradient that rounding draws 1-grey-level steps along the iso-lines and a 4-pixel
-    grid: faint lines everywhere. On a default synthetic fit without this layer, the two
-    roundings alone, simulated in float, reproduced most of the int8 model's error on
-    good parts (score std 0.057 of 0.069, correlation 0.70). With it the float network
-    computes the level the int8 one does, in training and at inference; the int8
-    export leaves it out (:func:`int8_native_rounding`), where the kernels round
-    themselves. The level path has no weights, so the straight-through gradient is
-    never used.
+    grid: faint lines everywhere, which a network trained on the exact level never saw.
+    With this layer the float network computes the level the int8 one does, in training
+    and at inference; the int8 export leaves it out (:func:`int8_native_rounding`), where
+    the kernels round themselves. The level path has no weights, so the straight-through
+    gradient is never used.
 
     ``ties``: "away" rounds halves away from the int8 zero point (grey level 128 for the
     divide_255 input, zero point -128), as LiteRT's int8 AveragePooling does; "up" rounds
-    them up, as its int8 ResizeBilinear does; "even" is ``tf.round``. Matched against the
-    kernels on 30 pictures (ad-hoc, docs/training.md): with "even" for both, 3.2 % of the
-    pooled and 1.3 % of the resized levels were a grey level off the int8 model's; with
-    these, none.
+    them up, as its int8 ResizeBilinear does; "even" is ``tf.round``. How much of the int8
+    error each rounding accounted for: docs/training.md, "Model".
     """
 
     TIES = ("even", "away", "up")
@@ -284,12 +275,9 @@ def _local_contrast(x: Any, height: int, width: int, int8_level: bool = True) ->
     The level is a 4x4 average pool resized back to full size (bilinear). Lighting
     gradients, glare and exposure move whole regions by far more than a faint scratch
     differs from its surroundings; taking the level away leaves the thin structures and
-    lets the first convolution spend its few filters on them. On the synthetic set, with
-    masks: a map-only network reached validation ROC AUC 0.88 after 6 epochs with a local
-    level taken away against 0.73 without, and the full network 0.94 after 15 epochs
-    against 0.91 with zero-mean first-layer filters instead (docs/training.md).
-    Costs about 0.2-0.3 ms per frame on the box; a stride-1 5x5 average pool learned the
-    same but cost 1 ms (LiteRT has no fast int8 kernel for it).
+    lets the first convolution spend its few filters on them. A pooled and resized level
+    rather than a stride-1 average, which LiteRT has no fast int8 kernel for (the variants
+    and their costs: docs/training.md, "Model").
     """
     level = _local_level(x, height, width, int8_level)
     x = keras.layers.Subtract(name="local_contrast")([x, level])
@@ -342,16 +330,14 @@ def build_networks(
     classes): a second separable block at 1/16, global average + max pooling and a dense
     softmax, which can tell defect kinds apart and sees overall shading (the magnetic
     tiles' "uneven" defects); the map is then an auxiliary output, trained only on masks.
-    With ``filters=8`` at 128x128x1: about 12.6 M multiply-adds with the map head (its context
-    block adds 1.4 M), 11 M with features; 14.7 k parameters
-    with the map head, 18.8 k with features.
+    Parameters and multiply-adds per ``filters``: docs/training.md, "Model".
 
-    int8 and context (all from the default synthetic fit, docs/training.md):
+    int8 and context (what each bought: docs/training.md, "Model"):
     ``relu_max``: every ReLU is a ReLU6, so every int8 activation range is [0, 6]; plain
-    ReLU outputs were calibrated up to 22-30, which left typical activations (0-3) a
-    few dozen int8 steps. ``map_clip``: the map head decides on the map clipped to
-    [-clip, clip] (a decision needs no finer view of sure cells), so the map's int8 step
-    is 12/255 of a logit instead of 26/255. ``context`` (map head): each 8x8 cell's
+    ReLU ranges are calibrated on outliers, which leaves typical activations few int8
+    steps. ``map_clip``: the map head decides on the map clipped to [-clip, clip] (a
+    decision needs no finer view of sure cells), so the map's int8 step is 2 x clip / 255
+    of a logit. ``context`` (map head): each 8x8 cell's
     brightest, darkest and mean input pixel, through a 1x1 Conv-BN-ReLU6, join the
     features at 1/8 before a second separable block: a thin line where the level jumps
     is a part's edge or chamfer, one inside a flat face is not, and the local-contrast
@@ -359,8 +345,8 @@ def build_networks(
     worst). ``int8_level``: the level in whole grey levels, as the int8 kernels compute
     it (:class:`RoundLikeInt8`). ``stem="strided"``: the first block is one stride-2
     convolution instead of a full-resolution convolution and a max pool. Its 3x3 windows
-    overlap, so a one-pixel line still lands in one; the first layer is about 60 % of a
-    128x128 input's inference time with the pool stem, a quarter of that strided.
+    overlap, so a one-pixel line still lands in one, and the first layer, the costliest
+    with the pool stem, runs at a quarter of the positions.
     ``shading`` (map head): the input's 8x8-cell means (the raw level the local contrast
     takes away) through two small convolutions, global average and max pooling and one
     logit that joins the map's max before the softmax: shading across a region (the
@@ -392,8 +378,7 @@ def build_networks(
         lo = keras.layers.Rescaling(-1.0, name="ctx_min")(keras.layers.MaxPooling2D(c, name="ctx_negmax")(neg))
         mean = keras.layers.AveragePooling2D(c, name="ctx_mean")(inputs)
         # Mixed into the features' own range first: concatenated as [0, 1] pixels beside
-        # [0, 6] activations they share one int8 scale (6 grey levels a step), and the
-        # first trained model lost 0.06 ROC AUC to int8 that way.
+        # [0, 6] activations they would share one int8 scale (6 grey levels a step).
         ctx = keras.layers.Concatenate(name="ctx_pixels")([hi, lo, mean])
         ctx = keras.layers.Conv2D(filters, 1, use_bias=False, name="ctx_conv")(ctx)
         ctx = FusedBatchNorm(momentum=_BN_MOMENTUM, name="ctx_bn")(ctx)
@@ -425,8 +410,7 @@ def build_networks(
     if head == "map":
         # Start with P(defect) = sigmoid(map max): the map's training turns into image
         # decisions from the first step. A random start can have the wrong sign, and then
-        # the class loss pushes the map's max down on defect images, against the masks
-        # (seen as a run stuck at chance with the map half-trained).
+        # the class loss pushes the map's max down on defect images, against the masks.
         start = [[-0.5, 0.5]] if pass_index == 0 else [[0.5, -0.5]]
         start += [[0.0, 0.0]] * (len(features) - 1)  # the shading logit starts silent
         dense.set_weights([np.array(start, np.float32), np.zeros(2, np.float32)])
@@ -441,9 +425,8 @@ def augment_batch(
     """A randomly changed copy of a batch: float images (N, H, W, C) in [0, 1] and their
     masks (N, H, W, 1), moved together by the flips and turns.
 
-    Runs inside the training step, on the batch: in numpy before each epoch it took a
-    third of the epoch (the noise alone 0.9 s for 2800 images at 128 px), in the graph
-    it costs a few percent of the step. ``seed`` (shape (2,), int) makes it
+    Runs inside the training step, on the batch, where it costs a few percent of the step
+    (docs/training.md, "Defect masks"). ``seed`` (shape (2,), int) makes it
     deterministic: stateless random ops, one seed per (training seed, epoch, batch).
     """
     x, m = images, masks

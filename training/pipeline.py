@@ -92,15 +92,11 @@ logger = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
 DEFAULT_SIZE = 128
-# First-layer filters (later blocks 2x-8x). 16 since 2026-12-04, when the fused BatchNorm
-# made it cost what 8 did before: on the default synthetic set (seeds 0 and 1) test ROC AUC
-# 0.989 / 0.984 against 0.978 with 8, false rejects at 99 % of the clear scratches 10-22 %
-# against 33 %, int8 invoke 1.0-1.1 ms on one core (docs/training.md).
+# First-layer filters (later blocks 2x-8x): 16 ranks defects better than 8 for about the
+# same int8 invoke time on the box (docs/training.md, "Model" and "Benchmark").
 DEFAULT_FILTERS = 16
-# Without --epochs a fit gets about this many training-image passes, whatever the data size:
-# about 260 s of training on the quiet 2-core build box (~430 images/s since augmentation
-# runs in the graph). Twice the passes of the earlier 56,000 gave +0.01 test ROC AUC on the
-# synthetic set, whether as 8000 images x 20 epochs or 4000 x 40 (docs/training.md).
+# Without --epochs a fit gets about this many training-image passes, whatever the data size
+# (docs/training.md, "Defect masks", on training).
 AUTO_EPOCH_IMAGES = 112_000
 AUTO_EPOCHS_RANGE = (10, 60)
 
@@ -579,10 +575,9 @@ def evaluate(
     latency = _latency_of_both(classifier.bundle_dir, prepared, trained.tiling, float_bytes, opts.latency_samples)
 
     # The gate compares the two models at the threshold the bundle ships: what quantization
-    # does to the line's decisions. Each at its own 99 %-recall validation threshold (the
-    # float/int8 columns of the report) the difference is mostly the noise of picking the
-    # k-th highest of a few hundred defect scores on a steep part of the ROC: the default
-    # synthetic fit had equal int8 and float ROC AUC (0.9596 / 0.9593) and "lost" 4.2 points.
+    # does to the line's decisions. Each at its own validation threshold (the float/int8
+    # columns of the report) the difference is mostly the noise of where each cut lands
+    # (docs/training.md, "Evaluation and the quantization gate").
     float_at_shipped = compute_metrics(true["test"], float_test, pass_label, point.threshold)
     gate = quantization_gate(
         float_at_shipped["balanced_accuracy"],
