@@ -324,7 +324,7 @@ def training_info(
     from training import model as model_mod
 
     architecture = model_mod.model_summary(trained.model) | {
-        "filters": config.width,
+        "filters": config.filters,
         "head": trained.head,
         "stem": config.stem,
         "shading": config.shading,

@@ -76,7 +76,7 @@ class TrainConfig:
     # before the network finds the defects, and patience alone would stop it there.
     min_epochs: int = 20
     seed: int = 0
-    width: int = 8  # filters of the first conv; later blocks use 2x, 4x, 8x, 16x
+    filters: int = 8  # of the first conv; later blocks use 2x, 4x, 8x, 16x (train fit's default: 16)
     dropout: float = 0.2
     # build_networks' head. "auto": "map" when masks show defects in the training split,
     # "features" otherwise: without masks the map head (a max over cells, trained by image
@@ -644,7 +644,7 @@ def _networks_for(
         height=x.shape[1],
         width=x.shape[2],
         channels=x.shape[3],
-        filters=config.width,
+        filters=config.filters,
         dropout=config.dropout,
         head=head,
         pass_index=pass_index,

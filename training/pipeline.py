@@ -437,7 +437,7 @@ def _train_config(opts: FitOptions, prepared: PreparedData) -> TrainConfig:
         learning_rate=opts.learning_rate,
         patience=opts.patience,
         seed=opts.seed,
-        width=opts.filters,
+        filters=opts.filters,
         stem=opts.stem,
         shading=opts.shading,
         label_smoothing=opts.label_smoothing,
