@@ -10,6 +10,8 @@ Layout (see edge/protocol.py)::
 
 A bundle is assembled in a staging folder beside the destination and moved into place
 at the end, so an interrupted run never leaves a half-written bundle under ``--out``.
+The manifest's blocks are assembled here too: :class:`ManifestHeader`, :func:`dataset_info`,
+:func:`training_info`, :func:`tiles_info` and :func:`metrics_info`.
 The single-file form (``.lwb``) is :func:`edge.bundle.pack_bundle`.
 """
 
@@ -20,9 +22,10 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -38,7 +41,13 @@ from edge.protocol import (
     Manifest,
     parse_manifest,
 )
+from training import tiles as tiles_mod
+from training.dataset import DataReport, Split
+from training.evaluate import Evaluation
 from training.exceptions import TrainingError
+
+if TYPE_CHECKING:  # training.model imports TensorFlow, which only training itself needs
+    from training.model import TrainConfig, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +250,131 @@ def build_manifest(
     }
 
 
+@dataclass(frozen=True)
+class ManifestHeader:
+    """The manifest fields known before evaluation: what the bundle is and how to feed its model."""
+
+    name: str
+    version: str
+    created: str
+    labels: list[str]
+    pass_label: str
+    input_spec: dict[str, Any]
+    output_spec: dict[str, Any]
+    preprocessing: dict[str, Any]
+    tiling: dict[str, Any] | None = None
+
+    def manifest(self, bundle_dir: Path, **fields: Any) -> dict[str, Any]:
+        """:func:`build_manifest` of these fields and ``fields`` (threshold, metrics, ...)."""
+        return build_manifest(bundle_dir=bundle_dir, **asdict(self), **fields)
+
+
+def dataset_info(data: DataReport, split: Split, *, group_by: str = "none", group_gap: int = 0) -> dict[str, Any]:
+    """The manifest's ``dataset``: what the data check found and how it was split."""
+    grouping = {"group_by": group_by, "group_gap": group_gap} if group_by != "none" else {}
+    return {
+        "fingerprint": data.fingerprint,
+        "class_counts": dict(data.class_counts),
+        "images": len(data.samples),
+        "unreadable_skipped": len(data.unreadable),
+        "duplicates_removed": len(data.duplicates),
+        "split": split.to_dict() | grouping,
+        "warnings": list(data.warnings),
+    }
+
+
+def tiles_info(crops: tiles_mod.PoolCrops, rule: tiles_mod.RuleChoice | None) -> dict[str, Any]:
+    """The manifest's ``training.tiles``: how the training crops were made (training/tiles.py
+    has the rules) and the decision rule chosen."""
+    train_set, val_set = crops.of_train(), crops.of_val()
+    return {
+        "crops_train": len(train_set),
+        "defect_crops_train": int(np.sum(train_set.y != crops.pass_class)),
+        "whole_views_train": int(np.sum(train_set.whole)),
+        "crops_val": len(val_set),
+        "defect_pictures_without_mask": int(np.sum(crops.unmasked)),
+        "crop_rule": f"defect when >= min({tiles_mod.DEFECT_PIXELS}, half the picture's) defect pixels "
+        f"(mask coverage >= {tiles_mod.COVERAGE}), good when none, else left out",
+        "crops_per_picture": {
+            "good": tiles_mod.NEGATIVES_PER_PICTURE,
+            "defect_focus": tiles_mod.FOCUS_PER_DEFECT,
+            "defect_context": tiles_mod.CONTEXT_PER_DEFECT,
+        },
+        "without_mask": "multiple-instance: the picture's highest-scoring tile, second round of half the epochs",
+    } | ({"decision_rule": rule.to_dict()} if rule else {})
+
+
+def training_info(
+    config: TrainConfig,
+    trained: TrainResult,
+    *,
+    epochs_chosen: str,
+    operating_point_shift: float,
+    merged_outputs: bool,
+    tiles: Mapping[str, Any] | None,
+    representative_images: int,
+    durations: Mapping[str, float],
+) -> dict[str, Any]:
+    """The manifest's ``training``: the recipe, how the run went, the network and its int8
+    conversion. Called after training, so importing TensorFlow here costs nothing."""
+    import keras
+    import tensorflow as tf
+
+    from training import model as model_mod
+
+    architecture = model_mod.model_summary(trained.model) | {
+        "filters": config.filters,
+        "head": trained.head,
+        "stem": config.stem,
+        "shading": config.shading,
+    }
+    return {
+        "epochs": config.epochs,
+        "epochs_chosen": epochs_chosen,
+        "epochs_run": trained.epochs_run,
+        "best_epoch": trained.best_epoch,
+        "stopped_early": trained.stopped_early,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "lr_schedule": "cosine per epoch to 5 %",
+        "patience": config.patience,
+        "early_stopping": "val loss (class-weighted), best weights restored",
+        "class_weighting": "balanced (n / (classes x n_class))",
+        "operating_point_shift": round(operating_point_shift, 4),
+        "outputs": "pass vs defect (defect classes merged)" if merged_outputs else "one per class folder",
+        "augmentation": config.augmentation.to_dict(),
+        "architecture": architecture,
+        **({"tiles": dict(tiles)} if tiles is not None else {}),
+        "masks": {
+            "used": trained.used_masks,
+            "train_images_with_defect_mask": trained.masked_images,
+            "mask_weight": config.mask_weight,
+            "mask_pos_weight": config.mask_pos_weight,
+        },
+        "parameters": int(trained.model.count_params()),
+        "representative_images": representative_images,
+        "quantization": "full-integer int8 post-training (TFLITE_BUILTINS_INT8, int8 input and output)",
+        "durations_s": {k: round(v, 2) for k, v in durations.items()},
+        "tf_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "history": [asdict(h) for h in trained.history],
+    }
+
+
+def metrics_info(evaluation: Evaluation) -> dict[str, Any]:
+    """The manifest's ``metrics``: both models on the test split, the gate and the latency."""
+    return {
+        "split": "test",
+        "float": evaluation.float_metrics,
+        "int8": evaluation.int8_metrics,
+        "float_operating_point": evaluation.float_point.to_manifest(),
+        "quantization_gate": evaluation.gate,
+        "latency": evaluation.latency,
+        "runtime": evaluation.runtime,
+    }
+
+
 def verify_bundle(bundle_dir: Path) -> None:
     """Load the bundle as the edge does and run its golden images; raise if anything is off."""
     clf = Classifier(Path(bundle_dir))
@@ -256,14 +390,19 @@ __all__ = [
     "FLOAT_MODEL_FILE",
     "GOLDEN_PER_CLASS",
     "GOLDEN_TOLERANCE",
+    "ManifestHeader",
     "build_manifest",
     "check_out_dir",
+    "dataset_info",
     "default_version",
     "golden_expectations",
     "install_bundle",
+    "metrics_info",
     "reference_statistics",
     "select_golden",
     "staging_dir",
+    "tiles_info",
+    "training_info",
     "utc_now",
     "verify_bundle",
     "write_golden",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,31 @@ from edge.inference import Classifier
 from training.dataset import class_folders, list_images
 from training.exceptions import DataError
 from training.native import quiet_native_output
+from training.operating_point import OperatingPoint, OperatingScores
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A fit's float and int8 models on its test split, and the int8 model's speed: what
+    ``train fit`` prints, writes into the manifest's metrics and draws in the report."""
+
+    point: OperatingPoint  # the shipped one, chosen on ``shipped_scores``
+    shipped_scores: OperatingScores  # held-out scores in the shipped model's scale
+    float_point: OperatingPoint  # the float model's own, on its held-out scores
+    int8_metrics: dict[str, Any]  # at ``point``
+    float_metrics: dict[str, Any]  # at ``float_point``
+    test_labels: list[str]
+    test_is_defect: np.ndarray
+    int8_test: np.ndarray  # defect scores per test image (picture, for a tiled fit)
+    float_test: np.ndarray
+    val_labels: list[str]
+    int8_val: np.ndarray  # the drift references' score statistics
+    latency: dict[str, Any]  # runtime, threads and p50/p99 of both models
+    latency_budget_ms: float
+    gate: dict[str, Any]  # quantization_gate's verdict at the shipped threshold
+    runtime: str  # the TFLite runtime the edge classifier picked
 
 def _safe_div(a: float, b: float) -> float | None:
     return a / b if b else None
@@ -235,6 +259,7 @@ def evaluate_bundle(
 
 
 __all__ = [
+    "Evaluation",
     "average_precision",
     "compute_metrics",
     "evaluate_bundle",

@@ -39,6 +39,10 @@ class TensorSpec:
     scale: float
     zero_point: int
 
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest's ``input`` or ``output`` entry."""
+        return {"shape": list(self.shape), "dtype": self.dtype, "scale": self.scale, "zero_point": self.zero_point}
+
 
 def representative_subset(x_train: np.ndarray, count: int = REPRESENTATIVE_COUNT, seed: int = 0) -> np.ndarray:
     """Up to ``count`` training images (float, [0, 1]) chosen with ``seed``, for calibration."""

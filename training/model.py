@@ -12,6 +12,10 @@ the training step on each batch, from stateless random ops seeded per batch
 (:func:`augment_batch`); it is not part of the exported model, so the edge runs exactly
 the network that was evaluated.
 
+:func:`train_model` is reproducible: same arrays and config, same weights. It sets the
+seeds, TF ops are deterministic, shuffling comes from a ``numpy`` generator seeded per
+epoch and augmentation from stateless random ops seeded per batch.
+
 Imports TensorFlow: import this module only inside commands that train.
 """
 
@@ -72,20 +76,16 @@ class TrainConfig:
     # before the network finds the defects, and patience alone would stop it there.
     min_epochs: int = 20
     seed: int = 0
-    width: int = 8  # filters of the first conv; later blocks use 2x, 4x, 8x, 16x
+    filters: int = 8  # of the first conv; later blocks use 2x, 4x, 8x, 16x (train fit's default: 16)
     dropout: float = 0.2
     # build_networks' head. "auto": "map" when masks show defects in the training split,
-    # "features" otherwise. Without masks the map head (a max over cells, trained by image
-    # labels alone) and a first layer blind to the level both learn slower: on the magnetic
-    # tiles (192 px, no masks) validation ROC AUC was 0.52-0.65 after 8 epochs with the map
-    # head and 0.72 after 21 with zero-mean first-layer filters, where the plain features
-    # head had 0.81 at 15 (the tiles' "uneven" defects are about shading).
+    # "features" otherwise: without masks the map head (a max over cells, trained by image
+    # labels alone) learns slower than the features head (docs/training.md, "Model").
     head: str = "auto"
     mask_weight: float = 1.0  # defect-map loss against the class loss, where masks exist
     # Defect cells are few (a scratch covers ~5 % of the cells of its image): weigh them up.
     mask_pos_weight: float = 5.0
-    # int8-friendly bounds and the map head's cell context: see build_networks. Together
-    # they took the default synthetic fit from test ROC AUC 0.970 to 0.982 (docs/training.md).
+    # int8-friendly bounds and the map head's cell context: see build_networks.
     relu_max: float | None = 6.0
     map_clip: float | None = 6.0
     context: bool = True
@@ -151,10 +151,9 @@ def set_seed(seed: int) -> None:
 class FusedBatchNorm(keras.layers.BatchNormalization):
     """Keras' BatchNormalization, trained through TensorFlow's fused kernel.
 
-    Keras 3 computes training-time moments with separate reductions; on this CPU that made
-    the full-resolution block's BatchNorm cost more than its convolution (21 against 6 ms
-    per 32-image step for conv1, `benchmarks/` notes in docs/training.md). FusedBatchNormV3
-    does the same arithmetic in one pass. Inference (and so the export, where the converter
+    Keras 3 computes training-time moments with separate reductions, which on a CPU makes
+    the full-resolution block's BatchNorm cost more than its convolution (docs/training.md,
+    "Model"); FusedBatchNormV3 does the same arithmetic in one pass. Inference (and so the export, where the converter
     folds BatchNorm into the convolution) is Keras' own code, untouched; the weights and the
     moving-statistics update are Keras' as well.
     """
@@ -204,20 +203,16 @@ class RoundLikeInt8(keras.layers.Layer):
     For the local-contrast level: int8 AveragePooling and ResizeBilinear keep the input's
     scale, so on the box the level is rounded to whole grey levels, twice. In a lighting
     gradient that rounding draws 1-grey-level steps along the iso-lines and a 4-pixel
-    grid: faint lines everywhere. On a default synthetic fit without this layer, the two
-    roundings alone, simulated in float, reproduced most of the int8 model's error on
-    good parts (score std 0.057 of 0.069, correlation 0.70). With it the float network
-    computes the level the int8 one does, in training and at inference; the int8
-    export leaves it out (:func:`int8_native_rounding`), where the kernels round
-    themselves. The level path has no weights, so the straight-through gradient is
-    never used.
+    grid: faint lines everywhere, which a network trained on the exact level never saw.
+    With this layer the float network computes the level the int8 one does, in training
+    and at inference; the int8 export leaves it out (:func:`int8_native_rounding`), where
+    the kernels round themselves. The level path has no weights, so the straight-through
+    gradient is never used.
 
     ``ties``: "away" rounds halves away from the int8 zero point (grey level 128 for the
     divide_255 input, zero point -128), as LiteRT's int8 AveragePooling does; "up" rounds
-    them up, as its int8 ResizeBilinear does; "even" is ``tf.round``. Matched against the
-    kernels on 30 pictures (ad-hoc, docs/training.md): with "even" for both, 3.2 % of the
-    pooled and 1.3 % of the resized levels were a grey level off the int8 model's; with
-    these, none.
+    them up, as its int8 ResizeBilinear does; "even" is ``tf.round``. How much of the int8
+    error each rounding accounted for: docs/training.md, "Model".
     """
 
     TIES = ("even", "away", "up")
@@ -280,12 +275,9 @@ def _local_contrast(x: Any, height: int, width: int, int8_level: bool = True) ->
     The level is a 4x4 average pool resized back to full size (bilinear). Lighting
     gradients, glare and exposure move whole regions by far more than a faint scratch
     differs from its surroundings; taking the level away leaves the thin structures and
-    lets the first convolution spend its few filters on them. On the synthetic set, with
-    masks: a map-only network reached validation ROC AUC 0.88 after 6 epochs with a local
-    level taken away against 0.73 without, and the full network 0.94 after 15 epochs
-    against 0.91 with zero-mean first-layer filters instead (docs/training.md).
-    Costs about 0.2-0.3 ms per frame on the box; a stride-1 5x5 average pool learned the
-    same but cost 1 ms (LiteRT has no fast int8 kernel for it).
+    lets the first convolution spend its few filters on them. A pooled and resized level
+    rather than a stride-1 average, which LiteRT has no fast int8 kernel for (the variants
+    and their costs: docs/training.md, "Model").
     """
     level = _local_level(x, height, width, int8_level)
     x = keras.layers.Subtract(name="local_contrast")([x, level])
@@ -338,16 +330,14 @@ def build_networks(
     classes): a second separable block at 1/16, global average + max pooling and a dense
     softmax, which can tell defect kinds apart and sees overall shading (the magnetic
     tiles' "uneven" defects); the map is then an auxiliary output, trained only on masks.
-    With ``filters=8`` at 128x128x1: about 12.6 M multiply-adds with the map head (its context
-    block adds 1.4 M), 11 M with features; 14.7 k parameters
-    with the map head, 18.8 k with features.
+    Parameters and multiply-adds per ``filters``: docs/training.md, "Model".
 
-    int8 and context (all from the default synthetic fit, docs/training.md):
+    int8 and context (what each bought: docs/training.md, "Model"):
     ``relu_max``: every ReLU is a ReLU6, so every int8 activation range is [0, 6]; plain
-    ReLU outputs were calibrated up to 22-30, which left typical activations (0-3) a
-    few dozen int8 steps. ``map_clip``: the map head decides on the map clipped to
-    [-clip, clip] (a decision needs no finer view of sure cells), so the map's int8 step
-    is 12/255 of a logit instead of 26/255. ``context`` (map head): each 8x8 cell's
+    ReLU ranges are calibrated on outliers, which leaves typical activations few int8
+    steps. ``map_clip``: the map head decides on the map clipped to [-clip, clip] (a
+    decision needs no finer view of sure cells), so the map's int8 step is 2 x clip / 255
+    of a logit. ``context`` (map head): each 8x8 cell's
     brightest, darkest and mean input pixel, through a 1x1 Conv-BN-ReLU6, join the
     features at 1/8 before a second separable block: a thin line where the level jumps
     is a part's edge or chamfer, one inside a flat face is not, and the local-contrast
@@ -355,8 +345,8 @@ def build_networks(
     worst). ``int8_level``: the level in whole grey levels, as the int8 kernels compute
     it (:class:`RoundLikeInt8`). ``stem="strided"``: the first block is one stride-2
     convolution instead of a full-resolution convolution and a max pool. Its 3x3 windows
-    overlap, so a one-pixel line still lands in one; the first layer is about 60 % of a
-    128x128 input's inference time with the pool stem, a quarter of that strided.
+    overlap, so a one-pixel line still lands in one, and the first layer, the costliest
+    with the pool stem, runs at a quarter of the positions.
     ``shading`` (map head): the input's 8x8-cell means (the raw level the local contrast
     takes away) through two small convolutions, global average and max pooling and one
     logit that joins the map's max before the softmax: shading across a region (the
@@ -388,8 +378,7 @@ def build_networks(
         lo = keras.layers.Rescaling(-1.0, name="ctx_min")(keras.layers.MaxPooling2D(c, name="ctx_negmax")(neg))
         mean = keras.layers.AveragePooling2D(c, name="ctx_mean")(inputs)
         # Mixed into the features' own range first: concatenated as [0, 1] pixels beside
-        # [0, 6] activations they share one int8 scale (6 grey levels a step), and the
-        # first trained model lost 0.06 ROC AUC to int8 that way.
+        # [0, 6] activations they would share one int8 scale (6 grey levels a step).
         ctx = keras.layers.Concatenate(name="ctx_pixels")([hi, lo, mean])
         ctx = keras.layers.Conv2D(filters, 1, use_bias=False, name="ctx_conv")(ctx)
         ctx = FusedBatchNorm(momentum=_BN_MOMENTUM, name="ctx_bn")(ctx)
@@ -421,8 +410,7 @@ def build_networks(
     if head == "map":
         # Start with P(defect) = sigmoid(map max): the map's training turns into image
         # decisions from the first step. A random start can have the wrong sign, and then
-        # the class loss pushes the map's max down on defect images, against the masks
-        # (seen as a run stuck at chance with the map half-trained).
+        # the class loss pushes the map's max down on defect images, against the masks.
         start = [[-0.5, 0.5]] if pass_index == 0 else [[0.5, -0.5]]
         start += [[0.0, 0.0]] * (len(features) - 1)  # the shading logit starts silent
         dense.set_weights([np.array(start, np.float32), np.zeros(2, np.float32)])
@@ -437,9 +425,8 @@ def augment_batch(
     """A randomly changed copy of a batch: float images (N, H, W, C) in [0, 1] and their
     masks (N, H, W, 1), moved together by the flips and turns.
 
-    Runs inside the training step, on the batch: in numpy before each epoch it took a
-    third of the epoch (the noise alone 0.9 s for 2800 images at 128 px), in the graph
-    it costs a few percent of the step. ``seed`` (shape (2,), int) makes it
+    Runs inside the training step, on the batch, where it costs a few percent of the step
+    (docs/training.md, "Defect masks"). ``seed`` (shape (2,), int) makes it
     deterministic: stateless random ops, one seed per (training seed, epoch, batch).
     """
     x, m = images, masks
@@ -525,76 +512,57 @@ def _balanced_accuracy(probs: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(recalls)) if recalls else 0.0
 
 
-def train_model(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    num_classes: int,
-    config: TrainConfig,
-    *,
-    masks_train: np.ndarray | None = None,
-    mask_known: np.ndarray | None = None,
-    pass_index: int = 0,
-    on_epoch: Callable[[EpochLog], None] | None = None,
-    initial: TrainResult | None = None,
-) -> TrainResult:
-    """Train from inputs in [0, 1] (float, or uint8 pixels) with class weighting and early
-    stopping on val loss.
+class EarlyStopping:
+    """Early-stopping bookkeeping: keeps the weights of the epoch with the lowest validation
+    loss, and says when to stop: ``patience`` epochs without a loss lower by more than
+    ``min_delta``, never before epoch ``min_epochs``."""
 
-    ``pass_index``: the pass class's output (the map head starts as "defect = map max").
-    ``masks_train`` (N, H, W) defect coverage and ``mask_known`` (N,) bool: where a mask is
-    known, the defect map is trained on it as well (weighted binary cross-entropy per
-    cell, ``config.mask_weight``); a pass image is known to be clean. Without any mask that
-    shows a defect the map is not trained, and head "auto" picks the features head.
+    def __init__(self, patience: int, min_epochs: int, min_delta: float = 1e-4) -> None:
+        self.patience = patience
+        self.min_epochs = min_epochs
+        self.min_delta = min_delta
+        self.best_loss = math.inf
+        self.best_epoch = 0
+        self.best_weights: list[np.ndarray] | None = None
+        self.stale = 0  # epochs since the best one
 
-    ``initial``: continue from an earlier result's weights (same inputs and head), as the
-    tiled fit's second, multiple-instance round does.
+    def update(self, epoch: int, val_loss: float, model: keras.Model) -> bool:
+        """Record an epoch's validation loss; True (and its weights kept) when it is the best so far."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.stale = val_loss, epoch, 0
+            self.best_weights = [w.copy() for w in model.get_weights()]
+            return True
+        self.stale += 1
+        return False
 
-    The weights of the epoch with the lowest (class-weighted) validation loss are restored.
-    Same arrays + same ``config`` give the same weights: seeds are set here, TF ops are
-    deterministic, shuffling comes from a ``numpy`` generator seeded per epoch and augmentation
-    from stateless random ops seeded per batch (:func:`augment_batch`).
-    """
-    set_seed(config.seed)
-    t_start = time.perf_counter()
-    n = len(x_train)
-    if mask_known is None:
-        mask_known = np.zeros(n, bool)
-    # With only clean masks (pass images) the map would learn "never a defect": then the
-    # image labels alone train the network.
-    masked_images = (
-        int(np.sum(mask_known & (masks_train.reshape(n, -1).max(axis=1) > 0))) if masks_train is not None else 0
-    )
-    use_masks = masked_images > 0
-    head = config.head if config.head != "auto" else ("map" if use_masks else "features")
-    model, trainer = build_networks(
-        num_classes,
-        height=x_train.shape[1],
-        width=x_train.shape[2],
-        channels=x_train.shape[3],
-        filters=config.width,
-        dropout=config.dropout,
-        head=head,
-        pass_index=pass_index,
-        relu_max=config.relu_max,
-        map_clip=config.map_clip,
-        context=config.context,
-        int8_level=config.int8_level,
-        stem=config.stem,
-        shading=config.shading,
-    )
-    if initial is not None and initial.trainer is not None:
-        trainer.set_weights(initial.trainer.get_weights())
+    def should_stop(self, epoch: int) -> bool:
+        return self.stale >= self.patience and epoch >= self.min_epochs
+
+    def restore_best(self, model: keras.Model) -> None:
+        if self.best_weights is not None:
+            model.set_weights(self.best_weights)
+
+
+def cosine_learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Cosine decay per epoch (1-based), from ``config.learning_rate`` down to 5 % of it."""
+    frac = (epoch - 1) / max(1, config.epochs - 1)
+    return config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+StepFn = Callable[..., tuple[tf.Tensor, ...]]
+
+
+def _training_step(
+    trainer: keras.Model, optimizer: keras.optimizers.Optimizer, num_classes: int, config: TrainConfig, use_masks: bool
+) -> StepFn:
+    """One optimisation step on a batch, as a ``tf.function``: augmentation, the class-weighted
+    class loss and, with masks, the defect-map loss (cells weighted by ``config.mask_pos_weight``,
+    images by ``cw``, whether their mask is known). Returns the batch's class-loss and
+    map-loss sums and its correct count, as tensors."""
     map_h, map_w = int(trainer.outputs[1].shape[1]), int(trainer.outputs[1].shape[2])
-    mask_w = mask_known.astype(np.float32) if use_masks else np.zeros(n, np.float32)
-    weights = class_weights(y_train, num_classes)
-    sample_w = np.array([weights[int(c)] for c in y_train], dtype=np.float32)
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
     mask_weight = tf.constant(config.mask_weight if use_masks else 0.0, tf.float32)
     pos_weight = float(config.mask_pos_weight)
     smoothing = float(config.label_smoothing)
-
     aug = config.augmentation
 
     @tf.function(reduce_retracing=True)
@@ -623,58 +591,147 @@ def train_model(
         size = tf.cast(tf.shape(y)[0], tf.float32)
         return class_loss * size, map_loss * size, tf.reduce_sum(correct)
 
-    history: list[EpochLog] = []
-    best_loss = math.inf
-    best_weights: list[np.ndarray] | None = None
-    best_epoch = 0
-    stale = 0
-    bs = config.batch_size
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        # Cosine decay per epoch, down to 5 % of the initial rate.
-        frac = (epoch - 1) / max(1, config.epochs - 1)
-        lr = config.learning_rate * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-        optimizer.learning_rate.assign(lr)
+    return step
+
+
+@dataclass(frozen=True)
+class _TrainingSet:
+    """Training inputs with their targets and weights, as the training step takes them."""
+
+    x: np.ndarray
+    y: np.ndarray
+    sample_w: np.ndarray  # each input's class weight
+    masks: np.ndarray | None  # defect coverage (N, H, W) when the map trains on masks
+    mask_w: np.ndarray  # 1 where an input's known mask trains the map, else 0
+
+    @classmethod
+    def of(
+        cls, x: np.ndarray, y: np.ndarray, weights: dict[int, float], masks: np.ndarray | None, known: np.ndarray
+    ) -> _TrainingSet:
+        mask_w = known.astype(np.float32) if masks is not None else np.zeros(len(x), np.float32)
+        return cls(x, y, np.array([weights[int(c)] for c in y], dtype=np.float32), masks, mask_w)
+
+    def run_epoch(self, step: StepFn, epoch: int, config: TrainConfig) -> tuple[float, float, float]:
+        """One pass in a shuffled order seeded by (seed, epoch); returns the class-loss sum,
+        the map-loss sum and the correct count."""
+        n, bs = len(self.x), config.batch_size
         order = np.random.default_rng([config.seed, epoch]).permutation(n)
         # Sums stay tensors until the epoch ends: reading one per step would make every
         # step wait for the previous one.
         sums: list[tuple[tf.Tensor, ...]] = []
         for b, i in enumerate(range(0, n, bs)):
             idx = order[i : i + bs]
-            mb = masks_train[idx][..., None] if use_masks and masks_train is not None else None
+            mb = self.masks[idx][..., None] if self.masks is not None else None
             seed = np.array([config.seed, epoch * 100_003 + b], np.int64)
-            sums.append(step(as_float(x_train[idx]), mb, y_train[idx], sample_w[idx], mask_w[idx], seed))
+            sums.append(step(as_float(self.x[idx]), mb, self.y[idx], self.sample_w[idx], self.mask_w[idx], seed))
         loss_sum, map_loss_sum, correct = np.sum([[float(v) for v in t] for t in sums], axis=0)
+        return float(loss_sum), float(map_loss_sum), float(correct)
+
+
+def _images_with_defect_mask(masks: np.ndarray | None, known: np.ndarray) -> int:
+    """Training inputs whose known mask shows a defect. With none (only clean masks, of pass
+    images) the map would learn "never a defect": then the image labels alone train the network."""
+    return int(np.sum(known & (masks.reshape(len(known), -1).max(axis=1) > 0))) if masks is not None else 0
+
+
+def _networks_for(
+    x: np.ndarray, num_classes: int, config: TrainConfig, head: str, pass_index: int, initial: TrainResult | None
+) -> tuple[keras.Model, keras.Model]:
+    """:func:`build_networks` for inputs shaped like ``x`` (N, H, W, C), as ``config`` says,
+    with ``initial``'s weights when given."""
+    classifier, trainer = build_networks(
+        num_classes,
+        height=x.shape[1],
+        width=x.shape[2],
+        channels=x.shape[3],
+        filters=config.filters,
+        dropout=config.dropout,
+        head=head,
+        pass_index=pass_index,
+        relu_max=config.relu_max,
+        map_clip=config.map_clip,
+        context=config.context,
+        int8_level=config.int8_level,
+        stem=config.stem,
+        shading=config.shading,
+    )
+    if initial is not None and initial.trainer is not None:
+        trainer.set_weights(initial.trainer.get_weights())
+    return classifier, trainer
+
+
+def train_model(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    config: TrainConfig,
+    *,
+    masks_train: np.ndarray | None = None,
+    mask_known: np.ndarray | None = None,
+    pass_index: int = 0,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    initial: TrainResult | None = None,
+) -> TrainResult:
+    """Train from inputs in [0, 1] (float, or uint8 pixels) with class weighting and early
+    stopping on val loss.
+
+    ``pass_index``: the pass class's output (the map head starts as "defect = map max").
+    ``masks_train`` (N, H, W) defect coverage and ``mask_known`` (N,) bool: where a mask is
+    known, the defect map is trained on it as well (weighted binary cross-entropy per
+    cell, ``config.mask_weight``); a pass image is known to be clean. Without any mask that
+    shows a defect the map is not trained, and head "auto" picks the features head.
+    ``initial``: continue from an earlier result's weights (same inputs and head), as the
+    tiled fit's second, multiple-instance round does.
+
+    The weights of the epoch with the lowest (class-weighted) validation loss are restored
+    (:class:`EarlyStopping`). Same arrays + same ``config`` give the same weights (see the
+    module docstring).
+    """
+    set_seed(config.seed)
+    t_start = time.perf_counter()
+    n = len(x_train)
+    mask_known = mask_known if mask_known is not None else np.zeros(n, bool)
+    masked_images = _images_with_defect_mask(masks_train, mask_known)
+    use_masks = masked_images > 0
+    head = config.head if config.head != "auto" else ("map" if use_masks else "features")
+    model, trainer = _networks_for(x_train, num_classes, config, head, pass_index, initial)
+    weights = class_weights(y_train, num_classes)
+    train_set = _TrainingSet.of(x_train, y_train, weights, masks_train if use_masks else None, mask_known)
+    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+    step = _training_step(trainer, optimizer, num_classes, config, use_masks)
+
+    history: list[EpochLog] = []
+    stopping = EarlyStopping(config.patience, config.min_epochs)
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        optimizer.learning_rate.assign(cosine_learning_rate(config, epoch))
+        loss_sum, map_loss_sum, correct = train_set.run_epoch(step, epoch, config)
         probs = predict_proba(model, x_val)
         val_loss = _weighted_loss(probs, y_val, weights, config.label_smoothing)
-        improved = val_loss < best_loss - 1e-4
-        if improved:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
-            best_weights = [w.copy() for w in model.get_weights()]
-        else:
-            stale += 1
+        improved = stopping.update(epoch, val_loss, model)
         log = EpochLog(
             epoch=epoch,
-            loss=float(loss_sum) / n,
-            accuracy=float(correct) / n,
+            loss=loss_sum / n,
+            accuracy=correct / n,
             val_loss=val_loss,
             val_accuracy=_balanced_accuracy(probs, y_val),
             seconds=time.perf_counter() - t0,
             best=improved,
-            map_loss=float(map_loss_sum) / n if use_masks else None,
+            map_loss=map_loss_sum / n if use_masks else None,
         )
         history.append(log)
         logger.debug("epoch %s: %s", epoch, log)
         if on_epoch is not None:
             on_epoch(log)
-        if stale >= config.patience and epoch >= config.min_epochs:
+        if stopping.should_stop(epoch):
             break
-    if best_weights is not None:
-        model.set_weights(best_weights)
+    stopping.restore_best(model)
     return TrainResult(
         model=model,
         history=tuple(history),
-        best_epoch=best_epoch,
+        best_epoch=stopping.best_epoch,
         epochs_run=len(history),
         stopped_early=len(history) < config.epochs,
         seconds=time.perf_counter() - t_start,
@@ -714,6 +771,7 @@ def model_summary(model: keras.Model) -> dict[str, Any]:
 
 __all__: Sequence[str] = [
     "Augmentation",
+    "EarlyStopping",
     "EpochLog",
     "TrainConfig",
     "TrainResult",
@@ -722,6 +780,7 @@ __all__: Sequence[str] = [
     "as_float",
     "move_operating_point",
     "class_weights",
+    "cosine_learning_rate",
     "map_cells",
     "predict_proba",
     "set_seed",

@@ -32,7 +32,7 @@ more held-out defects.
 threshold whose recall reaches the target (smoothed, and on the scores themselves),
 ``RULE_FALSE_REJECT`` the lowest whose false-reject rate is within the budget (both ways). Kept for comparison
 (``benchmarks/operating_point.py``): ``RULE_EDGE``, the k-th highest defect score for the
-target recall (the rule before 2026-12-07), and ``RULE_MIDDLE``, the middle of the feasible
+target recall (the earlier rule), and ``RULE_MIDDLE``, the middle of the feasible
 interval in logit space, else the risk rule.
 
 Pure numpy and scipy; no TensorFlow.
@@ -62,9 +62,8 @@ RULE_FALSE_REJECT = "false_reject"
 RULE_MIDDLE = "middle"
 RULE_EDGE = "edge"
 RULES = (RULE_RISK, RULE_RECALL, RULE_FALSE_REJECT, RULE_MIDDLE, RULE_EDGE)
-# What a missed defect weighs in false rejects, in the risk rule (see the module docstring).
-# On validation: on two normal score distributions with ROC AUC 0.91, 1.5 costs 0.55 points
-# of balanced accuracy against the best cut and buys 4.9 points of recall (2: 1.6 for 7.7).
+# What a missed defect weighs in false rejects, in the risk rule (see the module docstring;
+# what each weight costs and buys: docs/training.md, "Operating point").
 MISS_WEIGHT_VALIDATION = 1.5
 MISS_WEIGHT_OUT_OF_FOLD = 1.0
 

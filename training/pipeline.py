@@ -1,37 +1,44 @@
 """``linewatch train fit`` end to end: data check -> split -> train -> int8 -> evaluate -> bundle.
 
-1. :func:`training.dataset.scan_dataset` verifies DATA_DIR and fingerprints it.
-2. A stratified (optionally grouped) train/val/test split, seeded.
-3. The CNN trains on train, early-stopping on val loss (:mod:`training.model`).
-4. Full-integer int8 conversion calibrated on training images, plus a float32 twin.
-5. The operating point (:mod:`training.operating_point`): on validation scores, or on
-   out-of-fold scores (:mod:`training.folds`) when validation holds few defects, for the
-   target recall and false-reject budget; the float cut is moved to the middle of the
-   output range before the export, and the shipped cut is chosen again on the int8 model
-   through :class:`edge.inference.Classifier`, the agent's code. The test split is scored
-   once, at the end, by both the float and the int8 model.
-6. Quantization gate: at the shipped threshold, int8 balanced accuracy on test may be at
+:func:`fit` runs these stages in order, each handing the next a small dataclass:
+
+1. :func:`prepare_data` -> :class:`PreparedData`: :func:`training.dataset.scan_dataset`
+   verifies DATA_DIR and fingerprints it; a stratified (optionally grouped) train/val/test
+   split, seeded; the model-size arrays, or a tiled fit's crops (:mod:`training.tiles`).
+2. :func:`train` -> :class:`TrainedModel`: the CNN trains on train, early-stopping on val
+   loss (:mod:`training.model`). The operating point's scores (:mod:`training.operating_point`)
+   come from validation, or from out-of-fold models (:mod:`training.folds`) when validation
+   holds few defects; a tiled fit chooses its decision rule on the same scores. The float
+   cut is moved to the middle of the output range before the export.
+3. :func:`quantize` -> :class:`QuantizedModel`: full-integer int8 conversion calibrated on
+   training images, plus a float32 twin.
+4. :func:`evaluate` -> :class:`training.evaluate.Evaluation`: the shipped cut is chosen
+   again on the int8 model through :class:`edge.inference.Classifier`, the agent's code;
+   the test split is scored once, by both the float and the int8 model; latency; the
+   quantization gate: at the shipped threshold, int8 balanced accuracy on test may be at
    most ``max_quantization_drop`` points below float's, and its ROC AUC at most 0.005
    lower, unless ``allow_quantization_drop``.
-7. Golden images, reference statistics, report and manifest; the bundle is verified by
+5. :func:`write_bundle`: golden images, reference statistics, manifest
+   (:mod:`training.bundle`) and report (:mod:`training.report`); the bundle is verified by
    loading it as the edge does and moved into ``out_dir``.
+6. :func:`print_summary`: the test metrics, the operating point, latency and the gate.
 
 Imports TensorFlow (through :mod:`training.model`): import it inside commands only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +50,8 @@ from training import bundle as bundle_mod
 from training import native, report
 from training.dataset import (
     DataReport,
+    GroupFn,
+    Sample,
     Split,
     label_indices,
     load_arrays,
@@ -51,14 +60,13 @@ from training.dataset import (
     scan_dataset,
     split_dataset,
 )
-from training.evaluate import compute_metrics
+from training.evaluate import Evaluation, compute_metrics
 from training.exceptions import QuantizationGateError, TrainingError
 from training.operating_point import (
     DEFAULT_FOLDS,
     DEFAULT_MAX_FALSE_REJECT,
     DEFAULT_TARGET_RECALL,
     MIN_VALIDATION_DEFECTS,
-    SCORES_FILE,
     OperatingPoint,
     OperatingScores,
     check_budgets,
@@ -74,19 +82,21 @@ from training.tiles import (
     picture_scores,
 )
 
+# training.model and training.export import TensorFlow, which fit() imports only after the
+# data check: their types are imported for the checker alone, and Keras models are typed Any.
+if TYPE_CHECKING:
+    from training.export import TensorSpec
+    from training.model import EpochLog, TrainConfig, TrainResult
+
 logger = logging.getLogger(__name__)
 
 Echo = Callable[[str], None]
 DEFAULT_SIZE = 128
-# First-layer filters (later blocks 2x-8x). 16 since 2026-12-04, when the fused BatchNorm
-# made it cost what 8 did before: on the default synthetic set (seeds 0 and 1) test ROC AUC
-# 0.989 / 0.984 against 0.978 with 8, false rejects at 99 % of the clear scratches 10-22 %
-# against 33 %, int8 invoke 1.0-1.1 ms on one core (docs/training.md).
+# First-layer filters (later blocks 2x-8x): 16 ranks defects better than 8 for about the
+# same int8 invoke time on the box (docs/training.md, "Model" and "Benchmark").
 DEFAULT_FILTERS = 16
-# Without --epochs a fit gets about this many training-image passes, whatever the data size:
-# about 260 s of training on the quiet 2-core build box (~430 images/s since augmentation
-# runs in the graph). Twice the passes of the earlier 56,000 gave +0.01 test ROC AUC on the
-# synthetic set, whether as 8000 images x 20 epochs or 4000 x 40 (docs/training.md).
+# Without --epochs a fit gets about this many training-image passes, whatever the data size
+# (docs/training.md, "Defect masks", on training).
 AUTO_EPOCH_IMAGES = 112_000
 AUTO_EPOCHS_RANGE = (10, 60)
 
@@ -216,6 +226,665 @@ class FitResult:
     durations: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PreparedData:
+    """The checked, split data as the network sees it (:func:`prepare_data`)."""
+
+    data: DataReport
+    split: Split
+    groups: GroupFn | None  # files that must share a split (``--group-by number``)
+    prep: Preprocessing
+    ys: dict[str, np.ndarray]  # class-folder index per image of each split
+    model_labels: list[str]  # the network's outputs: the class folders, or pass vs defect
+    # Training targets per split in model_labels' order: the crops' for a tiled fit's train and val.
+    model_ys: dict[str, np.ndarray]
+    # uint8 model inputs: train and val (crops for a tiled fit), and test for whole pictures;
+    # fx holds the same as float in [0, 1] (crops stay uint8: training converts each batch).
+    raw_x: dict[str, np.ndarray]
+    fx: dict[str, np.ndarray]
+    masks_train: np.ndarray  # defect coverage per training input
+    mask_known: np.ndarray  # whether each training input's mask is known
+    crops: PoolCrops | None  # a tiled fit's crops
+
+    @property
+    def pass_index(self) -> int:
+        """The pass class among the class folders."""
+        return self.data.labels.index(self.data.pass_label)
+
+    @property
+    def model_pass(self) -> int:
+        """The pass class among the network's outputs."""
+        return self.model_labels.index(self.data.pass_label)
+
+    @property
+    def merged(self) -> bool:
+        """Whether the defect classes share one output."""
+        return len(self.model_labels) < len(self.data.labels)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """The trained network, its operating point moved to mid-range (:func:`train`)."""
+
+    config: TrainConfig
+    result: TrainResult
+    # Held-out float scores that choose the operating point, in the moved model's scale.
+    selection: OperatingScores
+    shift: float  # the defect logit's shift (training.model.move_operating_point)
+    rule: RuleChoice | None  # a tiled fit's decision rule
+
+    @property
+    def model(self) -> Any:
+        return self.result.model
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """A tiled fit's tiling with its decision rule; None for whole pictures."""
+        return self.rule.tiling if self.rule is not None else None
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """The int8 model that ships and its float32 twin (:func:`quantize`)."""
+
+    int8_bytes: bytes
+    float_bytes: bytes
+    input_spec: TensorSpec
+    output_spec: TensorSpec
+    representative_images: int  # training images that calibrated the int8 ranges
+
+
+@dataclass
+class Stopwatch:
+    """Seconds per stage, in the order they ran (the manifest's ``training.durations_s``)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, echo: Echo | None = None) -> FitResult:
+    """Train, quantize, evaluate and write a bundle to ``out_dir``; see the module docstring.
+
+    Raises :class:`training.exceptions.DataError` for data it cannot train on and
+    :class:`QuantizationGateError` (after writing the bundle, whose manifest records the
+    failed gate) when int8 loses too much against float.
+    """
+    opts = options or FitOptions()
+    say: Echo = echo or (lambda line: logger.info("%s", line))
+    out_dir = Path(out_dir)
+    clock = Stopwatch()
+    bundle_mod.check_out_dir(out_dir)
+    with clock.stage("data"):
+        prepared = prepare_data(Path(data_dir), opts, say)
+    native.import_quietly("tensorflow")  # only from here on, without its start-up lines
+    trained = train(prepared, opts, say, clock)
+    with clock.stage("quantize"):
+        quantized = quantize(prepared, trained, opts, say)
+    staging = bundle_mod.staging_dir(out_dir)
+    try:
+        header = _manifest_header(opts, prepared, trained, quantized)
+        with clock.stage("evaluate"):
+            # A provisional bundle lets the edge's Classifier load the int8 model.
+            classifier = _provisional_classifier(staging, header, quantized)
+            evaluation = evaluate(classifier, prepared, trained, quantized.float_bytes, opts, out_dir)
+        manifest = write_bundle(staging, classifier, header, prepared, trained, quantized, evaluation, opts, clock)
+        del classifier  # the check loads the bundle afresh, as the edge will
+        with native.quiet_native_output():
+            bundle_mod.verify_bundle(staging)
+        final = bundle_mod.install_bundle(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print_summary(final, header, evaluation, say)
+    if not evaluation.gate["passed"]:
+        raise QuantizationGateError(evaluation.gate["message"])
+    return FitResult(
+        bundle_dir=final,
+        manifest=manifest,
+        float_metrics=evaluation.float_metrics,
+        int8_metrics=evaluation.int8_metrics,
+        operating_point=evaluation.point,
+        gate_passed=bool(evaluation.gate["passed"]),
+        seconds=clock.elapsed(),
+        durations=clock.seconds,
+    )
+
+
+def prepare_data(data_dir: Path, opts: FitOptions, say: Echo) -> PreparedData:
+    """Check and split DATA_DIR, then load what the network trains on: model-size arrays of
+    whole pictures, or a tiled fit's crops."""
+    data = scan_dataset(data_dir, pass_label=opts.pass_label, min_per_class=opts.min_per_class, masks_dir=opts.masks)
+    for line in data.summary_lines():
+        say(line)
+    groups = number_groups(data.samples, gap=opts.group_gap) if opts.group_by == "number" else None
+    split = split_dataset(data.samples, seed=opts.seed, fractions=opts.fractions, groups=groups)
+    say(
+        f"split ({split.method}, seed {opts.seed}): "
+        + ", ".join(f"{k} {v}" for k, v in split.sizes().items())
+        + (f", {len({groups(s) for s in data.samples})} groups" if groups else "")
+    )
+    if min(split.sizes().values()) == 0:
+        raise TrainingError("a split came out empty; add images (each class needs at least 10)")
+
+    tiling = opts.tiling
+    if tiling is not None:
+        check_pictures(data.samples, tiling)  # every picture must hold a tile: fail before training
+    width, height = opts.model_tile
+    prep = Preprocessing(color_mode=opts.color_mode, width=width, height=height, interpolation=opts.interpolation)  # type: ignore[arg-type]
+    labels = data.labels
+    pass_index = labels.index(data.pass_label)
+    ys = {name: label_indices(getattr(split, name), labels) for name in ("train", "val", "test")}
+    # What the network outputs: the class folders, or pass vs defect (index 0 = pass).
+    merged = opts.defects == "merged" and len(labels) > 2
+    model_labels = [data.pass_label, MERGED_DEFECT_LABEL] if merged else list(labels)
+    model_ys = {name: (y != pass_index).astype(np.int64) for name, y in ys.items()} if merged else ys
+    model_pass = model_labels.index(data.pass_label)
+    if tiling is None:
+        raw_x = {name: load_arrays(getattr(split, name), prep) for name in ("train", "val", "test")}
+        fx = {name: to_float(arr, prep) for name, arr in raw_x.items()}
+        masks_train, mask_known = load_masks(split.train, data.masks, raw_x["train"], data.pass_label)
+        crops: PoolCrops | None = None
+    else:
+        crops = PoolCrops.build(split, model_ys, model_pass, data.masks, tiling, opts.color_mode, opts.seed)
+        say(f"tiles: {crops.describe()}")
+        train_crops, val_crops = crops.of_train(), crops.of_val()
+        # "test" is scored picture by picture.
+        raw_x = {"train": train_crops.x, "val": val_crops.x}
+        fx = dict(raw_x)
+        model_ys = {**model_ys, "train": train_crops.y, "val": val_crops.y}
+        masks_train, mask_known = train_crops.masks, train_crops.known
+    return PreparedData(
+        data=data, split=split, groups=groups, prep=prep, ys=ys, model_labels=model_labels, model_ys=model_ys,
+        raw_x=raw_x, fx=fx, masks_train=masks_train, mask_known=mask_known, crops=crops,
+    )
+
+
+def train(prepared: PreparedData, opts: FitOptions, say: Echo, clock: Stopwatch) -> TrainedModel:
+    """Train the network; then choose the operating point's held-out scores (and a tiled fit's
+    decision rule) and move the float cut to the middle of the output range."""
+    config = _train_config(opts, prepared)
+    _say_training_plan(prepared, opts, config, say)
+    with clock.stage("train"):
+        result = _train_network(prepared, config, say)
+    with clock.stage("operating_scores"):
+        # The operating point's scores: validation, or out-of-fold when it has few defects.
+        if prepared.crops is None:
+            selection = _selection_scores(prepared, result.model, config, opts, say)
+            rule: RuleChoice | None = None
+        else:
+            selection, rule = _tiled_selection_scores(prepared, prepared.crops, result.model, config, opts, say)
+        shift, selection = _centre_operating_point(result.model, selection, rule, prepared.model_pass, opts, say)
+    return TrainedModel(config=config, result=result, selection=selection, shift=shift, rule=rule)
+
+
+def _train_config(opts: FitOptions, prepared: PreparedData) -> TrainConfig:
+    from training import model as model_mod
+
+    epochs = opts.epochs or auto_epochs(len(prepared.model_ys["train"]))  # crops, for a tiled fit
+    return model_mod.TrainConfig(
+        epochs=epochs,
+        min_epochs=max(1, epochs // 2),
+        batch_size=opts.batch_size,
+        learning_rate=opts.learning_rate,
+        patience=opts.patience,
+        seed=opts.seed,
+        filters=opts.filters,
+        stem=opts.stem,
+        shading=opts.shading,
+        label_smoothing=opts.label_smoothing,
+        map_clip=(None if opts.tile else 6.0) if opts.map_clip == "auto" else opts.map_clip,  # type: ignore[arg-type]
+        augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
+    )
+
+
+def _say_training_plan(prepared: PreparedData, opts: FitOptions, config: TrainConfig, say: Echo) -> None:
+    p = prepared
+    say(
+        f"training: {p.prep.width}x{p.prep.height} {opts.color_mode}{' tiles' if opts.tile else ''}, "
+        f"up to {config.epochs} epochs{'' if opts.epochs else ' (auto)'}, batch {opts.batch_size}, "
+        f"lr {opts.learning_rate}, class-weighted loss (imbalance {p.data.imbalance:.1f}:1)"
+        + (f", outputs {p.model_labels[0]} / {MERGED_DEFECT_LABEL} (defect classes merged)" if p.merged else "")
+    )
+    defects = p.model_ys["train"] != p.model_pass
+    n_masked = int(np.sum(p.mask_known & defects))
+    if n_masked:
+        say(f"  defect masks for {n_masked} of {int(np.sum(defects))} training "
+            f"{'defect crops' if opts.tile else 'defects'}: the defect map learns from them")
+
+
+def _train_network(prepared: PreparedData, config: TrainConfig, say: Echo) -> TrainResult:
+    from training import model as model_mod
+
+    def on_epoch(log: EpochLog) -> None:
+        say(
+            f"  epoch {log.epoch:>3}/{config.epochs}  loss {log.loss:.4f}  acc {log.accuracy:.3f}  "
+            + (f"map_loss {log.map_loss:.4f}  " if log.map_loss is not None else "")
+            + f"val_loss {log.val_loss:.4f}  val_bal_acc {log.val_accuracy:.3f}  {log.seconds:5.1f}s"
+            + ("  *" if log.best else "")
+        )
+
+    p, crops = prepared, prepared.crops
+    if crops is None:
+        result = model_mod.train_model(
+            p.fx["train"], p.model_ys["train"], p.fx["val"], p.model_ys["val"], len(p.model_labels), config,
+            masks_train=p.masks_train, mask_known=p.mask_known, pass_index=p.model_pass, on_epoch=on_epoch,
+        )
+    else:
+        result = _train_on_crops(
+            crops, np.arange(crops.n_train), np.arange(crops.n_train, len(crops.samples)), config,
+            len(p.model_labels), on_epoch=on_epoch, say=say,
+        )
+    say(f"  best epoch {result.best_epoch} of {result.epochs_run} (weights restored), {result.seconds:.0f}s")
+    return result
+
+
+def _centre_operating_point(
+    model: Any, selection: OperatingScores, rule: RuleChoice | None, model_pass: int, opts: FitOptions, say: Echo
+) -> tuple[float, OperatingScores]:
+    """Move the float model's chosen cut to the middle of the output range, where int8 resolves
+    it best; returns the defect logit's shift and the selection scores moved with it."""
+    from training import model as model_mod
+
+    float_point = selection.choose(opts.target_recall, opts.max_false_reject)
+    # A fused rule adds the whole view's logit with its weight, so it moves (1 + weight) times.
+    gain = 1.0 + (rule.tiling.whole_weight if rule is not None and rule.tiling.rule == "fused" else 0.0)
+    cut = float(np.clip(float_point.threshold, 1e-4, 1 - 1e-4))
+    shift = model_mod.move_operating_point(model, 1.0 / (1.0 + ((1 - cut) / cut) ** (1.0 / gain)), model_pass)
+    if shift:
+        say(f"  operating point moved to the middle of the output range (defect logit {shift:+.2f})")
+    return shift, selection.shifted(shift * gain)
+
+
+def quantize(prepared: PreparedData, trained: TrainedModel, opts: FitOptions, say: Echo) -> QuantizedModel:
+    """Full-integer int8 conversion calibrated on training inputs, and the float32 twin."""
+    from training import export as export_mod
+    from training import model as model_mod
+
+    representative = model_mod.as_float(export_mod.representative_subset(prepared.fx["train"], seed=opts.seed))
+    int8_bytes = export_mod.convert_int8(trained.model, representative)
+    float_bytes = export_mod.convert_float(trained.model)
+    in_spec, out_spec = export_mod.tensor_specs(int8_bytes)
+    say(
+        f"quantized: int8 {len(int8_bytes) / 1024:.1f} KiB (float32 {len(float_bytes) / 1024:.1f} KiB), "
+        f"calibrated on {len(representative)} training images; input scale {in_spec.scale:.6g} zero point {in_spec.zero_point}"
+    )
+    return QuantizedModel(int8_bytes, float_bytes, in_spec, out_spec, representative_images=len(representative))
+
+
+def _manifest_header(
+    opts: FitOptions, prepared: PreparedData, trained: TrainedModel, quantized: QuantizedModel
+) -> bundle_mod.ManifestHeader:
+    tiling = trained.tiling
+    return bundle_mod.ManifestHeader(
+        name=opts.name or _default_name(prepared.data.data_dir),
+        version=opts.version or bundle_mod.default_version(),
+        created=bundle_mod.utc_now(),
+        labels=prepared.model_labels,
+        pass_label=prepared.data.pass_label,
+        input_spec=quantized.input_spec.to_manifest(),
+        output_spec=quantized.output_spec.to_manifest(),
+        preprocessing=prepared.prep.model_dump(),
+        tiling=tiling.model_dump() if tiling is not None else None,
+    )
+
+
+def _provisional_classifier(staging: Path, header: bundle_mod.ManifestHeader, quantized: QuantizedModel) -> Classifier:
+    """Both models and a manifest without metrics in ``staging``, loaded as the edge loads a bundle."""
+    (staging / MODEL_FILE).write_bytes(quantized.int8_bytes)
+    (staging / REPORT_DIR / bundle_mod.FLOAT_MODEL_FILE).write_bytes(quantized.float_bytes)
+    bundle_mod.write_manifest(staging, header.manifest(staging, threshold=0.5, metrics={}, dataset={}, training={}, reference={}))
+    with native.quiet_native_output():  # the runtime announces its delegate on stderr
+        return Classifier(staging)
+
+
+def evaluate(
+    classifier: Classifier,
+    prepared: PreparedData,
+    trained: TrainedModel,
+    float_bytes: bytes,
+    opts: FitOptions,
+    out_dir: Path,
+) -> Evaluation:
+    """Choose the shipped point on the int8 model's held-out scores, score the test split with
+    both models, time them and run the quantization gate."""
+    p, labels = prepared, prepared.data.labels
+    pass_label = p.data.pass_label
+    true = {name: [labels[i] for i in p.ys[name]] for name in ("val", "test")}
+    int8_val, int8_test = _int8_held_out_scores(classifier, prepared, trained.tiling)
+    # The shipped point: on the int8 model's own validation scores, or on the fold models'
+    # out-of-fold scores (float, moved into the shipped model's scale).
+    selection = trained.selection
+    shipped_scores = (
+        dataclasses.replace(selection, scores=int8_val, model="int8") if selection.scores_from == "validation" else selection
+    )
+    point = shipped_scores.choose(opts.target_recall, opts.max_false_reject)
+    int8_metrics = compute_metrics(true["test"], int8_test, pass_label, point.threshold)
+    # float (the Keras model), judged the same way at its own point.
+    float_test = _float_test_scores(prepared, trained)
+    float_point = selection.choose(opts.target_recall, opts.max_false_reject)
+    float_metrics = compute_metrics(true["test"], float_test, pass_label, float_point.threshold)
+    latency = _latency_of_both(classifier.bundle_dir, prepared, trained.tiling, float_bytes, opts.latency_samples)
+
+    # The gate compares the two models at the threshold the bundle ships: what quantization
+    # does to the line's decisions. Each at its own validation threshold (the float/int8
+    # columns of the report) the difference is mostly the noise of where each cut lands
+    # (docs/training.md, "Evaluation and the quantization gate").
+    float_at_shipped = compute_metrics(true["test"], float_test, pass_label, point.threshold)
+    gate = quantization_gate(
+        float_at_shipped["balanced_accuracy"],
+        int8_metrics["balanced_accuracy"],
+        opts.max_quantization_drop,
+        allow=opts.allow_quantization_drop,
+        out_dir=out_dir,
+        threshold=point.threshold,
+        float_auc=float_metrics["roc_auc"],
+        int8_auc=int8_metrics["roc_auc"],
+    )
+    gate["threshold"] = point.threshold
+    gate["float_balanced_accuracy_at_own_threshold"] = float_metrics["balanced_accuracy"]
+    return Evaluation(
+        point=point,
+        shipped_scores=shipped_scores,
+        float_point=float_point,
+        int8_metrics=int8_metrics,
+        float_metrics=float_metrics,
+        test_labels=true["test"],
+        test_is_defect=p.ys["test"] != p.pass_index,
+        int8_test=int8_test,
+        float_test=float_test,
+        val_labels=true["val"],
+        int8_val=int8_val,
+        latency=latency,
+        latency_budget_ms=round(max(20.0, 10.0 * latency["int8"]["p99_ms"]), 3),
+        gate=gate,
+        runtime=classifier.runtime,
+    )
+
+
+def _int8_held_out_scores(clf: Classifier, prepared: PreparedData, tiling: Tiling | None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 defect scores of validation and test, through the edge classifier."""
+    if tiling is None:
+        int8_val, _, _ = _int8_scores(clf, prepared.raw_x["val"])
+        int8_test, _, _ = _int8_scores(clf, prepared.raw_x["test"])
+        return int8_val, int8_test
+    frame = _int8_scorer(clf)
+    color_mode = prepared.prep.color_mode
+    return (
+        picture_scores(prepared.split.val, tiling, color_mode, frame, batch=1),
+        picture_scores(prepared.split.test, tiling, color_mode, frame, batch=1),
+    )
+
+
+def _float_test_scores(prepared: PreparedData, trained: TrainedModel) -> np.ndarray:
+    """The Keras model's defect scores of the test split."""
+    from training import model as model_mod
+
+    tiling = trained.tiling
+    if tiling is None:
+        return _scores(model_mod.predict_proba(trained.model, prepared.fx["test"]), prepared.model_pass)
+    scorer = _float_scorer(trained.model, prepared.model_pass)
+    return picture_scores(prepared.split.test, tiling, prepared.prep.color_mode, scorer)
+
+
+def _latency_of_both(
+    bundle_dir: Path, prepared: PreparedData, tiling: Tiling | None, float_bytes: bytes, samples: int
+) -> dict[str, Any]:
+    """int8 through the classifier and the float twin, same runtime, one thread each."""
+    from training import export as export_mod
+
+    with native.quiet_native_output():
+        clf = Classifier(bundle_dir, num_threads=1)
+    float_runner = export_mod.FloatTFLite(float_bytes, num_threads=1, runtime=clf.runtime)
+    if tiling is None:
+        batches_u8 = [clf.quantize(img) for img in prepared.raw_x["test"][:50]]
+        int8_latency = _latency(clf.invoke, batches_u8, samples)
+        float_latency = _latency(float_runner.invoke, [x[None, ...] for x in prepared.fx["test"][:50]], samples)
+    else:
+        # per frame: all of a frame's model inputs (the float twin takes them one by one)
+        frames = [inputs for _, inputs in picture_inputs(prepared.split.test[:5], tiling, prepared.prep.color_mode)]
+        int8_latency = _latency(clf.invoke_batch, [clf.quantize_inputs(f) for f in frames], min(samples, 40))
+        float_latency = _latency(_one_by_one(float_runner.invoke), frames, min(samples, 5))
+    return {"runtime": clf.runtime, "num_threads": 1, "int8": int8_latency, "float32": float_latency}
+
+
+def write_bundle(
+    staging: Path,
+    classifier: Classifier,
+    header: bundle_mod.ManifestHeader,
+    prepared: PreparedData,
+    trained: TrainedModel,
+    quantized: QuantizedModel,
+    evaluation: Evaluation,
+    opts: FitOptions,
+    clock: Stopwatch,
+) -> dict[str, Any]:
+    """Golden images, reference statistics, the manifest and the report in ``staging``;
+    returns the manifest."""
+    p, e = prepared, evaluation
+    golden = _write_golden(staging, classifier, prepared, trained.tiling, e.test_labels, opts.golden_per_class)
+    reference = bundle_mod.reference_statistics(p.raw_x["train"], e.int8_val, e.val_labels, p.data.labels)
+    clock.seconds["total"] = clock.elapsed()
+    epochs_chosen = "given" if opts.epochs else f"auto: ceil({AUTO_EPOCH_IMAGES} / training images) in {list(AUTO_EPOCHS_RANGE)}"
+    training = bundle_mod.training_info(
+        trained.config,
+        trained.result,
+        epochs_chosen=epochs_chosen,
+        operating_point_shift=trained.shift,
+        merged_outputs=p.merged,
+        tiles=bundle_mod.tiles_info(p.crops, trained.rule) if p.crops is not None else None,
+        representative_images=quantized.representative_images,
+        durations=clock.seconds,
+    )
+    manifest = header.manifest(
+        staging,
+        threshold=e.point.threshold,
+        operating_point=e.point.to_manifest(),
+        metrics=bundle_mod.metrics_info(e),
+        dataset=bundle_mod.dataset_info(p.data, p.split, group_by=opts.group_by, group_gap=opts.group_gap),
+        training=training,
+        reference=reference,
+        golden=golden,
+        latency_budget_ms=e.latency_budget_ms,
+    )
+    bundle_mod.write_manifest(staging, manifest)
+    report.write_report(staging / REPORT_DIR, manifest, e, p.data, p.split)
+    return manifest
+
+
+def _write_golden(
+    staging: Path, clf: Classifier, prepared: PreparedData, tiling: Tiling | None, test_labels: list[str], per_class: int
+) -> list[dict[str, Any]]:
+    """Golden images from the test split, and their expected outputs through the classifier on the PNG files."""
+    if tiling is None:
+        picked = bundle_mod.select_golden(test_labels, per_class)
+        images = [prepared.raw_x["test"][i] for i in picked]
+    else:  # whole frames (one per class: camera frames make large PNGs)
+        picked = bundle_mod.select_golden(test_labels, min(1, per_class))
+        color_mode = prepared.prep.color_mode
+        images = [_as_hwc(to_color_mode(read_image(prepared.split.test[i].path), color_mode)) for i in picked]
+    entries = bundle_mod.write_golden(staging, images, [test_labels[i] for i in picked], prepared.prep.color_mode)
+    return bundle_mod.golden_expectations(clf, entries)
+
+
+def print_summary(bundle_dir: Path, header: bundle_mod.ManifestHeader, evaluation: Evaluation, say: Echo) -> None:
+    """The lines a person reads at the end of a fit: test metrics, operating point, latency, gate."""
+    e = evaluation
+    say("evaluation on the test split (each model at its validation threshold):")
+    for line in report.metrics_table(e.float_metrics, e.int8_metrics):
+        say("  " + line)
+    for line in report.operating_point_lines(e.point):
+        say(line)
+    latency, int8, float32 = e.latency, e.latency["int8"], e.latency["float32"]
+    say(
+        f"latency ({latency['runtime']}, 1 thread): int8 p50 {int8['p50_ms']:.3f} ms, p99 {int8['p99_ms']:.3f} ms; "
+        f"float32 p50 {float32['p50_ms']:.3f} ms; budget {e.latency_budget_ms} ms"
+    )
+    say(f"quantization gate: {e.gate['message']}")
+    say(f"bundle: {bundle_dir} ({header.name} {header.version}); report: {bundle_dir / REPORT_DIR}")
+
+
+def _selection_scores(
+    prepared: PreparedData, model: Any, config: TrainConfig, opts: FitOptions, say: Echo
+) -> OperatingScores:
+    """Float scores of images the scoring model did not train on, to choose the operating point.
+
+    The final model's validation scores when validation holds MIN_VALIDATION_DEFECTS defects
+    or more (or ``opts.folds`` is 0); else out-of-fold scores over train and validation
+    (:mod:`training.folds`), from fold models trained with the final model's recipe.
+    """
+    from training import model as model_mod
+
+    p, data, split = prepared, prepared.data, prepared.split
+    model_pass = p.model_pass
+    n_val_defects = int(np.sum(p.model_ys["val"] != model_pass))
+    if opts.folds == 0 or n_val_defects >= MIN_VALIDATION_DEFECTS:
+        probs = model_mod.predict_proba(model, p.fx["val"])
+        return OperatingScores(
+            scores_from="validation",
+            model="float",
+            pass_label=data.pass_label,
+            files=tuple(str(s.path) for s in split.val),
+            labels=tuple(s.label for s in split.val),
+            scores=_scores(probs, model_pass),
+        )
+    from training.folds import out_of_fold_scores
+
+    pool = split.train + split.val
+    x = np.concatenate([p.fx["train"], p.fx["val"]])
+    y = np.concatenate([p.model_ys["train"], p.model_ys["val"]])
+    masks_val, known_val = load_masks(split.val, data.masks, p.fx["val"], data.pass_label)
+    say(
+        f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
+        f"models score all {int(np.sum(y != model_pass))} training and validation defects out of fold "
+        "(each with the final model's recipe, its own validation share choosing its epoch)"
+    )
+    scores = out_of_fold_scores(
+        x,
+        y,
+        y != model_pass,
+        config,
+        len(p.model_labels),
+        folds=opts.folds,
+        pass_index=model_pass,
+        masks=np.concatenate([p.masks_train, masks_val]),
+        mask_known=np.concatenate([p.mask_known, known_val]),
+        groups=[p.groups(s) for s in pool] if p.groups else None,
+        say=say,
+    )
+    return OperatingScores(
+        scores_from=f"out-of-fold ({opts.folds} folds)",
+        model="float",
+        pass_label=data.pass_label,
+        files=tuple(str(s.path) for s in pool),
+        labels=tuple(s.label for s in pool),
+        scores=scores,
+    )
+
+
+def _tiled_selection_scores(
+    prepared: PreparedData, crops: PoolCrops, model: Any, config: TrainConfig, opts: FitOptions, say: Echo
+) -> tuple[OperatingScores, RuleChoice]:
+    """:func:`_selection_scores` for a tiled model, and the decision rule chosen on the same
+    held-out pictures (training/tiles.py ``choose_rule``): each picture's score is the rule
+    over its model inputs, cut as the box cuts them."""
+    from training.folds import out_of_fold
+
+    pass_class = crops.pass_class
+    val_pictures = np.arange(crops.n_train, len(crops.samples))
+    n_val_defects = int(np.sum(crops.classes[val_pictures] != pass_class))
+    if opts.folds == 0 or n_val_defects >= MIN_VALIDATION_DEFECTS:
+        held_samples: Sequence[Sample] = crops.samples[crops.n_train :]
+        is_defect = crops.classes[val_pictures] != pass_class
+        parts = picture_parts(held_samples, crops.tiling, crops.color_mode, _float_scorer(model, pass_class))
+        scores_from = "validation"
+    else:
+        held_samples = crops.samples
+        is_defect = crops.classes != pass_class
+        say(
+            f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
+            f"models score all {int(np.sum(is_defect))} training and validation defect pictures out of fold"
+        )
+
+        def train_and_score(
+            fit_idx: np.ndarray, val_idx: np.ndarray, hold_idx: np.ndarray, fold_config: TrainConfig
+        ) -> tuple[np.ndarray, TrainResult]:
+            fold = _train_on_crops(crops, fit_idx, val_idx, fold_config, len(prepared.model_labels))
+            held = [crops.samples[i] for i in hold_idx]
+            return picture_parts(held, crops.tiling, crops.color_mode, _float_scorer(fold.model, pass_class)), fold
+
+        groups = prepared.groups
+        parts = out_of_fold(
+            crops.classes, is_defect, config, train_and_score, folds=opts.folds,
+            groups=[groups(s) for s in crops.samples] if groups else None, say=say,
+        )
+        scores_from = f"out-of-fold ({opts.folds} folds)"
+    rule = choose_rule(parts, is_defect, crops.tiling)
+    say(rule.describe())
+    selection = OperatingScores(
+        scores_from=scores_from,
+        model="float",
+        pass_label=prepared.data.pass_label,
+        files=tuple(str(s.path) for s in held_samples),
+        labels=tuple(s.label for s in held_samples),
+        scores=rule_scores(parts, rule.tiling),
+    )
+    return selection, rule
+
+
+def _train_on_crops(
+    crops: PoolCrops,
+    fit_pictures: np.ndarray,
+    val_pictures: np.ndarray,
+    config: TrainConfig,
+    num_classes: int,
+    *,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    say: Echo = lambda line: None,
+) -> TrainResult:
+    """Train on the crops of ``fit_pictures``, early-stopping on those of ``val_pictures``,
+    for two thirds of the epochs, then the last third from the first round's weights, with each
+    picture's highest-scoring tile added: good pictures' as hard negatives, mask-less defect
+    pictures' as their defect (training/tiles.py).
+    """
+    from training import model as model_mod
+
+    first_epochs = max(1, round(config.epochs * 2 / 3))
+    first = dataclasses.replace(config, epochs=first_epochs, min_epochs=min(config.min_epochs, first_epochs))
+    again = dataclasses.replace(config, epochs=max(1, config.epochs - first_epochs), min_epochs=1)
+    fit_set, val_set = crops.of(fit_pictures), crops.of(val_pictures)
+    trained = model_mod.train_model(
+        fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, first,
+        masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class, on_epoch=on_epoch,
+    )
+    score = _float_scorer(trained.model, crops.pass_class)
+
+    def worst_tiles(pictures: np.ndarray) -> np.ndarray:
+        return np.concatenate([crops.good_among(pictures), crops.unmasked_among(pictures)])
+
+    fit_set = join(fit_set, crops.best_tiles(worst_tiles(fit_pictures), score))
+    val_set = join(val_set, crops.best_tiles(worst_tiles(val_pictures), score))
+    say(
+        f"  second round, {again.epochs} epochs: each good training picture's highest-scoring tile as a good crop"
+        + (f", each of {len(crops.unmasked_among(fit_pictures))} mask-less defect pictures' as a defect crop"
+           if crops.unmasked_among(fit_pictures).size else "")
+    )
+    return model_mod.train_model(
+        fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, again,
+        masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class,
+        on_epoch=(lambda log: on_epoch(dataclasses.replace(log, epoch=log.epoch + first_epochs))) if on_epoch else None,
+        initial=trained,
+    )
+
+
 def _default_name(data_dir: Path) -> str:
     base = re.sub(r"[^A-Za-z0-9._+-]+", "-", Path(data_dir).resolve().name).strip("-") or "model"
     return f"linewatch-{base}"[:128]
@@ -259,6 +928,32 @@ def _latency(invoke: Callable[[np.ndarray], Any], batches: list[np.ndarray], n: 
         "p99_ms": round(float(np.percentile(arr, 99)), 4),
         "n": n,
     }
+
+
+def _int8_scorer(clf: Classifier) -> Callable[[np.ndarray], np.ndarray]:
+    """One frame's model inputs through the agent's own steps: lookup table, one invoke."""
+    return lambda inputs: clf.scores(clf.invoke_batch(clf.quantize_inputs(inputs)))
+
+
+def _one_by_one(invoke: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], None]:
+    """A frame's uint8 inputs through a float model that takes one input per invoke."""
+
+    def run(inputs: np.ndarray) -> None:
+        for one in inputs:
+            invoke(one[None, ...].astype(np.float32) / 255.0)
+
+    return run
+
+
+def _float_scorer(model: Any, pass_class: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Model inputs (uint8) -> float defect scores, for :func:`training.tiles.picture_scores`."""
+    from training import model as model_mod
+
+    return lambda inputs: _scores(model_mod.predict_proba(model, inputs), pass_class)
+
+
+def _as_hwc(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 3 else image[:, :, None]
 
 
 def quantization_gate(
@@ -319,690 +1014,22 @@ def quantization_gate(
     }
 
 
-def _selection_scores(
-    opts: FitOptions,
-    data: DataReport,
-    split: Split,
-    fx: dict[str, np.ndarray],
-    model_ys: dict[str, np.ndarray],
-    masks_train: np.ndarray,
-    mask_known: np.ndarray,
-    groups: Any,
-    trained: Any,
-    config: Any,
-    model_labels: list[str],
-    say: Echo,
-) -> OperatingScores:
-    """Float scores of images the scoring model did not train on, to choose the operating point.
-
-    The final model's validation scores when validation holds MIN_VALIDATION_DEFECTS defects
-    or more (or ``opts.folds`` is 0); else out-of-fold scores over train and validation
-    (:mod:`training.folds`), from fold models trained with the final model's recipe.
-    """
-    from training import model as model_mod
-
-    model_pass = model_labels.index(data.pass_label)
-    n_val_defects = int(np.sum(model_ys["val"] != model_pass))
-    if opts.folds == 0 or n_val_defects >= MIN_VALIDATION_DEFECTS:
-        probs = model_mod.predict_proba(trained.model, fx["val"])
-        return OperatingScores(
-            scores_from="validation",
-            model="float",
-            pass_label=data.pass_label,
-            files=tuple(str(s.path) for s in split.val),
-            labels=tuple(s.label for s in split.val),
-            scores=_scores(probs, model_pass),
-        )
-    from training.folds import out_of_fold_scores
-
-    pool = split.train + split.val
-    x = np.concatenate([fx["train"], fx["val"]])
-    y = np.concatenate([model_ys["train"], model_ys["val"]])
-    masks_val, known_val = load_masks(split.val, data.masks, fx["val"], data.pass_label)
-    say(
-        f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
-        f"models score all {int(np.sum(y != model_pass))} training and validation defects out of fold "
-        "(each with the final model's recipe, its own validation share choosing its epoch)"
-    )
-    scores = out_of_fold_scores(
-        x,
-        y,
-        y != model_pass,
-        config,
-        len(model_labels),
-        folds=opts.folds,
-        pass_index=model_pass,
-        masks=np.concatenate([masks_train, masks_val]),
-        mask_known=np.concatenate([mask_known, known_val]),
-        groups=[groups(s) for s in pool] if groups else None,
-        say=say,
-    )
-    return OperatingScores(
-        scores_from=f"out-of-fold ({opts.folds} folds)",
-        model="float",
-        pass_label=data.pass_label,
-        files=tuple(str(s.path) for s in pool),
-        labels=tuple(s.label for s in pool),
-        scores=scores,
-    )
-
-
-def _as_hwc(image: np.ndarray) -> np.ndarray:
-    return image if image.ndim == 3 else image[:, :, None]
-
-
-def _tiles_info(crops: PoolCrops) -> dict[str, Any]:
-    """How the training crops were made, for the manifest (training/tiles.py has the rules)."""
-    from training import tiles as tiles_mod
-
-    train_set, val_set = crops.of_train(), crops.of_val()
-    return {
-        "crops_train": len(train_set),
-        "defect_crops_train": int(np.sum(train_set.y != crops.pass_class)),
-        "whole_views_train": int(np.sum(train_set.whole)),
-        "crops_val": len(val_set),
-        "defect_pictures_without_mask": int(np.sum(crops.unmasked)),
-        "crop_rule": f"defect when >= min({tiles_mod.DEFECT_PIXELS}, half the picture's) defect pixels "
-        f"(mask coverage >= {tiles_mod.COVERAGE}), good when none, else left out",
-        "crops_per_picture": {
-            "good": tiles_mod.NEGATIVES_PER_PICTURE,
-            "defect_focus": tiles_mod.FOCUS_PER_DEFECT,
-            "defect_context": tiles_mod.CONTEXT_PER_DEFECT,
-        },
-        "without_mask": "multiple-instance: the picture's highest-scoring tile, second round of half the epochs",
-    }
-
-
-def _int8_scorer(clf: Classifier) -> Callable[[np.ndarray], np.ndarray]:
-    """One frame's model inputs through the agent's own steps: lookup table, one invoke."""
-    return lambda inputs: clf.scores(clf.invoke_batch(clf.quantize_inputs(inputs)))
-
-
-def _one_by_one(invoke: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], None]:
-    """A frame's uint8 inputs through a float model that takes one input per invoke."""
-
-    def run(inputs: np.ndarray) -> None:
-        for one in inputs:
-            invoke(one[None, ...].astype(np.float32) / 255.0)
-
-    return run
-
-
-def _float_scorer(model: Any, pass_class: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Model inputs (uint8) -> float defect scores, for :func:`training.tiles.picture_scores`."""
-    from training import model as model_mod
-
-    return lambda inputs: _scores(model_mod.predict_proba(model, inputs), pass_class)
-
-
-def _train_on_crops(
-    crops: PoolCrops,
-    fit_pictures: np.ndarray,
-    val_pictures: np.ndarray,
-    config: Any,
-    num_classes: int,
-    *,
-    on_epoch: Callable[[Any], None] | None = None,
-    say: Echo = lambda line: None,
-) -> Any:
-    """Train on the crops of ``fit_pictures``, early-stopping on those of ``val_pictures``,
-    for two thirds of the epochs, then the last third from the first round's weights, with each
-    picture's highest-scoring tile added: good pictures' as hard negatives, mask-less defect
-    pictures' as their defect (training/tiles.py).
-    """
-    from training import model as model_mod
-
-    first_epochs = max(1, round(config.epochs * 2 / 3))
-    first = dataclasses.replace(config, epochs=first_epochs, min_epochs=min(config.min_epochs, first_epochs))
-    again = dataclasses.replace(config, epochs=max(1, config.epochs - first_epochs), min_epochs=1)
-    fit_set, val_set = crops.of(fit_pictures), crops.of(val_pictures)
-    trained = model_mod.train_model(
-        fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, first,
-        masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class, on_epoch=on_epoch,
-    )
-    score = _float_scorer(trained.model, crops.pass_class)
-
-    def worst_tiles(pictures: np.ndarray) -> np.ndarray:
-        return np.concatenate([crops.good_among(pictures), crops.unmasked_among(pictures)])
-
-    fit_set = join(fit_set, crops.best_tiles(worst_tiles(fit_pictures), score))
-    val_set = join(val_set, crops.best_tiles(worst_tiles(val_pictures), score))
-    say(
-        f"  second round, {again.epochs} epochs: each good training picture's highest-scoring tile as a good crop"
-        + (f", each of {len(crops.unmasked_among(fit_pictures))} mask-less defect pictures' as a defect crop"
-           if crops.unmasked_among(fit_pictures).size else "")
-    )
-    return model_mod.train_model(
-        fit_set.x, fit_set.y, val_set.x, val_set.y, num_classes, again,
-        masks_train=fit_set.masks, mask_known=fit_set.known, pass_index=crops.pass_class,
-        on_epoch=(lambda log: on_epoch(dataclasses.replace(log, epoch=log.epoch + first_epochs))) if on_epoch else None,
-        initial=trained,
-    )
-
-
-def _tiled_selection_scores(
-    opts: FitOptions,
-    data: DataReport,
-    crops: PoolCrops,
-    groups: Any,
-    trained: Any,
-    config: Any,
-    model_labels: list[str],
-    say: Echo,
-) -> tuple[OperatingScores, RuleChoice]:
-    """:func:`_selection_scores` for a tiled model, and the decision rule chosen on the same
-    held-out pictures (training/tiles.py ``choose_rule``): each picture's score is the rule
-    over its model inputs, cut as the box cuts them."""
-    from training.folds import out_of_fold
-
-    pass_class = crops.pass_class
-    val_pictures = np.arange(crops.n_train, len(crops.samples))
-    n_val_defects = int(np.sum(crops.classes[val_pictures] != pass_class))
-    if opts.folds == 0 or n_val_defects >= MIN_VALIDATION_DEFECTS:
-        held_samples: Sequence[Any] = crops.samples[crops.n_train :]
-        is_defect = crops.classes[val_pictures] != pass_class
-        parts = picture_parts(held_samples, crops.tiling, crops.color_mode, _float_scorer(trained.model, pass_class))
-        scores_from = "validation"
-    else:
-        held_samples = crops.samples
-        is_defect = crops.classes != pass_class
-        say(
-            f"operating point: validation has {n_val_defects} defects (< {MIN_VALIDATION_DEFECTS}), so {opts.folds} fold "
-            f"models score all {int(np.sum(is_defect))} training and validation defect pictures out of fold"
-        )
-
-        def train_and_score(fit_idx: np.ndarray, val_idx: np.ndarray, hold_idx: np.ndarray, fold_config: Any) -> tuple[np.ndarray, Any]:
-            fold = _train_on_crops(crops, fit_idx, val_idx, fold_config, len(model_labels))
-            held = [crops.samples[i] for i in hold_idx]
-            return picture_parts(held, crops.tiling, crops.color_mode, _float_scorer(fold.model, pass_class)), fold
-
-        parts = out_of_fold(
-            crops.classes, is_defect, config, train_and_score, folds=opts.folds,
-            groups=[groups(s) for s in crops.samples] if groups else None, say=say,
-        )
-        scores_from = f"out-of-fold ({opts.folds} folds)"
-    rule = choose_rule(parts, is_defect, crops.tiling)
-    say(rule.describe())
-    selection = OperatingScores(
-        scores_from=scores_from,
-        model="float",
-        pass_label=data.pass_label,
-        files=tuple(str(s.path) for s in held_samples),
-        labels=tuple(s.label for s in held_samples),
-        scores=rule_scores(parts, rule.tiling),
-    )
-    return selection, rule
-
-
-def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, echo: Echo | None = None) -> FitResult:
-    """Train, quantize, evaluate and write a bundle to ``out_dir``; see the module docstring.
-
-    Raises :class:`training.exceptions.DataError` for data it cannot train on and
-    :class:`QuantizationGateError` (after writing the bundle, whose manifest records the
-    failed gate) when int8 loses too much against float.
-    """
-    opts = options or FitOptions()
-    say: Echo = echo or (lambda line: logger.info("%s", line))
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    t_start = time.perf_counter()
-    durations: dict[str, float] = {}
-    bundle_mod.check_out_dir(out_dir)
-
-    # 1-2. Data check and split.
-    t0 = time.perf_counter()
-    data = scan_dataset(data_dir, pass_label=opts.pass_label, min_per_class=opts.min_per_class, masks_dir=opts.masks)
-    for line in data.summary_lines():
-        say(line)
-    groups = number_groups(data.samples, gap=opts.group_gap) if opts.group_by == "number" else None
-    split = split_dataset(data.samples, seed=opts.seed, fractions=opts.fractions, groups=groups)
-    say(
-        f"split ({split.method}, seed {opts.seed}): "
-        + ", ".join(f"{k} {v}" for k, v in split.sizes().items())
-        + (f", {len({groups(s) for s in data.samples})} groups" if groups else "")
-    )
-    if min(split.sizes().values()) == 0:
-        raise TrainingError("a split came out empty; add images (each class needs at least 10)")
-
-    tiling = opts.tiling
-    if tiling is not None:
-        check_pictures(data.samples, tiling)  # every picture must hold a tile: fail before training
-    width, height = opts.model_tile
-    prep = Preprocessing(color_mode=opts.color_mode, width=width, height=height, interpolation=opts.interpolation)  # type: ignore[arg-type]
-    labels = data.labels
-    pass_index = labels.index(data.pass_label)
-    ys = {name: label_indices(getattr(split, name), labels) for name in ("train", "val", "test")}
-    # What the network outputs: the class folders, or pass vs defect (index 0 = pass).
-    merged = opts.defects == "merged" and len(labels) > 2
-    model_labels = [data.pass_label, MERGED_DEFECT_LABEL] if merged else list(labels)
-    model_ys = {name: (y != pass_index).astype(np.int64) for name, y in ys.items()} if merged else ys
-    model_pass = model_labels.index(data.pass_label)
-    if tiling is None:
-        raw_x = {name: load_arrays(getattr(split, name), prep) for name in ("train", "val", "test")}
-        fx = {name: to_float(arr, prep) for name, arr in raw_x.items()}
-        masks_train, mask_known = load_masks(split.train, data.masks, raw_x["train"], data.pass_label)
-        crops: PoolCrops | None = None
-    else:
-        crops = PoolCrops.build(split, model_ys, model_pass, data.masks, tiling, opts.color_mode, opts.seed)
-        say(f"tiles: {crops.describe()}")
-        train_crops, val_crops = crops.of_train(), crops.of_val()
-        # Crops stay uint8 (training converts each batch); "test" is scored picture by picture.
-        raw_x = {"train": train_crops.x, "val": val_crops.x}
-        fx = dict(raw_x)
-        model_ys = {**model_ys, "train": train_crops.y, "val": val_crops.y}
-        masks_train, mask_known = train_crops.masks, train_crops.known
-    durations["data"] = time.perf_counter() - t0
-
-    epochs = opts.epochs or auto_epochs(len(model_ys["train"]))  # crops, for a tiled fit
-
-    # 3. Train (TensorFlow is imported only from here on, without its start-up lines).
-    native.import_quietly("tensorflow")
-    from training import export as export_mod
-    from training import model as model_mod
-
-    config = model_mod.TrainConfig(
-        epochs=epochs,
-        min_epochs=max(1, epochs // 2),
-        batch_size=opts.batch_size,
-        learning_rate=opts.learning_rate,
-        patience=opts.patience,
-        seed=opts.seed,
-        width=opts.filters,
-        stem=opts.stem,
-        shading=opts.shading,
-        label_smoothing=opts.label_smoothing,
-        map_clip=(None if tiling else 6.0) if opts.map_clip == "auto" else opts.map_clip,  # type: ignore[arg-type]
-        augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
-    )
-    say(
-        f"training: {width}x{height} {opts.color_mode}{' tiles' if tiling else ''}, up to {epochs} epochs{'' if opts.epochs else ' (auto)'}, batch {opts.batch_size}, "
-        f"lr {opts.learning_rate}, class-weighted loss (imbalance {data.imbalance:.1f}:1)"
-        + (f", outputs {model_labels[0]} / {MERGED_DEFECT_LABEL} (defect classes merged)" if merged else "")
-    )
-    n_masked = int(np.sum(mask_known & (model_ys["train"] != model_pass)))
-    if n_masked:
-        say(f"  defect masks for {n_masked} of {int(np.sum(model_ys['train'] != model_pass))} training "
-            f"{'defect crops' if tiling else 'defects'}: the defect map learns from them")
-
-    def on_epoch(log: Any) -> None:
-        say(
-            f"  epoch {log.epoch:>3}/{epochs}  loss {log.loss:.4f}  acc {log.accuracy:.3f}  "
-            + (f"map_loss {log.map_loss:.4f}  " if log.map_loss is not None else "")
-            + f"val_loss {log.val_loss:.4f}  val_bal_acc {log.val_accuracy:.3f}  {log.seconds:5.1f}s"
-            + ("  *" if log.best else "")
-        )
-
-    t_train = time.perf_counter()
-    if crops is None:
-        trained = model_mod.train_model(
-            fx["train"],
-            model_ys["train"],
-            fx["val"],
-            model_ys["val"],
-            len(model_labels),
-            config,
-            masks_train=masks_train,
-            mask_known=mask_known,
-            pass_index=model_pass,
-            on_epoch=on_epoch,
-        )
-    else:
-        trained = _train_on_crops(
-            crops, np.arange(crops.n_train), np.arange(crops.n_train, len(crops.samples)), config,
-            len(model_labels), on_epoch=on_epoch, say=say,
-        )
-    say(f"  best epoch {trained.best_epoch} of {trained.epochs_run} (weights restored), {trained.seconds:.0f}s")
-
-    durations["train"] = time.perf_counter() - t_train
-
-    # The operating point's scores: validation, or out-of-fold when it has few defects.
-    t0 = time.perf_counter()
-    if crops is None:
-        selection = _selection_scores(
-            opts, data, split, fx, model_ys, masks_train, mask_known, groups, trained, config, model_labels, say
-        )
-        rule: RuleChoice | None = None
-    else:
-        selection, rule = _tiled_selection_scores(opts, data, crops, groups, trained, config, model_labels, say)
-        crops = dataclasses.replace(crops, tiling=rule.tiling)
-    float_point = selection.choose(opts.target_recall, opts.max_false_reject)
-    # Move the chosen cut to the middle of the output range, where int8 resolves it best. A
-    # fused rule adds the whole view's logit with its weight, so it moves (1 + weight) times.
-    gain = 1.0 + (rule.tiling.whole_weight if rule is not None and rule.tiling.rule == "fused" else 0.0)
-    cut = float(np.clip(float_point.threshold, 1e-4, 1 - 1e-4))
-    shift = model_mod.move_operating_point(trained.model, 1.0 / (1.0 + ((1 - cut) / cut) ** (1.0 / gain)), model_pass)
-    selection = selection.shifted(shift * gain)
-    if shift:
-        say(f"  operating point moved to the middle of the output range (defect logit {shift:+.2f})")
-    durations["operating_scores"] = time.perf_counter() - t0
-
-    # 4. Quantize.
-    t0 = time.perf_counter()
-    representative = model_mod.as_float(export_mod.representative_subset(fx["train"], seed=opts.seed))
-    int8_bytes = export_mod.convert_int8(trained.model, representative)
-    float_bytes = export_mod.convert_float(trained.model)
-    in_spec, out_spec = export_mod.tensor_specs(int8_bytes)
-    durations["quantize"] = time.perf_counter() - t0
-    say(
-        f"quantized: int8 {len(int8_bytes) / 1024:.1f} KiB (float32 {len(float_bytes) / 1024:.1f} KiB), "
-        f"calibrated on {len(representative)} training images; input scale {in_spec.scale:.6g} zero point {in_spec.zero_point}"
-    )
-
-    # 5. Evaluate: a provisional bundle lets the edge's Classifier load the int8 model.
-    t0 = time.perf_counter()
-    staging = bundle_mod.staging_dir(out_dir)
-    try:
-        result = _finish(
-            staging=staging,
-            out_dir=out_dir,
-            opts=opts,
-            data=data,
-            split=split,
-            prep=prep,
-            raw_x=raw_x,
-            fx=fx,
-            ys=ys,
-            pass_index=pass_index,
-            model_labels=model_labels,
-            trained=trained,
-            config=config,
-            crops=crops,
-            rule=rule,
-            shift=shift,
-            selection=selection,
-            int8_bytes=int8_bytes,
-            float_bytes=float_bytes,
-            in_spec=in_spec,
-            out_spec=out_spec,
-            representative_n=len(representative),
-            durations=durations,
-            t_eval=t0,
-            t_start=t_start,
-            say=say,
-        )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not result.gate_passed:
-        raise QuantizationGateError(result.manifest["metrics"]["quantization_gate"]["message"])
-    return result
-
-
-def _finish(
-    *,
-    staging: Path,
-    out_dir: Path,
-    opts: FitOptions,
-    data: DataReport,
-    split: Split,
-    prep: Preprocessing,
-    raw_x: dict[str, np.ndarray],
-    fx: dict[str, np.ndarray],
-    ys: dict[str, np.ndarray],
-    pass_index: int,
-    model_labels: list[str],
-    trained: Any,
-    shift: float,
-    selection: OperatingScores,
-    config: Any,
-    crops: PoolCrops | None,
-    rule: RuleChoice | None,
-    int8_bytes: bytes,
-    float_bytes: bytes,
-    in_spec: Any,
-    out_spec: Any,
-    representative_n: int,
-    durations: dict[str, float],
-    t_eval: float,
-    t_start: float,
-    say: Echo,
-) -> FitResult:
-    import tensorflow as tf
-
-    from training import export as export_mod
-    from training import model as model_mod
-
-    labels = data.labels
-    pass_label = data.pass_label
-    (staging / MODEL_FILE).write_bytes(int8_bytes)
-    report_dir = staging / REPORT_DIR
-    (report_dir / bundle_mod.FLOAT_MODEL_FILE).write_bytes(float_bytes)
-    input_spec = {"shape": list(in_spec.shape), "dtype": in_spec.dtype, "scale": in_spec.scale, "zero_point": in_spec.zero_point}
-    output_spec = {"shape": list(out_spec.shape), "dtype": out_spec.dtype, "scale": out_spec.scale, "zero_point": out_spec.zero_point}
-    name = opts.name or _default_name(data.data_dir)
-    version = opts.version or bundle_mod.default_version()
-    created = bundle_mod.utc_now()
-    common: dict[str, Any] = {
-        "bundle_dir": staging,
-        "name": name,
-        "version": version,
-        "labels": model_labels,
-        "pass_label": pass_label,
-        "input_spec": input_spec,
-        "output_spec": output_spec,
-        "preprocessing": prep.model_dump(),
-        "created": created,
-        "tiling": crops.tiling.model_dump() if crops is not None else None,
-    }
-    bundle_mod.write_manifest(
-        staging,
-        bundle_mod.build_manifest(threshold=0.5, metrics={}, dataset={}, training={}, reference={}, **common),
-    )
-    with export_mod.quiet_native_output():  # the runtime announces its delegate on stderr
-        clf = Classifier(staging)
-
-    true = {name: [labels[i] for i in ys[name]] for name in ("val", "test")}
-    is_defect = {name: ys[name] != pass_index for name in ("val", "test")}
-    # int8, through the edge classifier: threshold on val, metrics on test.
-    tiling = crops.tiling if crops is not None else None
-    if tiling is None:
-        int8_val, _, _ = _int8_scores(clf, raw_x["val"])
-        int8_test, _, _ = _int8_scores(clf, raw_x["test"])
-    else:
-        int8_frame = _int8_scorer(clf)
-        int8_val = picture_scores(split.val, tiling, prep.color_mode, int8_frame, batch=1)
-        int8_test = picture_scores(split.test, tiling, prep.color_mode, int8_frame, batch=1)
-    # The shipped point: on the int8 model's own validation scores, or on the fold models'
-    # out-of-fold scores (float, moved into the shipped model's scale).
-    shipped_scores = (
-        dataclasses.replace(selection, scores=int8_val, model="int8") if selection.scores_from == "validation" else selection
-    )
-    point = shipped_scores.choose(opts.target_recall, opts.max_false_reject)
-    int8_metrics = compute_metrics(true["test"], int8_test, pass_label, point.threshold)
-    # float (the Keras model), judged the same way at its own point.
-    model_pass = model_labels.index(pass_label)
-    if tiling is None:
-        float_test = _scores(model_mod.predict_proba(trained.model, fx["test"]), model_pass)
-    else:
-        float_test = picture_scores(split.test, tiling, prep.color_mode, _float_scorer(trained.model, model_pass))
-    float_point = selection.choose(opts.target_recall, opts.max_false_reject)
-    float_metrics = compute_metrics(true["test"], float_test, pass_label, float_point.threshold)
-
-    # Latency: int8 through the classifier and the float twin, same runtime, one thread each.
-    with export_mod.quiet_native_output():
-        lat_clf = Classifier(staging, num_threads=1)
-    float_runner = export_mod.FloatTFLite(float_bytes, num_threads=1, runtime=lat_clf.runtime)
-    if tiling is None:
-        batches_u8 = [clf.quantize(img) for img in raw_x["test"][:50]]
-        int8_latency = _latency(lat_clf.invoke, batches_u8, opts.latency_samples)
-        float_latency = _latency(float_runner.invoke, [x[None, ...] for x in fx["test"][:50]], opts.latency_samples)
-    else:
-        # per frame: all of a frame's model inputs (the float twin takes them one by one)
-        frames = [inputs for _, inputs in picture_inputs(split.test[:5], tiling, prep.color_mode)]
-        int8_latency = _latency(lat_clf.invoke_batch, [lat_clf.quantize_inputs(f) for f in frames], min(opts.latency_samples, 40))
-        float_latency = _latency(_one_by_one(float_runner.invoke), frames, min(opts.latency_samples, 5))
-    latency = {"runtime": lat_clf.runtime, "num_threads": 1, "int8": int8_latency, "float32": float_latency}
-    latency_budget = round(max(20.0, 10.0 * int8_latency["p99_ms"]), 3)
-    durations["evaluate"] = time.perf_counter() - t_eval
-
-    # The gate compares the two models at the threshold the bundle ships: what quantization
-    # does to the line's decisions. Each at its own 99 %-recall validation threshold (the
-    # float/int8 columns of the report) the difference is mostly the noise of picking the
-    # k-th highest of a few hundred defect scores on a steep part of the ROC: the default
-    # synthetic fit had equal int8 and float ROC AUC (0.9596 / 0.9593) and "lost" 4.2 points.
-    float_at_shipped = compute_metrics(true["test"], float_test, pass_label, point.threshold)
-    gate = quantization_gate(
-        float_at_shipped["balanced_accuracy"],
-        int8_metrics["balanced_accuracy"],
-        opts.max_quantization_drop,
-        allow=opts.allow_quantization_drop,
-        out_dir=out_dir,
-        threshold=point.threshold,
-        float_auc=float_metrics["roc_auc"],
-        int8_auc=int8_metrics["roc_auc"],
-    )
-    gate["threshold"] = point.threshold
-    gate["float_balanced_accuracy_at_own_threshold"] = float_metrics["balanced_accuracy"]
-    gate_message = gate["message"]
-
-    # Golden images from the test split, expected outputs through the classifier on the PNG files.
-    test_labels = true["test"]
-    if tiling is None:
-        picked = bundle_mod.select_golden(test_labels, opts.golden_per_class)
-        golden_images = [raw_x["test"][i] for i in picked]
-    else:  # whole frames (one per class: camera frames make large PNGs)
-        picked = bundle_mod.select_golden(test_labels, min(1, opts.golden_per_class))
-        golden_images = [_as_hwc(to_color_mode(read_image(split.test[i].path), prep.color_mode)) for i in picked]
-    golden_entries = bundle_mod.write_golden(staging, golden_images, [test_labels[i] for i in picked], prep.color_mode)
-    golden = bundle_mod.golden_expectations(clf, golden_entries)
-
-    reference = bundle_mod.reference_statistics(raw_x["train"], int8_val, true["val"], labels)
-    durations["total"] = time.perf_counter() - t_start
-    metrics = {
-        "split": "test",
-        "float": float_metrics,
-        "int8": int8_metrics,
-        "float_operating_point": float_point.to_manifest(),
-        "quantization_gate": gate,
-        "latency": latency,
-        "runtime": clf.runtime,
-    }
-    dataset = {
-        "fingerprint": data.fingerprint,
-        "class_counts": dict(data.class_counts),
-        "images": len(data.samples),
-        "unreadable_skipped": len(data.unreadable),
-        "duplicates_removed": len(data.duplicates),
-        "split": split.to_dict() | ({"group_by": opts.group_by, "group_gap": opts.group_gap} if opts.group_by != "none" else {}),
-        "warnings": list(data.warnings),
-    }
-    training_info = {
-        "epochs": config.epochs,
-        "epochs_chosen": "given" if opts.epochs else f"auto: ceil({AUTO_EPOCH_IMAGES} / training images) in {list(AUTO_EPOCHS_RANGE)}",
-        "epochs_run": trained.epochs_run,
-        "best_epoch": trained.best_epoch,
-        "stopped_early": trained.stopped_early,
-        "seed": opts.seed,
-        "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
-        "lr_schedule": "cosine per epoch to 5 %",
-        "patience": config.patience,
-        "early_stopping": "val loss (class-weighted), best weights restored",
-        "class_weighting": "balanced (n / (classes x n_class))",
-        "operating_point_shift": round(shift, 4),
-        "outputs": "pass vs defect (defect classes merged)" if len(model_labels) < len(labels) else "one per class folder",
-        "augmentation": config.augmentation.to_dict(),
-        "architecture": model_mod.model_summary(trained.model) | {"filters": config.width, "head": trained.head, "stem": config.stem, "shading": config.shading},
-        **({"tiles": _tiles_info(crops) | ({"decision_rule": rule.to_dict()} if rule else {})} if crops is not None else {}),
-        "masks": {
-            "used": trained.used_masks,
-            "train_images_with_defect_mask": trained.masked_images,
-            "mask_weight": config.mask_weight,
-            "mask_pos_weight": config.mask_pos_weight,
-        },
-        "parameters": int(trained.model.count_params()),
-        "representative_images": representative_n,
-        "quantization": "full-integer int8 post-training (TFLITE_BUILTINS_INT8, int8 input and output)",
-        "durations_s": {k: round(v, 2) for k, v in durations.items()},
-        "tf_version": tf.__version__,
-        "keras_version": __import__("keras").__version__,
-        "history": [asdict(h) for h in trained.history],
-    }
-    manifest = bundle_mod.build_manifest(
-        threshold=point.threshold,
-        operating_point=point.to_manifest(),
-        metrics=metrics,
-        dataset=dataset,
-        training=training_info,
-        reference=reference,
-        golden=golden,
-        latency_budget_ms=latency_budget,
-        **common,
-    )
-    bundle_mod.write_manifest(staging, manifest)
-
-    # Report for people.
-    (report_dir / SCORES_FILE).write_text(json.dumps(shipped_scores.to_json()) + "\n", encoding="utf-8")
-    report.plot_confusion(int8_metrics["confusion"], pass_label, report_dir / "confusion.png",
-                          f"int8 on test, threshold {point.threshold:.3f}")
-    report.plot_operating_point(shipped_scores, point, (is_defect["test"], int8_test), report_dir)
-    curves = {"float32": (is_defect["test"], float_test), "int8": (is_defect["test"], int8_test)}
-    points = {
-        "float32": (float_metrics["false_reject_rate"] or 0.0, float_metrics["defect_recall"] or 0.0),
-        "int8": (int8_metrics["false_reject_rate"] or 0.0, int8_metrics["defect_recall"] or 0.0),
-    }
-    report.plot_roc(curves, points, report_dir / "roc.png", "ROC on test (dot: chosen threshold)")
-    report.plot_pr(curves, report_dir / "pr.png", "Precision-recall on test (defects positive)")
-    (report_dir / "metrics.json").write_text(
-        json.dumps(
-            {
-                "name": name,
-                "version": version,
-                "metrics": metrics,
-                "data_check": data.to_dict(),
-                "split": split.to_dict(),
-                "training": training_info,
-                "float_model": {"file": f"{REPORT_DIR}/{bundle_mod.FLOAT_MODEL_FILE}", "bytes": len(float_bytes)},
-                "test_scores": {
-                    "pass_label": pass_label,
-                    "files": [str(s.path) for s in split.test],
-                    "labels": true["test"],
-                    "int8": [round(float(v), 6) for v in int8_test],
-                    "float": [round(float(v), 6) for v in float_test],
-                },
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    (report_dir / "model_card.md").write_text(
-        report.model_card(
-            manifest,
-            {
-                "data_dir": str(data.data_dir),
-                "warnings": list(data.warnings),
-                "runtime": clf.runtime,
-                "gate_message": gate_message,
-            },
-        ),
-        encoding="utf-8",
-    )
-    del clf, lat_clf, float_runner
-    with export_mod.quiet_native_output():
-        bundle_mod.verify_bundle(staging)
-    final = bundle_mod.install_bundle(staging, out_dir)
-
-    say("evaluation on the test split (each model at its validation threshold):")
-    for line in report.metrics_table(float_metrics, int8_metrics):
-        say("  " + line)
-    for line in report.operating_point_lines(point):
-        say(line)
-    say(
-        f"latency ({latency['runtime']}, 1 thread): int8 p50 {int8_latency['p50_ms']:.3f} ms, p99 {int8_latency['p99_ms']:.3f} ms; "
-        f"float32 p50 {float_latency['p50_ms']:.3f} ms; budget {latency_budget} ms"
-    )
-    say(f"quantization gate: {gate_message}")
-    say(f"bundle: {final} ({name} {version}); report: {final / REPORT_DIR}")
-    return FitResult(
-        bundle_dir=final,
-        manifest=manifest,
-        float_metrics=float_metrics,
-        int8_metrics=int8_metrics,
-        operating_point=point,
-        gate_passed=bool(gate["passed"]),
-        seconds=time.perf_counter() - t_start,
-        durations=durations,
-    )
-
-
-__all__ = ["AUTO_EPOCH_IMAGES", "DEFAULT_FILTERS", "DEFAULT_SIZE", "FitOptions", "FitResult", "auto_epochs", "fit", "quantization_gate"]
+__all__ = [
+    "AUTO_EPOCH_IMAGES",
+    "DEFAULT_FILTERS",
+    "DEFAULT_SIZE",
+    "FitOptions",
+    "FitResult",
+    "PreparedData",
+    "QuantizedModel",
+    "TrainedModel",
+    "auto_epochs",
+    "evaluate",
+    "fit",
+    "prepare_data",
+    "print_summary",
+    "quantization_gate",
+    "quantize",
+    "train",
+    "write_bundle",
+]

@@ -1,10 +1,11 @@
-"""The bundle's human report: confusion matrix, ROC and PR curves as PNGs, and a model card.
+"""The bundle's human report: confusion matrix, ROC and PR curves as PNGs, metrics.json and a model card.
 
 matplotlib runs with the Agg backend (no display needed); it comes with the training extra.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,8 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from training.evaluate import pr_curve, roc_curve
-from training.operating_point import OperatingPoint, OperatingScores, smoothed_tail, to_logit
+from edge.protocol import REPORT_DIR
+from training.bundle import FLOAT_MODEL_FILE
+from training.dataset import DataReport, Split
+from training.evaluate import Evaluation, pr_curve, roc_curve
+from training.operating_point import (
+    SCORES_FILE,
+    OperatingPoint,
+    OperatingScores,
+    smoothed_tail,
+    to_logit,
+)
 
 SCORES_PLOT = "scores.png"
 OPERATING_PLOT = "operating_point.png"
@@ -299,6 +309,44 @@ def model_card(manifest: Mapping[str, Any], extra: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(report_dir: Path, manifest: Mapping[str, Any], evaluation: Evaluation, data: DataReport, split: Split) -> None:
+    """A fit's report/ for people: the operating point's scores (what ``train threshold``
+    moves the point on), the plots, metrics.json (with every test score) and the model card."""
+    e = evaluation
+    pass_label = manifest["pass_label"]
+    (report_dir / SCORES_FILE).write_text(json.dumps(e.shipped_scores.to_json()) + "\n", encoding="utf-8")
+    plot_confusion(e.int8_metrics["confusion"], pass_label, report_dir / "confusion.png",
+                   f"int8 on test, threshold {e.point.threshold:.3f}")
+    plot_operating_point(e.shipped_scores, e.point, (e.test_is_defect, e.int8_test), report_dir)
+    curves = {"float32": (e.test_is_defect, e.float_test), "int8": (e.test_is_defect, e.int8_test)}
+    points = {
+        name: (m["false_reject_rate"] or 0.0, m["defect_recall"] or 0.0)
+        for name, m in (("float32", e.float_metrics), ("int8", e.int8_metrics))
+    }
+    plot_roc(curves, points, report_dir / "roc.png", "ROC on test (dot: chosen threshold)")
+    plot_pr(curves, report_dir / "pr.png", "Precision-recall on test (defects positive)")
+    metrics = {
+        "name": manifest["name"],
+        "version": manifest["version"],
+        "metrics": manifest["metrics"],
+        "data_check": data.to_dict(),
+        "split": split.to_dict(),
+        "training": manifest["training"],
+        "float_model": {"file": f"{REPORT_DIR}/{FLOAT_MODEL_FILE}", "bytes": (report_dir / FLOAT_MODEL_FILE).stat().st_size},
+        "test_scores": {
+            "pass_label": pass_label,
+            "files": [str(s.path) for s in split.test],
+            "labels": e.test_labels,
+            "int8": [round(float(v), 6) for v in e.int8_test],
+            "float": [round(float(v), 6) for v in e.float_test],
+        },
+    }
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    extra = {"data_dir": str(data.data_dir), "warnings": list(data.warnings), "runtime": e.runtime,
+             "gate_message": e.gate["message"]}
+    (report_dir / "model_card.md").write_text(model_card(manifest, extra), encoding="utf-8")
+
+
 __all__ = [
     "metrics_table",
     "model_card",
@@ -308,4 +356,5 @@ __all__ = [
     "plot_operating_point",
     "plot_pr",
     "plot_roc",
+    "write_report",
 ]
