@@ -1,6 +1,6 @@
 """Drift on the box: does the line still look like it did when this model went live?
 
-Per frame, on the pixels of a few thousand (see docs/benchmarks.md "Drift"):
+Per frame, on a few thousand of its pixels (the cost: docs/benchmarks.md, "Drift"):
 
     brightness    mean grey level of a strided subsample (every ``stride``-th pixel and row
                   of a 640x480 frame; larger frames are subsampled further, to as many pixels)
@@ -14,13 +14,13 @@ Per frame, on the pixels of a few thousand (see docs/benchmarks.md "Drift"):
 Per part: the model's defect score, whether it failed, whether it lay near the threshold.
 
 What ``observe`` does per part is copy the pixels these measures read (the subsample and the
-crop, 14 KB of a 640x480 frame) into a batch. The measures of a batch's frames are computed
-together, each frame's on its own pixels as above, when the end of the baseline or a check
-is due (at most ``check_every`` parts, 64 at most, later): one call per measure and frame
-then runs with the code and its buffers warm in the caches, where a frame measured alone,
-between a video decode and a model invoke, pays for cold caches at every call. A
-``deferred`` monitor (the agent's) leaves that work to ``update``, which the agent's writer
-calls after each commit, so no decision waits for a batch's measures or a check.
+crop: 14 KB of a 640x480 frame) into a batch. The batch's frames are measured together, each
+on its own pixels as above, when the end of the baseline or a check is due, or when the
+batch is full (``check_every`` parts, 64 at most): a frame measured alone, between a video
+decode and a model invoke, finds the measures' code and buffers cold in the caches at every
+call; in a batch only the first frame does. A ``deferred`` monitor (the agent's) leaves the
+measuring and the checks to ``update``, which the agent's writer calls after each commit,
+so no decision waits for them.
 
 The anchor is the *line's baseline*: the first ``baseline_parts`` parts decided by this
 model on this box, kept in the buffer's meta table so a restart does not relearn it from
@@ -241,8 +241,10 @@ def has_reference(reference: dict[str, Any]) -> bool:
 class DriftMonitor:
     """Rolling statistics of one model's parts, compared with its baseline; thread-safe reads.
 
-    ``observe`` runs on the inspection thread for every decided part; ``snapshot`` (status),
-    ``take_events`` and ``take_baseline_record`` (the writer) may be called from others.
+    ``observe`` runs on the inspection thread for every decided part; ``update`` (the writer,
+    for a ``deferred`` monitor), ``snapshot`` (status), ``take_events`` and
+    ``take_baseline_record`` (the writer) may be called from others. The counts in the
+    snapshot are of measured parts: up to a batch behind the decided ones.
     """
 
     def __init__(self, settings: DriftSettings, *, model_version: str, model_sha256: str, threshold: float,
