@@ -12,10 +12,16 @@ and edge.drift.DriftMonitor with the agent's default drift settings:
     the three shifts (decided once, the monitor copied).
   - ``--clean`` (20,000) parts of the unchanged line (another seed): drift and warning
     declarations (target 0 drift) and the false-alarm rate per 1,000 parts.
-  - the monitor's CPU per frame (thread CPU time around ``observe``), over every frame above.
+  - the monitor's CPU per frame, over every frame above, as the agent runs it (a deferred
+    monitor): thread CPU time around ``observe`` (the inspection thread's share: copying the
+    measured pixels) plus ``update`` right after it (the writer's share: the batch's measures
+    and the check, on the frames where they are due).
   - the real agent (`linewatch edge run --echo`) paced at 30 fps on a rendered video, drift
     checks on and off, alternating (on, off, on, off): decision latency p50/p99 per run; the
-    medians of each mode are compared (target: p99 within 10 %).
+    medians of each mode are compared (target: p99 within 10 %). Process CPU per frame, and
+    the thread CPU the agent spends in the monitor's ``observe`` and ``update`` (timers
+    wrapped around them in the agent process, TIMED_AGENT: per thread, so it holds up on a
+    loaded box where the process's CPU per frame does not).
 
 Writes bench-out/drift.json and prints a summary.
 
@@ -47,6 +53,26 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from pipeline import OUT, agent_run, default_bundle, machine  # noqa: E402
 
 SIZE = (640, 480)
+# `linewatch` with thread-CPU timers around DriftMonitor.observe and .update; totals to stderr at exit.
+TIMED_AGENT = """
+import atexit, json, sys, time
+import edge.drift
+spent = {"observe": [0, 0], "update": [0, 0]}
+def timed(name):
+    call = getattr(edge.drift.DriftMonitor, name)
+    def wrapper(self, *args):
+        t0 = time.thread_time_ns()
+        call(self, *args)
+        spent[name][0] += time.thread_time_ns() - t0
+        spent[name][1] += 1
+    setattr(edge.drift.DriftMonitor, name, wrapper)
+timed("observe")
+timed("update")
+atexit.register(lambda: sys.stderr.write("DRIFT_CPU_NS " + json.dumps(spent) + "\\n"))
+from edge.cli import main
+sys.argv = ["linewatch", *sys.argv[1:]]
+main()
+"""
 SHIFT_SEED, CLEAN_SEED = 3, 11
 
 
@@ -86,7 +112,7 @@ SHIFTS: dict[str, Callable[[np.ndarray, list[int]], np.ndarray]] = {
 
 
 class Runner:
-    """Frames -> Classifier -> DriftMonitor, counting the monitor's thread CPU per frame."""
+    """Frames -> Classifier -> DriftMonitor (deferred, as in the agent), counting its thread CPU per frame."""
 
     def __init__(self, bundle: Path) -> None:
         from edge.config import DriftConfig
@@ -102,17 +128,23 @@ class Runner:
         )
         m = self.clf.manifest
         self.new_monitor: Callable[[], DriftMonitor] = lambda: DriftMonitor(
-            self.settings, model_version=m.version, model_sha256=m.model.sha256, threshold=m.threshold, reference=m.reference
+            self.settings, model_version=m.version, model_sha256=m.model.sha256, threshold=m.threshold, reference=m.reference,
+            deferred=True,
         )
         self.cpu_us: list[float] = []
+        self.observe_us: list[float] = []
         self.failed = 0
         self.parts = 0
 
     def feed(self, monitor: Any, frame: np.ndarray) -> None:
         pred = self.clf.predict(frame)
         t0 = time.thread_time_ns()
-        monitor.observe(frame, pred.score, pred.passed)
-        self.cpu_us.append((time.thread_time_ns() - t0) / 1000.0)
+        monitor.observe(frame, pred.score, pred.passed)  # the inspection thread's share
+        t1 = time.thread_time_ns()
+        monitor.update()  # the writer's share, after its commit
+        t2 = time.thread_time_ns()
+        self.observe_us.append((t1 - t0) / 1000.0)
+        self.cpu_us.append((t2 - t0) / 1000.0)
         self.failed += not pred.passed
         self.parts += 1
 
@@ -207,7 +239,11 @@ def paced_latency(bundle: Path, frames: int, fps: float, pairs: int = 2) -> dict
         # baseline of 100 parts: the checks run during most of the measured minute
         modes = {"on": "[drift]\nbaseline_parts = 100\n", "off": "[drift]\nenabled = false\n"}
         for mode in ("on", "off") * pairs:
-            r = agent_run(bundle, video, work, frames, fps=fps, extra=modes[mode])
+            r = agent_run(bundle, video, work, frames, fps=fps, extra=modes[mode], command=[sys.executable, "-c", TIMED_AGENT])
+            timers = [line for line in (work / "agent.log").read_text(errors="replace").splitlines() if line.startswith("DRIFT_CPU_NS ")]
+            spent = json.loads(timers[-1].split(" ", 1)[1]) if timers else {}
+            decided = max(1, spent.get("observe", [0, 0])[1])
+            monitor_ms = {f"{k}_ms_per_frame": v[0] / 1e6 / decided for k, v in spent.items()}
             drift = json.loads((work / "buffer.status.json").read_text()).get("drift") or {}
             with sqlite3.connect(work / "buffer.db") as con:
                 drift_samples = con.execute("SELECT count(*) FROM samples WHERE reason LIKE 'drift%'").fetchone()[0]
@@ -215,16 +251,22 @@ def paced_latency(bundle: Path, frames: int, fps: float, pairs: int = 2) -> dict
             runs.append({"mode": mode, **{k: r[k] for k in ("latency_p50_ms", "latency_p99_ms", "cpu_ms_per_frame", "fps",
                                                             "samples")},
                          "drift_state": drift.get("state"), "drift_checks": drift.get("checks"),
-                         "drift_samples": drift_samples, "drift_events": drift_events})
+                         "drift_samples": drift_samples, "drift_events": drift_events, **monitor_ms,
+                         "monitor_ms_per_frame": sum(monitor_ms.values()) if monitor_ms else None})
             print(f"  paced {mode}: p50 {r['latency_p50_ms']:.2f} ms, p99 {r['latency_p99_ms']:.2f} ms, "
-                  f"cpu {r['cpu_ms_per_frame']:.2f} ms/frame, samples {r['samples']} (drift {drift_samples}), "
+                  f"cpu {r['cpu_ms_per_frame']:.2f} ms/frame (monitor {sum(monitor_ms.values()):.3f}), "
+                  f"samples {r['samples']} (drift {drift_samples}), "
                   f"drift {drift.get('state')}/{drift.get('checks')}, load {os.getloadavg()[0]:.1f}", flush=True)
     out: dict[str, Any] = {"runs": runs, "pace_fps": fps, "frames": frames}
     for mode in ("on", "off"):
         sel = [r for r in runs if r["mode"] == mode]
-        for key in ("latency_p50_ms", "latency_p99_ms", "cpu_ms_per_frame"):
+        for key in ("latency_p50_ms", "latency_p99_ms", "cpu_ms_per_frame", "monitor_ms_per_frame"):
             out[f"{mode}_{key}"] = float(np.median([r[key] for r in sel]))
     out["p99_ratio_on_off"] = out["on_latency_p99_ms"] / out["off_latency_p99_ms"]
+    # each "on" run against the "off" run right after it: the box's load drifts less within a pair
+    pairs = [(a["cpu_ms_per_frame"] - b["cpu_ms_per_frame"]) for a, b in zip(runs[::2], runs[1::2], strict=True)]
+    out["cpu_ms_per_frame_on_minus_off"] = out["on_cpu_ms_per_frame"] - out["off_cpu_ms_per_frame"]
+    out["cpu_ms_per_frame_pair_differences"] = [round(d, 3) for d in pairs]
     out["met"] = out["p99_ratio_on_off"] <= 1.10
     return out
 
@@ -256,10 +298,12 @@ def main() -> None:
     t0 = time.monotonic()
     result["shifts"] = run_shifts(runner, args.shift_at, args.after)
     result["clean"] = run_clean(runner, args.clean)
-    cpu = np.asarray(runner.cpu_us)
+    cpu, obs = np.asarray(runner.cpu_us), np.asarray(runner.observe_us)
     result["cost"] = {
         "frames": len(cpu), "cpu_us_median": round(float(np.median(cpu)), 1), "cpu_us_mean": round(float(cpu.mean()), 1),
         "cpu_us_p99": round(float(np.percentile(cpu, 99)), 1), "met": float(cpu.mean()) <= 200.0,
+        "observe_us_median": round(float(np.median(obs)), 1), "observe_us_mean": round(float(obs.mean()), 1),
+        "observe_us_p99": round(float(np.percentile(obs, 99)), 1),
     }
     result["fail_share"] = round(runner.failed / max(1, runner.parts), 4)
     result["in_process_s"] = round(time.monotonic() - t0, 1)
@@ -271,9 +315,10 @@ def main() -> None:
         "shifts": {k: v["drift_after_parts"] for k, v in result["shifts"]["shifts"].items()},
         "declared_before_shift": len(result["shifts"]["before_shift"]),
         "clean": {k: cl[k] for k in ("parts", "drift_declarations", "warning_declarations", "false_alarm_rate_per_1000_parts")},
-        "cost_us": {k: c[k] for k in ("cpu_us_median", "cpu_us_mean", "cpu_us_p99")},
+        "cost_us": {k: c[k] for k in ("cpu_us_median", "cpu_us_mean", "cpu_us_p99", "observe_us_mean", "observe_us_p99")},
         "latency": None if "latency" not in result else {
-            k: round(result["latency"][k], 3) for k in ("on_latency_p99_ms", "off_latency_p99_ms", "p99_ratio_on_off")},
+            k: round(result["latency"][k], 3) for k in ("on_latency_p99_ms", "off_latency_p99_ms", "p99_ratio_on_off",
+                                                         "cpu_ms_per_frame_on_minus_off", "on_monitor_ms_per_frame")},
     }, indent=1))
     met = all(v["met"] for v in result["shifts"]["shifts"].values()) and cl["drift_declarations"] == 0 and c["met"]
     if "latency" in result:

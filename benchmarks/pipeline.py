@@ -335,10 +335,11 @@ def fsync_floor(folder: Path, count: int = 200, pause_s: float = 0.005) -> list[
 
 def agent_run(
     bundle: Path, video: Path, work: Path, frames: int, fps: float | None = None, synchronous: str = "FULL",
-    extra: str = "",
+    extra: str = "", command: list[str] | None = None,
 ) -> dict[str, Any]:
     """The real agent on ``video`` until ``frames`` decisions (paced at ``fps`` when given);
-    ``extra`` is appended to its config (benchmarks/drift.py turns drift checks on and off)."""
+    ``extra`` is appended to its config (benchmarks/drift.py turns drift checks on and off);
+    ``command`` replaces the ``linewatch`` executable (benchmarks/drift.py adds timers)."""
     cfg = work / "agent.toml"
     db = work / "buffer.db"
     for suffix in ("", "-wal", "-shm"):
@@ -354,7 +355,7 @@ def agent_run(
     log = work / "agent.log"
     with open(log, "wb") as err:  # the child keeps its own descriptor
         proc = subprocess.Popen(
-            [str(exe), "edge", "run", "--config", str(cfg), "--echo"], stdout=subprocess.PIPE, stderr=err,
+            [*(command or [str(exe)]), "edge", "run", "--config", str(cfg), "--echo"], stdout=subprocess.PIPE, stderr=err,
             text=True, bufsize=1,
         )
     assert proc.stdout is not None

@@ -213,7 +213,7 @@ class Agent:
         m = self.classifier.manifest
         self.drift = DriftMonitor(
             drift_settings(config), model_version=m.version, model_sha256=m.model.sha256, threshold=m.threshold,
-            reference=m.reference,
+            reference=m.reference, deferred=True,  # measured and checked by the writer (update), after its commits
         )
         self.started_at = time.time()
         self.mqtt_error: str | None = None  # why the MQTT link cannot work (TLS files), shown in the status
@@ -456,7 +456,7 @@ class Agent:
             if image.size == 0:
                 raise ValueError(f"camera.roi {list(roi or ())} lies outside the {frame.image.shape[1]}x{frame.image.shape[0]} frame")
             pred = clf.predict(image)
-            self.drift.observe(image, pred.score, pred.passed)  # never raises; ~0.2 ms at 640x480 (docs/benchmarks.md)
+            self.drift.observe(image, pred.score, pred.passed)  # never raises; copies 14 KB (docs/benchmarks.md, Drift)
             if self.ota is not None:
                 self.ota.observe(pred, clf.version)  # health watch after a model switch
         except Exception as exc:  # noqa: BLE001 - one bad frame must not stop the line
@@ -567,6 +567,8 @@ class Agent:
                     break  # stopping while the buffer cannot be written: nothing was reported
                 encoded = []
                 unencoded = committed
+                # Drift measures and checks, when due: after the commit, so no decision waits for them.
+                self.drift.update()
             elif self.stop_event.is_set():
                 # Done when inspection has handed over its last decision (or is stuck).
                 stop_seen = stop_seen or time.monotonic()

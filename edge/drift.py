@@ -1,6 +1,6 @@
 """Drift on the box: does the line still look like it did when this model went live?
 
-Per frame (a few tens of microseconds at 640x480, see docs/benchmarks.md "Drift"):
+Per frame, on a few thousand of its pixels (the cost: docs/benchmarks.md, "Drift"):
 
     brightness    mean grey level of a strided subsample (every ``stride``-th pixel and row
                   of a 640x480 frame; larger frames are subsampled further, to as many pixels)
@@ -12,6 +12,15 @@ Per frame (a few tens of microseconds at 640x480, see docs/benchmarks.md "Drift"
                   reading as a blur)
 
 Per part: the model's defect score, whether it failed, whether it lay near the threshold.
+
+What ``observe`` does per part is copy the pixels these measures read (the subsample and the
+crop: 14 KB of a 640x480 frame) into a batch. The batch's frames are measured together, each
+on its own pixels as above, when the end of the baseline or a check is due, or when the
+batch is full (``check_every`` parts, 64 at most): a frame measured alone, between a video
+decode and a model invoke, finds the measures' code and buffers cold in the caches at every
+call; in a batch only the first frame does. A ``deferred`` monitor (the agent's) leaves the
+measuring and the checks to ``update``, which the agent's writer calls after each commit,
+so no decision waits for them.
 
 The anchor is the *line's baseline*: the first ``baseline_parts`` parts decided by this
 model on this box, kept in the buffer's meta table so a restart does not relearn it from
@@ -55,6 +64,7 @@ logger = logging.getLogger(__name__)
 STATES = ("ok", "warning", "drift")
 HIST_BINS = 16  # the trainer's PIXEL_BINS: 16 bins over 0..255
 SHARP_CROP = (192, 48)  # central crop (width, height) for the Laplacian, full resolution
+BATCH_LIMIT = 64  # most parts whose pixels wait for their measures
 PSI_EPS = 1e-4  # floor of a bin's share, so an empty bin does not make PSI infinite
 BASELINE_META_KEY = "drift_baseline"
 SCALARS = ("brightness", "contrast", "sharpness", "score")
@@ -118,22 +128,63 @@ def frame_stats(image: np.ndarray, stride: int = 8) -> FrameStats:
     Colour frames are measured on their green channel: it carries most of the luma
     weight (0.59) and needs no colour conversion, which would cost more than the rest.
     """
-    plane = image if image.ndim == 2 else image[:, :, 0 if image.shape[2] == 1 else 1]
-    h, w = plane.shape[:2]
+    sub_at, crop_at = _pixels_read(image.shape, stride)
+    return FrameStats(*_picture_measures(np.ascontiguousarray(image[sub_at]), np.ascontiguousarray(image[crop_at])))
+
+
+def _pixels_read(shape: tuple[int, ...], stride: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Where a frame of ``shape`` keeps the subsample and the sharpness crop (index tuples)."""
+    h, w = shape[:2]
+    if h == 0 or w == 0:
+        raise ValueError(f"empty frame {tuple(shape)}")
+    channel = () if len(shape) == 2 else (0 if shape[2] == 1 else 1,)  # gray, or green of BGR/BGRA
     # ``stride`` is for 640x480: a larger frame is subsampled further, to about as many pixels
     step = max(1, round(stride * math.sqrt(h * w / (640 * 480)))) if h * w > 640 * 480 else stride
-    sub = np.ascontiguousarray(plane[::step, ::step])
-    mean, std = cv2.meanStdDev(sub)
-    hist = cv2.calcHist([sub], [0], None, [HIST_BINS], [0, 256]).ravel()
     cw, ch = min(w, SHARP_CROP[0]), min(h, SHARP_CROP[1])
     x0, y0 = (w - cw) // 2, (h - ch) // 2
-    crop = np.ascontiguousarray(plane[y0 : y0 + ch, x0 : x0 + cw])
+    return (slice(None, None, step), slice(None, None, step), *channel), (slice(y0, y0 + ch), slice(x0, x0 + cw), *channel)
+
+
+def _picture_measures(sub: np.ndarray, crop: np.ndarray) -> tuple[float, float, float, np.ndarray]:
+    """Brightness, contrast, sharpness and histogram from a frame's subsample and crop (contiguous uint8)."""
+    mean, std = cv2.meanStdDev(sub)
+    hist = cv2.calcHist([sub], [0], None, [HIST_BINS], [0, 256]).ravel()
     _, lap_std = cv2.meanStdDev(cv2.Laplacian(crop, cv2.CV_16S))
     crop_mean = cv2.mean(crop)[0]
     # Laplacian variance over the crop's squared mean: a dimmer lamp scales both by the
     # same factor, so only a change in fine detail (blur, a new texture) moves it.
     sharpness = 1e4 * float(lap_std[0, 0]) ** 2 / max(crop_mean * crop_mean, 1.0)
-    return FrameStats(float(mean[0, 0]), float(std[0, 0]), sharpness, hist)
+    return float(mean[0, 0]), float(std[0, 0]), sharpness, hist
+
+
+class PixelBatch:
+    """The pixels the picture measures read, copied from up to ``capacity`` frames of one shape."""
+
+    def __init__(self, shape: tuple[int, ...], stride: int, capacity: int) -> None:
+        self.shape, self.capacity = shape, capacity
+        self._sub_at, self._crop_at = _pixels_read(shape, stride)
+        probe = np.empty(shape[:2], np.uint8)  # the two regions' shapes, without a frame at hand
+        self._subs = np.empty((capacity, *probe[self._sub_at[:2]].shape), np.uint8)
+        self._crops = np.empty((capacity, *probe[self._crop_at[:2]].shape), np.uint8)
+        self._parts = np.empty((capacity, 3), np.float64)  # score, failed, near
+
+    def put(self, slot: int, image: np.ndarray, score: float, failed: bool, near: bool) -> None:
+        """Copy one frame's measured pixels (two small strided copies: all a part costs at once)."""
+        if image.dtype != np.uint8:
+            raise ValueError(f"frame of {image.dtype}, not uint8")
+        self._subs[slot] = image[self._sub_at]
+        self._crops[slot] = image[self._crop_at]
+        self._parts[slot] = (score, failed, near)
+
+    def measures(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` parts as rows in COLUMNS order, and their HIST_BINS histograms."""
+        rows = np.empty((n, len(COLUMNS)), np.float64)
+        hists = np.empty((n, HIST_BINS), np.float64)
+        for i in range(n):
+            brightness, contrast, sharpness, hists[i] = _picture_measures(self._subs[i], self._crops[i])
+            rows[i, :3] = brightness, contrast, math.log1p(sharpness)
+        rows[:, 3:] = self._parts[:n]
+        return rows, hists
 
 
 # -- the tests ------------------------------------------------------------------------------
@@ -156,11 +207,16 @@ def ks_critical(n: int, m: int, alpha: float) -> float:
 
 def psi(actual: np.ndarray, expected: np.ndarray) -> float:
     """Population stability index of two histograms (counts or shares, same bins)."""
+    return float(psi_rows(np.asarray(actual, dtype=np.float64)[None], expected)[0])
+
+
+def psi_rows(actual: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """PSI of each row of ``actual`` (histograms, one per row) against ``expected``."""
     a = np.asarray(actual, dtype=np.float64)
     e = np.asarray(expected, dtype=np.float64)
-    a = np.maximum(a / max(a.sum(), 1e-12), PSI_EPS)
+    a = np.maximum(a / np.maximum(a.sum(axis=-1, keepdims=True), 1e-12), PSI_EPS)
     e = np.maximum(e / max(e.sum(), 1e-12), PSI_EPS)
-    return float(np.sum((a - e) * np.log(a / e)))
+    return np.sum((a - e) * np.log(a / e), axis=-1)
 
 
 def proportion_z(k1: int, n1: int, k2: int, n2: int) -> float:
@@ -185,14 +241,22 @@ def has_reference(reference: dict[str, Any]) -> bool:
 class DriftMonitor:
     """Rolling statistics of one model's parts, compared with its baseline; thread-safe reads.
 
-    ``observe`` runs on the inspection thread for every decided part; ``snapshot`` (status),
-    ``take_events`` and ``take_baseline_record`` (the writer) may be called from others.
+    ``observe`` runs on the inspection thread for every decided part; ``update`` (the writer,
+    for a ``deferred`` monitor), ``snapshot`` (status), ``take_events`` and
+    ``take_baseline_record`` (the writer) may be called from others. The counts in the
+    snapshot are of measured parts: up to a batch behind the decided ones.
     """
 
     def __init__(self, settings: DriftSettings, *, model_version: str, model_sha256: str, threshold: float,
-                 reference: dict[str, Any]) -> None:
+                 reference: dict[str, Any], deferred: bool = False) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
+        self.deferred = deferred
+        self._lock = threading.Lock()  # the statistics and the batch being filled
+        self._flush_lock = threading.Lock()  # one batch measured at a time, in order
+        self._capacity = max(1, min(settings.check_every, BATCH_LIMIT))
+        self._batch: PixelBatch | None = None
+        self._spare: PixelBatch | None = None
+        self._generation = 0
         self._events: list[tuple[str, dict[str, Any]]] = []
         self._baseline_record: str | None = None
         self.errors = 0
@@ -200,12 +264,12 @@ class DriftMonitor:
 
     def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy (benchmarks/drift.py): the lock is not copied
         state = dict(self.__dict__)
-        del state["_lock"]
+        del state["_lock"], state["_flush_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock, self._flush_lock = threading.Lock(), threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -244,6 +308,9 @@ class DriftMonitor:
             self._vs_training: dict[str, Any] | None = None
             self._out_of_band: tuple[str, ...] = ()
             self._since = time.time()
+            self._pending = 0  # parts in the batch, not yet measured (the old model's are dropped)
+            self._generation += 1
+            self._due = self._next_due()
             if previous != "ok" and why:
                 self._events.append(("drift_state", {"state": "ok", "previous": previous, "why": why,
                                                      "model_version": model_version}))
@@ -266,40 +333,101 @@ class DriftMonitor:
         with self._lock:
             self._base, self._base_frame_hists, self._base_hist = base, list(hists), hists.sum(axis=0)
             self._finish_baseline(store=False)
+            self._due = self._next_due()
         logger.info("drift baseline of model %s restored (%d parts)", self.model_version, len(base["score"]))
         return True
 
     # -- per part ------------------------------------------------------------------------
 
     def observe(self, image: np.ndarray, score: float, passed: bool) -> None:
-        """Account one decided part (its picture as the model saw it). Never raises."""
+        """Take one decided part (its picture as the model saw it). Never raises.
+
+        Copies the pixels its measures read into the batch. When a check or the end of the
+        baseline is due, the batch is measured and accounted here; a ``deferred`` monitor
+        leaves that to ``update`` and does it here only when its batch is full.
+        """
         if self.checks == "off":
             return
         try:
-            fs = frame_stats(image, self.settings.stride)
             near = abs(score - self.threshold) <= self.settings.near_margin
-            row = (fs.brightness, fs.contrast, math.log1p(fs.sharpness), score, 0.0 if passed else 1.0, 1.0 if near else 0.0)
-            with self._lock:
-                if self.checks == "baseline":
-                    for k, v in zip(COLUMNS, row, strict=True):
-                        self._base[k].append(v)
-                    self._base_hist += fs.histogram
-                    self._base_frame_hists.append(fs.histogram)
-                    if len(self._base["score"]) >= self.settings.baseline_parts:
-                        self._finish_baseline(store=True)
-                    return
-                slot = self._parts % self.settings.window_parts
-                self._win[slot] = row
-                self._win_hist[slot] = fs.histogram
-                self._parts += 1
-                self._since_check += 1
-                if self._since_check >= self.settings.check_every and self._parts >= self.settings.window_parts:
-                    self._since_check = 0
-                    self._check()
+            while True:
+                with self._lock:
+                    batch = self._batch
+                    if batch is not None and batch.shape == image.shape and self._pending < batch.capacity:
+                        batch.put(self._pending, image, score, not passed, near)
+                        self._pending += 1
+                        break
+                    if not self._pending:  # a first frame, or a new frame size
+                        self._batch, self._spare = PixelBatch(image.shape, self.settings.stride, self._capacity), None
+                        continue
+                self._flush()  # the full batch, or the frames of the old size, first
+            if not self.deferred and self._pending >= self._due:
+                self._flush()
         except Exception as exc:  # noqa: BLE001 - drift is advice; the decision must go on
-            self.errors += 1
-            if self.errors <= 3:
-                logger.warning("drift statistics skipped a part: %s", exc)
+            self._skipped(exc, 1)
+
+    def update(self) -> None:
+        """Measure the waiting parts and run the check if one is due; cheap when none is. Never raises."""
+        if self._pending < self._due:
+            return
+        try:
+            self._flush()
+        except Exception as exc:  # noqa: BLE001 - drift is advice
+            self._skipped(exc, 1)
+
+    def _skipped(self, exc: Exception, parts: int) -> None:
+        self.errors += parts
+        if self.errors <= 3:
+            logger.warning("drift statistics skipped %d part(s): %s", parts, exc)
+
+    def _flush(self) -> None:
+        """Measure the batch's parts and account them in order: baseline, window, checks."""
+        with self._flush_lock:
+            with self._lock:
+                n, batch, generation = self._pending, self._batch, self._generation
+                if not n or batch is None:
+                    return
+                # inspection fills the spare meanwhile
+                spare = self._spare if self._spare is not None and self._spare.shape == batch.shape else None
+                self._batch, self._spare, self._pending = spare, batch, 0
+            try:
+                rows, hists = batch.measures(n)  # outside the lock: the slow part
+            except Exception as exc:  # noqa: BLE001 - a batch whose pixels cannot be measured is skipped
+                self._skipped(exc, n)
+                return
+            with self._lock:
+                if generation == self._generation:  # else a new model went live meanwhile: these were the old one's
+                    for row, hist in zip(rows, hists, strict=True):
+                        self._account(row, hist)
+                self._due = self._next_due()
+
+    def _account(self, row: np.ndarray, hist: np.ndarray) -> None:
+        s = self.settings
+        if self.checks == "baseline":
+            for k, v in zip(COLUMNS, row.tolist(), strict=True):
+                self._base[k].append(v)
+            self._base_hist += hist
+            self._base_frame_hists.append(hist)
+            if len(self._base["score"]) >= s.baseline_parts:
+                self._finish_baseline(store=True)
+            return
+        slot = self._parts % s.window_parts
+        self._win[slot] = row
+        self._win_hist[slot] = hist
+        self._parts += 1
+        self._since_check += 1
+        if self._since_check >= s.check_every and self._parts >= s.window_parts:
+            self._since_check = 0
+            self._check()
+
+    def _next_due(self) -> int:
+        """Waiting parts that make a measurement due: the baseline's end, the next check, or a full batch."""
+        s = self.settings
+        if self.checks == "baseline":
+            left = s.baseline_parts - len(self._base["score"])
+        else:
+            left = max(s.check_every - self._since_check, s.window_parts - self._parts)
+        return max(1, min(self._capacity, left))
 
     def _finish_baseline(self, *, store: bool) -> None:
         self.checks = "on"
@@ -332,7 +460,8 @@ class DriftMonitor:
         frames = np.asarray(self._base_frame_hists, dtype=np.float64)
         w = min(self.settings.window_parts, len(frames))
         rng = np.random.default_rng(0)
-        noise = max(psi(frames[rng.integers(0, len(frames), w)].sum(axis=0), self._base_hist) for _ in range(100))
+        windows = frames[rng.integers(0, len(frames), (100, w))].sum(axis=1)  # 100 windows, one per row
+        noise = float(psi_rows(windows, self._base_hist).max())
         return max(PSI_LIMITS[0], 2.0 * noise), max(PSI_LIMITS[1], 3.0 * noise)
 
     # -- checks --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from edge.drift import (
     DriftSettings,
     banner,
     describe,
+    frame_stats,
     ks_statistic,
     proportion_z,
     psi,
@@ -152,6 +153,54 @@ def test_reset_at_a_new_model_restarts_statistics_without_a_drift() -> None:
     assert snap["state"] == "ok" and snap["checks"] == "baseline" and snap["model_version"] == "m2"
     # the new model learns the (dark) line as its usual: no drift is declared after it
     assert feed(m, [darker(f) for f in part_frames(120, seed=6)], rng) == []
+
+
+def _baseline_values(m: DriftMonitor) -> dict[str, Any]:
+    record = json.loads(m.take_baseline_record() or "{}")
+    return {"values": record["values"], "histograms": record["histograms"]}
+
+
+def test_batched_measures_are_each_frames_own_whenever_they_run() -> None:
+    """Pixels copied per part and measured a batch at a time give each frame's own measures
+    (frame_stats on that frame alone), in order: measured in observe, or later in update
+    (deferred, as the agent runs it), across a change of frame size and of colour."""
+    frames = [*part_frames(13, seed=7), *part_frames(9, seed=8, size=(200, 150)),
+              *[cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in part_frames(8, seed=9)]]
+    settings = DriftSettings(baseline_parts=len(frames), window_parts=10, check_every=4)
+    scores = np.random.default_rng(0).uniform(0, 1, len(frames))
+    inline, deferred = monitor(settings=settings), DriftMonitor(
+        settings, model_version="m1", model_sha256="a" * 64, threshold=0.5, reference=REFERENCE, deferred=True)
+    for i, (f, score) in enumerate(zip(frames, scores, strict=True)):
+        inline.observe(f, float(score), score < 0.5)
+        deferred.observe(f, float(score), score < 0.5)
+        if i % 3 == 0:
+            deferred.update()  # the writer comes by now and then; a full batch is measured in observe
+    assert inline.snapshot()["checks"] == "on", "the baseline ends at its last part"
+    deferred.update()
+    got = _baseline_values(inline)
+    assert _baseline_values(deferred) == got
+    for i, f in enumerate(frames):
+        fs = frame_stats(f)
+        assert got["values"]["brightness"][i] == round(fs.brightness, 4)
+        assert got["values"]["contrast"][i] == round(fs.contrast, 4)
+        assert got["values"]["sharpness"][i] == round(float(np.log1p(fs.sharpness)), 4)
+        assert got["values"]["score"][i] == round(float(scores[i]), 4)
+        assert got["values"]["failed"][i] == float(scores[i] >= 0.5)
+        assert got["histograms"][i] == [int(v) for v in fs.histogram]
+
+
+def test_parts_waiting_at_a_model_swap_are_not_the_new_models() -> None:
+    settings = DriftSettings(baseline_parts=20, window_parts=10, check_every=8)
+    m = DriftMonitor(settings, model_version="m1", model_sha256="a" * 64, threshold=0.5, reference=REFERENCE, deferred=True)
+    for f in part_frames(5, seed=1):
+        m.observe(darker(f), 0.1, True)  # waiting in the batch, not yet measured
+    m.reset(model_version="m2", model_sha256="b" * 64, threshold=0.5, reference=REFERENCE)
+    frames = part_frames(20, seed=2)
+    for f in frames:
+        m.observe(f, 0.1, True)
+    m.update()
+    assert m.snapshot()["checks"] == "on"
+    assert _baseline_values(m)["values"]["brightness"] == [round(frame_stats(f).brightness, 4) for f in frames]
 
 
 def _pred(score: float, passed: bool) -> Prediction:
