@@ -57,9 +57,16 @@ logger = logging.getLogger(__name__)
 
 STAGING = "staging"
 
-class InstallStage(TextEnum):
-    """The stages of :func:`install_bundle`, in order; every refusal names the one that refused."""
 
+class InstallStage(TextEnum):
+    """The stages of an OTA update, in order; every refusal names the one that refused.
+
+    ``DESIRED``, ``TRANSFER`` and ``HEALTH`` are edge/ota.py's (the request, the download,
+    the health watch after the switch); the ones between are :func:`install_bundle`'s.
+    """
+
+    DESIRED = "desired"
+    TRANSFER = "transfer"
     STORE = "store"
     UNPACK = "unpack"
     SIGNATURE = "signature"
@@ -72,13 +79,7 @@ class InstallStage(TextEnum):
     LATENCY = "latency"
     COMMIT = "commit"
     DONE = "done"
-
-
-# The stages edge/ota.py refers to by these names.
-STAGE_DOWNGRADE = InstallStage.DOWNGRADE
-STAGE_GOLDEN = InstallStage.GOLDEN
-STAGE_LOAD = InstallStage.LOAD
-STAGE_STORE = InstallStage.STORE
+    HEALTH = "health"
 
 
 @dataclass(frozen=True)
@@ -335,10 +336,6 @@ def install_bundle(
 
 
 __all__ = [
-    "STAGE_DOWNGRADE",
-    "STAGE_GOLDEN",
-    "STAGE_LOAD",
-    "STAGE_STORE",
     "STAGING",
     "InstallResult",
     "InstallStage",
