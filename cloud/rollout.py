@@ -308,6 +308,36 @@ class _Rollout:
         return out
 
 
+def _canary_phase(
+    ro: _Rollout,
+    config: CloudConfig,
+    store: SQLiteStore,
+    devices: list[str],
+    canaries: list[str],
+    min_success: float,
+    timeout_s: float,
+    results: dict[str, str],
+    reasons: dict[str, str],
+    echo: Callable[[str], None],
+) -> RolloutOutcome | None:
+    """Deploy to the canaries and wait; the halted outcome when too few succeed, else None (go on)."""
+    echo(f"canary phase: {', '.join(canaries)} (need {min_success:.0%} success)")
+    ro.deploy(canaries)
+    res, why = ro.wait(canaries, ro.transfer, ro.model.version, math.ceil(min_success * len(canaries) - 1e-9), timeout_s)
+    results.update(res)
+    reasons.update(why)
+    ok = sum(1 for v in res.values() if v == SUCCESS)
+    if ok / len(canaries) < min_success:
+        echo(f"canaries: {ok}/{len(canaries)} succeeded, below {min_success:.0%}: halting, rolling canaries back")
+        for d in devices:
+            results.setdefault(d, PENDING)
+        return _halt(ro, config, store, canaries, results, reasons, timeout_s,
+                     f"halted after canaries: {ok}/{len(canaries)} succeeded")  # fmt: skip
+    echo(f"canaries: {ok}/{len(canaries)} succeeded; proceeding")
+    ro.set_state("running")
+    return None
+
+
 def run_push(
     config: CloudConfig,
     model: RegisteredModel,
@@ -348,20 +378,9 @@ def run_push(
             reasons: dict[str, str] = {}
             need_all = math.ceil(min_success * len(devices) - 1e-9)
             if canaries:
-                echo(f"canary phase: {', '.join(canaries)} (need {min_success:.0%} success)")
-                ro.deploy(canaries)
-                res, why = ro.wait(canaries, ro.transfer, model.version, math.ceil(min_success * len(canaries) - 1e-9), timeout_s)
-                results.update(res)
-                reasons.update(why)
-                ok = sum(1 for v in res.values() if v == SUCCESS)
-                if ok / len(canaries) < min_success:
-                    echo(f"canaries: {ok}/{len(canaries)} succeeded, below {min_success:.0%}: halting, rolling canaries back")
-                    for d in devices:
-                        results.setdefault(d, PENDING)
-                    return _halt(ro, config, store, canaries, results, reasons, timeout_s,
-                                 f"halted after canaries: {ok}/{len(canaries)} succeeded")  # fmt: skip
-                echo(f"canaries: {ok}/{len(canaries)} succeeded; proceeding")
-                ro.set_state("running")
+                halted = _canary_phase(ro, config, store, devices, canaries, min_success, timeout_s, results, reasons, echo)
+                if halted is not None:
+                    return halted
             rest = [d for d in devices if d not in canaries]
             if rest:
                 ro.deploy(rest)

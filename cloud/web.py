@@ -42,9 +42,22 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
+from starlette.routing import Route
+
 from cloud.config import CloudConfig
 from cloud.exceptions import CloudConfigError
 from cloud.store import DEVICE_STATES, device_state
+from cloud.web_metrics import metrics_registry, render_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -186,42 +199,53 @@ def report_picture(config: CloudConfig, packed_file: str, name: str) -> bytes | 
 
 def build_app(config: CloudConfig) -> Any:
     """The Starlette application for ``config`` (needs ``[web]`` with a token)."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import (
-        HTMLResponse,
-        JSONResponse,
-        PlainTextResponse,
-        RedirectResponse,
-        Response,
-    )
-    from starlette.routing import Route
-
-    from cloud.web_metrics import metrics_registry, render_metrics
-
     web = config.web
     token = None if web is None else web.effective_token
     if web is None or not token:
         raise CloudConfigError(
             "the web pages need a token: set [web] token (16+ characters) in the cloud config or LINEWATCH_CLOUD_WEB_TOKEN"
         )
-    page_size = web.page_size
-    reader = StoreReader(config)
-    registry = metrics_registry(reader)
-    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
-    env.filters["ago"] = _ago
-    env.filters["when"] = _when
-    env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f}%"
+    site = _Site(config, web.page_size, token)
+    return TokenGate(Starlette(routes=site.routes()), token)
 
-    def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        return HTMLResponse(env.get_template(name).render(**context), status_code=status)
 
-    def fleet_page(request: Request) -> Response:
+class _Site:
+    """The pages' handlers and what they share: the store reader, the templates, the token."""
+
+    def __init__(self, config: CloudConfig, page_size: int, token: str) -> None:
+        self.config = config
+        self.page_size = page_size
+        self.token = token
+        self.reader = StoreReader(config)
+        self.registry = metrics_registry(self.reader)
+        self.env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
+        self.env.filters["ago"] = _ago
+        self.env.filters["when"] = _when
+        self.env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f}%"
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", self.fleet_page),
+            Route("/devices/{device_id}", self.device_page),
+            Route("/devices/{device_id}/samples/{seq:int}.jpg", self.sample_jpeg),
+            Route("/models", self.models_page),
+            Route("/models/{version}/{name}.png", self.model_picture),
+            Route("/rollouts/{rollout_id}", self.rollout_page),
+            Route("/api/fleet", self.api_fleet),
+            Route("/metrics", self.metrics),
+            Route("/healthz", self.healthz),
+            Route("/login", self.login, methods=["GET", "POST"]),
+            Route("/logout", self.logout),
+        ]
+
+    def render(self, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        return HTMLResponse(self.env.get_template(name).render(**context), status_code=status)
+
+    def fleet_page(self, request: Request) -> Response:
         t0 = time.perf_counter()
         now = time.time()
         q = request.query_params
-        devices = reader.fleet(now)
+        devices = self.reader.fleet(now)
         groups = sorted({g for d in devices for g in d["groups"]})
         states = {s: sum(1 for d in devices if d["state"] == s) for s in DEVICE_STATES}
         group, state = q.get("group") or "", q.get("state") or ""
@@ -231,121 +255,105 @@ def build_app(config: CloudConfig) -> Any:
             devices = [d for d in devices if d["state"] == state]
         sort, desc = q.get("sort") or "device_id", q.get("desc") == "1"
         devices = sort_devices(devices, sort, desc)
-        pages = max(1, math.ceil(len(devices) / page_size))
+        pages = max(1, math.ceil(len(devices) / self.page_size))
         page = min(max(_int(q.get("page"), 1), 1), pages)
-        shown = devices[(page - 1) * page_size : page * page_size]
+        shown = devices[(page - 1) * self.page_size : page * self.page_size]
 
         def link(**changes: Any) -> str:
             params = {"group": group, "state": state, "sort": sort, "desc": "1" if desc else "", "page": page, **changes}
             return "/?" + urllib.parse.urlencode({k: v for k, v in params.items() if v not in ("", None, 1) or k == "desc" and v})
 
-        return render(
+        return self.render(
             "fleet.html", devices=shown, total=len(devices), groups=groups, group=group, state=state, states=states,
             sort=sort, desc=desc, page=page, pages=pages, link=link, sort_keys=SORT_KEYS,
             render_ms=(time.perf_counter() - t0) * 1000.0, now=now,
         )  # fmt: skip
 
-    def device_page(request: Request) -> Response:
+    def device_page(self, request: Request) -> Response:
         device_id = request.path_params["device_id"]
         now = time.time()
-        found = reader.fleet(now, device_id) if _DEVICE_RE.match(device_id) else []
+        found = self.reader.fleet(now, device_id) if _DEVICE_RE.match(device_id) else []
         if not found:
-            return render("error.html", 404, message=f"no device {device_id!r} in the store")
-        chart = minute_chart(reader.rows(
+            return self.render("error.html", 404, message=f"no device {device_id!r} in the store")
+        chart = minute_chart(self.reader.rows(
             "SELECT minute, passed, failed FROM result_minutes WHERE device_id = ? AND minute > ?",
             (device_id, int(now // 60) - CHART_MINUTES)), now)  # fmt: skip
-        recent = reader.rows("SELECT * FROM results WHERE device_id = ? ORDER BY seq DESC LIMIT 30", (device_id,))
-        failed = reader.rows(
+        recent = self.reader.rows("SELECT * FROM results WHERE device_id = ? ORDER BY seq DESC LIMIT 30", (device_id,))
+        failed = self.reader.rows(
             "SELECT seq, ts, label, score FROM samples WHERE device_id = ? AND reason = 'fail' ORDER BY seq DESC LIMIT 8", (device_id,)
         )
-        events = reader.rows("SELECT seq, ts, kind, detail FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 40", (device_id,))
-        gaps = reader.rows("SELECT * FROM gaps WHERE device_id = ? ORDER BY seq DESC LIMIT 20", (device_id,))
-        ota = reader.rows(
+        events = self.reader.rows("SELECT seq, ts, kind, detail FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 40", (device_id,))
+        gaps = self.reader.rows("SELECT * FROM gaps WHERE device_id = ? ORDER BY seq DESC LIMIT 20", (device_id,))
+        ota = self.reader.rows(
             "SELECT d.*, r.state AS rollout_state, r.version AS rollout_version, r.created AS rollout_created"
             " FROM ota_deployments d JOIN ota_rollouts r ON r.id = d.rollout WHERE d.device_id = ? ORDER BY r.created DESC LIMIT 20",
             (device_id,),
         )
-        ota_now = reader.rows("SELECT * FROM ota_device_state WHERE device_id = ?", (device_id,))
-        return render("device.html", d=found[0], chart=chart, recent=recent, failed=failed, events=events, gaps=gaps,
+        ota_now = self.reader.rows("SELECT * FROM ota_device_state WHERE device_id = ?", (device_id,))
+        return self.render("device.html", d=found[0], chart=chart, recent=recent, failed=failed, events=events, gaps=gaps,
                       ota=ota, ota_now=ota_now[0] if ota_now else None, now=now)  # fmt: skip
 
-    def sample_jpeg(request: Request) -> Response:
+    def sample_jpeg(self, request: Request) -> Response:
         device_id, seq = request.path_params["device_id"], request.path_params["seq"]
         if not _DEVICE_RE.match(device_id):
             return PlainTextResponse("no such sample", 404)
-        rows = reader.rows("SELECT path FROM samples WHERE device_id = ? AND seq = ?", (device_id, int(seq)))
-        path = config.samples_dir / rows[0]["path"] if rows else None
-        if path is None or not path.resolve().is_relative_to(config.samples_dir.resolve()) or not path.is_file():
+        rows = self.reader.rows("SELECT path FROM samples WHERE device_id = ? AND seq = ?", (device_id, int(seq)))
+        path = self.config.samples_dir / rows[0]["path"] if rows else None
+        if path is None or not path.resolve().is_relative_to(self.config.samples_dir.resolve()) or not path.is_file():
             return PlainTextResponse("no such sample", 404)
         return Response(path.read_bytes(), media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
-    def models_page(request: Request) -> Response:
+    def models_page(self, request: Request) -> Response:
         models = [
             {**dict(r), "metrics": json.loads(r["metrics"] or "{}")}
-            for r in reader.rows("SELECT version, name, sha256, size, key_id, created, added, metrics, file,"
+            for r in self.reader.rows("SELECT version, name, sha256, size, key_id, created, added, metrics, file,"
                 " json_extract(manifest, '$.threshold') AS threshold FROM ota_models ORDER BY added DESC")
         ]
-        rollouts = _rollouts(reader, limit=50)
-        return render("models.html", models=models, rollouts=rollouts, pictures=REPORT_PICTURES, now=time.time())
+        rollouts = _rollouts(self.reader, limit=50)
+        return self.render("models.html", models=models, rollouts=rollouts, pictures=REPORT_PICTURES, now=time.time())
 
-    def model_picture(request: Request) -> Response:
+    def model_picture(self, request: Request) -> Response:
         version, name = request.path_params["version"], request.path_params["name"]
-        rows = reader.rows("SELECT file FROM ota_models WHERE version = ?", (version,))
-        data = report_picture(config, rows[0]["file"], name) if rows and name in REPORT_PICTURES else None
+        rows = self.reader.rows("SELECT file FROM ota_models WHERE version = ?", (version,))
+        data = report_picture(self.config, rows[0]["file"], name) if rows and name in REPORT_PICTURES else None
         if data is None:
             return PlainTextResponse("no such picture", 404)
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
-    def rollout_page(request: Request) -> Response:
-        found = _rollouts(reader, rollout_id=request.path_params["rollout_id"])
+    def rollout_page(self, request: Request) -> Response:
+        found = _rollouts(self.reader, rollout_id=request.path_params["rollout_id"])
         if not found:
-            return render("error.html", 404, message="no such rollout")
-        return render("rollout.html", r=found[0], now=time.time())
+            return self.render("error.html", 404, message="no such rollout")
+        return self.render("rollout.html", r=found[0], now=time.time())
 
-    def api_fleet(request: Request) -> Response:
-        return JSONResponse(reader.fleet(time.time()))
+    def api_fleet(self, request: Request) -> Response:
+        return JSONResponse(self.reader.fleet(time.time()))
 
-    def metrics(request: Request) -> Response:
-        body, content_type = render_metrics(registry)
+    def metrics(self, request: Request) -> Response:
+        body, content_type = render_metrics(self.registry)
         return Response(body, media_type=content_type)
 
-    def healthz(request: Request) -> Response:
+    def healthz(self, request: Request) -> Response:
         return PlainTextResponse("ok")
 
-    async def login(request: Request) -> Response:
+    async def login(self, request: Request) -> Response:
         nxt = request.query_params.get("next") or "/"
         if not nxt.startswith("/") or nxt.startswith("//"):
             nxt = "/"  # only paths of this site: no open redirect
         if request.method == "POST":
             form = urllib.parse.parse_qs((await request.body()).decode("utf-8", "replace"))
             given = (form.get("token") or [""])[0]
-            if hmac.compare_digest(given.encode(), token.encode()):
+            if hmac.compare_digest(given.encode(), self.token.encode()):
                 resp = RedirectResponse(nxt, status_code=303)
-                resp.set_cookie(COOKIE, session_value(token), httponly=True, samesite="strict", max_age=12 * 3600)
+                resp.set_cookie(COOKIE, session_value(self.token), httponly=True, samesite="strict", max_age=12 * 3600)
                 return resp
-            return render("login.html", 401, error="wrong token", next=nxt)
-        return render("login.html", next=nxt, error=None)
+            return self.render("login.html", 401, error="wrong token", next=nxt)
+        return self.render("login.html", next=nxt, error=None)
 
-    def logout(request: Request) -> Response:
+    def logout(self, request: Request) -> Response:
         resp = RedirectResponse("/login", status_code=303)
         resp.delete_cookie(COOKIE)
         return resp
-
-    routes = [
-        Route("/", fleet_page),
-        Route("/devices/{device_id}", device_page),
-        Route("/devices/{device_id}/samples/{seq:int}.jpg", sample_jpeg),
-        Route("/models", models_page),
-        Route("/models/{version}/{name}.png", model_picture),
-        Route("/rollouts/{rollout_id}", rollout_page),
-        Route("/api/fleet", api_fleet),
-        Route("/metrics", metrics),
-        Route("/healthz", healthz),
-        Route("/login", login, methods=["GET", "POST"]),
-        Route("/logout", logout),
-    ]
-    app = Starlette(routes=routes)
-    return TokenGate(app, token)
 
 
 class TokenGate:

@@ -36,6 +36,7 @@ import cv2
 import numpy as np
 
 from edge.backoff import Backoff
+from edge.enums import TextEnum
 from edge.exceptions import CameraError, ImageError
 from edge.preprocess import IMAGE_SUFFIXES, read_image
 
@@ -48,7 +49,6 @@ VIDEO_SUFFIXES = (
 )
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https")
 SOURCE_KINDS = ("device", "url", "gstreamer", "video", "images")
-CAMERA_STATES = ("starting", "up", "down", "ended", "stopped")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DEV_VIDEO = re.compile(r"^/dev/video\d+$")
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^/\s]*@")
@@ -205,18 +205,28 @@ class Frame:
     grab_ms: float = 0.0
 
 
+class CameraPhase(TextEnum):
+    """Where the camera is: status JSON, logs and the operator page carry the value."""
+
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"  # a failed open or read; the reader retries with backoff
+    ENDED = "ended"  # a finite source (video, image folder) has no more frames
+    STOPPED = "stopped"  # terminal until start()
+
+
 @dataclass(frozen=True)
 class CameraState:
     """A snapshot of the camera for status pages and events.
 
-    ``state`` is one of :data:`CAMERA_STATES`; ``since`` is when it last changed;
+    ``state`` is a :class:`CameraPhase`; ``since`` is when it last changed;
     ``down_since`` is set while the camera is 'down'; ``frames`` counts frames read (and
     numbered), ``dropped`` those discarded because the consumer was slow (live sources) or
     the capture stopped, so ``frames == taken + dropped + queued``; ``bad_frames`` counts
     unreadable images skipped; ``fps`` is measured over the last frames.
     """
 
-    state: str
+    state: CameraPhase
     since: float
     down_since: float | None
     reconnects: int
@@ -521,7 +531,7 @@ class Capture:
 
         cap = Capture("parts.mp4")
         cap.start()
-        while (frame := cap.get(timeout=1.0)) is not None or cap.state().state != "ended":
+        while (frame := cap.get(timeout=1.0)) is not None or cap.state().state != CameraPhase.ENDED:
             ...
         cap.stop()
     """
@@ -568,7 +578,7 @@ class Capture:
         self._generation = 0
         self._stopping = False
         now = time.time()
-        self._state = "starting"
+        self._state = CameraPhase.STARTING
         self._since = now
         self._down_since: float | None = None
         self._reconnects = 0
@@ -617,8 +627,8 @@ class Capture:
                 return
             self._stopping = False
             with self._lock:
-                if self._state == "stopped":
-                    self._state, self._since = "starting", time.time()
+                if self._state == CameraPhase.STOPPED:
+                    self._state, self._since = CameraPhase.STARTING, time.time()
             self._spawn()
 
     def stop(self, timeout: float = 1.0) -> bool:
@@ -631,7 +641,7 @@ class Capture:
             joined = self._join(worker, timeout)
         if not joined:
             logger.warning("camera %s: reader still blocked %.1f s after stop; left behind", self.source, timeout)
-        self._set_state("stopped", worker=None)
+        self._set_state(CameraPhase.STOPPED, worker=None)
         return joined
 
     def join(self, timeout: float | None = None) -> bool:
@@ -732,12 +742,12 @@ class Capture:
         span = recent[-1] - recent[0]
         return (len(recent) - 1) / span if span > 0 else 0.0
 
-    def _set_state(self, new: str, *, worker: _Worker | None, error: str | None = None) -> None:
+    def _set_state(self, new: CameraPhase, *, worker: _Worker | None, error: str | None = None) -> None:
         """Change state; a worker that was replaced by a restart changes nothing."""
         with self._lock:
             if worker is not None and worker is not self._worker:
                 return
-            if self._state == "stopped":  # terminal until start(); a late reader changes nothing
+            if self._state == CameraPhase.STOPPED:  # terminal until start(); a late reader changes nothing
                 return
             if error is not None:
                 self._last_error = error
@@ -748,9 +758,9 @@ class Capture:
             now = time.time()
             self._state = new
             self._since = now
-            if new == "down":
+            if new == CameraPhase.DOWN:
                 self._down_since = self._down_since or now
-            elif new != "stopped":
+            elif new != CameraPhase.STOPPED:
                 self._down_since = None
             snap = self._snapshot()
         logger.info("camera %s: %s -> %s%s", self.source, old.state, new, f" ({error})" if error else "")
@@ -795,20 +805,20 @@ class Capture:
                         attempt = 0
                     delay = self.backoff.delay(attempt)
                     attempt += 1
-                    self._set_state("down", worker=worker, error=str(exc))
+                    self._set_state(CameraPhase.DOWN, worker=worker, error=str(exc))
                     logger.warning("camera %s: %s; retry in %.1f s", self.source, exc, delay)
                     halt.wait(delay)
                     continue
                 self._close_source(worker)
                 if outcome == "ended" and not halt.is_set():
-                    self._set_state("ended", worker=worker)
+                    self._set_state(CameraPhase.ENDED, worker=worker)
                     while not halt.wait(0.2):  # idle until stopped; the agent keeps running
                         pass
                 break
         finally:
             self._close_source(worker)
             if self._stopping and worker is self._worker:
-                self._set_state("stopped", worker=worker)
+                self._set_state(CameraPhase.STOPPED, worker=worker)
 
     def _session(self, worker: _Worker) -> str:
         """Open the source and pump frames until it ends ('ended') or we are halted ('halted')."""
@@ -818,7 +828,7 @@ class Capture:
         src.open()
         if halt.is_set():
             return "halted"
-        self._set_state("up", worker=worker)
+        self._set_state(CameraPhase.UP, worker=worker)
         backpressure = self._backpressure_cfg if self._backpressure_cfg is not None else src.finite
         worker.got_frames = False
         while not halt.is_set():

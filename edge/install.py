@@ -57,9 +57,16 @@ logger = logging.getLogger(__name__)
 
 STAGING = "staging"
 
-class InstallStage(TextEnum):
-    """The stages of :func:`install_bundle`, in order; every refusal names the one that refused."""
 
+class InstallStage(TextEnum):
+    """The stages of an OTA update, in order; every refusal names the one that refused.
+
+    ``DESIRED``, ``TRANSFER`` and ``HEALTH`` are edge/ota.py's (the request, the download,
+    the health watch after the switch); the ones between are :func:`install_bundle`'s.
+    """
+
+    DESIRED = "desired"
+    TRANSFER = "transfer"
     STORE = "store"
     UNPACK = "unpack"
     SIGNATURE = "signature"
@@ -72,13 +79,7 @@ class InstallStage(TextEnum):
     LATENCY = "latency"
     COMMIT = "commit"
     DONE = "done"
-
-
-# The stages edge/ota.py refers to by these names.
-STAGE_DOWNGRADE = InstallStage.DOWNGRADE
-STAGE_GOLDEN = InstallStage.GOLDEN
-STAGE_LOAD = InstallStage.LOAD
-STAGE_STORE = InstallStage.STORE
+    HEALTH = "health"
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,119 @@ def check_compatible(new: Manifest, current: Manifest) -> list[str]:
     return problems
 
 
+@dataclass
+class _Progress:
+    """What the stages have learned so far: a refusal reports it too."""
+
+    version: str | None = None
+    manifest_sha: str | None = None
+    key: str | None = None
+    golden: GoldenResult | None = None
+
+
+def _unpack(source: Path, staging: Path, bundle: Path) -> None:
+    rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        if source.is_dir():
+            shutil.copytree(source, bundle)
+        else:
+            unpack_bundle(source, bundle)
+    except (BundleError, OSError) as exc:
+        raise _Refused(InstallStage.UNPACK, str(exc)) from exc
+
+
+def _verify_and_read(bundle: Path, ota_config: OtaConfig, progress: _Progress) -> tuple[Manifest, str]:
+    """The signature, then the manifest it covers, and that manifest's sha256."""
+    try:
+        verified = verify_bundle(bundle, list(ota_config.trusted_keys), allow_unsigned=ota_config.allow_unsigned)
+    except (BundleError, ConfigError) as exc:
+        raise _Refused(InstallStage.SIGNATURE, str(exc)) from exc
+    progress.key, progress.manifest_sha = verified.key_id, verified.manifest_sha256
+    try:
+        manifest = read_manifest(bundle)
+    except BundleError as exc:
+        raise _Refused(InstallStage.MANIFEST, str(exc)) from exc
+    progress.version = manifest.version
+    return manifest, verified.manifest_sha256
+
+
+def _check_model_file(bundle: Path, manifest: Manifest) -> None:
+    model_path = bundle / Path(manifest.model.file).name
+    if Path(manifest.model.file).name != manifest.model.file or not model_path.is_file():
+        raise _Refused(InstallStage.CHECKSUM, f"model file {manifest.model.file!r} is missing from the bundle")
+    size = model_path.stat().st_size
+    if size != manifest.model.bytes:
+        raise _Refused(InstallStage.CHECKSUM, f"model file is {size} bytes, the manifest says {manifest.model.bytes}")
+    actual = sha256_file(model_path)
+    if actual != manifest.model.sha256:
+        raise _Refused(
+            InstallStage.CHECKSUM,
+            f"model sha256 {actual[:12]}… does not match the manifest's {manifest.model.sha256[:12]}…; damaged in transit or altered",
+        )
+
+
+def _check_downgrade(manifest: Manifest, current: Classifier | None, allow_downgrade: bool) -> None:
+    """Anti-rollback: an older model (known flaws, a weaker threshold) only on purpose."""
+    if current is not None and not allow_downgrade and is_downgrade(manifest.version, current.version):
+        raise _Refused(InstallStage.DOWNGRADE, f"version {manifest.version} is older than the running {current.version}; push it with"
+                                        " --allow-downgrade if that is what you want")  # fmt: skip
+
+
+def _check_compatibility(manifest: Manifest, current: Classifier | None) -> None:
+    if current is not None:
+        problems = check_compatible(manifest, current.manifest)
+        if problems:
+            raise _Refused(InstallStage.COMPATIBLE, "not compatible with the running model: " + "; ".join(problems))
+
+
+def _load_and_check_golden(
+    bundle: Path, manifest: Manifest, runtime: str | None, num_threads: int | None, progress: _Progress
+) -> None:
+    """Load the candidate, run its golden images and hold it to its latency budget."""
+    try:
+        candidate = Classifier(bundle, runtime=runtime, num_threads=num_threads, verify_checksum=False)
+    except (ModelLoadError, RuntimeUnavailable, BundleError) as exc:
+        raise _Refused(InstallStage.LOAD, str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - a runtime crash on a hostile model is a refusal too
+        raise _Refused(InstallStage.LOAD, f"the runtime cannot load the model ({type(exc).__name__}: {exc})") from exc
+    golden = progress.golden = check_golden(candidate)
+    del candidate  # release the interpreter before the folder moves
+    if not golden.ok:
+        raise _Refused(InstallStage.GOLDEN, "golden images check failed: " + "; ".join(golden.failures[:3]))
+    if golden.p50_invoke_ms > manifest.latency_budget_ms:
+        raise _Refused(
+            InstallStage.LATENCY,
+            f"invoke p50 {golden.p50_invoke_ms:.2f} ms is over the manifest's budget of {manifest.latency_budget_ms} ms",
+        )
+
+
+def _commit(bundle: Path, final: Path, runtime: str | None, num_threads: int | None) -> tuple[Classifier, bool]:
+    """Move the bundle into versions/ (durably) and load it from there; True when it was there already."""
+    already = False
+    try:
+        if final.exists():
+            # Installed before (e.g. pushed again to roll back to it): the folder on disk
+            # came from a complete rename, keep it and drop the new copy.
+            already = True
+        else:
+            fsync_tree(bundle)
+            os.rename(bundle, final)
+            fsync_dir(final.parent)
+        live = Classifier(final, runtime=runtime, num_threads=num_threads)
+    except (OSError, LinewatchError) as exc:
+        raise _Refused(InstallStage.COMMIT, f"could not commit {final.name}: {exc}") from exc
+    return live, already
+
+
+def _activate(store: ModelStore, final: Path) -> None:
+    try:
+        store.activate(final)
+    except (OSError, BundleError) as exc:
+        raise _Refused(InstallStage.COMMIT, f"could not switch current to {final.name}: {exc}") from exc
+    prune_versions(store)
+
+
 def install_bundle(
     source: Path,
     store: ModelStore,
@@ -211,134 +325,56 @@ def install_bundle(
     source = Path(source)
     staging = store.root / STAGING / (staging_id or uuid.uuid4().hex[:12])
     bundle = staging / "bundle"
-    version: str | None = None
-    manifest_sha: str | None = None
-    key: str | None = None
-    golden: GoldenResult | None = None
+    progress = _Progress()
     try:
         if store.is_single_bundle:
             raise _Refused(
                 InstallStage.STORE,
                 f"{store.root} holds a single bundle; point model.path at a store folder to receive OTA updates",
             )
-        # -- unpack ------------------------------------------------------------------------
-        rmtree(staging)
-        staging.mkdir(parents=True)
-        try:
-            if source.is_dir():
-                shutil.copytree(source, bundle)
-            else:
-                unpack_bundle(source, bundle)
-        except (BundleError, OSError) as exc:
-            raise _Refused(InstallStage.UNPACK, str(exc)) from exc
-        # -- signature ---------------------------------------------------------------------
-        try:
-            verified = verify_bundle(bundle, list(ota_config.trusted_keys), allow_unsigned=ota_config.allow_unsigned)
-        except (BundleError, ConfigError) as exc:
-            raise _Refused(InstallStage.SIGNATURE, str(exc)) from exc
-        key, manifest_sha = verified.key_id, verified.manifest_sha256
-        # -- manifest ----------------------------------------------------------------------
-        try:
-            manifest = read_manifest(bundle)
-        except BundleError as exc:
-            raise _Refused(InstallStage.MANIFEST, str(exc)) from exc
-        version = manifest.version
-        # -- anti-rollback: an older model (known flaws, a weaker threshold) only on purpose --
-        if current is not None and not allow_downgrade and is_downgrade(version, current.version):
-            raise _Refused(InstallStage.DOWNGRADE, f"version {version} is older than the running {current.version}; push it with"
-                                            " --allow-downgrade if that is what you want")  # fmt: skip
-        # -- checksum ----------------------------------------------------------------------
-        model_path = bundle / Path(manifest.model.file).name
-        if Path(manifest.model.file).name != manifest.model.file or not model_path.is_file():
-            raise _Refused(InstallStage.CHECKSUM, f"model file {manifest.model.file!r} is missing from the bundle")
-        size = model_path.stat().st_size
-        if size != manifest.model.bytes:
-            raise _Refused(InstallStage.CHECKSUM, f"model file is {size} bytes, the manifest says {manifest.model.bytes}")
-        actual = sha256_file(model_path)
-        if actual != manifest.model.sha256:
-            raise _Refused(
-                InstallStage.CHECKSUM,
-                f"model sha256 {actual[:12]}… does not match the manifest's {manifest.model.sha256[:12]}…; damaged in transit or altered",
-            )
-        # -- compatibility -----------------------------------------------------------------
-        if current is not None:
-            problems = check_compatible(manifest, current.manifest)
-            if problems:
-                raise _Refused(InstallStage.COMPATIBLE, "not compatible with the running model: " + "; ".join(problems))
-        # -- load --------------------------------------------------------------------------
-        try:
-            candidate = Classifier(bundle, runtime=runtime, num_threads=num_threads, verify_checksum=False)
-        except (ModelLoadError, RuntimeUnavailable, BundleError) as exc:
-            raise _Refused(InstallStage.LOAD, str(exc)) from exc
-        except Exception as exc:  # noqa: BLE001 - a runtime crash on a hostile model is a refusal too
-            raise _Refused(InstallStage.LOAD, f"the runtime cannot load the model ({type(exc).__name__}: {exc})") from exc
-        # -- golden ------------------------------------------------------------------------
-        golden = check_golden(candidate)
-        del candidate  # release the interpreter before the folder moves
-        if not golden.ok:
-            raise _Refused(InstallStage.GOLDEN, "golden images check failed: " + "; ".join(golden.failures[:3]))
-        if golden.p50_invoke_ms > manifest.latency_budget_ms:
-            raise _Refused(
-                InstallStage.LATENCY,
-                f"invoke p50 {golden.p50_invoke_ms:.2f} ms is over the manifest's budget of {manifest.latency_budget_ms} ms",
-            )
-        # -- commit ------------------------------------------------------------------------
-        final = store.install_dir(f"{version}-{manifest_sha[:12]}")
-        already = False
-        try:
-            if final.exists():
-                # Installed before (e.g. pushed again to roll back to it): the folder on disk
-                # came from a complete rename, keep it and drop the new copy.
-                already = True
-            else:
-                fsync_tree(bundle)
-                os.rename(bundle, final)
-                fsync_dir(final.parent)
-            live = Classifier(final, runtime=runtime, num_threads=num_threads)
-        except (OSError, LinewatchError) as exc:
-            raise _Refused(InstallStage.COMMIT, f"could not commit {final.name}: {exc}") from exc
+        _unpack(source, staging, bundle)
+        manifest, manifest_sha = _verify_and_read(bundle, ota_config, progress)
+        _check_downgrade(manifest, current, allow_downgrade)
+        _check_model_file(bundle, manifest)
+        _check_compatibility(manifest, current)
+        _load_and_check_golden(bundle, manifest, runtime, num_threads, progress)
+        final = store.install_dir(f"{manifest.version}-{manifest_sha[:12]}")
+        live, already = _commit(bundle, final, runtime, num_threads)
         cur_link = store.root / CURRENT
         already_active = cur_link.exists() and cur_link.resolve() == final.resolve()
         if activate and not already_active:
-            try:
-                store.activate(final)
-            except (OSError, BundleError) as exc:
-                raise _Refused(InstallStage.COMMIT, f"could not switch current to {final.name}: {exc}") from exc
-            prune_versions(store)
+            _activate(store, final)
         logger.info(
-            "model %s installed at %s%s", version, final, " (already active)" if already_active else " (reused)" if already else ""
-        )
+            "model %s installed at %s%s", manifest.version, final,
+            " (already active)" if already_active else " (reused)" if already else "",
+        )  # fmt: skip
         return InstallResult(
             ok=True,
             stage=InstallStage.DONE,
-            version=version,
+            version=manifest.version,
             path=final,
             manifest_sha256=manifest_sha,
-            key_id=key,
-            golden=golden,
+            key_id=progress.key,
+            golden=progress.golden,
             already_active=already_active,
             classifier=live,
         )
     except _Refused as refused:
-        logger.warning("model %s refused at %s: %s", version or source.name, refused.stage, refused.reason)
+        logger.warning("model %s refused at %s: %s", progress.version or source.name, refused.stage, refused.reason)
         return InstallResult(
             ok=False,
             stage=refused.stage,
             reason=refused.reason,
-            version=version,
-            manifest_sha256=manifest_sha,
-            key_id=key,
-            golden=golden,
+            version=progress.version,
+            manifest_sha256=progress.manifest_sha,
+            key_id=progress.key,
+            golden=progress.golden,
         )
     finally:
         rmtree(staging)
 
 
 __all__ = [
-    "STAGE_DOWNGRADE",
-    "STAGE_GOLDEN",
-    "STAGE_LOAD",
-    "STAGE_STORE",
     "STAGING",
     "InstallResult",
     "InstallStage",

@@ -30,9 +30,10 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge.capture import CameraPhase
+
 logger = logging.getLogger(__name__)
 
-CAMERA_STATES = ("starting", "up", "down", "ended", "stopped")
 DRIFT_STATES = ("ok", "warning", "drift")
 # Inference takes ~0.3 ms on a small int8 CNN and tens of ms on a big tiled one.
 INVOKE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -136,7 +137,7 @@ class _StatusCollector(Collector):
         yield _counter("linewatch_samples", "JPEG samples kept", session.get("samples"))
         state = GaugeMetricFamily("linewatch_camera_state", "1 for the camera's current state", labels=["state"])
         current = cam.get("state")
-        for name in sorted({*CAMERA_STATES, *([current] if current else [])}):
+        for name in sorted({*(phase.value for phase in CameraPhase), *([current] if current else [])}):
             state.add_metric([name], 1.0 if name == current else 0.0)
         yield state
         yield _counter("linewatch_camera_reconnects", "Times the camera was opened again after a loss", cam.get("reconnects"))

@@ -44,10 +44,7 @@ from edge.fsutil import atomic_write, sha256_file
 from edge.health import HealthVerdict, HealthWatch
 from edge.inference import Classifier, Prediction, check_golden
 from edge.install import (
-    STAGE_DOWNGRADE,
-    STAGE_GOLDEN,
-    STAGE_LOAD,
-    STAGE_STORE,
+    InstallStage,
     install_bundle,
     recover_store,
     rmtree,
@@ -398,7 +395,7 @@ class OtaClient:
             return
         if is_downgrade(desired.version, running) and not self._downgrade_allowed(desired):
             self.stats["refusals"] += 1
-            self._finish(FAILED, desired, stage=STAGE_DOWNGRADE,
+            self._finish(FAILED, desired, stage=InstallStage.DOWNGRADE,
                          reason=f"version {desired.version} is older than the running {running}; anti-rollback refuses it"
                                 " unless the push says --allow-downgrade (signed)")  # fmt: skip
             return
@@ -407,10 +404,10 @@ class OtaClient:
             self._switch_to_previous(desired)
             return
         if not desired.download:
-            self._finish(FAILED, desired, stage="desired", reason=f"version {desired.version} is not on this device and no download was offered")
+            self._finish(FAILED, desired, stage=InstallStage.DESIRED, reason=f"version {desired.version} is not on this device and no download was offered")
             return
         if self.store.is_single_bundle:
-            self._finish(FAILED, desired, stage=STAGE_STORE, reason=f"{self.store.root} holds a single bundle; point model.path at a store folder to receive OTA updates")
+            self._finish(FAILED, desired, stage=InstallStage.STORE, reason=f"{self.store.root} holds a single bundle; point model.path at a store folder to receive OTA updates")
             return
         self._start_download(desired)
 
@@ -551,7 +548,7 @@ class OtaClient:
             if self._verify_failures >= 2:
                 dl.remove()
                 self._dl = None
-                self._finish(FAILED, desired, stage="transfer", reason=f"packed bundle sha256 {actual[:12]}… != {str(desired.sha256)[:12]}… twice; the registry copy may be damaged")
+                self._finish(FAILED, desired, stage=InstallStage.TRANSFER, reason=f"packed bundle sha256 {actual[:12]}… != {str(desired.sha256)[:12]}… twice; the registry copy may be damaged")
                 return
             logger.warning("OTA %s: whole-file sha256 mismatch; downloading again", desired.transfer)
             dl.reset()
@@ -600,10 +597,10 @@ class OtaClient:
         try:
             clf, reason = self._load_previous()
         except LinewatchError as exc:
-            self._finish(FAILED, desired, stage=STAGE_LOAD, reason=f"kept previous model unusable: {exc}")
+            self._finish(FAILED, desired, stage=InstallStage.LOAD, reason=f"kept previous model unusable: {exc}")
             return
         if reason:
-            self._finish(FAILED, desired, stage=STAGE_GOLDEN, reason=reason)
+            self._finish(FAILED, desired, stage=InstallStage.GOLDEN, reason=reason)
             return
         self.store.rollback()
         with self._lock:
@@ -646,7 +643,7 @@ class OtaClient:
         self._swap(clf)
         self.stats["rollbacks"] += 1
         if desired is not None:
-            self._finish(ROLLED_BACK, desired, stage="health", reason=verdict.reason, detail={"to": clf.version})
+            self._finish(ROLLED_BACK, desired, stage=InstallStage.HEALTH, reason=verdict.reason, detail={"to": clf.version})
 
     # -- reporting -------------------------------------------------------------------------
 

@@ -13,26 +13,12 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
 from edge.inference import Prediction
 from tests.conftest import LINEWATCH, run_cli, wait_status
-
-
-def write_video(path: Path, frames: int, size: tuple[int, int] = (320, 240), fps: int = 25) -> None:
-    """A video whose frame i shows part i (alternating clean and scratched surfaces)."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
-    assert writer.isOpened()
-    rng = np.random.default_rng(0)
-    for i in range(frames):
-        img = np.full((size[1], size[0], 3), 120, np.uint8)
-        img += rng.integers(0, 20, img.shape, dtype=np.uint8)
-        if i % 3 == 0:
-            cv2.line(img, (20, 20 + i % 50), (size[0] - 30, size[1] - 40), (30, 30, 30), 2, cv2.LINE_AA)
-        writer.write(img)
-    writer.release()
+from tests.helpers import write_video
 
 
 def agent_config(tmp_path: Path, bundle: Path, source: str, extra: str = "") -> Path:
@@ -239,7 +225,7 @@ def test_camera_that_appears_later_is_retried_and_reported(tmp_path: Path, tiny_
 
 
 def test_bad_url_camera_keeps_agent_alive(tmp_path: Path, tiny_bundle: Path) -> None:
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     cfg = agent_config(tmp_path, tiny_bundle, f"rtsp://127.0.0.1:{free_port()}/cam")
     proc = start_agent(cfg)

@@ -27,7 +27,8 @@ from cloud.config import load_cloud_config
 from cloud.devices import DeviceKit, add_device, issue_certificate, site_ca
 from edge.config import load_config
 from edge.sync import SyncClient
-from tests.conftest import REPO, Broker, free_port, run_cli
+from tests.conftest import REPO, Broker, run_cli
+from tests.helpers import free_port
 from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtures
     all_synced,
     cloud_seqs,

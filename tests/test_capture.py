@@ -3,8 +3,8 @@ and fake USB cameras (the one piece of hardware a test machine cannot have)."""
 
 from __future__ import annotations
 
+import functools
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +30,11 @@ from edge.capture import (
     validate_source,
 )
 from edge.exceptions import CameraError
+from tests import helpers
+from tests.helpers import free_port
 
+# The fake cameras are quick: poll often and give up soon.
+wait_for = functools.partial(helpers.wait_for, timeout=5.0, interval=0.01)
 FAST = Backoff(initial=0.02, factor=2.0, maximum=0.1, jitter=0.1)
 W, H, BITS = 128, 32, 8
 
@@ -59,7 +63,7 @@ def decode(img: np.ndarray) -> int:
     return value
 
 
-def write_video(path: Path, n: int, fps: float = 25.0) -> Path:
+def write_numbered_video(path: Path, n: int, fps: float = 25.0) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (W, H))
     assert writer.isOpened(), "this OpenCV build cannot write MJPG .avi"
     for i in range(n):
@@ -68,7 +72,7 @@ def write_video(path: Path, n: int, fps: float = 25.0) -> Path:
     return path
 
 
-def write_images(folder: Path, indices: list[int], name: str = "img{}.png") -> list[Path]:
+def write_numbered_images(folder: Path, indices: list[int], name: str = "img{}.png") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in indices:
@@ -76,15 +80,6 @@ def write_images(folder: Path, indices: list[int], name: str = "img{}.png") -> l
         assert cv2.imwrite(str(path), encode(i))
         paths.append(path)
     return paths
-
-
-def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def drain(cap: Capture, until: str = "ended", timeout: float = 10.0, delay: float = 0.0) -> list[Frame]:
@@ -101,12 +96,6 @@ def drain(cap: Capture, until: str = "ended", timeout: float = 10.0, delay: floa
         if cap.state().state == until and cap.queued == 0:
             return frames
     raise AssertionError(f"camera never reached {until!r}: {cap.state()}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Transitions:
@@ -312,7 +301,7 @@ def test_factory_maps_kinds_to_classes(tmp_path: Path) -> None:
 
 
 def test_video_every_frame_once_in_order_with_slow_consumer(tmp_path: Path, captures: list) -> None:
-    video = write_video(tmp_path / "parts.avi", 60)
+    video = write_numbered_video(tmp_path / "parts.avi", 60)
     seen = Transitions()
     cap = Capture(str(video), maxsize=2, on_state_change=seen)
     captures.append(cap)
@@ -335,7 +324,7 @@ def test_video_every_frame_once_in_order_with_slow_consumer(tmp_path: Path, capt
 
 
 def test_factory_callable_form_as_the_agent_uses_it(tmp_path: Path, captures: list) -> None:
-    spec = parse_source(str(write_video(tmp_path / "v.avi", 8)))
+    spec = parse_source(str(write_numbered_video(tmp_path / "v.avi", 8)))
     cap = Capture(lambda: open_source(spec), source="line camera", backpressure=True, maxsize=1)
     captures.append(cap)
     cap.start()
@@ -346,7 +335,7 @@ def test_factory_callable_form_as_the_agent_uses_it(tmp_path: Path, captures: li
 
 def test_image_folder_natural_order_and_bad_files_skipped(tmp_path: Path, captures: list) -> None:
     folder = tmp_path / "shots"
-    write_images(folder, [1, 2, 3, 9, 10, 11, 20])
+    write_numbered_images(folder, [1, 2, 3, 9, 10, 11, 20])
     (folder / "img5.png").write_bytes(b"not a png at all")  # corrupt: counted and skipped
     (folder / "img12.jpg").write_bytes(b"")  # empty file
     (folder / "readme.txt").write_text("ignored: not an image suffix")
@@ -363,9 +352,9 @@ def test_image_folder_natural_order_and_bad_files_skipped(tmp_path: Path, captur
 
 def test_glob_source_selects_matching_images(tmp_path: Path, captures: list) -> None:
     folder = tmp_path / "mixed"
-    write_images(folder, [3, 1, 12], name="a{}.png")
-    write_images(folder, [2], name="b{}.png")
-    write_images(folder, [4], name="a{}.bmp")
+    write_numbered_images(folder, [3, 1, 12], name="a{}.png")
+    write_numbered_images(folder, [2], name="b{}.png")
+    write_numbered_images(folder, [4], name="a{}.bmp")
     cap = Capture(str(folder / "a*.png"))
     captures.append(cap)
     cap.start()
@@ -373,7 +362,7 @@ def test_glob_source_selects_matching_images(tmp_path: Path, captures: list) -> 
 
 
 def test_single_image_source(tmp_path: Path, captures: list) -> None:
-    (path,) = write_images(tmp_path, [7])
+    (path,) = write_numbered_images(tmp_path, [7])
     cap = Capture(str(path))
     captures.append(cap)
     cap.start()
@@ -381,7 +370,7 @@ def test_single_image_source(tmp_path: Path, captures: list) -> None:
 
 
 def test_image_folder_replay_is_paced_by_fps(tmp_path: Path, captures: list) -> None:
-    write_images(tmp_path / "f", list(range(10)))
+    write_numbered_images(tmp_path / "f", list(range(10)))
     cap = Capture(str(tmp_path / "f"), fps=20, maxsize=16)
     captures.append(cap)
     t0 = time.monotonic()
@@ -394,7 +383,7 @@ def test_image_folder_replay_is_paced_by_fps(tmp_path: Path, captures: list) -> 
 
 
 def test_image_folder_loop_replays(tmp_path: Path) -> None:
-    write_images(tmp_path, [1, 2])
+    write_numbered_images(tmp_path, [1, 2])
     src = ImageFolderSource(parse_source(str(tmp_path)), loop=True)
     assert not src.finite
     src.open()
@@ -411,13 +400,13 @@ def test_missing_video_is_retried_until_it_appears(tmp_path: Path, captures: lis
     cap = Capture(str(path), backoff=FAST, on_state_change=seen)
     captures.append(cap)
     cap.start()
-    assert wait_for(lambda: cap.state().reconnects >= 2)
+    wait_for(lambda: cap.state().reconnects >= 2)
     st = cap.state()
     assert st.state == "down" and st.down_since is not None
     assert st.last_error and "does not exist" in st.last_error
 
     # Appear atomically, as a copy or an upload would finish: write elsewhere, then rename.
-    write_video(tmp_path / "later.partial.avi", 12)
+    write_numbered_video(tmp_path / "later.partial.avi", 12)
     os.replace(tmp_path / "later.partial.avi", path)
     frames = drain(cap)
     assert [decode(f.image) for f in frames] == list(range(12))
@@ -431,11 +420,11 @@ def test_missing_image_folder_is_retried_until_it_has_images(tmp_path: Path, cap
     cap = Capture(str(folder), backoff=FAST)
     captures.append(cap)
     cap.start()
-    assert wait_for(lambda: cap.state().reconnects >= 1)
+    wait_for(lambda: cap.state().reconnects >= 1)
     folder.mkdir()
-    assert wait_for(lambda: cap.state().reconnects >= 3)  # empty folder: still waiting
+    wait_for(lambda: cap.state().reconnects >= 3)  # empty folder: still waiting
     assert cap.state().state == "down" and "no " in (cap.state().last_error or "")
-    write_images(tmp_path / "staging", [5, 6])
+    write_numbered_images(tmp_path / "staging", [5, 6])
     for p in sorted((tmp_path / "staging").iterdir()):
         os.replace(p, folder / p.name)
     assert [decode(f.image) for f in drain(cap)] == [5, 6]
@@ -446,7 +435,7 @@ def test_bad_url_stays_down_and_is_retried(captures: list) -> None:
     cap = Capture(url, backoff=FAST, timeout_ms=1000)
     captures.append(cap)
     cap.start()
-    assert wait_for(lambda: cap.state().reconnects >= 3, timeout=10)
+    wait_for(lambda: cap.state().reconnects >= 3, timeout=10)
     st = cap.state()
     assert st.state == "down" and st.frames == 0
     assert st.last_error and "cannot open" in st.last_error
@@ -468,7 +457,7 @@ def test_live_camera_failure_reconnects_and_keeps_counting(captures: list) -> No
             frames.append(frame)
         return len(frames) >= 15
 
-    assert wait_for(took_15)
+    wait_for(took_15)
     assert [f.index for f in frames] == list(range(len(frames)))  # one numbering across reconnects
     st = cap.state()
     assert st.state == "up" and st.reconnects == 2 and st.last_error == "fake camera: unplugged"
@@ -481,7 +470,7 @@ def test_callback_errors_do_not_kill_the_camera(tmp_path: Path, captures: list) 
     def broken(old: CameraState, new: CameraState) -> None:
         raise RuntimeError("bug in the agent's callback")
 
-    cap = Capture(str(write_video(tmp_path / "v.avi", 5)), on_state_change=broken)
+    cap = Capture(str(write_numbered_video(tmp_path / "v.avi", 5)), on_state_change=broken)
     captures.append(cap)
     cap.start()
     assert len(drain(cap)) == 5
@@ -523,9 +512,9 @@ def _stops_fast(cap: Capture) -> None:
 
 
 def test_stop_when_up_and_blocked_on_a_full_queue(tmp_path: Path) -> None:
-    cap = Capture(str(write_video(tmp_path / "v.avi", 30)), maxsize=1)
+    cap = Capture(str(write_numbered_video(tmp_path / "v.avi", 30)), maxsize=1)
     cap.start()
-    assert wait_for(lambda: cap.state().frames == 2)  # one queued, one waiting for room
+    wait_for(lambda: cap.state().frames == 2)  # one queued, one waiting for room
     time.sleep(0.1)
     assert cap.state().state == "up" and cap.state().frames == 2
     _stops_fast(cap)
@@ -536,19 +525,19 @@ def test_stop_when_up_and_blocked_on_a_full_queue(tmp_path: Path) -> None:
 def test_stop_when_down_in_a_long_backoff(tmp_path: Path) -> None:
     cap = Capture(str(tmp_path / "never.avi"), backoff=Backoff(initial=30.0, maximum=30.0))
     cap.start()
-    assert wait_for(lambda: cap.state().state == "down")
+    wait_for(lambda: cap.state().state == "down")
     _stops_fast(cap)
 
 
 def test_stop_when_ended(tmp_path: Path) -> None:
-    cap = Capture(str(write_video(tmp_path / "v.avi", 3)))
+    cap = Capture(str(write_numbered_video(tmp_path / "v.avi", 3)))
     cap.start()
     drain(cap)
     _stops_fast(cap)
 
 
 def test_stop_during_slow_fps_pacing(tmp_path: Path) -> None:
-    write_images(tmp_path, [1, 2, 3])
+    write_numbered_images(tmp_path, [1, 2, 3])
     cap = Capture(str(tmp_path), fps=0.2)  # 5 s between frames
     cap.start()
     assert cap.get(timeout=2.0) is not None

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from edge.signing import generate_keypair
 from tests.conftest import Broker, run_cli
+from tests.helpers import write_video
 from tests.test_agent import (
     agent_config,
     read_decisions,
     start_agent,
     stop,
     wait_status,
-    write_video,
 )
 
 SECRET = "hunter2-secret"
@@ -89,7 +89,7 @@ def test_wrong_ca_path_keeps_the_line_inspecting(tmp_path: Path, tiny_bundle: Pa
 
 
 def test_agent_never_logs_or_reports_the_camera_password(tmp_path: Path, tiny_bundle: Path) -> None:
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     cfg = agent_config(tmp_path, tiny_bundle, f"rtsp://admin:{SECRET}@127.0.0.1:{free_port()}/cam")
     proc = start_agent(cfg)

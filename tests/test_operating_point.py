@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from edge.protocol import read_manifest
-from training.cli import train
+from tests.helpers import invoke_train
 from training.operating_point import (
     MISS_WEIGHT_OUT_OF_FOLD,
     MISS_WEIGHT_VALIDATION,
@@ -27,11 +26,6 @@ from training.operating_point import (
 
 def labelled(defect: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.r_[np.ones(len(defect), bool), np.zeros(len(good), bool)], np.r_[defect, good]
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(train, list(args))
-    return result.exit_code, result.output
 
 
 # --------------------------------------------------------------------------- the rule
@@ -169,7 +163,7 @@ def test_fit_records_the_operating_point_and_its_scores(tiny_bundle: Path) -> No
 def test_train_threshold_moves_the_point_and_eval_shows_it(tiny_bundle: Path, tmp_path: Path) -> None:
     stored = OperatingScores.from_json(json.loads((tiny_bundle / "report" / SCORES_FILE).read_text()))
     old = read_manifest(tiny_bundle)
-    code, out = invoke("threshold", str(tiny_bundle), "--out", str(tmp_path / "r50"), "--recall", "0.5")
+    code, out = invoke_train("threshold", str(tiny_bundle), "--out", str(tmp_path / "r50"), "--recall", "0.5")
     assert code == 0, out
     new = read_manifest(tmp_path / "r50")
     assert new.version.startswith(f"{old.version}.t") and new.version in out
@@ -184,14 +178,14 @@ def test_train_threshold_moves_the_point_and_eval_shows_it(tiny_bundle: Path, tm
     for g in new.golden:
         (golden / g.label).mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp_path / "r50" / g.file, golden / g.label)
-    code, out = invoke("eval", str(tmp_path / "r50"), "--data", str(golden), "--json")
+    code, out = invoke_train("eval", str(tmp_path / "r50"), "--data", str(golden), "--json")
     assert code == 0, out
     result = json.loads(out)
     assert result["threshold"] == new.threshold != old.threshold
     assert result["operating_point"]["rule"] == "recall" and result["operating_point"]["target_recall"] == 0.5
     assert result["bundle"]["version"] == new.version
 
-    code, out = invoke("threshold", str(tiny_bundle), "--out", str(tmp_path / "f0"), "--max-false-reject", "0.0")
+    code, out = invoke_train("threshold", str(tiny_bundle), "--out", str(tmp_path / "f0"), "--max-false-reject", "0.0")
     assert code == 0, out
     f0 = read_manifest(tmp_path / "f0")
     assert f0.operating_point is not None and f0.operating_point.false_reject_rate == 0.0
@@ -208,17 +202,17 @@ def test_train_threshold_moves_the_point_and_eval_shows_it(tiny_bundle: Path, tm
     ],
 )
 def test_train_threshold_bad_requests(tiny_bundle: Path, tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
-    code, out = invoke("threshold", str(tiny_bundle), "--out", str(tmp_path / "x"), *args)
+    code, out = invoke_train("threshold", str(tiny_bundle), "--out", str(tmp_path / "x"), *args)
     assert code != 0 and needle in out and "Traceback" not in out
     assert not (tmp_path / "x").exists()
 
 
 def test_train_threshold_needs_stored_scores(bundle_copy: Path, tmp_path: Path) -> None:
     (bundle_copy / "report" / SCORES_FILE).unlink()
-    code, out = invoke("threshold", str(bundle_copy), "--out", str(tmp_path / "x"), "--recall", "0.9")
+    code, out = invoke_train("threshold", str(bundle_copy), "--out", str(tmp_path / "x"), "--recall", "0.9")
     assert code == 1 and "has no stored operating scores" in out and "train fit" in out
     (bundle_copy / "report" / SCORES_FILE).write_text("{not json")
-    code, out = invoke("threshold", str(bundle_copy), "--out", str(tmp_path / "x"), "--recall", "0.9")
+    code, out = invoke_train("threshold", str(bundle_copy), "--out", str(tmp_path / "x"), "--recall", "0.9")
     assert code == 1 and "cannot be read" in out
 
 
@@ -227,7 +221,7 @@ def test_fewer_defects_than_folds_is_one_line(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     generate_dataset(data, count=40, seed=4, size=32)
-    code, out = invoke("fit", str(data), "--out", str(tmp_path / "b"), "--epochs", "1", "--size", "32", "--folds", "40")
+    code, out = invoke_train("fit", str(data), "--out", str(tmp_path / "b"), "--epochs", "1", "--size", "32", "--folds", "40")
     assert code == 1 and "cannot fill 40 folds" in out and "--folds" in out and "Traceback" not in out
 
 
@@ -238,6 +232,6 @@ def test_train_threshold_refuses_a_request_the_scores_cannot_meet(bundle_copy: P
     good = raw["labels"].index("ok")
     raw["scores"][good] = 1.0
     path.write_text(json.dumps(raw))
-    code, out = invoke("threshold", str(bundle_copy), "--out", str(tmp_path / "x"), "--max-false-reject", "0")
+    code, out = invoke_train("threshold", str(bundle_copy), "--out", str(tmp_path / "x"), "--max-false-reject", "0")
     assert code == 1 and "no threshold keeps false rejects within 0.00%" in out and "Traceback" not in out
     assert not (tmp_path / "x").exists()

@@ -42,6 +42,7 @@ from edge.ota_wire import (
 from edge.protocol import MANIFEST_FILE, MODEL_FILE
 from edge.signing import generate_keypair, load_private_key, sign_bundle
 from tests.conftest import REPO, Broker, shared_bundle
+from tests.helpers import wait_for
 
 # -- fixtures --------------------------------------------------------------------------------------
 
@@ -364,16 +365,6 @@ def cloud_cfg(tmp_path: Path, broker: Broker) -> Any:
     )
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def state_is(client: OtaClient, *states: str) -> Callable[[], bool]:
     return lambda: client.state is not None and client.state["state"] in states
 
@@ -463,7 +454,7 @@ def test_happy_path_over_mqtt(
     client = OtaClient(agent_cfg(tmp_path, live_store, broker, keys), host)
     clients.append(client)
     client.start()
-    wait_for("active", state_is(client, ACTIVE, FAILED))
+    wait_for(state_is(client, ACTIVE, FAILED), what="active")
     assert client.state is not None and client.state["state"] == ACTIVE, client.state
     assert client.state["health"] == "watching" and client.state["model_version"] == "tiny-2"
     assert [c.version for c in host.swapped] == ["tiny-2"]
@@ -474,9 +465,9 @@ def test_happy_path_over_mqtt(
     assert srv.stats["chunks_sent"] == desired.chunks and client.stats["duplicates"] == 0
     assert not any((live_store.root / "downloads").iterdir())
     # the cloud saw the states (retained on the broker, recorded by the server)
-    wait_for("server saw active", lambda: srv.states.get("cam1") is not None and srv.states["cam1"].state == ACTIVE)
+    wait_for(lambda: srv.states.get("cam1") is not None and srv.states["cam1"].state == ACTIVE, what="server saw active")
     spy = Spy(broker, ota_topic("linewatch", "cam1", "state"))
-    wait_for("retained state", spy.payloads)
+    wait_for(spy.payloads, what="retained state")
     assert json.loads(spy.payloads()[-1])["state"] == ACTIVE
     spy.close()
 
@@ -497,7 +488,7 @@ def test_resume_after_restart_asks_only_for_missing_chunks(
     first = OtaClient(cfg, Host(Classifier(live_store.current())))
     clients.append(first)
     first.start()
-    wait_for("some chunks", lambda: first.stats["chunks"] >= 20)
+    wait_for(lambda: first.stats["chunks"] >= 20, what="some chunks")
     first.stop()
     first.join()
     bitmap = (live_store.root / "downloads" / desired.transfer / "bitmap").read_bytes()
@@ -510,7 +501,7 @@ def test_resume_after_restart_asks_only_for_missing_chunks(
     second = OtaClient(cfg, host)
     clients.append(second)
     second.start()
-    wait_for("active", state_is(second, ACTIVE, FAILED))
+    wait_for(state_is(second, ACTIVE, FAILED), what="active")
     assert second.state is not None and second.state["state"] == ACTIVE, second.state
     asked = {i for p in spy.payloads() for i in json.loads(p)["indexes"]}
     spy.close()
@@ -543,7 +534,7 @@ def test_protocol_edge_cases_bad_unknown_duplicate_out_of_order_chunks(
     client = OtaClient(agent_cfg(tmp_path, live_store, broker, keys), Host(Classifier(live_store.current())), window=n)
     clients.append(client)
     client.start()
-    wait_for("first request", spy.payloads)
+    wait_for(spy.payloads, what="first request")
     first = json.loads(spy.payloads()[0])
     assert first["transfer"] == "t-manual" and first["indexes"] == list(range(min(n, 64)))
 
@@ -556,12 +547,12 @@ def test_protocol_edge_cases_bad_unknown_duplicate_out_of_order_chunks(
 
     pub.publish(chunk_topic, chunk(0, corrupt=True), qos=1).wait_for_publish(5)
     pub.publish(chunk_topic, chunk(1, transfer="t-other"), qos=1).wait_for_publish(5)
-    wait_for("corrupt counted", lambda: client.stats["corrupt"] == 1 and client.stats["unknown_transfer"] == 1)
-    wait_for("chunk 0 asked again", lambda: any(0 in json.loads(p)["indexes"] for p in spy.payloads()[1:]))
+    wait_for(lambda: client.stats["corrupt"] == 1 and client.stats["unknown_transfer"] == 1, what="corrupt counted")
+    wait_for(lambda: any(0 in json.loads(p)["indexes"] for p in spy.payloads()[1:]), what="chunk 0 asked again")
     for i in reversed(range(n)):  # out of order, each twice
         pub.publish(chunk_topic, chunk(i), qos=1).wait_for_publish(5)
         pub.publish(chunk_topic, chunk(i), qos=1).wait_for_publish(5)
-    wait_for("active", state_is(client, ACTIVE, FAILED))
+    wait_for(state_is(client, ACTIVE, FAILED), what="active")
     assert client.state is not None and client.state["state"] == ACTIVE, client.state
     assert client.stats["duplicates"] >= n - 1 and client.stats["chunks"] == n
     spy.close()
@@ -604,9 +595,9 @@ def test_lost_session_probes_with_one_chunk_before_asking_again(
     client = OtaClient(agent_cfg(tmp_path, live_store, broker, keys), Host(Classifier(live_store.current())))
     clients.append(client)
     client.start()
-    wait_for("first request", lambda: asked(spy) == [[0, 1, 2, 3]])
+    wait_for(lambda: asked(spy) == [[0, 1, 2, 3]], what="first request")
     send(pub, 0, 1)
-    wait_for("window refilled", lambda: sorted(i for r in asked(spy) for i in r) == [0, 1, 2, 3, 4, 5])
+    wait_for(lambda: sorted(i for r in asked(spy) for i in r) == [0, 1, 2, 3, 4, 5], what="window refilled")
     time.sleep(0.2)  # the broker's PUBACKs reach the device (else paho would send those requests again)
     pub.disconnect()
     pub.loop_stop()
@@ -615,18 +606,18 @@ def test_lost_session_probes_with_one_chunk_before_asking_again(
     broker.stop()  # no persistence: the device's session and everything in flight are gone
     broker.start()
     pub, spy = connect()  # subscribed before the device's reconnect (its first retry is after 1 s)
-    wait_for("probe", lambda: asked(spy) == [[6]], timeout=15)
+    wait_for(lambda: asked(spy) == [[6]], what="probe", timeout=15)
     send(pub, 3)  # a late reply to a request from before the restart
     time.sleep(0.5)
     assert asked(spy) == [[6]], "asked for more before the probe's reply came"
     send(pub, 6)
-    wait_for("window reopened", lambda: len({i for r in asked(spy) for i in r}) >= 5)
+    wait_for(lambda: len({i for r in asked(spy) for i in r}) >= 5, what="window reopened")
     again = [i for r in asked(spy)[1:] for i in r]
     assert again[:3] == [2, 4, 5], again  # the chunks in flight that did not come; not 3
     assert client.stats["duplicates"] == 0
 
     send(pub, *[i for i in range(n) if i not in (0, 1, 3, 6)])
-    wait_for("active", state_is(client, ACTIVE, FAILED))
+    wait_for(state_is(client, ACTIVE, FAILED), what="active")
     assert client.state is not None and client.state["state"] == ACTIVE, client.state
     spy.close()
     pub.disconnect()
@@ -654,10 +645,10 @@ def test_broker_restart_without_persistence_resumes_the_transfer(
     client = OtaClient(agent_cfg(tmp_path, live_store, broker, keys), Host(Classifier(live_store.current())))
     clients.append(client)
     client.start()
-    wait_for("40% in", lambda: client.stats["chunks"] >= 0.4 * int(desired.chunks or 0))
+    wait_for(lambda: client.stats["chunks"] >= 0.4 * int(desired.chunks or 0), what="40% in")
     broker.stop()
     broker.start()
-    wait_for("active", state_is(client, ACTIVE, FAILED), timeout=60)
+    wait_for(state_is(client, ACTIVE, FAILED), what="active", timeout=60)
     assert client.state is not None and client.state["state"] == ACTIVE, client.state
     twice = [k for k, n in srv.sent.items() if n > 1]
     assert len(twice) <= client.window and all(n <= 2 for n in srv.sent.values()), srv.sent
@@ -679,7 +670,7 @@ def test_refused_bundle_over_mqtt_reports_failed_and_is_not_retried(
     client = OtaClient(cfg, host)
     clients.append(client)
     client.start()
-    wait_for("failed", state_is(client, ACTIVE, FAILED))
+    wait_for(state_is(client, ACTIVE, FAILED), what="failed")
     st = client.state
     assert st is not None and st["state"] == FAILED and st["stage"] == InstallStage.COMPATIBLE and "input shape" in st["reason"]
     assert host.swapped == [] and Classifier(live_store.current()).version == "tiny-1"
@@ -691,7 +682,7 @@ def test_refused_bundle_over_mqtt_reports_failed_and_is_not_retried(
     again = OtaClient(cfg, Host(Classifier(live_store.current())))
     clients.append(again)
     again.start()
-    wait_for("re-reported", state_is(again, FAILED))
+    wait_for(state_is(again, FAILED), what="re-reported")
     time.sleep(0.3)
     assert srv.stats["chunks_sent"] == sent
 
@@ -749,23 +740,23 @@ def test_rollback_on_health_trip(
     golden = [old.bundle_dir / "golden" / Path(g.file).name for g in old.manifest.golden]
     for i in range(30):  # the old model's decisions: the baseline
         client.observe(old.predict_file(golden[i % len(golden)]), "tiny-1")
-    wait_for("active", state_is(client, ACTIVE, FAILED))
+    wait_for(state_is(client, ACTIVE, FAILED), what="active")
     assert host.classifier.version == "tiny-2"
     for _ in range(3):
         client.observe_error(RuntimeError("invoke failed"), "tiny-2")
-    wait_for("rolled back", state_is(client, ROLLED_BACK))
+    wait_for(state_is(client, ROLLED_BACK), what="rolled back")
     st = client.state
     assert st is not None and st["stage"] == "health" and "invoke errors" in st["reason"]
     assert host.classifier.version == "tiny-1" and Classifier(live_store.current()).version == "tiny-1"
     assert "ota_rolled_back" in host.kinds()
-    wait_for("cloud saw it", lambda: srv.states.get("cam1") is not None and srv.states["cam1"].state == ROLLED_BACK)
+    wait_for(lambda: srv.states.get("cam1") is not None and srv.states["cam1"].state == ROLLED_BACK, what="cloud saw it")
     # the retained desired still names tiny-2: a restart must not install it again
     client.stop()
     client.join()
     again = OtaClient(cfg, Host(Classifier(live_store.current())))
     clients.append(again)
     again.start()
-    wait_for("re-reported", state_is(again, ROLLED_BACK))
+    wait_for(state_is(again, ROLLED_BACK), what="re-reported")
     assert Classifier(live_store.current()).version == "tiny-1"
 
 
@@ -784,12 +775,12 @@ def test_healthy_model_reports_health_ok(
     client = OtaClient(agent_cfg(tmp_path, live_store, broker, keys, health_parts=8), host)
     clients.append(client)
     client.start()
-    wait_for("active", state_is(client, ACTIVE, FAILED))
+    wait_for(state_is(client, ACTIVE, FAILED), what="active")
     new = host.classifier
     golden = [new.bundle_dir / "golden" / Path(g.file).name for g in new.manifest.golden]
     for i in range(8):
         client.observe(new.predict_file(golden[i % len(golden)]))
-    wait_for("health ok", lambda: client.state is not None and client.state.get("health") == "ok")
+    wait_for(lambda: client.state is not None and client.state.get("health") == "ok", what="health ok")
     assert "ota_healthy" in host.kinds() and Classifier(live_store.current()).version == "tiny-2"
 
 
@@ -815,18 +806,18 @@ def test_real_agent_switches_between_frames_and_keeps_inspecting(
     client = agent.ota  # the agent starts its own OTA client when MQTT is enabled
     assert isinstance(client, OtaClient)
     try:
-        wait_for("decisions with tiny-1", lambda: agent.last is not None and agent.last.model_version == "tiny-1")
+        wait_for(lambda: agent.last is not None and agent.last.model_version == "tiny-1", what="decisions with tiny-1")
         before = agent.counts["results"]
         packed = signed_pack(v2, keys, tmp_path / "v2.lwb", pad=200_000)
         desired = desired_for("cam1", "t-agent", packed, "tiny-2", 65536)
         srv = ota_server()
         srv.offer(Transfer(desired.transfer, packed, str(desired.sha256), packed.stat().st_size, desired.chunk_bytes))
         srv.publish_desired(desired)
-        wait_for("active", state_is(client, ACTIVE, FAILED))
+        wait_for(state_is(client, ACTIVE, FAILED), what="active")
         assert client.state is not None and client.state["state"] == ACTIVE, client.state
-        wait_for("decisions with tiny-2", lambda: agent.last is not None and agent.last.model_version == "tiny-2")
+        wait_for(lambda: agent.last is not None and agent.last.model_version == "tiny-2", what="decisions with tiny-2")
         during = agent.counts["results"]
-        wait_for("more decisions", lambda: agent.counts["results"] > during + 20)
+        wait_for(lambda: agent.counts["results"] > during + 20, what="more decisions")
         assert during > before and agent.counts["errors"] == 0
     finally:
         agent.stop()
@@ -862,20 +853,20 @@ def test_anti_rollback_refuses_an_older_version_unless_the_push_signed_it(
             desired = sign_downgrade(desired, sign_with.key)
         srv.offer(Transfer(desired.transfer, packed, str(desired.sha256), packed.stat().st_size, desired.chunk_bytes))
         srv.publish_desired(desired)
-        wait_for(f"{transfer} refused", lambda t=transfer: client.state is not None and client.state.get("transfer") == t
-                 and client.state["state"] == FAILED)  # fmt: skip
+        wait_for(lambda t=transfer: client.state is not None and client.state.get("transfer") == t
+                 and client.state["state"] == FAILED, what=f"{transfer} refused")  # fmt: skip
         assert client.state["stage"] == "downgrade" and "older than the running tiny-2" in client.state["reason"]
     assert srv.stats["chunks_sent"] == 0 and host.swapped == [] and Classifier(live_store.current()).version == "tiny-2"
     unsigned_ask = desired_for("cam1", "t-unsigned", packed, "tiny-1", 16384).model_copy(update={"allow_downgrade": True})
     srv.offer(Transfer(unsigned_ask.transfer, packed, str(unsigned_ask.sha256), packed.stat().st_size, unsigned_ask.chunk_bytes))
     srv.publish_desired(unsigned_ask)
-    wait_for("unsigned ask refused", lambda: client.state is not None and client.state.get("transfer") == "t-unsigned"
-             and client.state["state"] == FAILED)  # fmt: skip
+    wait_for(lambda: client.state is not None and client.state.get("transfer") == "t-unsigned"
+             and client.state["state"] == FAILED, what="unsigned ask refused")  # fmt: skip
     signed = sign_downgrade(desired_for("cam1", "t-signed", packed, "tiny-1", 16384), keys.key)
     srv.offer(Transfer(signed.transfer, packed, str(signed.sha256), packed.stat().st_size, signed.chunk_bytes))
     srv.publish_desired(signed)
-    wait_for("signed downgrade active", lambda: client.state is not None and client.state.get("transfer") == "t-signed"
-             and client.state["state"] in (ACTIVE, FAILED))  # fmt: skip
+    wait_for(lambda: client.state is not None and client.state.get("transfer") == "t-signed"
+             and client.state["state"] in (ACTIVE, FAILED), what="signed downgrade active")  # fmt: skip
     assert client.state["state"] == ACTIVE, client.state
     assert Classifier(live_store.current()).version == "tiny-1" and [c.version for c in host.swapped] == ["tiny-1"]
 

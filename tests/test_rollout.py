@@ -29,7 +29,8 @@ from edge.ota import OtaClient
 from edge.ota_wire import ACTIVE, FAILED, HEALTH_WATCHING, ROLLED_BACK
 from edge.protocol import StatusPayload
 from tests.conftest import LINEWATCH, Broker
-from tests.test_ota import Host, Keys, state_is, wait_for
+from tests.helpers import wait_for
+from tests.test_ota import Host, Keys, state_is
 
 
 class Line:
@@ -118,11 +119,11 @@ def test_push_wait_health_waits_for_the_verdict_and_reports_it(line: Line, v2: P
     )  # fmt: skip
     try:
         for dev in ("cam1", "cam2"):
-            wait_for(f"{dev} active", state_is(line.clients[dev], ACTIVE, FAILED), timeout=60)
+            wait_for(state_is(line.clients[dev], ACTIVE, FAILED), what=f"{dev} active", timeout=60)
             st = line.clients[dev].state
             assert st is not None and st["version"] == "tiny-2" and st["health"] == HEALTH_WATCHING, st
             # the push's own server has recorded it too
-            wait_for(f"cloud saw {dev} watching", watching_in_cloud(line, dev))
+            wait_for(watching_in_cloud(line, dev), what=f"cloud saw {dev} watching")
         time.sleep(1.0)
         assert push.poll() is None, "push returned before the health verdicts"
 

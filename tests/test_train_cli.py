@@ -13,27 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from edge.protocol import read_manifest
+from tests.helpers import invoke_train, write_images
 from training.cli import train
 
 LINEWATCH = str(Path(sys.executable).parent / "linewatch")
-
-
-def write_images(folder: Path, n: int, seed: int, size: int = 20) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        assert cv2.imwrite(str(folder / f"img_{i:03d}.png"), rng.integers(0, 256, (size, size), dtype=np.uint8))
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(train, list(args))
-    return result.exit_code, result.output
 
 
 def assert_one_line_error(code: int, output: str, *needles: str) -> None:
@@ -50,11 +37,11 @@ def assert_one_line_error(code: int, output: str, *needles: str) -> None:
 
 
 def test_every_command_has_help_with_an_example() -> None:
-    code, output = invoke("--help")
+    code, output = invoke_train("--help")
     assert code == 0
     for name in ("synth", "fit", "eval", "check", "pack", "threshold"):
         assert name in output
-        sub_code, sub_output = invoke(name, "--help")
+        sub_code, sub_output = invoke_train(name, "--help")
         assert sub_code == 0 and ("Example:" in sub_output or "Examples:" in sub_output), name
         assert "    linewatch train " + name in sub_output, name  # the example is a runnable command
 
@@ -89,20 +76,20 @@ def test_cli_defaults_are_the_pipelines() -> None:
 
 
 def test_fit_missing_folder(tmp_path: Path) -> None:
-    code, out = invoke("fit", str(tmp_path / "nope"), "--out", str(tmp_path / "b"))
+    code, out = invoke_train("fit", str(tmp_path / "nope"), "--out", str(tmp_path / "b"))
     assert_one_line_error(code, out, "does not exist", "linewatch train synth")
     assert not (tmp_path / "b").exists()
 
 
 def test_fit_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    code, out = invoke("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"))
+    code, out = invoke_train("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"))
     assert_one_line_error(code, out, "no class folders")
 
 
 def test_fit_single_class(tmp_path: Path) -> None:
     write_images(tmp_path / "data" / "ok", 12, seed=1)
-    code, out = invoke("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"))
+    code, out = invoke_train("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"))
     assert_one_line_error(code, out, "single class", "defect")
 
 
@@ -111,21 +98,21 @@ def test_fit_all_unreadable(tmp_path: Path) -> None:
         (tmp_path / "data" / label).mkdir(parents=True)
         for i in range(4):
             (tmp_path / "data" / label / f"bad{i}.png").write_bytes(b"\x89PNG\r\n garbage")
-    code, out = invoke("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"))
+    code, out = invoke_train("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"))
     assert_one_line_error(code, out, "none of the 8 image files", "can be decoded")
 
 
 def test_fit_wrong_pass_label(tmp_path: Path) -> None:
     write_images(tmp_path / "data" / "ok", 12, seed=1)
     write_images(tmp_path / "data" / "scratch", 12, seed=2)
-    code, out = invoke("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"), "--pass-label", "good")
+    code, out = invoke_train("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"), "--pass-label", "good")
     assert_one_line_error(code, out, "'good'", "found: ok, scratch")
 
 
 def test_fit_too_few_images(tmp_path: Path) -> None:
     write_images(tmp_path / "data" / "ok", 12, seed=1)
     write_images(tmp_path / "data" / "scratch", 3, seed=2)
-    code, out = invoke("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"))
+    code, out = invoke_train("fit", str(tmp_path / "data"), "--out", str(tmp_path / "b"))
     assert_one_line_error(code, out, "'scratch' has 3", "at least 10")
 
 
@@ -133,8 +120,8 @@ def test_check_reports_unreadable_and_duplicates(tmp_path: Path) -> None:
     write_images(tmp_path / "data" / "ok", 12, seed=1)
     write_images(tmp_path / "data" / "scratch", 12, seed=2)
     (tmp_path / "data" / "ok" / "torn.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    shutil.copy(tmp_path / "data" / "ok" / "img_000.png", tmp_path / "data" / "ok" / "again.png")
-    code, out = invoke("check", str(tmp_path / "data"), "--json")
+    shutil.copy(tmp_path / "data" / "ok" / "img_0000.png", tmp_path / "data" / "ok" / "again.png")
+    code, out = invoke_train("check", str(tmp_path / "data"), "--json")
     assert code == 0, out
     report = json.loads(out)
     assert report["class_counts"] == {"ok": 12, "scratch": 12}
@@ -156,7 +143,7 @@ def test_real_invocation_has_no_traceback(tmp_path: Path) -> None:
 def test_eval_missing_model_file(bundle_copy: Path, tmp_path: Path) -> None:
     write_images(tmp_path / "data" / "ok", 2, seed=1)
     (bundle_copy / "model.tflite").unlink()
-    code, out = invoke("eval", str(bundle_copy), "--data", str(tmp_path / "data"), "--json")
+    code, out = invoke_train("eval", str(bundle_copy), "--data", str(tmp_path / "data"), "--json")
     assert_one_line_error(code, out, "model.tflite is missing")
 
 
@@ -166,21 +153,21 @@ def test_eval_altered_model_file(bundle_copy: Path, tmp_path: Path) -> None:
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
-    code, out = invoke("eval", str(bundle_copy), "--data", str(tmp_path / "data"), "--json")
+    code, out = invoke_train("eval", str(bundle_copy), "--data", str(tmp_path / "data"), "--json")
     assert_one_line_error(code, out, "does not match the manifest", "re-export")
 
 
 def test_eval_not_a_bundle_and_missing_data(tiny_bundle: Path, tmp_path: Path) -> None:
-    code, out = invoke("eval", str(tmp_path), "--data", str(tmp_path))
+    code, out = invoke_train("eval", str(tmp_path), "--data", str(tmp_path))
     assert_one_line_error(code, out, "manifest.json is missing")
-    code, out = invoke("eval", str(tiny_bundle), "--data", str(tmp_path / "nope"), "--json")
+    code, out = invoke_train("eval", str(tiny_bundle), "--data", str(tmp_path / "nope"), "--json")
     assert_one_line_error(code, out, "does not exist")
 
 
 def test_eval_wrong_pass_label(tiny_bundle: Path, tmp_path: Path) -> None:
     write_images(tmp_path / "data" / "ok", 2, seed=1)
     write_images(tmp_path / "data" / "scratch", 2, seed=2)
-    code, out = invoke("eval", str(tiny_bundle), "--data", str(tmp_path / "data"), "--pass-label", "good")
+    code, out = invoke_train("eval", str(tiny_bundle), "--data", str(tmp_path / "data"), "--pass-label", "good")
     assert_one_line_error(code, out, "'good'", "found: ok, scratch")
 
 
@@ -196,11 +183,11 @@ def test_quantization_gate_refuses_and_can_be_overridden(tmp_path: Path) -> None
     data = tmp_path / "data"
     generate_dataset(data, count=60, seed=5, size=32)
     common = ["fit", str(data), "--epochs", "1", "--size", "32", "--seed", "5", "--max-quantization-drop", "-101"]
-    code, out = invoke(*common, "--out", str(tmp_path / "refused"))
+    code, out = invoke_train(*common, "--out", str(tmp_path / "refused"))
     assert_one_line_error(code, out, "loses too much balanced accuracy", "--allow-quantization-drop")
     manifest = read_manifest(tmp_path / "refused")  # written for inspection, marked as failing
     assert manifest.metrics["quantization_gate"]["passed"] is False
-    code, out = invoke(*common, "--out", str(tmp_path / "accepted"), "--allow-quantization-drop")
+    code, out = invoke_train(*common, "--out", str(tmp_path / "accepted"), "--allow-quantization-drop")
     assert code == 0, out
     accepted = read_manifest(tmp_path / "accepted")
     gate = accepted.metrics["quantization_gate"]
@@ -283,7 +270,7 @@ def test_several_defect_classes_train_merged_or_separate(tmp_path: Path) -> None
     shutil.move(str(tmp_path / "more" / "scratch"), str(data / "dent"))  # other images: a second defect class
     common = ["fit", str(data), "--epochs", "1", "--size", "32", "--seed", "7", "--allow-quantization-drop"]
 
-    code, out = invoke(*common, "--out", str(tmp_path / "merged"))
+    code, out = invoke_train(*common, "--out", str(tmp_path / "merged"))
     assert code == 0, out
     assert "ok / defect (defect classes merged)" in out
     merged = read_manifest(tmp_path / "merged")
@@ -292,7 +279,7 @@ def test_several_defect_classes_train_merged_or_separate(tmp_path: Path) -> None
     assert merged.dataset["class_counts"] == {"dent": more["scratch"], **counts}
     assert {g.label for g in merged.golden} == {"ok", "scratch", "dent"}
 
-    code, out = invoke(*common, "--out", str(tmp_path / "separate"), "--defects", "separate")
+    code, out = invoke_train(*common, "--out", str(tmp_path / "separate"), "--defects", "separate")
     assert code == 0, out
     separate = read_manifest(tmp_path / "separate")
     assert separate.labels == ("dent", "ok", "scratch") and separate.output.shape == (1, 3)
@@ -305,7 +292,7 @@ def test_non_square_input_keeps_the_cameras_aspect(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     generate_dataset(data, count=40, seed=9, size=48)
-    code, out = invoke("fit", str(data), "--out", str(tmp_path / "b"), "--epochs", "1", "--size", "40x30",
+    code, out = invoke_train("fit", str(data), "--out", str(tmp_path / "b"), "--epochs", "1", "--size", "40x30",
                        "--allow-quantization-drop")  # fmt: skip
     assert code == 0, out
     assert "training: 40x30 gray" in out
@@ -320,5 +307,5 @@ def test_non_square_input_keeps_the_cameras_aspect(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", ["40y30", "x30", "4x2000", "0"])
 def test_bad_input_size_is_one_line(tmp_path: Path, size: str) -> None:
-    code, out = invoke("fit", str(tmp_path), "--out", str(tmp_path / "b"), "--size", size)
+    code, out = invoke_train("fit", str(tmp_path), "--out", str(tmp_path / "b"), "--size", size)
     assert code == 2 and "Invalid value for '--size'" in out and "Traceback" not in out

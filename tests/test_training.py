@@ -22,6 +22,7 @@ from edge.exceptions import BundleError, LinewatchError
 from edge.fsutil import sha256_file
 from edge.inference import Classifier, check_golden
 from edge.protocol import read_manifest
+from tests.helpers import write_images
 from training.dataset import (
     Sample,
     dataset_fingerprint,
@@ -36,20 +37,6 @@ from training.evaluate import average_precision, compute_metrics, roc_auc
 from training.exceptions import DataError, TrainingError
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_images(folder: Path, n: int, *, seed: int, size: int = 24, prefix: str = "img", color: bool = False) -> list[Path]:
-    """n distinct random images (png) in folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        shape = (size, size + 3, 3) if color else (size, size + 3)
-        img = rng.integers(0, 256, shape, dtype=np.uint8)
-        path = folder / f"{prefix}_{i:04d}.png"
-        assert cv2.imwrite(str(path), img)
-        paths.append(path)
-    return paths
 
 
 def make_samples(counts: dict[str, int]) -> list[Sample]:

@@ -16,6 +16,7 @@ Set LINEWATCH_SCREENSHOTS=docs/screenshots to refresh the README's screenshots.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -28,17 +29,21 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import helpers
 from tests.conftest import LINEWATCH, Broker, make_broker
-from tests.test_agent import write_video
+from tests.helpers import write_video
 
 TOKEN = "test-token-0123456789abcdef"
 FPS = 4
+
+# Many checks reload a browser page: poll less often than the default.
+wait_for = functools.partial(helpers.wait_for, interval=0.1)
 
 
 def chromium_path() -> str:
@@ -48,16 +53,6 @@ def chromium_path() -> str:
         if found:
             return found
     pytest.fail("chromium is not installed: run `make test` (it installs it) or `apt-get install -y chromium`")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Relay:
