@@ -366,16 +366,10 @@ def picture_parts(
     return out
 
 
-def picture_scores(
-    samples: Sequence[Sample],
-    tiling: Tiling,
-    color_mode: str,
-    score_inputs: Callable[[np.ndarray], np.ndarray],
-    *,
-    batch: int = SCORE_BATCH,
-) -> np.ndarray:
-    """Each picture's score by the tiling's decision rule (edge/tiling.py ``rule_scores``)."""
-    return rule_scores(picture_parts(samples, tiling, color_mode, score_inputs, batch=batch), tiling)
+def picture_scores(samples: Sequence[Sample], tiling: Tiling, *args: Any, **kwargs: Any) -> np.ndarray:
+    """Each picture's score by the tiling's decision rule (edge/tiling.py ``rule_scores``);
+    the other arguments are :func:`picture_parts`'s."""
+    return rule_scores(picture_parts(samples, tiling, *args, **kwargs), tiling)
 
 
 # Decision rules training tries for a tiled bundle with a whole view: "max", then "fused"
