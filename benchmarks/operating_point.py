@@ -163,7 +163,8 @@ def run_set(name: str, root: Path, out: Path, fit_args: list[str], reuse: bool) 
         "fit_args": fit_args,
     }
     log(
-        f"[{name}] AUC {result['roc_auc']:.3f} (recall at FRR <= 2 %: {recall_at_frr_2})  shipped recall {shipped['recall']:.3f} FRR {shipped['false_reject_rate']:.3f} "
+        f"[{name}] AUC {result['roc_auc']:.3f} (recall at FRR <= 2 %: {recall_at_frr_2})  "
+        f"shipped recall {shipped['recall']:.3f} FRR {shipped['false_reject_rate']:.3f} "
         f"BA {shipped['balanced_accuracy']:.3f} (best {best['balanced_accuracy']:.3f}, gap {shipped['ba_gap_points']} pts)  "
         + "  ".join(f"{r}: BA {v['balanced_accuracy']:.3f} R {v['recall']:.2f}" for r, v in rows.items())
     )

@@ -562,7 +562,11 @@ def summary(report: dict[str, Any]) -> str:
             f"wire/bundle: {w['bundle']['ratio']} ({w['bundle']['bundle_bytes']} B), {w['padded']['ratio']} padded "
             f"({w['padded']['bundle_bytes']} B) [target <= 1.05]"
         )
-    cuts = [(k, report[k]) for k in ("cut_network", "cut_device_restart", "cut_broker_restart", "cut_broker_restart_persistent") if k in report]
+    cuts = [
+        (k, report[k])
+        for k in ("cut_network", "cut_device_restart", "cut_broker_restart", "cut_broker_restart_persistent")
+        if k in report
+    ]
     if cuts:
         lines.append(
             "chunks sent twice (received twice) after a cut: "

@@ -104,7 +104,17 @@ def summarize_fit(bundle: Path, seconds: float) -> dict[str, Any]:
     from edge.protocol import read_manifest
 
     m = read_manifest(bundle)
-    keys = ("n", "balanced_accuracy", "accuracy", "defect_recall", "false_reject_rate", "defect_precision", "roc_auc", "pr_auc", "threshold")
+    keys = (
+        "n",
+        "balanced_accuracy",
+        "accuracy",
+        "defect_recall",
+        "false_reject_rate",
+        "defect_precision",
+        "roc_auc",
+        "pr_auc",
+        "threshold",
+    )
     return {
         "bundle": str(bundle),
         "fit_seconds": round(seconds, 1),
@@ -119,7 +129,8 @@ def summarize_fit(bundle: Path, seconds: float) -> dict[str, Any]:
         "split_method": m.dataset["split"]["method"],
         "operating_point": m.operating_point.model_dump() if m.operating_point else None,
         "float": {k: m.metrics["float"].get(k) for k in keys},
-        "int8": {k: m.metrics["int8"].get(k) for k in keys} | {"confusion": m.metrics["int8"]["confusion"], "per_class_recall": m.metrics["int8"]["per_class_recall"]},
+        "int8": {k: m.metrics["int8"].get(k) for k in keys}
+        | {"confusion": m.metrics["int8"]["confusion"], "per_class_recall": m.metrics["int8"]["per_class_recall"]},
         "quantization_gate": m.metrics["quantization_gate"],
     }
 
@@ -262,7 +273,12 @@ def main() -> int:
     report: dict[str, Any] = json.loads(earlier.read_text()) if earlier.exists() else {}
     report |= {
         "benchmark": "training",
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform(), "tensorflow": tf.__version__},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "tensorflow": tf.__version__,
+        },
     }
     if not args.skip_synth:
         report["synth"] = bench_synth(args.out)

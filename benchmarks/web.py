@@ -111,7 +111,9 @@ def fleet_page(devices: int, results_per_device: int, loads: int) -> dict[str, A
         try:
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
-                context = browser.new_context(extra_http_headers={"Authorization": f"Bearer {TOKEN}"}, viewport={"width": 1280, "height": 800})
+                context = browser.new_context(
+                    extra_http_headers={"Authorization": f"Bearer {TOKEN}"}, viewport={"width": 1280, "height": 800}
+                )
                 page = context.new_page()
                 # The browser's own main-thread work per load (parse, style, layout, paint, script),
                 # from Chrome's Performance domain: CPU time, so far less inflated by a busy box
@@ -277,7 +279,11 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=None, help="model bundle (default: as benchmarks/pipeline.py)")
     ap.add_argument("--skip-agent", action="store_true", help="only the fleet page")
     args = ap.parse_args()
-    result: dict[str, Any] = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["python", "benchmarks/web.py", *sys.argv[1:]])}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python", "benchmarks/web.py", *sys.argv[1:]]),
+    }
     print("fleet page ...", flush=True)
     result["fleet"] = fleet_page(args.devices, args.results, args.loads)
     for name in ("default_page", "all_rows_one_page", "group_filter", "device_page"):

@@ -87,7 +87,9 @@ class WebConfig(Section):
     host: str = Field(default="127.0.0.1", description="0.0.0.0 to serve the plant network (put TLS in front)")
     port: int = Field(default=8090, ge=0, le=65535, description="0 picks a free port (tests)")
     token: str | None = Field(
-        default=None, min_length=16, description="the pages' token (Authorization: Bearer, or the login form); LINEWATCH_CLOUD_WEB_TOKEN wins"
+        default=None,
+        min_length=16,
+        description="the pages' token (Authorization: Bearer, or the login form); LINEWATCH_CLOUD_WEB_TOKEN wins",
     )
     page_size: int = Field(default=200, ge=10, le=5000, description="devices per fleet page")
 

@@ -75,7 +75,9 @@ def _mosquitto(port: int, workdir: Path) -> subprocess.Popen[bytes]:
     if not Path(binary).exists():
         raise click.ClickException("mosquitto is not installed: sudo apt-get install -y mosquitto")
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n")
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
+    )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -159,7 +161,9 @@ def _frame_options(size: str | None, tile: str | None, scale: float | None) -> F
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     if not isinstance(frame, tuple):
-        raise click.UsageError(f"--size {size!r}: give a frame as WxH (for example 1920x1080); without --size the demo uses 160 px close-ups")
+        raise click.UsageError(
+            f"--size {size!r}: give a frame as WxH (for example 1920x1080); without --size the demo uses 160 px close-ups"
+        )
     if tile_px[0] > frame[0] or tile_px[1] > frame[1]:
         raise click.UsageError(f"--tile {tile_px[0]}x{tile_px[1]} is larger than the {frame[0]}x{frame[1]} frame")
     return frame, tile_px, 1.0 if scale is None else scale
@@ -302,9 +306,12 @@ def _prepare_run(run_dir: Path, port: int, video: Path, roi: list[int] | None, b
     agent_cfg = run_dir / "agent.toml"
     agent_cfg.write_text(
         f'device_id = "line1-cam1"\ngroups = ["line1"]\nline = "demo line 1"\n\n'
-        f'[camera]\nsource = "{video}"\nfps = 25\n' + ("" if roi is None else f"roi = {roi}\n") + '\n[model]\npath = "models"\n\n'
+        f'[camera]\nsource = "{video}"\nfps = 25\n'
+        + ("" if roi is None else f"roi = {roi}\n")
+        + '\n[model]\npath = "models"\n\n'
         f'[ota]\ntrusted_keys = ["{run_dir / "cloud-data" / "keys" / "signing.pub"}"]\nhealth_parts = 50\n\n'
-        f'[buffer]\npath = "buffer.db"\nmax_bytes = 50_000_000\n\n[mqtt]\nhost = "127.0.0.1"\nport = {port}\nstatus_interval_s = 1\nack_timeout_s = 3\n'
+        '[buffer]\npath = "buffer.db"\nmax_bytes = 50_000_000\n\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nstatus_interval_s = 1\nack_timeout_s = 3\n'
     )
     keys = _run("cloud", "keys", "init", "--config", str(cloud_cfg)).stdout
     pub = Path(re.search(r"public key:\s+(\S+)", keys).group(1))  # type: ignore[union-attr]
@@ -343,7 +350,21 @@ def _push_v2(cloud_cfg: Path, status: Callable[[], Any], timeout: int) -> None:
         d["device_id"] == "line1-cam1" and d["state"] == "online"
         for d in _json("cloud", "fleet", "--config", str(cloud_cfg), "--json")), 60)
     before = status()
-    push = subprocess.run([*_linewatch(), "cloud", "push", "2.0.0", "--to", "line1", "--config", str(cloud_cfg), "--timeout", str(timeout)], text=True)
+    push = subprocess.run(
+        [
+            *_linewatch(),
+            "cloud",
+            "push",
+            "2.0.0",
+            "--to",
+            "line1",
+            "--config",
+            str(cloud_cfg),
+            "--timeout",
+            str(timeout),
+        ],
+        text=True,
+    )
     if push.returncode != 0:
         raise click.ClickException("the push did not complete; see the output above")
     _wait("the agent to run 2.0.0", lambda: status()["model_version"] == "2.0.0", 60)
@@ -379,9 +400,19 @@ def _check_cloud_results(cloud_cfg: Path, status: Callable[[], Any], truth: list
 @click.command("demo")
 @click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(path_type=Path), help="Working folder.")
 # train synth's and train fit's defaults: the demo trains the model a plant would get.
-@click.option("--count", default=None, type=click.IntRange(min=1), help="Synthetic training images.  [default: 8000; 1000 frames with --size]")
+@click.option(
+    "--count",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Synthetic training images.  [default: 8000; 1000 frames with --size]",
+)
 @click.option("--epochs", default=None, type=int, help="Training epochs.  [default: train fit's (about 112,000 image passes)]")
-@click.option("--parts", default=None, type=click.IntRange(min=1), help="Parts in the inspection video (25 per second).  [default: 900; 300 with --size]")
+@click.option(
+    "--parts",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Parts in the inspection video (25 per second).  [default: 900; 300 with --size]",
+)
 @click.option("--size", "size", default=None, metavar="WxH",
               help="Run on high-resolution line frames instead (train synth --size WxH, a tiled model, the video at "
               "that size, no ROI). 1920x1080 with the defaults: about 45 minutes on a busy 2-core box (train synth 3, "
@@ -428,11 +459,19 @@ def demo(out_dir: Path, count: int | None, epochs: int | None, parts: int | None
     broker = _mosquitto(port, run_dir)
     cloud = agent = None
     try:
-        cloud = subprocess.Popen([*_linewatch(), "cloud", "serve", "--config", str(cloud_cfg)], stdout=open(run_dir / "cloud.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        cloud = subprocess.Popen(
+            [*_linewatch(), "cloud", "serve", "--config", str(cloud_cfg)],
+            stdout=open(run_dir / "cloud.log", "w"),  # noqa: SIM115 - the child keeps it for its life
+            stderr=subprocess.STDOUT,
+        )
         click.echo(f"broker on 127.0.0.1:{port}, cloud log {run_dir / 'cloud.log'}")
 
         _step("4/6 edge agent on the video; the broker is cut mid-run")
-        agent = subprocess.Popen([*_linewatch(), "edge", "run", "--config", str(agent_cfg)], stdout=subprocess.DEVNULL, stderr=open(run_dir / "agent.log", "w"))  # noqa: SIM115
+        agent = subprocess.Popen(
+            [*_linewatch(), "edge", "run", "--config", str(agent_cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(run_dir / "agent.log", "w"),  # noqa: SIM115 - the child keeps it for its life
+        )
         status = lambda: _json("edge", "status", "--config", str(agent_cfg), "--json")  # noqa: E731
         broker = _cut_the_broker(broker, port, run_dir, status, len(truth), slack)
 

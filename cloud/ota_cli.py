@@ -241,7 +241,9 @@ def rollout_status_cmd(config_file: Path | None, rollout_id: str | None, as_json
             why = f" ({d['stage']}: {d['reason']})" if d["reason"] else ""
             # a halted rollout points the device's row at the version it was sent back to
             back = f" -> rolled back to {d['desired_version']}" if d["desired_version"] and d["desired_version"] != ro["version"] else ""
-            click.echo(f"  {d['device_id']:<24} {d['phase']:<7} {d['state'] or '-':<12}{progress} was {d['previous_version'] or '-'}{back}{why}")
+            click.echo(
+                f"  {d['device_id']:<24} {d['phase']:<7} {d['state'] or '-':<12}{progress} was {d['previous_version'] or '-'}{back}{why}"
+            )
     others = [d for d in report["devices"] if not ro or d["rollout"] != ro["id"]]
     if others:
         click.echo("other devices (last OTA state):")

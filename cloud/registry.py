@@ -293,7 +293,9 @@ class Registry:
             raise CloudError(f"{bundle.name}: the model does not load ({exc}); fix the export, or pass --no-check") from exc
         if not golden.ok:
             raise CloudError(
-                "golden images fail on this machine: " + "; ".join(golden.failures[:3]) + " (devices would refuse it; pass --no-check to add anyway)"
+                "golden images fail on this machine: "
+                + "; ".join(golden.failures[:3])
+                + " (devices would refuse it; pass --no-check to add anyway)"
             )
 
 

@@ -290,7 +290,10 @@ class _Rollout:
             else:
                 # Not in the registry: the device still keeps it as its previous model.
                 desired = self._intent(OtaDesired(v=1, device_id=d, version=prev, transfer=transfer, rollout=self.id, ts=time.time()))
-            self._exec("UPDATE ota_deployments SET transfer = ?, desired_version = ? WHERE rollout = ? AND device_id = ?", (transfer, prev, self.id, d))
+            self._exec(
+                "UPDATE ota_deployments SET transfer = ?, desired_version = ? WHERE rollout = ? AND device_id = ?",
+                (transfer, prev, self.id, d),
+            )
             self.server.publish_desired(desired)
             waiting[d] = (transfer, prev)
             self.echo(f"  {d}: rolling back to {prev}")

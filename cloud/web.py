@@ -366,7 +366,12 @@ class TokenGate:
         self._bearer = f"Bearer {token}".encode()
         self._session = session_value(token)
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]) -> None:
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
         if scope["type"] != "http" or scope["path"] in self.OPEN or self._allowed(scope):
             if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD") and scope["path"] != "/login":
                 await _plain(send, 405, b"read-only: only GET\n")
@@ -418,7 +423,8 @@ def _rollouts(reader: StoreReader, *, limit: int = 50, rollout_id: str | None = 
             by_state[d["state"] or "waiting"] = by_state.get(d["state"] or "waiting", 0) + 1
         # the rollout row keeps the --canary spec ("1", "25%"); the deployments name the canaries
         out.append({**dict(r), "devices": json.loads(r["devices"] or "[]"), "canary_spec": r["canary"],
-                    "canary": [d["device_id"] for d in deps if d["phase"] == "canary"], "deployments": deps, "by_state": by_state})  # fmt: skip
+                    "canary": [d["device_id"] for d in deps if d["phase"] == "canary"],
+                    "deployments": deps, "by_state": by_state})  # fmt: skip
     return out
 
 

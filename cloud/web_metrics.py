@@ -60,9 +60,13 @@ class CloudCollector(Collector):
         for s in DEVICE_STATES:
             states.add_metric([s], float(sum(1 for d in devices if d["state"] == s)))
         yield states
-        age = GaugeMetricFamily("linewatch_cloud_device_last_seen_age_seconds", "Seconds since the device was last heard", labels=["device"])
+        age = GaugeMetricFamily(
+            "linewatch_cloud_device_last_seen_age_seconds", "Seconds since the device was last heard", labels=["device"]
+        )
         backlog = GaugeMetricFamily("linewatch_cloud_device_backlog_rows", "Rows the device reports waiting to sync", labels=["device"])
-        evicted = CounterMetricFamily("linewatch_cloud_device_evicted_rows", "Rows the device evicted before they synced", labels=["device"])
+        evicted = CounterMetricFamily(
+            "linewatch_cloud_device_evicted_rows", "Rows the device evicted before they synced", labels=["device"]
+        )
         for d in devices:
             if d["last_seen"] is not None:
                 age.add_metric([d["device_id"]], max(0.0, now - d["last_seen"]))

@@ -828,11 +828,19 @@ class Agent:
             "last_decision": None if last is None else {**_decision_info(last), "latency_ms": last.latency_ms},
             # the operator page's last failed part (its picture: GET /api/last-fail.jpg)
             "last_failure": None if self.last_failure is None else self.last_failure.info(),
-            "ota": {"state": "off", "reason": self.ota_error} if self.ota_error else None if self.ota is None else self.ota.state,
+            "ota": {"state": "off", "reason": self.ota_error}
+            if self.ota_error
+            else None
+            if self.ota is None
+            else self.ota.state,
             "mqtt_error": self.mqtt_error,
             "sync_process": None if self.sync is None else self.sync.snapshot(),
-            "operator_url": None if self.operator is None else f"http://{self.config.operator.host}:{self.operator.port}/",
-            "metrics_url": None if self.metrics is None else f"http://{self.config.metrics.host}:{self.metrics_port}/metrics",  # type: ignore[union-attr]
+            "operator_url": None
+            if self.operator is None
+            else f"http://{self.config.operator.host}:{self.operator.port}/",
+            "metrics_url": None
+            if self.metrics is None
+            else f"http://{self.config.metrics.host}:{self.metrics_port}/metrics",  # type: ignore[union-attr]
             "first_decision_s": None if self.first_decision_at is None else self.first_decision_at - self.started_at,
         }
 

@@ -75,7 +75,8 @@ class BufferConfig(Section):
     path: Path = Field(description="SQLite file")
     max_bytes: int = Field(default=200_000_000, ge=256 * 1024, description="byte budget; evicts by value when full")
     synchronous: Literal["FULL", "NORMAL"] = Field(
-        default="FULL", description="FULL: every decision fsynced before it is reported; NORMAL: faster, may lose the last ones on power loss"
+        default="FULL",
+        description="FULL: every decision fsynced before it is reported; NORMAL: faster, may lose the last ones on power loss",
     )
 
 

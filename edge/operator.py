@@ -127,7 +127,8 @@ async function tick(){
   if(dr&&dr.checks==='off'){db.className='off';db.textContent=dr.note||'drift checks are off';}
   else if(dr&&(dr.state==='warning'||dr.state==='drift')){
    db.className=dr.state;
-   db.textContent=(dr.state==='drift'?'DRIFT: ':'Warning: ')+((dr.reasons||[]).map(x=>x.split(': ').slice(1).join(': ')).join(' \u2014 ')||'the pictures changed');
+   db.textContent=(dr.state==='drift'?'DRIFT: ':'Warning: ')
+    +((dr.reasons||[]).map(x=>x.split(': ').slice(1).join(': ')).join(' \u2014 ')||'the pictures changed');
   }else{db.className='';db.textContent='';}
   const d=s.last_decision, v=document.getElementById('verdict');
   if(d){v.textContent=d.passed?'PASS':'FAIL '+d.label;v.className=d.passed?'pass':'fail';}
@@ -138,12 +139,14 @@ async function tick(){
   document.getElementById('rate').textContent=c.results?(100*c.passed/c.results).toFixed(1)+'%':'\\u2014';
   document.getElementById('unsynced').textContent=s.unsynced??'\\u2014';
   document.getElementById('recent').innerHTML=r.slice().reverse().map(x=>
-   `<tr class="${x.passed?'':'warn'}"><td>#${x.part_id}</td><td>${x.passed?'PASS':'FAIL'}</td><td>${x.label}</td><td>${x.score.toFixed(3)}</td><td>${new Date(x.ts*1000).toLocaleTimeString()}</td></tr>`).join('');
+   `<tr class="${x.passed?'':'warn'}"><td>#${x.part_id}</td><td>${x.passed?'PASS':'FAIL'}</td><td>${x.label}</td>`
+   +`<td>${x.score.toFixed(3)}</td><td>${new Date(x.ts*1000).toLocaleTimeString()}</td></tr>`).join('');
   const f=s.last_failure, img=document.getElementById('lastfail');
   const src=f?'/api/last-fail.jpg?seq='+f.seq:(c.failed?'/api/last-fail.jpg?buffer':'');
   if(src&&img.getAttribute('src')!==src){img.src=src;}
   document.getElementById('lastfailinfo').textContent=f?
-   '#'+f.part_id+' '+f.label+' \\u2014 score '+f.score.toFixed(3)+(f.box?' \\u2014 box '+f.box[0]+','+f.box[1]+' '+f.box[2]+'\\u00d7'+f.box[3]:''):'';
+   '#'+f.part_id+' '+f.label+' \\u2014 score '+f.score.toFixed(3)
+   +(f.box?' \\u2014 box '+f.box[0]+','+f.box[1]+' '+f.box[2]+'\\u00d7'+f.box[3]:''):'';
  }catch(e){document.getElementById('camera').textContent='agent not answering';}
 }
 tick();setInterval(tick,1000);

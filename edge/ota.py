@@ -404,10 +404,20 @@ class OtaClient:
             self._switch_to_previous(desired)
             return
         if not desired.download:
-            self._finish(FAILED, desired, stage=InstallStage.DESIRED, reason=f"version {desired.version} is not on this device and no download was offered")
+            self._finish(
+                FAILED,
+                desired,
+                stage=InstallStage.DESIRED,
+                reason=f"version {desired.version} is not on this device and no download was offered",
+            )
             return
         if self.store.is_single_bundle:
-            self._finish(FAILED, desired, stage=InstallStage.STORE, reason=f"{self.store.root} holds a single bundle; point model.path at a store folder to receive OTA updates")
+            self._finish(
+                FAILED,
+                desired,
+                stage=InstallStage.STORE,
+                reason=f"{self.store.root} holds a single bundle; point model.path at a store folder to receive OTA updates",
+            )
             return
         self._start_download(desired)
 
@@ -548,7 +558,13 @@ class OtaClient:
             if self._verify_failures >= 2:
                 dl.remove()
                 self._dl = None
-                self._finish(FAILED, desired, stage=InstallStage.TRANSFER, reason=f"packed bundle sha256 {actual[:12]}… != {str(desired.sha256)[:12]}… twice; the registry copy may be damaged")
+                self._finish(
+                    FAILED,
+                    desired,
+                    stage=InstallStage.TRANSFER,
+                    reason=f"packed bundle sha256 {actual[:12]}… != {str(desired.sha256)[:12]}… twice; "
+                    "the registry copy may be damaged",
+                )
                 return
             logger.warning("OTA %s: whole-file sha256 mismatch; downloading again", desired.transfer)
             dl.reset()
@@ -676,7 +692,14 @@ class OtaClient:
         )
         if note and self.agent is not None:
             extra = {k: v for k, v in (("stage", stage), ("reason", reason), ("health", health)) if v}
-            self.agent.note_event(f"ota_{state}", version=desired.version, transfer=desired.transfer, rollout=desired.rollout, **extra, **(detail or {}))
+            self.agent.note_event(
+                f"ota_{state}",
+                version=desired.version,
+                transfer=desired.transfer,
+                rollout=desired.rollout,
+                **extra,
+                **(detail or {}),
+            )
         self._last_progress = time.monotonic()
         self._publish(STATE, payload.model_dump_json(exclude_none=True).encode(), retain=True)
         self._last_state = payload

@@ -100,7 +100,9 @@ class OtaDesired(_Wire):
         if any(given) and not all(given):
             raise ValueError("sha256, size and chunks come together")
         if self.size is not None and self.chunks != -(-self.size // self.chunk_bytes):
-            raise ValueError(f"{self.size} bytes in chunks of {self.chunk_bytes} make {-(-self.size // self.chunk_bytes)} chunks, not {self.chunks}")
+            raise ValueError(
+                f"{self.size} bytes in chunks of {self.chunk_bytes} make {-(-self.size // self.chunk_bytes)} chunks, not {self.chunks}"
+            )
         return self
 
     @property

@@ -626,11 +626,26 @@ class SyncClient:
         digest = hashlib.sha256(jpeg).hexdigest()
         payloads = [
             encode_payload(
-                {"v": PAYLOAD_VERSION, "type": "sample", "device_id": self.device_id, "batch": f"{batch_id}.{i}",
-                 **({"buffer_id": self.buffer_id} if self.buffer_id else {}), "seq": seq, "result_seq": row.get("result_seq"), "ts": row.get("ts"), "reason": row.get("reason"),
-                 "label": row.get("label"), "score": row.get("score"), "width": row.get("width"),
-                 "height": row.get("height"), "bytes": len(jpeg), "sha256": digest, "chunk": i, "chunks": len(chunks),
-                 "data": base64.b64encode(part).decode("ascii")}
+                {
+                    "v": PAYLOAD_VERSION,
+                    "type": "sample",
+                    "device_id": self.device_id,
+                    "batch": f"{batch_id}.{i}",
+                    **({"buffer_id": self.buffer_id} if self.buffer_id else {}),
+                    "seq": seq,
+                    "result_seq": row.get("result_seq"),
+                    "ts": row.get("ts"),
+                    "reason": row.get("reason"),
+                    "label": row.get("label"),
+                    "score": row.get("score"),
+                    "width": row.get("width"),
+                    "height": row.get("height"),
+                    "bytes": len(jpeg),
+                    "sha256": digest,
+                    "chunk": i,
+                    "chunks": len(chunks),
+                    "data": base64.b64encode(part).decode("ascii"),
+                }
             )  # fmt: skip
             for i, part in enumerate(chunks)
         ]

@@ -25,7 +25,17 @@ def test_every_command_has_help_with_an_example() -> None:
     ctx = click.Context(cli)
     found = list(_all_commands(cli, ctx))
     names = {" ".join(path) for path, _ in found}
-    for required in ("train synth", "train fit", "train eval", "edge validate-config", "edge run", "edge status", "cloud serve", "cloud fleet", "demo"):
+    for required in (
+        "train synth",
+        "train fit",
+        "train eval",
+        "edge validate-config",
+        "edge run",
+        "edge status",
+        "cloud serve",
+        "cloud fleet",
+        "demo",
+    ):
         assert required in names, f"missing command: linewatch {required}"
     for path, _cmd in found:
         result = CliRunner().invoke(cli, [*path, "--help"])

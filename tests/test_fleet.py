@@ -113,7 +113,20 @@ def test_cloud_cli_reads_the_store_with_and_without_config(tmp_path: Path, broke
     assert d["device_id"] == "cam-cli" and d["results"] == 30 and d["state"] in ("online", "offline_buffering")
     out = cli("cloud", "results", "--device", "cam-cli", "--json", "--limit", "5", "--after", "10", cwd=tmp_path)
     assert out.returncode != 0 and "no cloud store" in out.stderr  # no cloud.toml in tmp_path
-    out = cli("cloud", "results", "--device", "cam-cli", "--json", "--limit", "5", "--after", "10", "--config", str(cloud_toml), cwd=tmp_path)
+    out = cli(
+        "cloud",
+        "results",
+        "--device",
+        "cam-cli",
+        "--json",
+        "--limit",
+        "5",
+        "--after",
+        "10",
+        "--config",
+        str(cloud_toml),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)
     assert [r["seq"] for r in rows] == [11, 12, 13, 14, 15] and rows[0]["passed"] is True

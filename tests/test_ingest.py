@@ -151,7 +151,12 @@ def test_a_cloud_store_from_before_boxes_is_migrated_and_keeps_its_rows(tmp_path
         again = store.store_results(ResultsBatch.model_validate(boxed_payload("d1", [3, 4], [None, None], batch="b2")), received=3.0)
         assert (again.inserted, again.duplicates) == (1, 1)
         rows = store.results("d1")
-    assert [(r["seq"], r["label"], r["box"]) for r in rows] == [(1, "ok", None), (2, "ok", [40, 30, 128, 128]), (3, "ok", None), (4, "ok", None)]
+    assert [(r["seq"], r["label"], r["box"]) for r in rows] == [
+        (1, "ok", None),
+        (2, "ok", [40, 30, 128, 128]),
+        (3, "ok", None),
+        (4, "ok", None),
+    ]
     conn = sqlite3.connect(path)
     names = [r[0] for r in conn.execute("SELECT name FROM _migrations ORDER BY name")]
     assert names == ["001_initial", "002_result_box", "003_result_minutes", "004_buffer_incarnation"]

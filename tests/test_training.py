@@ -582,7 +582,19 @@ def test_tiny_bundle_manifest_is_complete(tiny_bundle: Path) -> None:
     assert m.model.bytes == (tiny_bundle / "model.tflite").stat().st_size
     assert 0.0 <= m.threshold <= 1.0
     for part in ("float", "int8"):
-        for key in ("n", "accuracy", "balanced_accuracy", "defect_recall", "defect_precision", "false_reject_rate", "roc_auc", "pr_auc", "threshold", "confusion", "per_class_recall"):
+        for key in (
+            "n",
+            "accuracy",
+            "balanced_accuracy",
+            "defect_recall",
+            "defect_precision",
+            "false_reject_rate",
+            "roc_auc",
+            "pr_auc",
+            "threshold",
+            "confusion",
+            "per_class_recall",
+        ):
             assert key in m.metrics[part], (part, key)
     op = m.operating_point
     assert op is not None and op.threshold == m.threshold and op.target_recall == 0.99 and op.max_false_reject == 0.02

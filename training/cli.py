@@ -85,7 +85,13 @@ def train() -> None:
 
 @train.command("synth")
 @click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--count", default=DEFAULT_SYNTH_COUNT, show_default=True, type=click.IntRange(min=1), help="Images to generate (half scratched).")
+@click.option(
+    "--count",
+    default=DEFAULT_SYNTH_COUNT,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images to generate (half scratched).",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same images.")
 @click.option("--size", default="160", show_default=True, metavar="N|WxH",
               help="N: square close-ups of a part's surface, N px a side. WxH: high-resolution line frames "
@@ -119,7 +125,13 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 
 @train.command("fit")
 @click.argument("data_dir", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle folder to write (replaced if it holds a bundle).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle folder to write (replaced if it holds a bundle).",
+)
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Maximum epochs (early stopping may end sooner).  [default: about 112,000 training-image passes: "
               "20 for 5600 training images, 10 to 60]")
@@ -137,7 +149,14 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 @click.option("--size", default=None, type=InputSize(), metavar="N|WxH",
               help="Model input in pixels: N for N x N, or WxH to keep the camera's aspect (e.g. 128x96 for 640x480: "
               "an integer ratio also resizes 4x faster on the box).  [default: 128]")
-@click.option("--color", "color_mode", type=click.Choice(["gray", "rgb"]), default="gray", show_default=True, help="Model input colour mode.")
+@click.option(
+    "--color",
+    "color_mode",
+    type=click.Choice(["gray", "rgb"]),
+    default="gray",
+    show_default=True,
+    help="Model input colour mode.",
+)
 @click.option("--tile", default=None, type=TileSize(), metavar="WxH",
               help="Learn on WxH-pixel tiles of the pictures instead of the whole picture squeezed to --size; "
               "the box cuts each frame into such tiles and fails the part on its worst tile (e.g. 128x128).")

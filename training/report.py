@@ -62,7 +62,12 @@ def plot_confusion(confusion: Mapping[str, Mapping[str, int]], pass_label: str, 
     return out
 
 
-def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], threshold_points: Mapping[str, tuple[float, float]], out: Path, title: str) -> Path:
+def plot_roc(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    threshold_points: Mapping[str, tuple[float, float]],
+    out: Path,
+    title: str,
+) -> Path:
     """ROC curves (name -> (is_defect, scores)), with each model's operating point marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=110)
