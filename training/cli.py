@@ -195,34 +195,10 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 def fit_command(
     data_dir: Path,
     out_dir: Path,
-    epochs: int | None,
-    seed: int,
-    pass_label: str | None,
-    target_recall: float,
-    max_false_reject: float,
-    folds: int,
-    label_smoothing: float,
     size: tuple[int, int] | None,
-    color_mode: str,
-    tile: tuple[int, int] | None,
-    scale: float,
-    overlap: float,
-    whole_frame: bool,
-    version: str | None,
-    name: str | None,
-    filters: int,
-    stem: str,
-    shading: bool,
-    batch_size: int,
-    learning_rate: float,
-    patience: int,
     no_augment: bool,
     masks_dir: Path | None,
-    group_by: str,
-    group_gap: int,
-    defects: str,
-    max_quantization_drop: float,
-    allow_quantization_drop: bool,
+    **options: Any,
 ) -> None:
     """Train on DATA_DIR (one folder per class) and write an int8 model bundle to --out.
 
@@ -235,8 +211,9 @@ def fit_command(
     threshold, or 0.005 ROC AUC, against float, unless --allow-quantization-drop.
 
     With --tile, the model learns on tiles of the pictures at --scale (native pixels by
-    default) and the box decides each frame on its worst tile, keeping that tile's box:
-    for cameras of several megapixels and thin defects (docs/training.md, "Tiles").
+    default) and the box decides each frame by the rule the fit chose (its worst tile, or
+    that fused with the whole view), keeping the deciding input's box: for cameras of
+    several megapixels and thin defects (docs/training.md, "Tiles").
 
     Examples:
 
@@ -246,43 +223,20 @@ def fit_command(
     """
     from training.pipeline import DEFAULT_SIZE, FitOptions
 
-    options = FitOptions(
-        epochs=epochs,
-        seed=seed,
-        pass_label=pass_label,
-        target_recall=target_recall,
-        max_false_reject=max_false_reject,
-        folds=folds,
-        label_smoothing=label_smoothing,
+    # Every other option is a FitOptions field of the same name.
+    fit_options = FitOptions(
+        **options,
         size=size[0] if size else DEFAULT_SIZE,
         height=size[1] if size else None,
-        color_mode=color_mode,
-        tile=tile,
-        scale=scale,
-        overlap=overlap,
-        whole_frame=whole_frame,
-        version=version,
-        name=name,
-        filters=filters,
-        stem=stem,
-        shading=shading,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        patience=patience,
         augment=not no_augment,
         masks=masks_dir,
-        group_by=group_by,
-        group_gap=group_gap,
-        defects=defects,
-        max_quantization_drop=max_quantization_drop,
-        allow_quantization_drop=allow_quantization_drop,
     )
     # fit() checks the data before it imports TensorFlow, so bad data fails in a second.
     _quiet_tensorflow()
     from training.pipeline import fit
 
     t0 = time.perf_counter()
-    result = fit(data_dir, out_dir, options, echo=lambda line: click.echo(line))
+    result = fit(data_dir, out_dir, fit_options, echo=lambda line: click.echo(line))
     click.echo(f"done in {time.perf_counter() - t0:.0f}s: {result.bundle_dir}")
 
 
