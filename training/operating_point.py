@@ -256,6 +256,47 @@ def choose_operating_point(
     if feasible:
         idx = np.flatnonzero(ok)
         interval = (to_score(grid[idx[0]]), to_score(grid[idx[-1]]))
+    threshold = _pick_threshold(rule, grid, ok, risk, recall_s, frr_s, y, s, target_recall, max_false_reject)
+    threshold = float(np.clip(threshold, 0.0, 1.0))
+    z_t = float(to_logit(np.array([threshold]))[0])
+    recall, frr, caught = _empirical(y, s, threshold)
+    n_def, n_pass = int(y.sum()), int((~y).sum())
+    warnings = _warnings(rule, feasible, miss_weight, n_def, recall, frr, target_recall, max_false_reject, confidence)
+    return OperatingPoint(
+        threshold=threshold,
+        rule=rule,
+        scores_from=scores_from,
+        target_recall=float(target_recall),
+        max_false_reject=float(max_false_reject),
+        n_defect=n_def,
+        n_pass=n_pass,
+        recall=recall,
+        false_reject_rate=frr,
+        recall_lower_95=recall_lower_bound(caught, n_def, confidence),
+        feasible=feasible,
+        smoothed_recall=float(smoothed_tail(zd, np.array([z_t]), hd)[0]),
+        smoothed_false_reject_rate=float(smoothed_tail(zp, np.array([z_t]), hp)[0]),
+        miss_weight=miss_weight,
+        feasible_interval=interval,
+        warnings=tuple(warnings),
+    )
+
+
+def _pick_threshold(
+    rule: str,
+    grid: np.ndarray,
+    ok: np.ndarray,
+    risk: np.ndarray,
+    recall_s: np.ndarray,
+    frr_s: np.ndarray,
+    y: np.ndarray,
+    s: np.ndarray,
+    target_recall: float,
+    max_false_reject: float,
+) -> float:
+    """The threshold each rule picks on the logit ``grid`` (smoothed tails ``recall_s``,
+    ``frr_s``; ``ok`` where both budgets hold) or on the raw scores."""
+    feasible = bool(ok.any())
     if rule == RULE_EDGE:
         threshold = _edge_threshold(s[y], target_recall)
     elif rule == RULE_RECALL:
@@ -275,10 +316,21 @@ def choose_operating_point(
         # several grid points may tie (flat risk in a wide gap): take the middle of the minimum
         best = np.flatnonzero(pick <= pick.min() + 1e-12)
         threshold = to_score(grid[best[len(best) // 2]])
-    threshold = float(np.clip(threshold, 0.0, 1.0))
-    z_t = float(to_logit(np.array([threshold]))[0])
-    recall, frr, caught = _empirical(y, s, threshold)
-    n_def, n_pass = int(y.sum()), int((~y).sum())
+    return threshold
+
+
+def _warnings(
+    rule: str,
+    feasible: bool,
+    miss_weight: float,
+    n_def: int,
+    recall: float,
+    frr: float,
+    target_recall: float,
+    max_false_reject: float,
+    confidence: float,
+) -> list[str]:
+    """What the summary and the model card must say about the chosen point."""
     warnings: list[str] = []
     best_bound = recall_lower_bound(n_def, n_def, confidence)
     if best_bound < target_recall:
@@ -291,24 +343,7 @@ def choose_operating_point(
             f"no threshold meets both budgets on these scores; the cut minimises {miss_weight:g} x missed defects "
             "+ false rejects: " + (", ".join(_shortfalls(recall, frr, target_recall, max_false_reject)) or "both met on the raw scores")
         )
-    return OperatingPoint(
-        threshold=threshold,
-        rule=rule,
-        scores_from=scores_from,
-        target_recall=float(target_recall),
-        max_false_reject=float(max_false_reject),
-        n_defect=n_def,
-        n_pass=n_pass,
-        recall=recall,
-        false_reject_rate=frr,
-        recall_lower_95=recall_lower_bound(caught, n_def, confidence),
-        feasible=feasible,
-        smoothed_recall=float(smoothed_tail(zd, np.array([z_t]), hd)[0]),
-        smoothed_false_reject_rate=float(smoothed_tail(zp, np.array([z_t]), hp)[0]),
-        miss_weight=miss_weight,
-        feasible_interval=interval,
-        warnings=tuple(warnings),
-    )
+    return warnings
 
 
 def _shortfalls(recall: float, frr: float, target_recall: float, max_false_reject: float) -> list[str]:
