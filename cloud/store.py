@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sqlite3
 import time
 from contextlib import AbstractContextManager
@@ -33,6 +32,7 @@ from typing import Any, Protocol
 import sqlite_utils
 
 from cloud.exceptions import StoreError
+from edge.fsutil import atomic_write
 from edge.protocol import (
     EVENTS,
     GAPS,
@@ -714,21 +714,10 @@ def _result_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_file_durably(path: Path, data: bytes) -> None:
-    """temp + fsync + rename + fsync(dir): the file is whole or absent after a crash."""
+    """A sample file, whole or absent after a crash (edge/fsutil.py ``atomic_write``), in a
+    folder made on first use."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, data)
 
 
 def open_store(config: Any, *, readonly: bool = False) -> SQLiteStore:

@@ -311,7 +311,7 @@ def test_a_malformed_box_is_rejected_counted_and_logged_and_good_boxes_are_store
 def test_ingest_killed_repeatedly_loses_and_duplicates_nothing(tmp_path: Path, broker: Broker) -> None:
     cloud_toml = write_cloud_config(tmp_path / "cloud", broker)
     agent = write_agent_config(tmp_path / "dev", broker, "cam-k", batch_rows=20, max_inflight=2, ack_timeout_s=0.5)
-    n = 1200
+    n = 4000
     fill_buffer(agent, n, samples=[os.urandom(100_000)], events=2)
     dev = start_device(agent)
     left = n
@@ -321,8 +321,12 @@ def test_ingest_killed_repeatedly_loses_and_duplicates_nothing(tmp_path: Path, b
         wait_until(lambda: unsynced(agent)["results"] < left, 20, "ingest progress", interval=0.01)  # noqa: B023
         ingest.kill9()
         now_left = unsynced(agent)["results"]
-        assert 0 < now_left < left, "killed while the backlog was draining"
+        assert now_left < left
+        # A quiet, fast box may drain the backlog before a late kill; the first two always land mid-stream.
+        assert now_left > 0 or i >= 2, "killed while the backlog was draining"
         left = now_left
+        if not left:
+            break
     ingest = start_ingest(cloud_toml, name="ingest-final")
     wait_until(lambda: all_synced(agent), 40, "the drain to finish")
     seqs = cloud_seqs(cloud_toml, "cam-k")
