@@ -295,6 +295,13 @@ def test_masks_choose_the_map_head_which_sees_local_contrast() -> None:
     names = {layer.name for layer in with_masks.model.layers}
     assert {"local_contrast", "map_max"} <= names and "sep5_dw" not in names
 
+    # transplant: one more defect input per masked defect, on training inputs only
+    import dataclasses
+
+    grown = train_model(x, y, x[:8], y[:8], 2, dataclasses.replace(config, transplant=1.0, epochs=1),
+                        masks_train=masks, mask_known=np.ones(48, bool))
+    assert grown.transplants == 24 and len(x) == 48
+
     without = train_model(x, y, x[:8], y[:8], 2, config)
     assert not without.used_masks and without.head == "features"
     assert all(log.map_loss is None for log in without.history)

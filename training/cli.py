@@ -177,6 +177,9 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 @click.option("--shading/--no-shading", default=False, show_default=True,
               help="Beside the defect map, a coarse view of the picture's level, for defects that are shading "
               "across a region rather than a mark (needs many defect pictures: see docs/training.md, Tiles).")
+@click.option("--transplant", default=0.0, show_default=True, type=click.FloatRange(0.0, 16.0),
+              help="Per defect picture with a mask, this many more training examples: its defect moved onto "
+              "good parts (docs/training.md, Defect transplant); 0 = off.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
 @click.option("--patience", default=8, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")

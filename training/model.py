@@ -100,6 +100,9 @@ class TrainConfig:
     # so int8's 256 output steps keep the order of confident parts instead of rounding
     # them all to the end steps (docs/training.md, "Operating point").
     label_smoothing: float = 0.1
+    # Defect transplant (training/transplant.py): new defect inputs per masked defect input,
+    # each its defect moved onto a good training input; 0 = none.
+    transplant: float = 0.0
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +139,7 @@ class TrainResult:
     masked_images: int = 0  # training images whose mask shows a defect
     head: str = "features"  # the head build_networks was given (see there)
     trainer: keras.Model | None = None  # the same layers with the defect map output
+    transplants: int = 0  # defect inputs made by transplant (config.transplant)
 
 
 def set_seed(seed: int) -> None:
@@ -691,8 +695,13 @@ def train_model(
     """
     set_seed(config.seed)
     t_start = time.perf_counter()
+    mask_known = mask_known if mask_known is not None else np.zeros(len(x_train), bool)
+    transplants = 0
+    if config.transplant > 0 and masks_train is not None:
+        x_train, y_train, masks_train, mask_known, transplants = _with_transplants(
+            x_train, y_train, masks_train, mask_known, pass_index, config
+        )
     n = len(x_train)
-    mask_known = mask_known if mask_known is not None else np.zeros(n, bool)
     masked_images = _images_with_defect_mask(masks_train, mask_known)
     use_masks = masked_images > 0
     head = config.head if config.head != "auto" else ("map" if use_masks else "features")
@@ -739,6 +748,26 @@ def train_model(
         masked_images=masked_images,
         head=head if num_classes == 2 else "features",
         trainer=trainer,
+        transplants=transplants,
+    )
+
+
+def _with_transplants(
+    x: np.ndarray, y: np.ndarray, masks: np.ndarray, known: np.ndarray, pass_index: int, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The training inputs with config.transplant new defect inputs per masked defect input
+    (training/transplant.py), their masks known."""
+    from training.transplant import transplant
+
+    extra = transplant(x, y, masks, known, pass_index, per_donor=config.transplant, seed=config.seed)
+    if not len(extra):
+        return x, y, masks, known, 0
+    return (
+        np.concatenate([x, extra.x]),
+        np.concatenate([y, extra.y]),
+        np.concatenate([masks, extra.masks]),
+        np.concatenate([known, np.ones(len(extra), bool)]),
+        len(extra),
     )
 
 

@@ -165,6 +165,8 @@ class FitOptions:
     whole_frame: bool = True
     stem: str = "pool"  # training/model.py, build_networks: "pool" or "strided"
     shading: bool = False  # the map head's shading branch (training/model.py, build_networks)
+    # Defect transplant (training/transplant.py): new defect inputs per masked defect input.
+    transplant: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -184,6 +186,8 @@ class FitOptions:
             raise ValueError(f"stem must be 'pool' or 'strided', got {self.stem!r}")
         if self.defects not in ("merged", "separate"):
             raise ValueError("defects must be 'merged' or 'separate'")
+        if not 0.0 <= self.transplant <= 16.0:
+            raise ValueError(f"transplant {self.transplant:g} is outside [0, 16]")
         if not 0.0 < self.scale <= 4.0:
             raise ValueError(f"scale {self.scale:g} is outside (0, 4]")
         if not 0.0 <= self.overlap < 0.9:
@@ -440,6 +444,7 @@ def _train_config(opts: FitOptions, prepared: PreparedData) -> TrainConfig:
         filters=opts.filters,
         stem=opts.stem,
         shading=opts.shading,
+        transplant=opts.transplant,
         label_smoothing=opts.label_smoothing,
         map_clip=(None if opts.tile else 6.0) if opts.map_clip == "auto" else opts.map_clip,  # type: ignore[arg-type]
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
@@ -459,6 +464,9 @@ def _say_training_plan(prepared: PreparedData, opts: FitOptions, config: TrainCo
     if n_masked:
         say(f"  defect masks for {n_masked} of {int(np.sum(defects))} training "
             f"{'defect crops' if opts.tile else 'defects'}: the defect map learns from them")
+    if config.transplant > 0:
+        say(f"  defect transplant: {config.transplant:g} more training defects per masked one, "
+            "its defect moved onto a good training input (training/transplant.py)")
 
 
 def _train_network(prepared: PreparedData, config: TrainConfig, say: Echo) -> TrainResult:
@@ -483,7 +491,8 @@ def _train_network(prepared: PreparedData, config: TrainConfig, say: Echo) -> Tr
             crops, np.arange(crops.n_train), np.arange(crops.n_train, len(crops.samples)), config,
             len(p.model_labels), on_epoch=on_epoch, say=say,
         )
-    say(f"  best epoch {result.best_epoch} of {result.epochs_run} (weights restored), {result.seconds:.0f}s")
+    say(f"  best epoch {result.best_epoch} of {result.epochs_run} (weights restored), {result.seconds:.0f}s"
+        + (f", {result.transplants} transplanted defects" if result.transplants else ""))
     return result
 
 
