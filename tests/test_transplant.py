@@ -65,7 +65,7 @@ def test_transplant_is_seeded_and_keeps_float_inputs_in_range() -> None:
     c = transplant(x, y, masks, known, 0, per_donor=4, seed=1)
     assert np.array_equal(a.x, b.x) and not np.array_equal(a.x, c.x)
     floats = transplant(x.astype(np.float32) / 255.0, y, masks, known, 0, per_donor=4, seed=0)
-    assert floats.x.dtype == np.float32 and 0.0 <= floats.x.min() and floats.x.max() <= 1.0
+    assert floats.x.dtype == np.float32 and floats.x.min() >= 0.0 and floats.x.max() <= 1.0
     assert np.abs(floats.x * 255.0 - a.x).max() <= 0.5 + 1e-3
 
 

@@ -60,6 +60,23 @@ class TileSize(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class TransplantCount(click.ParamType):
+    """``auto`` or a number of transplants per masked defect, 0-16."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if value == "auto" or isinstance(value, float):
+            return value
+        try:
+            count = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a number", param, ctx)
+        if not 0.0 <= count <= 16.0:
+            self.fail(f"{count:g} is outside 0-16", param, ctx)
+        return count
+
+
 class TrainGroup(LinewatchGroup):
     """``linewatch train``: the option dataclasses refuse bad option combinations with ValueError."""
 
@@ -177,9 +194,9 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 @click.option("--shading/--no-shading", default=False, show_default=True,
               help="Beside the defect map, a coarse view of the picture's level, for defects that are shading "
               "across a region rather than a mark (needs many defect pictures: see docs/training.md, Tiles).")
-@click.option("--transplant", default=0.0, show_default=True, type=click.FloatRange(0.0, 16.0),
+@click.option("--transplant", default="auto", show_default=True, type=TransplantCount(),
               help="Per defect picture with a mask, this many more training examples: its defect moved onto "
-              "good parts (docs/training.md, Defect transplant); 0 = off.")
+              "good parts (docs/training.md, Defect transplant); 0 = off, 'auto' tops a few dozen up to 200.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", "learning_rate", default=3e-3, show_default=True, type=float, help="Initial learning rate (cosine decay).")
 @click.option("--patience", default=8, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")

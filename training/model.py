@@ -101,8 +101,8 @@ class TrainConfig:
     # them all to the end steps (docs/training.md, "Operating point").
     label_smoothing: float = 0.1
     # Defect transplant (training/transplant.py): new defect inputs per masked defect input,
-    # each its defect moved onto a good training input; 0 = none.
-    transplant: float = 0.0
+    # each its defect moved onto a good training input; 0 = none, "auto": top up a few dozen.
+    transplant: float | str = 0.0
     augmentation: Augmentation = field(default_factory=Augmentation)
 
     def to_dict(self) -> dict[str, Any]:
@@ -696,14 +696,14 @@ def train_model(
     set_seed(config.seed)
     t_start = time.perf_counter()
     mask_known = mask_known if mask_known is not None else np.zeros(len(x_train), bool)
+    masked_images = _images_with_defect_mask(masks_train, mask_known)  # the data's own, before transplants
+    use_masks = masked_images > 0
     transplants = 0
-    if config.transplant > 0 and masks_train is not None:
+    if config.transplant != 0 and use_masks:
         x_train, y_train, masks_train, mask_known, transplants = _with_transplants(
-            x_train, y_train, masks_train, mask_known, pass_index, config
+            x_train, y_train, masks_train, mask_known, pass_index, config  # type: ignore[arg-type]
         )
     n = len(x_train)
-    masked_images = _images_with_defect_mask(masks_train, mask_known)
-    use_masks = masked_images > 0
     head = config.head if config.head != "auto" else ("map" if use_masks else "features")
     model, trainer = _networks_for(x_train, num_classes, config, head, pass_index, initial)
     weights = class_weights(y_train, num_classes)

@@ -165,8 +165,9 @@ class FitOptions:
     whole_frame: bool = True
     stem: str = "pool"  # training/model.py, build_networks: "pool" or "strided"
     shading: bool = False  # the map head's shading branch (training/model.py, build_networks)
-    # Defect transplant (training/transplant.py): new defect inputs per masked defect input.
-    transplant: float = 0.0
+    # Defect transplant (training/transplant.py): new defect inputs per masked defect input,
+    # or "auto" (top a few dozen masked defects up; none where a set has hundreds).
+    transplant: float | str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.epochs < 1:
@@ -186,8 +187,8 @@ class FitOptions:
             raise ValueError(f"stem must be 'pool' or 'strided', got {self.stem!r}")
         if self.defects not in ("merged", "separate"):
             raise ValueError("defects must be 'merged' or 'separate'")
-        if not 0.0 <= self.transplant <= 16.0:
-            raise ValueError(f"transplant {self.transplant:g} is outside [0, 16]")
+        if self.transplant != "auto" and not (isinstance(self.transplant, (int, float)) and 0.0 <= self.transplant <= 16.0):
+            raise ValueError(f"transplant must be 'auto' or a number in [0, 16], got {self.transplant!r}")
         if not 0.0 < self.scale <= 4.0:
             raise ValueError(f"scale {self.scale:g} is outside (0, 4]")
         if not 0.0 <= self.overlap < 0.9:
@@ -464,7 +465,10 @@ def _say_training_plan(prepared: PreparedData, opts: FitOptions, config: TrainCo
     if n_masked:
         say(f"  defect masks for {n_masked} of {int(np.sum(defects))} training "
             f"{'defect crops' if opts.tile else 'defects'}: the defect map learns from them")
-    if config.transplant > 0:
+    if config.transplant == "auto":
+        say("  defect transplant: auto (a few dozen masked defects are topped up with copies moved onto "
+            "good training inputs; training/transplant.py)")
+    elif config.transplant:
         say(f"  defect transplant: {config.transplant:g} more training defects per masked one, "
             "its defect moved onto a good training input (training/transplant.py)")
 

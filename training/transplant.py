@@ -37,6 +37,11 @@ GROW_PX = 2  # the painted-out region reaches this far past the mask
 INPAINT_RADIUS = 3
 FEATHER_PX = 1.0  # sigma of the layer's edge blend
 GAIN_RANGE = (0.1, 10.0)  # a dark background must not turn a faint mark into a glare
+# "auto": top the masked defects up to AUTO_DEFECTS, at most AUTO_MAX_PER_DONOR new per donor.
+# It measured best where a set has a few dozen (docs/benchmarks.md, "Defect transplant");
+# a set with hundreds gains nothing from it and would only train longer.
+AUTO_DEFECTS = 200
+AUTO_MAX_PER_DONOR = 4
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,11 @@ def donors(y: np.ndarray, masks: np.ndarray, known: np.ndarray, pass_class: int)
     return np.flatnonzero((y != pass_class) & known & (share > 0) & (share <= MAX_DEFECT_SHARE))
 
 
+def auto_count(n_donors: int) -> int:
+    """How many transplants "auto" makes for ``n_donors`` donors."""
+    return min(AUTO_MAX_PER_DONOR * n_donors, max(0, AUTO_DEFECTS - n_donors))
+
+
 def transplant(
     x: np.ndarray,
     y: np.ndarray,
@@ -126,14 +136,15 @@ def transplant(
     known: np.ndarray,
     pass_class: int,
     *,
-    per_donor: float,
+    per_donor: float | str,
     seed: int,
 ) -> Transplants:
-    """``round(per_donor x donors)`` new defect inputs, each a donor's defect on a random good
-    input. ``x`` (N, H, W, C) uint8 or float in [0, 1]; ``masks`` (N, H, W); ``known`` (N,)."""
+    """``round(per_donor x donors)`` new defect inputs (``per_donor`` "auto": :func:`auto_count`),
+    each a donor's defect on a random good input. ``x`` (N, H, W, C) uint8 or float in
+    [0, 1]; ``masks`` (N, H, W); ``known`` (N,)."""
     given = donors(y, masks, known, pass_class)
     hosts = np.flatnonzero(y == pass_class)
-    count = int(round(per_donor * len(given)))
+    count = auto_count(len(given)) if per_donor == "auto" else int(round(float(per_donor) * len(given)))
     h, w = x.shape[1:3]
     if count == 0 or len(hosts) == 0:
         return Transplants(x[:0].copy(), y[:0].copy(), masks[:0].copy())
