@@ -1746,7 +1746,24 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
 
         generate_dataset(Path("data"), count=2000, seed=1)  # {'ok': 1000, 'scratch': 1000}
     """
-    frames = isinstance(size, tuple)
+    size = _checked_dataset_args(count, size, scratch_fraction, workers, visibility_floor)
+    out_dir = Path(out_dir)
+    flags = _assign(np.random.default_rng([seed, 2**31]), count, scratch_fraction)
+    _remove_old_images(out_dir)
+    digits = max(5, len(str(count - 1)))
+    items = [(i, bool(flags[i])) for i in range(count)]
+    job = functools.partial(_write_images, out_dir, seed, size, digits, visibility_floor)
+    images = _render_all(job, items, workers, isinstance(size, tuple), progress)
+    counts = {cls: sum(1 for m in images if m["file"].startswith(cls + "/")) for cls in CLASSES}
+    meta = _synth_meta(seed, count, size, scratch_fraction, visibility_floor, counts, images)
+    (out_dir / "synth.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    logger.info("wrote %s synthetic images to %s: %s", count, out_dir, counts)
+    return counts
+
+
+def _checked_dataset_args(count: int, size: int | tuple[int, int], scratch_fraction: float, workers: int,
+                          visibility_floor: float) -> int | tuple[int, int]:
+    """:func:`generate_dataset`'s size, (W, H) as ints; ValueError for an argument out of range."""
     if isinstance(size, tuple):
         _check_args(count, 160, scratch_fraction)
         _check_frame_size(*size)
@@ -1757,8 +1774,11 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
         raise ValueError(f"workers must be at least 1, got {workers}")
     if not visibility_floor >= 0:
         raise ValueError(f"visibility_floor must be 0 or more, got {visibility_floor}")
-    out_dir = Path(out_dir)
-    flags = _assign(np.random.default_rng([seed, 2**31]), count, scratch_fraction)
+    return size
+
+
+def _remove_old_images(out_dir: Path) -> None:
+    """Make the class and mask folders and remove the images of an earlier dataset from them."""
     removed = 0
     for folder in [out_dir / cls for cls in CLASSES] + [out_dir / MASKS_FOLDER / DEFECT_LABEL]:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1768,26 +1788,35 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
                 removed += 1
     if removed:
         logger.info("removed %s images of an earlier dataset in %s", removed, out_dir)
-    digits = max(5, len(str(count - 1)))
-    items = [(i, bool(flags[i])) for i in range(count)]
+
+
+def _render_all(job: Callable[[list[tuple[int, bool]]], list[dict[str, Any]]], items: list[tuple[int, bool]],
+                workers: int, frames: bool, progress: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
+    """Run ``job`` (:func:`_write_images` bound to its dataset) on every item, in
+    ``workers`` processes, and return the descriptions in item order."""
+    count = len(items)
     images: list[dict[str, Any]] = []
     if workers == 1:
         for item in items:
-            images += _write_images(out_dir, seed, size, digits, visibility_floor, [item])
+            images += job([item])
             if progress is not None:
                 progress(len(images), count)
-    else:
-        batch = max(1, min(10 if frames else 100, count // (workers * 4)))
-        batches = [items[a:a + batch] for a in range(0, count, batch)]
-        # spawn, not fork: forking a process that holds OpenCV's thread pool can deadlock
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            job = functools.partial(_write_images, out_dir, seed, size, digits, visibility_floor)
-            for done in pool.map(job, batches):  # in order, so synth.json is the same
-                images += done
-                if progress is not None:
-                    progress(len(images), count)
-    counts = {cls: sum(1 for m in images if m["file"].startswith(cls + "/")) for cls in CLASSES}
+        return images
+    batch = max(1, min(10 if frames else 100, count // (workers * 4)))
+    batches = [items[a:a + batch] for a in range(0, count, batch)]
+    # spawn, not fork: forking a process that holds OpenCV's thread pool can deadlock
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for done in pool.map(job, batches):  # in order, so synth.json is the same
+            images += done
+            if progress is not None:
+                progress(len(images), count)
+    return images
+
+
+def _synth_meta(seed: int, count: int, size: int | tuple[int, int], scratch_fraction: float,
+                visibility_floor: float, counts: dict[str, int], images: list[dict[str, Any]]) -> dict[str, Any]:
+    """synth.json: the parameters, counts, visibility bookkeeping and a description per file."""
     meta: dict[str, Any] = {
         "generator": "training.synth",
         "version": SYNTH_VERSION,
@@ -1826,9 +1855,7 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
             "size": [w, h],
             "scale": FRAME_VISIBILITY_SCALE,
         })
-    (out_dir / "synth.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    logger.info("wrote %s synthetic images to %s: %s", count, out_dir, counts)
-    return counts
+    return meta
 
 
 def read_visibility(data_dir: Path) -> tuple[float, dict[str, float]] | None:
