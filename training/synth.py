@@ -576,6 +576,18 @@ class _Stroke:
     desc: dict[str, Any]
 
 
+def _taper_and_pressure(rng: Rng, length: float) -> tuple[np.ndarray, np.ndarray]:
+    """Along a scratch ``length`` px long, one value per segment (1.5 px each): the taper
+    of its ends (0-1) and the tool's uneven pressure, which a skipping tool breaks up."""
+    m = max(8, int(length / 1.5)) - 1
+    s = (np.arange(m) + 0.5) / m
+    taper = np.clip(np.minimum(s, 1 - s) / rng.uniform(0.05, 0.25), 0, 1) ** 0.7
+    mod = np.clip(1 + 0.3 * _noise1d(rng, m, max(3, m // 10)), 0.3, 1.6)
+    if rng.random() < 0.2:  # skipping tool: the scratch breaks up
+        mod *= _noise1d(rng, m, max(4, m // 6)) > -0.6
+    return taper, mod
+
+
 def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma: float,
                kind: str, mean: float) -> list[_Stroke]:
     """1-3 scratches, one :class:`_Stroke` each (kept apart so that one too faint to see
@@ -597,12 +609,8 @@ def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma
         else:
             contrast = min(max(mean * rng.uniform(0.15, 0.6), 0.05), 0.8 * mean)
         # the ink profile along the stroke: tapered ends, uneven pressure, sometimes broken
-        m = max(8, int(length / 1.5)) - 1
-        s = (np.arange(m) + 0.5) / m
-        taper = np.clip(np.minimum(s, 1 - s) / rng.uniform(0.05, 0.25), 0, 1) ** 0.7
-        mod = np.clip(1 + 0.3 * _noise1d(rng, m, max(3, m // 10)), 0.3, 1.6)
-        if rng.random() < 0.2:  # skipping tool: the scratch breaks up
-            mod *= _noise1d(rng, m, max(4, m // 6)) > -0.6
+        taper, mod = _taper_and_pressure(rng, length)
+        m = taper.size
         profile = taper * mod
         widths = width * (0.45 + 0.55 * taper) * np.clip(1 + 0.15 * _noise1d(rng, m, 5), 0.7, 1.3)
         ink = widths * profile
@@ -1420,12 +1428,8 @@ def _frame_ink(rng: Rng, s: float, kind: str) -> _FrameInk:
     length = max(16.0, math.exp(rng.uniform(math.log(lo), math.log(hi))) * s)
     target = math.exp(rng.uniform(math.log(2.0), math.log(40.0)))  # CNR aimed at, faint to clear
     polarity = "bright" if rng.random() < (0.7 if kind == "glass" else 0.4) else "dark"
-    m = max(8, int(length / 1.5)) - 1
-    t = (np.arange(m) + 0.5) / m
-    taper = np.clip(np.minimum(t, 1 - t) / rng.uniform(0.05, 0.25), 0, 1) ** 0.7
-    mod = np.clip(1 + 0.3 * _noise1d(rng, m, max(3, m // 10)), 0.3, 1.6)
-    if rng.random() < 0.2:  # skipping tool: the scratch breaks up
-        mod *= _noise1d(rng, m, max(4, m // 6)) > -0.6
+    taper, mod = _taper_and_pressure(rng, length)
+    m = taper.size
     profile = np.clip(taper * mod, 0, 1)
     widths = width_px * (0.45 + 0.55 * taper) * np.clip(1 + 0.1 * _noise1d(rng, m, 5), 0.8, 1.0)
     return _FrameInk(width_px, length, target, polarity, profile, widths)
