@@ -588,6 +588,18 @@ def _taper_and_pressure(rng: Rng, length: float) -> tuple[np.ndarray, np.ndarray
     return taper, mod
 
 
+def _ink_on_face(pts: np.ndarray, ink: np.ndarray, face_w: np.ndarray) -> float:
+    """The share of a stroke's ink (``ink`` per segment of the path ``pts``) that lands on
+    the face (``face_w``), not off the picture, on the chamfer or on the background:
+    sampled at the segment midpoints, before drawing anything."""
+    height, width = face_w.shape
+    mid = np.round((pts[1:] + pts[:-1]) / 2).astype(int)
+    inside = (mid[:, 0] >= 0) & (mid[:, 0] < width) & (mid[:, 1] >= 0) & (mid[:, 1] < height)
+    on_face = np.zeros(ink.size, np.float32)
+    on_face[inside] = face_w[mid[inside, 1], mid[inside, 0]]
+    return float((ink * on_face).sum() / max(float(ink.sum()), 1e-6))
+
+
 def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma: float,
                kind: str, mean: float) -> list[_Stroke]:
     """1-3 scratches, one :class:`_Stroke` each (kept apart so that one too faint to see
@@ -620,13 +632,7 @@ def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma
             j = int(idx[rng.integers(idx.size)]) if idx.size else int(rng.integers(size * size))
             cy, cx = divmod(j, size)
             pts = pts + (cx + rng.uniform(-0.5, 0.5), cy + rng.uniform(-0.5, 0.5))
-            # how much of the ink lands on the face (not off the image, on the chamfer or
-            # the background): sampled at the segment midpoints, before drawing anything
-            mid = np.round((pts[1:] + pts[:-1]) / 2).astype(int)
-            inside = (mid >= 0).all(1) & (mid < size).all(1)
-            on_face = np.zeros(m, np.float32)
-            on_face[inside] = face_w[mid[inside, 1], mid[inside, 0]]
-            visible = float((ink * on_face).sum() / max(float(ink.sum()), 1e-6))
+            visible = _ink_on_face(pts, ink, face_w)
             if best is None or visible > best[0]:
                 best = (visible, pts)
             if visible >= 0.75:
@@ -1440,7 +1446,6 @@ def _frame_path(rng: Rng, scene: _Scene, face_cells: tuple[np.ndarray, np.ndarra
     """The scratch's path: of up to 8 tries placed on the face (``face_cells``: the x and
     y of the face's 4x4 cells), the first with 90 % of its ink on the face, or the best."""
     xs, ys = face_cells
-    m = ink.profile.size
     best: tuple[float, np.ndarray] | None = None
     for _attempt in range(8):
         pts = _scratch_path(rng, 0, ink.length)
@@ -1448,12 +1453,7 @@ def _frame_path(rng: Rng, scene: _Scene, face_cells: tuple[np.ndarray, np.ndarra
         cx = float(xs[j] * 4) if xs.size else width / 2
         cy = float(ys[j] * 4) if ys.size else height / 2
         pts = pts + (cx + rng.uniform(-2, 2), cy + rng.uniform(-2, 2))
-        mid = np.round((pts[1:] + pts[:-1]) / 2).astype(int)
-        inside = (mid[:, 0] >= 0) & (mid[:, 0] < width) & (mid[:, 1] >= 0) & (mid[:, 1] < height)
-        on_face = np.zeros(m, np.float32)
-        on_face[inside] = scene.face_w[mid[inside, 1], mid[inside, 0]]
-        drawn = ink.widths * ink.profile
-        visible = float((drawn * on_face).sum() / max(float(drawn.sum()), 1e-6))
+        visible = _ink_on_face(pts, ink.widths * ink.profile, scene.face_w)
         if best is None or visible > best[0]:
             best = (visible, pts)
         if visible >= 0.9:
