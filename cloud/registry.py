@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import tempfile
@@ -41,8 +40,7 @@ from cloud.exceptions import CloudError
 from cloud.store import SQLiteStore, open_store
 from edge.bundle import pack_bundle
 from edge.exceptions import LinewatchError
-from edge.fsutil import sha256_file
-from edge.fsutil import sha256_file as file_sha256
+from edge.fsutil import atomic_write, sha256_file
 from edge.inference import Classifier, check_golden
 from edge.install import unpack_bundle
 from edge.protocol import MANIFEST_FILE, PACKED_SUFFIX, read_manifest
@@ -241,7 +239,7 @@ class Registry:
                 # Self-check with the exported public key, as devices will check it.
                 pub = load_public_key(public_key_path(self.config))
                 verify_bundle(work, {key_id(pub): pub})
-            manifest_sha = file_sha256(work / MANIFEST_FILE)
+            manifest_sha = sha256_file(work / MANIFEST_FILE)
             existing = self.find(manifest.version)
             if existing is not None:
                 if existing.manifest_sha256 == manifest_sha and existing.path.is_file():
@@ -254,11 +252,9 @@ class Registry:
                     )
             packed_tmp = Path(tmp) / f"bundle{PACKED_SUFFIX}"
             pack_bundle(work, packed_tmp)
-            sha = file_sha256(packed_tmp)
+            sha = sha256_file(packed_tmp)
             final = self.root / f"{sha}{PACKED_SUFFIX}"
-            with open(packed_tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(packed_tmp, final)
+            atomic_write(final, packed_tmp.read_bytes())
             raw_manifest = json.loads((work / MANIFEST_FILE).read_text())
         row = {
             "sha256": sha, "version": manifest.version, "name": manifest.name, "size": final.stat().st_size,
@@ -301,7 +297,7 @@ class Registry:
 
 def packed_info(path: Path) -> dict[str, Any]:
     """Size and sha256 of a packed file (what a desired message announces)."""
-    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 __all__ = [

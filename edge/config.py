@@ -17,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 
 from edge.configbase import BrokerConfig, Section, read_toml, resolve_paths, validate
 from edge.exceptions import ConfigError
+from edge.protocol import check_roi
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 PASSWORD_ENV = "LINEWATCH_MQTT_PASSWORD"
@@ -44,9 +45,7 @@ class CameraConfig(Section):
     @field_validator("roi")
     @classmethod
     def _roi_ok(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
-        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] < 8 or v[3] < 8):
-            raise ValueError("roi is [x, y, width, height] with x, y >= 0 and width, height >= 8")
-        return v
+        return check_roi(v, min_side=8)
 
     @field_validator("source")
     @classmethod

@@ -85,6 +85,14 @@ class Preprocessing(_Strict):
     normalisation: Literal["divide_255"] = "divide_255"
 
 
+def check_roi(roi: tuple[int, int, int, int] | None, *, min_side: int) -> tuple[int, int, int, int] | None:
+    """``roi`` [x, y, width, height] as given; ValueError (for a pydantic validator) unless
+    x, y >= 0 and width, height >= ``min_side``."""
+    if roi is not None and (roi[0] < 0 or roi[1] < 0 or roi[2] < min_side or roi[3] < min_side):
+        raise ValueError(f"roi is [x, y, width, height] with x, y >= 0 and width, height >= {min_side}")
+    return roi
+
+
 class Tiling(_Strict):
     """How a frame is cut into model inputs (edge/tiling.py; docs/training.md, "Tiles").
 
@@ -109,9 +117,7 @@ class Tiling(_Strict):
     @field_validator("roi")
     @classmethod
     def _roi_ok(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
-        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] < 1 or v[3] < 1):
-            raise ValueError("roi is [x, y, width, height] with x, y >= 0 and width, height >= 1")
-        return v
+        return check_roi(v, min_side=1)
 
     @model_validator(mode="after")
     def _fused_needs_whole_view(self) -> Tiling:

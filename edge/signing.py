@@ -25,7 +25,7 @@ import binascii
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,17 +110,13 @@ def generate_keypair(private_path: Path, public_path: Path, *, overwrite: bool =
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read a PEM Ed25519 private key; :class:`ConfigError` says how to make one."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: no signing key; create one with `linewatch cloud keys init`") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the signing key ({exc})") from exc
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not an unencrypted PEM private key ({exc})") from exc
+    key = _read_pem(
+        path,
+        lambda data: serialization.load_pem_private_key(data, password=None),
+        missing="{path}: no signing key; create one with `linewatch cloud keys init`",
+        unreadable="{path}: cannot read the signing key ({exc})",
+        not_pem="{path}: not an unencrypted PEM private key ({exc})",
+    )
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path}: is a {type(key).__name__}, not an Ed25519 key; run `linewatch cloud keys init`")
     return key
@@ -128,21 +124,34 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Read a PEM Ed25519 public key (as listed in ``ota.trusted_keys``)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(
-            f"{path}: trusted key not readable ({exc}); copy the cloud's signing.pub there "
-            "or fix ota.trusted_keys"
-        ) from exc
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a PEM public key ({exc}); copy the cloud's signing.pub there") from exc
+    unreadable = "{path}: trusted key not readable ({exc}); copy the cloud's signing.pub there or fix ota.trusted_keys"
+    key = _read_pem(
+        path,
+        serialization.load_pem_public_key,
+        missing=unreadable,
+        unreadable=unreadable,
+        not_pem="{path}: not a PEM public key ({exc}); copy the cloud's signing.pub there",
+    )
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{path}: is a {type(key).__name__}, not an Ed25519 public key")
     return key
+
+
+def _read_pem(path: Path, parse: Callable[[bytes], object], *, missing: str, unreadable: str, not_pem: str) -> object:
+    """A key file read and parsed by ``parse``. :class:`ConfigError` with one of the
+    messages (``{path}`` and ``{exc}`` filled in) when the file is missing, unreadable or
+    not PEM."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(missing.format(path=path, exc=exc)) from exc
+    except OSError as exc:
+        raise ConfigError(unreadable.format(path=path, exc=exc)) from exc
+    try:
+        return parse(data)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(not_pem.format(path=path, exc=exc)) from exc
 
 
 def load_trusted_keys(paths: Iterable[Path]) -> dict[str, Ed25519PublicKey]:

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,13 +21,11 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import free_port
+from tests.helpers import LINEWATCH, Proc, free_port, reap_started, start_ingest, write_cloud_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-LINEWATCH = str(VENV_BIN / "linewatch")
 
 
 def mosquitto_binary() -> str:
@@ -102,6 +99,23 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+
+
+@pytest.fixture(autouse=True)
+def reaper() -> Iterator[None]:
+    """Whatever a test started as a :class:`tests.helpers.Proc` and left running (it failed
+    half-way) is killed by its pid."""
+    yield
+    reap_started()
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, broker: Broker) -> Iterator[tuple[Path, Proc]]:
+    """A cloud config and one running ingest worker."""
+    toml = write_cloud_config(tmp_path / "cloud", broker)
+    p = start_ingest(toml)
+    yield toml, p
+    p.term()
 
 
 @pytest.fixture(scope="session")

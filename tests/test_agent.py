@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sqlite3
 import subprocess
 import time
@@ -18,46 +17,7 @@ import pytest
 
 from edge.inference import Prediction
 from tests.conftest import LINEWATCH, run_cli, wait_status
-from tests.helpers import write_video
-
-
-def agent_config(tmp_path: Path, bundle: Path, source: str, extra: str = "") -> Path:
-    cfg = tmp_path / "agent.toml"
-    cfg.write_text(
-        f"""
-device_id = "test-cam"
-camera.source = "{source}"
-model.path = "{bundle}"
-buffer.path = "{tmp_path / 'buffer.db'}"
-mqtt.enabled = false
-operator.port = 0
-{extra}
-"""
-    )
-    return cfg
-
-
-def start_agent(cfg: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [LINEWATCH, "edge", "run", "--config", str(cfg), "--echo"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-    )
-
-
-def read_decisions(proc: subprocess.Popen[str], n: int, timeout: float = 60) -> list[dict]:
-    """Read n echo lines (committed decisions) from the agent."""
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout
-    assert proc.stdout is not None
-    while len(out) < n and time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        out.append(json.loads(line))
-    return out
+from tests.helpers import agent_config, read_decisions, start_agent, stop, write_video
 
 
 def rows(db: Path) -> list[tuple]:
@@ -67,16 +27,6 @@ def rows(db: Path) -> list[tuple]:
         return con.execute("SELECT seq, part_id, label, passed FROM results ORDER BY seq").fetchall()
     finally:
         con.close()
-
-
-def stop(proc: subprocess.Popen[str]) -> float:
-    """SIGTERM; returns seconds until the process exited (pipes drained and closed)."""
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(10)
-    elapsed = time.monotonic() - t0
-    proc.stderr_text = proc.communicate()[1]  # type: ignore[attr-defined]
-    return elapsed
 
 
 def test_every_frame_one_row_in_order_then_status(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -129,7 +79,7 @@ def test_deciding_box_in_frame_pixels_reaches_row_sample_and_operator_page(tmp_p
     from edge.agent import Agent
     from edge.buffer import Buffer
     from edge.config import load_config
-    from tests.test_annotate import assert_outline, decode
+    from tests.helpers import assert_outline, decode
 
     video = tmp_path / "parts.avi"
     write_video(video, 12)  # 320x240

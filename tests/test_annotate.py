@@ -16,6 +16,7 @@ from edge.agent import Sampler, frame_box
 from edge.annotate import LastFailure, draw_box, to_bgr
 from edge.config import load_config
 from edge.operator import OperatorPage
+from tests.helpers import assert_outline, decode, red
 
 ROI_ORIGIN = (40, 20)  # where the pictures below lie in the camera frame
 FRAME_BOX = (140, 80, 64, 48)  # camera-frame pixels: (100, 60, 64, 48) inside the ROI picture
@@ -26,30 +27,6 @@ def roi_picture(width: int = 240, height: int = 200, gray: bool = False) -> np.n
     rng = np.random.default_rng(0)
     img = (110 + rng.integers(0, 30, (height, width))).astype(np.uint8)
     return img if gray else cv2.merge([img, img, img])
-
-
-def red(picture: np.ndarray, x: int, y: int) -> bool:
-    b, g, r = (int(v) for v in picture[y, x])
-    return r > 170 and g < 90 and b < 90
-
-
-def decode(jpeg: bytes) -> np.ndarray:
-    out = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert out is not None, "not a JPEG"
-    return out
-
-
-def assert_outline(picture: np.ndarray, box: tuple[int, int, int, int]) -> None:
-    """Red on all four edges of ``box`` (picture pixels, line drawn inside), not inside or outside it."""
-    x, y, w, h = box
-    mx, my = x + w // 2, y + h // 2
-    edges = {"top": (mx, y + 1), "bottom": (mx, y + h - 2), "left": (x + 1, my), "right": (x + w - 2, my)}
-    for name, (px, py) in edges.items():
-        assert red(picture, px, py), f"{name} edge at {(px, py)} is {picture[py, px]}, not red"
-    ph, pw = picture.shape[:2]
-    for px, py in ((mx, my), (x + 8, y + 8), (x - 8, my), (mx, y + h + 8)):
-        if 0 <= px < pw and 0 <= py < ph:
-            assert not red(picture, px, py), f"{(px, py)} is red but lies off the outline"
 
 
 def test_roi_offset_puts_the_box_in_camera_frame_pixels() -> None:

@@ -28,12 +28,11 @@ from cloud.devices import DeviceKit, add_device, issue_certificate, site_ca
 from edge.config import load_config
 from edge.sync import SyncClient
 from tests.conftest import REPO, Broker, run_cli
-from tests.helpers import free_port
-from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtures
+from tests.helpers import (
     all_synced,
     cloud_seqs,
     fill_buffer,
-    reaper_fixture,
+    free_port,
     start_device,
     start_ingest,
     wait_until,

@@ -9,15 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from edge.signing import generate_keypair
-from tests.conftest import Broker, run_cli
-from tests.helpers import write_video
-from tests.test_agent import (
-    agent_config,
-    read_decisions,
-    start_agent,
-    stop,
-    wait_status,
-)
+from tests.conftest import Broker, run_cli, wait_status
+from tests.helpers import agent_config, read_decisions, start_agent, stop, write_video
 
 SECRET = "hunter2-secret"
 

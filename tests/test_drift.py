@@ -29,15 +29,7 @@ from edge.drift import (
 )
 from edge.inference import Classifier, Prediction
 from tests.conftest import LINEWATCH, Broker, run_cli, wait_status
-from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtures
-    PREFIX,
-    Proc,
-    all_synced,
-    cloud_fixture,
-    cloud_query,
-    reaper_fixture,
-    wait_until,
-)
+from tests.helpers import PREFIX, Proc, all_synced, cloud_query, wait_until
 
 # Small windows so a test runs in seconds: learn 40 parts, compare the last 30 every 5,
 # two checks out of band to rise, three in band to fall.

@@ -13,11 +13,11 @@ from cloud.config import load_cloud_config, parse_cloud_config
 from cloud.exceptions import CloudConfigError
 from cloud.store import device_state
 from tests.conftest import LINEWATCH, Broker
-from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtures
+from tests.helpers import (
     all_synced,
     cloud_query,
     fill_buffer,
-    reaper_fixture,
+    fleet_states,
     start_device,
     start_ingest,
     unsynced,
@@ -32,12 +32,6 @@ CRASHED_BACKLOG = 20_000
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LINEWATCH, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
-
-
-def fleet(cwd: Path) -> dict[str, dict[str, object]]:
-    out = cli("cloud", "fleet", "--json", cwd=cwd)
-    assert out.returncode == 0, out.stderr
-    return {d["device_id"]: d for d in json.loads(out.stdout)}
 
 
 def test_device_state_rules() -> None:
@@ -66,14 +60,14 @@ def test_fleet_states_online_offline_buffering_and_dead(tmp_path: Path, broker: 
     wait_until(lambda: cloud_query(cloud_toml, "SELECT backlog FROM devices WHERE device_id = 'cam-crashed'") == [(CRASHED_BACKLOG,)],
                10, "the crashed device's first status")  # fmt: skip
     # (the crashed one only sends a status on connect, so it is "online" for offline_after_s at most)
-    wait_until(lambda: (f := fleet(cloud_toml.parent)).get("cam-frozen", {}).get("state") == "online"
+    wait_until(lambda: (f := fleet_states(cloud_toml.parent)).get("cam-frozen", {}).get("state") == "online"
                and f["cam-alive"]["state"] == "online", 10, "alive and frozen online")  # fmt: skip
     devs["crashed"].kill9()  # the kernel closes its socket: the broker publishes the last will
     devs["frozen"].proc.send_signal(signal.SIGSTOP)
     try:
         assert unsynced(crashed)["results"] > 0
         state = wait_until(
-            lambda: (f := fleet(cloud_toml.parent))["cam-crashed"]["state"] == "offline_buffering"
+            lambda: (f := fleet_states(cloud_toml.parent))["cam-crashed"]["state"] == "offline_buffering"
             and f["cam-frozen"]["state"] == "offline_buffering" and f,
             10, "crashed and frozen to show as offline_buffering",
         )  # fmt: skip
@@ -86,7 +80,7 @@ def test_fleet_states_online_offline_buffering_and_dead(tmp_path: Path, broker: 
         assert 0 < int(str(c["results"])) < CRASHED_BACKLOG
         assert state["cam-frozen"]["reported_state"] == "online", "no last will: heartbeats just stopped"
         # No status or message for dead_after_s: dead; the alive one stays online.
-        final = wait_until(lambda: (f := fleet(cloud_toml.parent))["cam-crashed"]["state"] == "dead" and f, 10, "dead")
+        final = wait_until(lambda: (f := fleet_states(cloud_toml.parent))["cam-crashed"]["state"] == "dead" and f, 10, "dead")
         assert final["cam-alive"]["state"] == "online"
         for key in ("device_id", "state", "results", "model_version", "last_seen", "backlog", "gaps", "evicted"):
             assert key in final["cam-alive"]
@@ -95,7 +89,7 @@ def test_fleet_states_online_offline_buffering_and_dead(tmp_path: Path, broker: 
     devs["frozen"].term()
     assert devs["alive"].term() == 0
     # A clean stop leaves a retained offline status, so the cloud knows at once.
-    wait_until(lambda: fleet(cloud_toml.parent)["cam-alive"]["state"] == "offline_buffering", 10, "clean stop seen")
+    wait_until(lambda: fleet_states(cloud_toml.parent)["cam-alive"]["state"] == "offline_buffering", 10, "clean stop seen")
     ingest.term()
 
 
@@ -109,7 +103,7 @@ def test_cloud_cli_reads_the_store_with_and_without_config(tmp_path: Path, broke
     dev.term()
     ingest.term()
     # cwd has cloud.toml: the exact form `linewatch cloud fleet --json` works.
-    (d,) = fleet(cloud_toml.parent).values()
+    (d,) = fleet_states(cloud_toml.parent).values()
     assert d["device_id"] == "cam-cli" and d["results"] == 30 and d["state"] in ("online", "offline_buffering")
     out = cli("cloud", "results", "--device", "cam-cli", "--json", "--limit", "5", "--after", "10", cwd=tmp_path)
     assert out.returncode != 0 and "no cloud store" in out.stderr  # no cloud.toml in tmp_path

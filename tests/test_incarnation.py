@@ -17,14 +17,13 @@ from edge.buffer import Buffer
 from edge.config import load_config
 from edge.protocol import ResultsBatch, SampleChunk
 from tests.conftest import Broker
-from tests.test_fleet import fleet
-from tests.test_ingest import results_payload, sample_chunks
-from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtures
+from tests.helpers import (
     all_synced,
-    cloud_fixture,
     cloud_query,
     fill_buffer,
-    reaper_fixture,
+    fleet_states,
+    results_payload,
+    sample_chunks,
     start_device,
     wait_until,
     write_agent_config,
@@ -110,8 +109,8 @@ def test_reimaged_box_over_mqtt_is_stored_whole_and_flagged(tmp_path: Path, brok
     rows = cloud_query(cloud_toml, "SELECT buffer_id, seq, part_id FROM results WHERE device_id = 'cam-re' ORDER BY buffer_id, seq")
     assert len(rows) == 27
     assert sorted(r[2] for r in rows if r[0] == second_id) == list(range(1000, 1007))
-    dev = wait_until(lambda: fleet(cloud_toml.parent).get("cam-re", {}).get("buffer_id") == second_id
-                     and fleet(cloud_toml.parent)["cam-re"], 10, "the fleet to show the new buffer")  # fmt: skip
+    dev = wait_until(lambda: fleet_states(cloud_toml.parent).get("cam-re", {}).get("buffer_id") == second_id
+                     and fleet_states(cloud_toml.parent)["cam-re"], 10, "the fleet to show the new buffer")  # fmt: skip
     assert dev["results"] == 27 and dev["identity"] == "new_buffer" and dev["conflicts"] == 0
     assert {b["buffer_id"] for b in dev["buffers"]} == {first_id, second_id}
 
@@ -129,7 +128,7 @@ def test_one_device_id_on_two_boxes_is_flagged_and_both_kept(tmp_path: Path, bro
     rows = cloud_query(cloud_toml, "SELECT count(*), count(DISTINCT buffer_id) FROM results WHERE device_id = 'cam-twin'")
     assert rows == [(30, 2)]
     # Both stay alive: their heartbeats interleave, so their buffers overlap in time.
-    dev = wait_until(lambda: (d := fleet(cloud_toml.parent)["cam-twin"])["identity"] == "conflict" and d, 20,
+    dev = wait_until(lambda: (d := fleet_states(cloud_toml.parent)["cam-twin"])["identity"] == "conflict" and d, 20,
                      "the fleet to flag two boxes with one id")  # fmt: skip
     assert len(dev["buffers"]) == 2, dev
     for d in devices:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import json
 import os
 import re
@@ -33,15 +32,15 @@ from edge.protocol import (
     seq_ranges,
 )
 from tests.conftest import Broker
-from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtures
+from tests.helpers import (
     PREFIX,
     Proc,
     all_synced,
-    cloud_fixture,
     cloud_query,
     cloud_seqs,
     fill_buffer,
-    reaper_fixture,
+    results_payload,
+    sample_chunks,
     start_device,
     start_ingest,
     unsynced,
@@ -51,35 +50,11 @@ from tests.test_sync import (  # noqa: F401 - the *_fixture names register fixtu
 )
 
 
-def results_payload(device_id: str, seqs: list[int], batch: str = "b1", **over: Any) -> dict[str, Any]:
-    n = len(seqs)
-    body: dict[str, Any] = {
-        "v": 1, "type": "results", "device_id": device_id, "batch": batch, "first_seq": seqs[0], "last_seq": seqs[-1],
-        "seq": seqs,
-        "cols": {"ts": [1.0] * n, "part_id": list(seqs), "model_version": ["m1"] * n, "label": ["ok"] * n,
-                 "score": [0.1] * n, "passed": [True] * n, "capture_ms": [None] * n, "preprocess_ms": [None] * n,
-                 "invoke_ms": [None] * n, "record_ms": [None] * n},
-    }  # fmt: skip
-    body.update(over)
-    return body
-
-
 def boxed_payload(device_id: str, seqs: list[int], boxes: Any, **over: Any) -> dict[str, Any]:
     """A version 2 results batch: the deciding tile's box per row (or null)."""
     body = results_payload(device_id, seqs, **{"v": 2, **over})
     body["cols"]["box"] = boxes
     return body
-
-
-def sample_chunks(device_id: str, seq: int, jpeg: bytes) -> list[dict[str, Any]]:
-    parts = [jpeg[i : i + SAMPLE_CHUNK_BYTES] for i in range(0, len(jpeg), SAMPLE_CHUNK_BYTES)]
-    digest = hashlib.sha256(jpeg).hexdigest()
-    return [
-        {"v": 1, "type": "sample", "device_id": device_id, "batch": f"s{seq}.{i}", "seq": seq, "ts": 1.0,
-         "reason": "fail", "label": "scratch", "score": 0.9, "width": 8, "height": 8, "bytes": len(jpeg),
-         "sha256": digest, "chunk": i, "chunks": len(parts), "data": base64.b64encode(p).decode()}  # fmt: skip
-        for i, p in enumerate(parts)
-    ]
 
 
 # -- validation (no broker) --------------------------------------------------------------------

@@ -40,9 +40,9 @@ from edge.ota_wire import (
     ota_topic,
 )
 from edge.protocol import MANIFEST_FILE, MODEL_FILE
-from edge.signing import generate_keypair, load_private_key, sign_bundle
+from edge.signing import sign_bundle
 from tests.conftest import REPO, Broker, shared_bundle
-from tests.helpers import wait_for
+from tests.helpers import Host, Keys, state_is, wait_for
 
 # -- fixtures --------------------------------------------------------------------------------------
 
@@ -51,13 +51,6 @@ from tests.helpers import wait_for
 def v48(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same labels, another input size: not compatible with the 64x64 models."""
     return shared_bundle(tmp_path_factory, "tiny-48", seed=0, size=48)
-
-
-class Keys:
-    def __init__(self, root: Path) -> None:
-        self.private, self.public = root / "signing.key", root / "signing.pub"
-        generate_keypair(self.private, self.public)
-        self.key = load_private_key(self.private)
 
 
 @pytest.fixture
@@ -319,28 +312,6 @@ def test_kill_9_during_installs_leaves_a_valid_model(tmp_path: Path, live_store:
 # -- the MQTT transfer -----------------------------------------------------------------------------
 
 
-class Host:
-    """The slice of the agent OtaClient talks to (swap_model, note_event, classifier).
-
-    Like Agent, it adopts a swapped model before its next frame; here at once.
-    """
-
-    def __init__(self, classifier: Classifier) -> None:
-        self.classifier = classifier
-        self.swapped: list[Classifier] = []
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def swap_model(self, classifier: Classifier) -> None:
-        self.swapped.append(classifier)
-        self.classifier = classifier
-
-    def note_event(self, kind: str, **detail: Any) -> None:
-        self.events.append((kind, detail))
-
-    def kinds(self) -> list[str]:
-        return [k for k, _ in self.events]
-
-
 def agent_cfg(tmp_path: Path, store: ModelStore, broker: Broker, keys: Keys, device: str = "cam1", **ota: Any) -> AgentConfig:
     frames = tmp_path / "frames"
     frames.mkdir(exist_ok=True)
@@ -363,10 +334,6 @@ def cloud_cfg(tmp_path: Path, broker: Broker) -> Any:
         {"data_dir": "cloud-data", "store": {"path": "cloud.db"}, "mqtt": {"host": broker.host, "port": broker.port}},
         base=tmp_path,
     )
-
-
-def state_is(client: OtaClient, *states: str) -> Callable[[], bool]:
-    return lambda: client.state is not None and client.state["state"] in states
 
 
 def desired_for(device: str, transfer: str, packed: Path, version: str, chunk_bytes: int, rollout: str = "r-test") -> OtaDesired:

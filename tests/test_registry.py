@@ -35,7 +35,7 @@ from edge.ota_wire import ACTIVE, FAILED
 from edge.protocol import MANIFEST_FILE, StatusPayload
 from edge.signing import load_public_key, verify_bundle
 from tests.conftest import Broker
-from tests.test_ota import Keys
+from tests.helpers import Keys
 
 
 @click.group(cls=LinewatchGroup)

@@ -29,8 +29,7 @@ from edge.ota import OtaClient
 from edge.ota_wire import ACTIVE, FAILED, HEALTH_WATCHING, ROLLED_BACK
 from edge.protocol import StatusPayload
 from tests.conftest import LINEWATCH, Broker
-from tests.helpers import wait_for
-from tests.test_ota import Host, Keys, state_is
+from tests.helpers import Host, Keys, state_is, wait_for
 
 
 class Line:

@@ -1,8 +1,8 @@
 """Store-and-forward sync against a real Mosquitto and a real ingest process.
 
 The device side is a real process running edge.sync.SyncClient over a buffer the test
-fills (``DEVICE_SCRIPT``); the cloud side is ``linewatch cloud serve`` as a subprocess.
-Helpers here are shared with test_ingest.py and test_fleet.py.
+fills (tests/helpers.py, ``start_device``); the cloud side is ``linewatch cloud serve`` as a
+subprocess (the ``cloud`` fixture in conftest.py).
 """
 
 from __future__ import annotations
@@ -11,12 +11,9 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,184 +22,25 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge import sync as sync_mod
-from edge.buffer import Buffer, ResultRecord, SampleRecord
+from edge.buffer import Buffer, ResultRecord
 from edge.config import load_config
 from edge.protocol import COLUMNS, encode_payload
 from edge.sync import MARK_CHUNK_ROWS, SyncClient, _split
 from tests.conftest import LINEWATCH, Broker
+from tests.helpers import (
+    PREFIX,
+    Proc,
+    all_synced,
+    cloud_query,
+    cloud_seqs,
+    fill_buffer,
+    start_device,
+    unsynced,
+    wait_until,
+    write_agent_config,
+)
 
-PREFIX = "lwtest"
-
-DEVICE_SCRIPT = """
-import logging, signal, sys, threading
-logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-from edge.config import load_config
-from edge.sync import SyncClient
-cfg = load_config(sys.argv[1])
-stop = threading.Event()
-signal.signal(signal.SIGTERM, lambda *a: stop.set())
-client = SyncClient(cfg, status=lambda: {"model_version": sys.argv[2]}, reconnect_min_s=0.1, reconnect_max_s=0.8)
-client.start()
-print("started", flush=True)
-while not stop.wait(0.2):  # a timed wait: the handler runs even if another thread got the signal
-    pass
-client.stop()
-client.join(3)
-print("stopped", flush=True)
-"""
-
-
-# -- helpers (also used by test_ingest.py and test_fleet.py) ------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what} (last value {value!r})")
-        time.sleep(interval)
-
-
-def write_cloud_config(directory: Path, broker: Broker, **sections: dict[str, Any]) -> Path:
-    """A cloud TOML for ``broker`` with short fleet timeouts; sections override keys."""
-    directory.mkdir(parents=True, exist_ok=True)
-    data: dict[str, dict[str, Any]] = {
-        "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX},
-        "ingest": {"share_group": "ingest", "log_interval_s": 1.0},
-        "fleet": {"offline_after_s": 30, "dead_after_s": 60},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    lines = ['data_dir = "cloud-data"', 'store.path = "cloud.db"']
-    for name, values in data.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = directory / "cloud.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_agent_config(directory: Path, broker: Broker, device_id: str, *, max_bytes: int = 50_000_000, **mqtt_keys: Any) -> Path:
-    """An agent TOML whose only live parts here are [mqtt] and the buffer."""
-    directory.mkdir(parents=True, exist_ok=True)
-    mqtt_cfg = {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX, "ack_timeout_s": 1.0,
-                "status_interval_s": 0.5, "keepalive_s": 5, **mqtt_keys}  # fmt: skip
-    text = (
-        f'device_id = "{device_id}"\ngroups = ["line1"]\ncamera.source = "parts.mp4"\nmodel.path = "models"\n'
-        f'buffer.path = "buffer.db"\nbuffer.max_bytes = {max_bytes}\n[mqtt]\n'
-        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in mqtt_cfg.items())
-    )
-    path = directory / "agent.toml"
-    path.write_text(text)
-    return path
-
-
-def fill_buffer(agent_toml: Path, n: int, *, start_part: int = 0, samples: Sequence[bytes] = (), events: int = 0) -> None:
-    """Commit ``n`` results (every third a fail), some samples and events, as the agent would."""
-    cfg = load_config(agent_toml)
-    with Buffer(cfg.buffer.path, max_bytes=cfg.buffer.max_bytes, device_id=cfg.device_id) as buf:
-        now = time.time()
-        recs = [
-            ResultRecord(now + i * 1e-3, cfg.device_id, start_part + i, "m1", "scratch" if i % 3 == 0 else "ok",
-                         0.9 if i % 3 == 0 else 0.1, i % 3 != 0, 1.0, 0.5, 0.3)  # fmt: skip
-            for i in range(n)
-        ]
-        for i in range(0, n, 500):
-            buf.record_results(recs[i : i + 500])
-        for j, jpeg in enumerate(samples):
-            buf.record_sample(SampleRecord(now, "fail", "scratch", 0.9, 32, 24, jpeg, result_seq=j + 1))
-        for j in range(events):
-            buf.record_event("camera_up", source="parts.mp4", n=j)
-
-
-def unsynced(agent_toml: Path) -> dict[str, int]:
-    cfg = load_config(agent_toml)
-    with Buffer.open_readonly(cfg.buffer.path) as buf:
-        return buf.unsynced_counts()
-
-
-def all_synced(agent_toml: Path) -> bool:
-    return sum(unsynced(agent_toml).values()) == 0
-
-
-_STARTED: list[Proc] = []
-
-
-class Proc:
-    """A subprocess with its output in a file (no pipe to fill up), killable by pid."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        _STARTED.append(self)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        wait_until(lambda: text in self.output() or self.proc.poll() is not None, timeout, f"{text!r} in {self.log}")
-        assert text in self.output(), f"process exited early:\n{self.output()}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill9(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-        self.wait()
-
-    def term(self, timeout: float = 10) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def wait(self, timeout: float = 10) -> int:
-        return self.proc.wait(timeout)
-
-
-@pytest.fixture(name="reaper", autouse=True)
-def reaper_fixture() -> Iterator[None]:
-    """Whatever a test started and left running (it failed half-way) is killed by its pid."""
-    yield
-    while _STARTED:
-        p = _STARTED.pop()
-        if p.alive():
-            p.proc.send_signal(signal.SIGCONT)  # in case a test stopped it (SIGSTOP)
-            p.proc.kill()
-        p.proc.wait(10)
-
-
-def start_ingest(cloud_toml: Path, name: str = "ingest") -> Proc:
-    """``linewatch cloud serve`` as a subprocess, returned once it is connected."""
-    p = Proc([LINEWATCH, "-v", "cloud", "serve", "--config", str(cloud_toml)], cloud_toml.parent / f"{name}.log")
-    p.wait_for("connected to")
-    return p
-
-
-def start_device(agent_toml: Path, model_version: str = "m1") -> Proc:
-    """A device process running SyncClient over its buffer."""
-    p = Proc([sys.executable, "-c", DEVICE_SCRIPT, str(agent_toml), model_version], agent_toml.parent / "device.log")
-    p.wait_for("started")
-    return p
-
-
-def cloud_seqs(cloud_toml: Path, device_id: str, table: str = "results") -> list[int]:
-    """Every stored seq of one device, duplicates included if there were any."""
-    db = cloud_toml.parent / "cloud.db"
-    if not db.exists():
-        return []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return [r[0] for r in conn.execute(f"SELECT seq FROM {table} WHERE device_id = ? ORDER BY rowid", (device_id,))]
-
-
-def cloud_query(cloud_toml: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(f"file:{cloud_toml.parent / 'cloud.db'}?mode=ro", uri=True) as conn:
-        return list(conn.execute(sql, params))
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 def retained_status(broker: Broker, device_id: str, timeout: float = 15) -> dict[str, Any]:
@@ -220,15 +58,6 @@ def retained_status(broker: Broker, device_id: str, timeout: float = 15) -> dict
         c.loop_stop()
         c.disconnect()
     return got[-1]
-
-
-@pytest.fixture(name="cloud")
-def cloud_fixture(tmp_path: Path, broker: Broker) -> Iterator[tuple[Path, Proc]]:
-    """A cloud config and one running ingest worker."""
-    toml = write_cloud_config(tmp_path / "cloud", broker)
-    p = start_ingest(toml)
-    yield toml, p
-    p.term()
 
 
 # -- tests -------------------------------------------------------------------------------------

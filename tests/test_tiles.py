@@ -225,8 +225,7 @@ def test_agent_runs_a_tiled_bundle_on_a_video_and_keeps_the_box(tiled_bundle: Pa
     import sqlite3
     import urllib.request
 
-    from tests.test_agent import agent_config, read_decisions, start_agent, stop
-    from tests.test_annotate import assert_outline, decode
+    from tests.helpers import agent_config, assert_outline, decode, read_decisions, start_agent, stop
 
     made = draw_line_pictures(tmp_path / "frames", count=30, seed=21, scratch_share=0.5)
     video = tmp_path / "line.avi"

@@ -226,6 +226,35 @@ def scan_dataset(
     data_dir = Path(data_dir)
     folders = class_folders(data_dir)
     labels = tuple(f.name for f in folders)
+    wanted = _pass_label_of(data_dir, labels, pass_label)
+    read = _read_images(data_dir, folders, labels)
+    samples, duplicates, conflicts = _dedupe(read.by_hash)
+    class_counts = _class_counts(samples, labels, min_per_class)
+    warnings = _dataset_warnings(read.unreadable, conflicts, class_counts, max_imbalance)
+    if read.ignored:
+        logger.info("ignored %s non-image files under %s", read.ignored, data_dir)
+    found_dir, masks = _find_masks(data_dir, masks_dir, samples, wanted, warnings)
+
+    return DataReport(
+        data_dir=data_dir,
+        labels=labels,
+        pass_label=wanted,
+        samples=tuple(samples),
+        unreadable=tuple(read.unreadable),
+        duplicates=tuple(duplicates),
+        conflicts=tuple(conflicts),
+        ignored=read.ignored,
+        warnings=tuple(warnings),
+        fingerprint=dataset_fingerprint(samples),
+        class_counts=class_counts,
+        masks_dir=found_dir,
+        masks=masks,
+    )
+
+
+def _pass_label_of(data_dir: Path, labels: tuple[str, ...], pass_label: str | None) -> str:
+    """The pass class: ``pass_label`` or the default; :class:`DataError` when DATA_DIR has
+    a single class or no such class folder."""
     if len(labels) < 2:
         raise DataError(
             f"{data_dir} has a single class folder ({labels[0]}); a classifier needs the pass class "
@@ -237,36 +266,55 @@ def scan_dataset(
         raise DataError(
             f"pass label {wanted!r} is not a class folder in {data_dir} (found: {', '.join(labels)}); {how} one of them"
         )
+    return wanted
 
-    unreadable: list[tuple[Path, str]] = []
-    by_hash: dict[str, list[tuple[Path, str]]] = defaultdict(list)
-    ignored = 0
+
+@dataclass
+class _ReadImages:
+    """The image files of the class folders, read: decodable ones grouped by content hash
+    as (path, class), the others with the reason, and how many non-image files were ignored."""
+
+    by_hash: dict[str, list[tuple[Path, str]]]
+    unreadable: list[tuple[Path, str]]
+    ignored: int
+
+
+def _read_images(data_dir: Path, folders: Sequence[Path], labels: tuple[str, ...]) -> _ReadImages:
+    """Read and decode every image file once; :class:`DataError` when there is none or
+    none decodes."""
+    read = _ReadImages(defaultdict(list), [], 0)
     total_files = 0
     for folder in folders:
         files, skipped = image_files(folder)
-        ignored += skipped
+        read.ignored += skipped
         for path in files:
             total_files += 1
             try:
                 data = path.read_bytes()
             except OSError as exc:
-                unreadable.append((path, f"cannot be read ({exc.strerror or exc})"))
+                read.unreadable.append((path, f"cannot be read ({exc.strerror or exc})"))
                 continue
             problem = _decode_problem(data)
             if problem:
-                unreadable.append((path, problem))
+                read.unreadable.append((path, problem))
                 continue
-            by_hash[sha256_bytes(data)].append((path, folder.name))
+            read.by_hash[sha256_bytes(data)].append((path, folder.name))
 
     if total_files == 0:
         raise DataError(f"{data_dir} has class folders ({', '.join(labels)}) but no jpg/png/bmp images; add images")
-    if not by_hash:
-        example = unreadable[0][0] if unreadable else data_dir
+    if not read.by_hash:
+        example = read.unreadable[0][0] if read.unreadable else data_dir
         raise DataError(
             f"none of the {total_files} image files in {data_dir} can be decoded (e.g. {example}); "
             "check that they are real jpg/png/bmp files"
         )
+    return read
 
+
+def _dedupe(by_hash: dict[str, list[tuple[Path, str]]]
+            ) -> tuple[list[Sample], list[tuple[Path, Path]], list[Path]]:
+    """One sample per distinct image (sorted by class and path), the duplicates left out as
+    (copy, kept), and the files of images found under more than one class."""
     samples: list[Sample] = []
     duplicates: list[tuple[Path, Path]] = []
     conflicts: list[Path] = []
@@ -282,7 +330,11 @@ def scan_dataset(
     samples.sort(key=lambda s: (s.label, str(s.path)))
     duplicates.sort()
     conflicts.sort()
+    return samples, duplicates, conflicts
 
+
+def _class_counts(samples: Sequence[Sample], labels: tuple[str, ...], min_per_class: int) -> dict[str, int]:
+    """Usable images per class; :class:`DataError` when a class has fewer than ``min_per_class``."""
     counts = Counter(s.label for s in samples)
     class_counts = {label: counts.get(label, 0) for label in labels}
     small = [(label, n) for label, n in class_counts.items() if n < min_per_class]
@@ -292,7 +344,12 @@ def scan_dataset(
             f"too few usable images to split into train/val/test: {what} (after removing unreadable files and "
             f"duplicates; each class needs at least {min_per_class}); add images or remove that class folder"
         )
+    return class_counts
 
+
+def _dataset_warnings(unreadable: Sequence[tuple[Path, str]], conflicts: Sequence[Path],
+                      class_counts: dict[str, int], max_imbalance: float) -> list[str]:
+    """What the report warns about: skipped unreadable files, dropped conflicts, imbalance."""
     warnings: list[str] = []
     if unreadable:
         warnings.append(f"{len(unreadable)} unreadable file(s) skipped (listed above); fix or delete them")
@@ -307,25 +364,7 @@ def scan_dataset(
             f"classes are very imbalanced ({ratio:.0f}:1, above {max_imbalance:.0f}:1); class weighting will be used, "
             "but more images of the small classes would help more"
         )
-    if ignored:
-        logger.info("ignored %s non-image files under %s", ignored, data_dir)
-    found_dir, masks = _find_masks(data_dir, masks_dir, samples, wanted, warnings)
-
-    return DataReport(
-        data_dir=data_dir,
-        labels=labels,
-        pass_label=wanted,
-        samples=tuple(samples),
-        unreadable=tuple(unreadable),
-        duplicates=tuple(duplicates),
-        conflicts=tuple(conflicts),
-        ignored=ignored,
-        warnings=tuple(warnings),
-        fingerprint=dataset_fingerprint(samples),
-        class_counts=class_counts,
-        masks_dir=found_dir,
-        masks=masks,
-    )
+    return warnings
 
 
 def _find_masks(

@@ -300,6 +300,96 @@ def _shading_logit(inputs: Any, filters: int, relu_max: float | None) -> Any:
     return keras.layers.Dense(1, name="shade_logit")(pooled)
 
 
+def _checked_head(num_classes: int, head: str, stem: str) -> str:
+    """The head :func:`build_networks` builds: ``head``, or "features" for more than two
+    classes; :class:`ValueError` for an unknown head or stem or fewer than two classes."""
+    if stem not in ("pool", "strided"):
+        raise ValueError(f"stem must be 'pool' or 'strided', got {stem!r}")
+    if num_classes < 2:
+        raise ValueError("a classifier needs at least two classes")
+    if head not in ("map", "features"):
+        raise ValueError(f"head must be 'map' or 'features', got {head!r}")
+    return "features" if num_classes > 2 else head
+
+
+def _backbone(x: Any, filters: int, stem: str, relu_max: float | None) -> Any:
+    """Three Conv-BN-ReLU blocks at full, 1/2 and 1/4 resolution, each followed by 2x2 max
+    pooling (a thin scratch survives a max, a strided convolution can step over it), then
+    a depthwise-separable block at 1/8.
+
+    ``stem="strided"``: the first block is one stride-2 convolution instead of a
+    full-resolution convolution and a max pool. Its 3x3 windows overlap, so a one-pixel
+    line still lands in one, and the first layer, the costliest with the pool stem, runs
+    at a quarter of the positions."""
+    for i, mult in enumerate((1, 2, 4)):
+        if i == 0 and stem == "strided":
+            x = _conv_bn_relu(x, filters, 2, "conv1", relu_max=relu_max)
+            continue
+        x = _conv_bn_relu(x, filters * mult, 1, f"conv{i + 1}", relu_max=relu_max)
+        x = keras.layers.MaxPooling2D(name=f"pool{i + 1}")(x)
+    return _separable_block(x, filters * 8, 1, "sep4", relu_max=relu_max)
+
+
+def _with_context(inputs: Any, x: Any, filters: int, relu_max: float | None) -> Any:
+    """The map head's features at 1/8 joined by each 8x8 cell's brightest, darkest and mean
+    input pixel (through a 1x1 Conv-BN-ReLU6), then a second separable block.
+
+    A thin line where the level jumps is a part's edge or chamfer, one inside a flat face
+    is not, and the local-contrast input alone cannot tell them apart (edges and hole
+    rings were the good parts scored worst)."""
+    c = MAP_CELL
+    hi = keras.layers.MaxPooling2D(c, name="ctx_max")(inputs)
+    neg = keras.layers.Rescaling(-1.0, name="ctx_neg")(inputs)
+    lo = keras.layers.Rescaling(-1.0, name="ctx_min")(keras.layers.MaxPooling2D(c, name="ctx_negmax")(neg))
+    mean = keras.layers.AveragePooling2D(c, name="ctx_mean")(inputs)
+    # Mixed into the features' own range first: concatenated as [0, 1] pixels beside
+    # [0, 6] activations they would share one int8 scale (6 grey levels a step).
+    ctx = keras.layers.Concatenate(name="ctx_pixels")([hi, lo, mean])
+    ctx = keras.layers.Conv2D(filters, 1, use_bias=False, name="ctx_conv")(ctx)
+    ctx = FusedBatchNorm(momentum=_BN_MOMENTUM, name="ctx_bn")(ctx)
+    ctx = keras.layers.ReLU(max_value=relu_max, name="ctx_relu")(ctx)
+    x = keras.layers.Concatenate(name="ctx")([x, ctx])
+    return _separable_block(x, filters * 8, 1, "ctx5", relu_max=relu_max)
+
+
+def _map_head_features(inputs: Any, defect_map: Any, filters: int, relu_max: float | None,
+                       map_clip: float | None, shading: bool) -> list[Any]:
+    """What the map head's softmax reads: the defect map's max, and with ``shading`` the
+    shading logit (:func:`_shading_logit`).
+
+    ``map_clip``: the max of the map clipped to [-clip, clip] (a decision needs no finer
+    view of sure cells), so the map's int8 step is 2 x clip / 255 of a logit."""
+    # The max alone: the map's mean would be its quantized range's lower clip for the
+    # many strongly clean cells, and it moved int8 scores off float (docs/training.md).
+    decided = defect_map
+    if map_clip is not None:
+        # clip(map, -c, c) as ReLU(map + c, max 2c) - c: int8 has fused kernels for it
+        decided = keras.layers.Rescaling(1.0, offset=map_clip, name="map_clip_up")(decided)
+        decided = keras.layers.ReLU(max_value=2 * map_clip, name="map_clip")(decided)
+        decided = keras.layers.Rescaling(1.0, offset=-map_clip, name="map_clip_down")(decided)
+    features = [keras.layers.GlobalMaxPooling2D(name="map_max")(decided)]
+    if shading:
+        features.append(_shading_logit(inputs, filters, relu_max))
+    return features
+
+
+def _features_head_features(x: Any, filters: int, relu_max: float | None) -> list[Any]:
+    """What the features head's softmax reads: a second separable block at 1/16, global
+    average and max pooled."""
+    x = keras.layers.MaxPooling2D(name="pool4")(x)
+    x = _separable_block(x, filters * 16, 1, "sep5", relu_max=relu_max)
+    return [keras.layers.GlobalAveragePooling2D(name="gap")(x), keras.layers.GlobalMaxPooling2D(name="gmp")(x)]
+
+
+def _start_at_map_max(dense: Any, pass_index: int, n_features: int) -> None:
+    """Start the map head with P(defect) = sigmoid(map max): the map's training turns into
+    image decisions from the first step. A random start can have the wrong sign, and then
+    the class loss pushes the map's max down on defect images, against the masks."""
+    start = [[-0.5, 0.5]] if pass_index == 0 else [[0.5, -0.5]]
+    start += [[0.0, 0.0]] * (n_features - 1)  # the shading logit starts silent
+    dense.set_weights([np.array(start, np.float32), np.zeros(2, np.float32)])
+
+
 def build_networks(
     num_classes: int,
     *,
@@ -325,99 +415,44 @@ def build_networks(
     where a dataset has them, supervise the map directly (thousands of labelled cells per
     image instead of one label), and the image's decision is read off the map.
 
-    Layers: three Conv-BN-ReLU blocks at full, 1/2 and 1/4 resolution, each followed by
-    2x2 max pooling (a thin scratch survives a max, a strided convolution can step over
-    it), a depthwise-separable block at 1/8 and the 1x1 convolution that makes the defect
-    map. ``head="map"`` (two classes, trained with masks): the input first loses its local
-    level (:func:`_local_contrast`) and the softmax reads the map's max (a defect anywhere
-    fails the part). ``head="features"`` (no masks, or more than two
-    classes): a second separable block at 1/16, global average + max pooling and a dense
+    Layers: the backbone (:func:`_backbone`, ``stem`` "pool" or "strided") down to 1/8
+    and the 1x1 convolution that makes the defect map. ``head="map"`` (two classes,
+    trained with masks): the input first loses its local level (:func:`_local_contrast`)
+    and the softmax reads the map's max (a defect anywhere fails the part). ``head="features"``
+    (no masks, or more than two classes): :func:`_features_head_features` and a dense
     softmax, which can tell defect kinds apart and sees overall shading (the magnetic
     tiles' "uneven" defects); the map is then an auxiliary output, trained only on masks.
     Parameters and multiply-adds per ``filters``: docs/training.md, "Model".
 
-    int8 and context (what each bought: docs/training.md, "Model"):
-    ``relu_max``: every ReLU is a ReLU6, so every int8 activation range is [0, 6]; plain
-    ReLU ranges are calibrated on outliers, which leaves typical activations few int8
-    steps. ``map_clip``: the map head decides on the map clipped to [-clip, clip] (a
-    decision needs no finer view of sure cells), so the map's int8 step is 2 x clip / 255
-    of a logit. ``context`` (map head): each 8x8 cell's
-    brightest, darkest and mean input pixel, through a 1x1 Conv-BN-ReLU6, join the
-    features at 1/8 before a second separable block: a thin line where the level jumps
-    is a part's edge or chamfer, one inside a flat face is not, and the local-contrast
-    input alone cannot tell them apart (edges and hole rings were the good parts scored
-    worst). ``int8_level``: the level in whole grey levels, as the int8 kernels compute
-    it (:class:`RoundLikeInt8`). ``stem="strided"``: the first block is one stride-2
-    convolution instead of a full-resolution convolution and a max pool. Its 3x3 windows
-    overlap, so a one-pixel line still lands in one, and the first layer, the costliest
-    with the pool stem, runs at a quarter of the positions.
-    ``shading`` (map head): the input's 8x8-cell means (the raw level the local contrast
-    takes away) through two small convolutions, global average and max pooling and one
-    logit that joins the map's max before the softmax: shading across a region (the
-    magnetic tiles' "uneven") has no local mark for the map to find. It starts silent.
+    int8 and context (what each bought: docs/training.md, "Model"): ``relu_max``: every
+    ReLU is a ReLU6, so every int8 activation range is [0, 6]; plain ReLU ranges are
+    calibrated on outliers, which leaves typical activations few int8 steps. ``map_clip``
+    (:func:`_map_head_features`): the map head decides on the map clipped to [-clip, clip].
+    ``context`` (map head, :func:`_with_context`): each 8x8 cell's raw pixel range joins
+    the features at 1/8. ``int8_level``: the level in whole grey levels, as the int8
+    kernels compute it (:class:`RoundLikeInt8`). ``shading`` (map head,
+    :func:`_shading_logit`): shading across a region (the magnetic tiles' "uneven") has
+    no local mark for the map to find, so a logit of the input's 8x8-cell means joins
+    the map's max before the softmax. It starts silent.
     """
-    if stem not in ("pool", "strided"):
-        raise ValueError(f"stem must be 'pool' or 'strided', got {stem!r}")
-    if num_classes < 2:
-        raise ValueError("a classifier needs at least two classes")
-    if head not in ("map", "features"):
-        raise ValueError(f"head must be 'map' or 'features', got {head!r}")
-    if num_classes > 2:
-        head = "features"
+    head = _checked_head(num_classes, head, stem)
     inputs = keras.Input((height, width, channels), name="image")
     x = _local_contrast(inputs, height, width, int8_level) if head == "map" else inputs
-    for i, mult in enumerate((1, 2, 4)):
-        if i == 0 and stem == "strided":
-            x = _conv_bn_relu(x, filters, 2, "conv1", relu_max=relu_max)
-            continue
-        x = _conv_bn_relu(x, filters * mult, 1, f"conv{i + 1}", relu_max=relu_max)
-        x = keras.layers.MaxPooling2D(name=f"pool{i + 1}")(x)
-    x = _separable_block(x, filters * 8, 1, "sep4", relu_max=relu_max)
+    x = _backbone(x, filters, stem, relu_max)
     if context and head == "map":
-        # Each cell's brightest, darkest and mean raw pixel, beside the features: a thin line
-        # where the level jumps is a part's edge or chamfer, one inside a flat face is not.
-        c = MAP_CELL
-        hi = keras.layers.MaxPooling2D(c, name="ctx_max")(inputs)
-        neg = keras.layers.Rescaling(-1.0, name="ctx_neg")(inputs)
-        lo = keras.layers.Rescaling(-1.0, name="ctx_min")(keras.layers.MaxPooling2D(c, name="ctx_negmax")(neg))
-        mean = keras.layers.AveragePooling2D(c, name="ctx_mean")(inputs)
-        # Mixed into the features' own range first: concatenated as [0, 1] pixels beside
-        # [0, 6] activations they would share one int8 scale (6 grey levels a step).
-        ctx = keras.layers.Concatenate(name="ctx_pixels")([hi, lo, mean])
-        ctx = keras.layers.Conv2D(filters, 1, use_bias=False, name="ctx_conv")(ctx)
-        ctx = FusedBatchNorm(momentum=_BN_MOMENTUM, name="ctx_bn")(ctx)
-        ctx = keras.layers.ReLU(max_value=relu_max, name="ctx_relu")(ctx)
-        x = keras.layers.Concatenate(name="ctx")([x, ctx])
-        x = _separable_block(x, filters * 8, 1, "ctx5", relu_max=relu_max)
+        x = _with_context(inputs, x, filters, relu_max)
     defect_map = keras.layers.Conv2D(1, 1, name="defect_map")(x)
     if head == "map":
-        # The max alone: the map's mean would be its quantized range's lower clip for the
-        # many strongly clean cells, and it moved int8 scores off float (docs/training.md).
-        decided = defect_map
-        if map_clip is not None:
-            # clip(map, -c, c) as ReLU(map + c, max 2c) - c: int8 has fused kernels for it
-            decided = keras.layers.Rescaling(1.0, offset=map_clip, name="map_clip_up")(decided)
-            decided = keras.layers.ReLU(max_value=2 * map_clip, name="map_clip")(decided)
-            decided = keras.layers.Rescaling(1.0, offset=-map_clip, name="map_clip_down")(decided)
-        features = [keras.layers.GlobalMaxPooling2D(name="map_max")(decided)]
-        if shading:
-            features.append(_shading_logit(inputs, filters, relu_max))
+        features = _map_head_features(inputs, defect_map, filters, relu_max, map_clip, shading)
     else:
-        x = keras.layers.MaxPooling2D(name="pool4")(x)
-        x = _separable_block(x, filters * 16, 1, "sep5", relu_max=relu_max)
-        features = [keras.layers.GlobalAveragePooling2D(name="gap")(x), keras.layers.GlobalMaxPooling2D(name="gmp")(x)]
+        features = _features_head_features(x, filters, relu_max)
     pooled = features[0] if len(features) == 1 else keras.layers.Concatenate(name="pool")(features)
     if dropout > 0 and head == "features":
         pooled = keras.layers.Dropout(dropout, name="dropout")(pooled)
     dense = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")
     outputs = dense(pooled)
     if head == "map":
-        # Start with P(defect) = sigmoid(map max): the map's training turns into image
-        # decisions from the first step. A random start can have the wrong sign, and then
-        # the class loss pushes the map's max down on defect images, against the masks.
-        start = [[-0.5, 0.5]] if pass_index == 0 else [[0.5, -0.5]]
-        start += [[0.0, 0.0]] * (len(features) - 1)  # the shading logit starts silent
-        dense.set_weights([np.array(start, np.float32), np.zeros(2, np.float32)])
+        _start_at_map_max(dense, pass_index, len(features))
     classifier = keras.Model(inputs, outputs, name="linewatch_cnn")
     trainer = keras.Model(inputs, [outputs, defect_map], name="linewatch_cnn_with_map")
     return classifier, trainer

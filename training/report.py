@@ -62,6 +62,21 @@ def plot_confusion(confusion: Mapping[str, Mapping[str, int]], pass_label: str, 
     return out
 
 
+def _save_rate_plot(plt: Any, fig: Any, ax: Any, out: Path, title: str, xlabel: str, ylabel: str, legend: str) -> Path:
+    """Label a plot of two rates (both axes [0, 1]), add its legend and title, save it to
+    ``out`` and close it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.legend(loc=legend, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def plot_roc(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
     threshold_points: Mapping[str, tuple[float, float]],
@@ -77,16 +92,7 @@ def plot_roc(
         if name in threshold_points:
             ax.plot(*threshold_points[name], "o", ms=5, color=line.get_color())
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
-    ax.set_xlabel("false reject rate (good parts failed)")
-    ax.set_ylabel("defect recall")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save_rate_plot(plt, fig, ax, out, title, "false reject rate (good parts failed)", "defect recall", "lower right")
 
 
 def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], out: Path, title: str) -> Path:
@@ -96,16 +102,7 @@ def plot_pr(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], out: Path, titl
     for name, (y, s) in curves.items():
         precision, recall, _ = pr_curve(y, s)
         ax.plot(recall, precision, label=name, drawstyle="steps-post")
-    ax.set_xlabel("defect recall")
-    ax.set_ylabel("defect precision")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.legend(loc="lower left", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save_rate_plot(plt, fig, ax, out, title, "defect recall", "defect precision", "lower left")
 
 
 def plot_operating_point(

@@ -101,11 +101,11 @@ import logging
 import math
 import multiprocessing
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -576,6 +576,30 @@ class _Stroke:
     desc: dict[str, Any]
 
 
+def _taper_and_pressure(rng: Rng, length: float) -> tuple[np.ndarray, np.ndarray]:
+    """Along a scratch ``length`` px long, one value per segment (1.5 px each): the taper
+    of its ends (0-1) and the tool's uneven pressure, which a skipping tool breaks up."""
+    m = max(8, int(length / 1.5)) - 1
+    s = (np.arange(m) + 0.5) / m
+    taper = np.clip(np.minimum(s, 1 - s) / rng.uniform(0.05, 0.25), 0, 1) ** 0.7
+    mod = np.clip(1 + 0.3 * _noise1d(rng, m, max(3, m // 10)), 0.3, 1.6)
+    if rng.random() < 0.2:  # skipping tool: the scratch breaks up
+        mod *= _noise1d(rng, m, max(4, m // 6)) > -0.6
+    return taper, mod
+
+
+def _ink_on_face(pts: np.ndarray, ink: np.ndarray, face_w: np.ndarray) -> float:
+    """The share of a stroke's ink (``ink`` per segment of the path ``pts``) that lands on
+    the face (``face_w``), not off the picture, on the chamfer or on the background:
+    sampled at the segment midpoints, before drawing anything."""
+    height, width = face_w.shape
+    mid = np.round((pts[1:] + pts[:-1]) / 2).astype(int)
+    inside = (mid[:, 0] >= 0) & (mid[:, 0] < width) & (mid[:, 1] >= 0) & (mid[:, 1] < height)
+    on_face = np.zeros(ink.size, np.float32)
+    on_face[inside] = face_w[mid[inside, 1], mid[inside, 0]]
+    return float((ink * on_face).sum() / max(float(ink.sum()), 1e-6))
+
+
 def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma: float,
                kind: str, mean: float) -> list[_Stroke]:
     """1-3 scratches, one :class:`_Stroke` each (kept apart so that one too faint to see
@@ -597,12 +621,8 @@ def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma
         else:
             contrast = min(max(mean * rng.uniform(0.15, 0.6), 0.05), 0.8 * mean)
         # the ink profile along the stroke: tapered ends, uneven pressure, sometimes broken
-        m = max(8, int(length / 1.5)) - 1
-        s = (np.arange(m) + 0.5) / m
-        taper = np.clip(np.minimum(s, 1 - s) / rng.uniform(0.05, 0.25), 0, 1) ** 0.7
-        mod = np.clip(1 + 0.3 * _noise1d(rng, m, max(3, m // 10)), 0.3, 1.6)
-        if rng.random() < 0.2:  # skipping tool: the scratch breaks up
-            mod *= _noise1d(rng, m, max(4, m // 6)) > -0.6
+        taper, mod = _taper_and_pressure(rng, length)
+        m = taper.size
         profile = taper * mod
         widths = width * (0.45 + 0.55 * taper) * np.clip(1 + 0.15 * _noise1d(rng, m, 5), 0.7, 1.3)
         ink = widths * profile
@@ -612,13 +632,7 @@ def _scratches(rng: Rng, size: int, face_w: np.ndarray, faint: bool, noise_sigma
             j = int(idx[rng.integers(idx.size)]) if idx.size else int(rng.integers(size * size))
             cy, cx = divmod(j, size)
             pts = pts + (cx + rng.uniform(-0.5, 0.5), cy + rng.uniform(-0.5, 0.5))
-            # how much of the ink lands on the face (not off the image, on the chamfer or
-            # the background): sampled at the segment midpoints, before drawing anything
-            mid = np.round((pts[1:] + pts[:-1]) / 2).astype(int)
-            inside = (mid >= 0).all(1) & (mid < size).all(1)
-            on_face = np.zeros(m, np.float32)
-            on_face[inside] = face_w[mid[inside, 1], mid[inside, 0]]
-            visible = float((ink * on_face).sum() / max(float(ink.sum()), 1e-6))
+            visible = _ink_on_face(pts, ink, face_w)
             if best is None or visible > best[0]:
                 best = (visible, pts)
             if visible >= 0.75:
@@ -812,6 +826,113 @@ def render_part(rng: Rng, size: int, scratched: bool, kind: str | None = None
     return img, desc
 
 
+@dataclass(frozen=True)
+class _Part:
+    """A close-up's part before scratches, edges, debris and the sensor: the surface
+    ``face`` and what was drawn on it (``info``), the lighting (``gain``, ``glare``,
+    ``n_glare``), the outline's signed distance ``d`` (None: the face fills the picture)
+    and its description ``geo``, the sensor ``noise`` (read, shot), the face's ``mean``,
+    what a faint scratch competes with (``sigma``, in face units) and where a scratch may
+    lie (``face_w``)."""
+
+    kind: str
+    face: np.ndarray
+    info: dict[str, Any]
+    gain: np.ndarray
+    glare: np.ndarray
+    n_glare: int
+    d: np.ndarray | None
+    geo: dict[str, Any]
+    noise: tuple[float, float]
+    mean: float
+    sigma: float
+    face_w: np.ndarray
+
+
+def _part(rng: Rng, size: int, kind: str | None) -> _Part:
+    """Draw a close-up's part (surface, lighting, outline, sensor noise)."""
+    kind = _pick_kind(rng, kind)
+    face, info = _texture(rng, size, kind)
+    gain, glare, n_glare = _lighting(rng, size, info)
+    d, geo = _geometry(rng, size)
+    noise = (rng.uniform(0.004, 0.018), rng.uniform(0.005, 0.02))
+    mean = float(face.mean())
+    # what a faint scratch competes with, in face units: sensor noise seen after lighting
+    # and the texture's own fine detail (brush streaks, grain)
+    sensor = math.sqrt(noise[0] ** 2 + noise[1] ** 2 * min(1.0, mean)) / max(0.3, float(gain.mean()))
+    detail = float((face - cv2.GaussianBlur(face, (0, 0), 2.0 * size / 160)).std())
+    sigma = math.sqrt(sensor**2 + detail**2)
+    face_w = np.ones_like(face) if d is None else np.clip(d - 8 * size / 160, 0, 1)
+    return _Part(kind, face, info, gain, glare, n_glare, d, geo, noise, mean, sigma, face_w)
+
+
+def _paint_part(rng: Rng, rest: Mapping[str, Any], part: _Part, size: int, strokes: list[_Stroke]
+                ) -> tuple[np.ndarray, int, int]:
+    """(the picture of ``part`` with these strokes, dust specks, fibres). ``rng`` is set
+    to ``rest`` first, so every call draws the same edges, dust and noise."""
+    rng.bit_generator.state = rest
+    face_in = part.face
+    darks = [st.dark for st in strokes if st.dark is not None]
+    brights = [st.bright for st in strokes if st.bright is not None]
+    if darks:  # where scratches overlap, the stronger one shows
+        face_in = face_in * (1 - functools.reduce(np.maximum, darks) / max(part.mean, 1e-3))
+    if brights:
+        face_in = face_in + functools.reduce(np.maximum, brights)
+    img = _compose_geometry(rng, face_in, part.d, size)
+    dust_dark, dust_bright, n_dust, n_fibres = _debris(rng, size)
+    img = img * (1 - np.minimum(2 * dust_dark, 0.9)) + dust_bright
+    return _finish(rng, img * part.gain + part.glare, size, part.noise), n_dust, n_fibres
+
+
+_S = TypeVar("_S")
+_P = TypeVar("_P")
+
+
+def _visible_scratches(draw: Callable[[], list[_S]], paint: Callable[[list[_S]], tuple[_P, list[float]]],
+                       floor: float, extra: dict[str, Any]) -> tuple[list[_S], list[float], float, _P | None]:
+    """The scratches a picture keeps: (kept, each one's CNR, the best CNR seen, the last
+    picture painted).
+
+    ``draw()`` draws a part's scratches, ``paint(strokes)`` paints them and measures each
+    one's CNR. Under saturated glare, on the background or off the image, or as faint as
+    the noise, a scratch can vanish from the picture; a label the camera cannot show is
+    noise, so a scratch below ``floor`` is left out, and a part with none left is drawn
+    again, up to _VISIBLE_ATTEMPTS times. ``extra`` gets ``dropped`` (scratches left out
+    of the draw kept) and ``redrawn`` (draws after the first)."""
+    best = 0.0
+    picture: _P | None = None
+    kept: list[_S] = []
+    cnr: list[float] = []
+    draws = 0
+    while draws < _VISIBLE_ATTEMPTS:
+        draws += 1
+        kept = draw()
+        cnr = []
+        if kept:
+            picture, cnr = paint(kept)
+            best = max(best, *cnr)
+        # leaving one out changes the picture where it crossed another: measure again
+        while kept and min(cnr) < floor:
+            kept = [st for st, c in zip(kept, cnr, strict=True) if c >= floor]
+            extra["dropped"] = extra.get("dropped", 0) + len(cnr) - len(kept)
+            cnr = []
+            if kept:
+                picture, cnr = paint(kept)
+        if kept:
+            break
+        extra.pop("dropped", None)
+    if draws > 1:
+        extra["redrawn"] = draws - 1
+    return kept, cnr, best, picture
+
+
+def _shown(picture: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """Where a scratch changed the picture: by 2 grey levels or more, dilated by a pixel
+    (the blur spreads a stroke by one), not where glare or the background swallowed it."""
+    changed = np.abs(picture.astype(np.int16) - clean.astype(np.int16))
+    return cv2.dilate((changed >= 2).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+
+
 def render_part_and_mask(rng: Rng, size: int, scratched: bool, kind: str | None = None, *,
                          floor: float = VISIBILITY_FLOOR) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """:func:`render_part` plus the defect mask: uint8 ``size`` x ``size``, 255 where a
@@ -826,18 +947,7 @@ def render_part_and_mask(rng: Rng, size: int, scratched: bool, kind: str | None 
     times. If still none does, the part comes back unscratched (the clean picture, an
     empty mask) with ``"relabelled"`` in its description. The description of a scratched
     part carries ``visibility`` (its most visible scratch's CNR) and each scratch its own."""
-    kind = _pick_kind(rng, kind)
-    face, info = _texture(rng, size, kind)
-    gain, glare, n_glare = _lighting(rng, size, info)
-    d, geo = _geometry(rng, size)
-    noise = (rng.uniform(0.004, 0.018), rng.uniform(0.005, 0.02))
-    mean = float(face.mean())
-    # what a faint scratch competes with, in face units: sensor noise seen after lighting
-    # and the texture's own fine detail (brush streaks, grain)
-    sensor = math.sqrt(noise[0] ** 2 + noise[1] ** 2 * min(1.0, mean)) / max(0.3, float(gain.mean()))
-    detail = float((face - cv2.GaussianBlur(face, (0, 0), 2.0 * size / 160)).std())
-    sigma = math.sqrt(sensor**2 + detail**2)
-    face_w = np.ones_like(face) if d is None else np.clip(d - 8 * size / 160, 0, 1)
+    part = _part(rng, size, kind)
     faint = False
     mask = np.zeros((size, size), np.uint8)
     # scratches draw from their own stream, so the rest of the picture is the same part
@@ -845,23 +955,7 @@ def render_part_and_mask(rng: Rng, size: int, scratched: bool, kind: str | None 
     # with equal generators differ only by the scratches
     scratch_rng = np.random.default_rng(int(rng.integers(2**63)))
     rest = rng.bit_generator.state  # what edges, debris, lighting and the sensor draw from
-
-    def finish(strokes: list[_Stroke]) -> np.ndarray:
-        rng.bit_generator.state = rest  # the same edges, dust and noise on every call
-        face_in = face
-        darks = [st.dark for st in strokes if st.dark is not None]
-        brights = [st.bright for st in strokes if st.bright is not None]
-        if darks:  # where scratches overlap, the stronger one shows
-            face_in = face_in * (1 - functools.reduce(np.maximum, darks) / max(mean, 1e-3))
-        if brights:
-            face_in = face_in + functools.reduce(np.maximum, brights)
-        img = _compose_geometry(rng, face_in, d, size)
-        dust_dark, dust_bright, n_dust[0], n_fibres[0] = _debris(rng, size)
-        img = img * (1 - np.minimum(2 * dust_dark, 0.9)) + dust_bright
-        return _finish(rng, img * gain + glare, size, noise)
-
-    n_dust, n_fibres = [0], [0]
-    out = finish([])
+    out, n_dust, n_fibres = _paint_part(rng, rest, part, size, [])
     kept: list[_Stroke] = []
     cnr: list[float] = []
     extra: dict[str, Any] = {}
@@ -869,55 +963,35 @@ def render_part_and_mask(rng: Rng, size: int, scratched: bool, kind: str | None 
         faint = bool(scratch_rng.random() < FAINT_FRACTION)
         clean = out
         backdrop = _Backdrop.of(clean)
-        best = 0.0
-        # Under saturated glare, on the background or off the image, or as faint as the
-        # noise, a scratch can vanish from the picture; a label the camera cannot show is
-        # noise, so such a scratch is left out, and a part with none left is drawn again.
-        draws = 0
-        while draws < _VISIBLE_ATTEMPTS:
-            draws += 1
-            kept = _scratches(scratch_rng, size, face_w, faint, sigma, kind, mean)
-            out = finish(kept)
-            view = _model_view(out)
-            cnr = [_cnr(view, backdrop, st.footprint) for st in kept]
-            best = max(best, *cnr)
-            # leaving one out changes the picture where it crossed another: measure again
-            while kept and min(cnr) < floor:
-                kept = [st for st, c in zip(kept, cnr, strict=True) if c >= floor]
-                extra["dropped"] = extra.get("dropped", 0) + len(cnr) - len(kept)
-                cnr = []
-                if kept:
-                    out = finish(kept)
-                    view = _model_view(out)
-                    cnr = [_cnr(view, backdrop, st.footprint) for st in kept]
-            if kept:
-                break
-            extra.pop("dropped", None)
-        if draws > 1:
-            extra["redrawn"] = draws - 1
-        if not kept:
+
+        def paint(strokes: list[_Stroke]) -> tuple[np.ndarray, list[float]]:
+            picture = _paint_part(rng, rest, part, size, strokes)[0]
+            view = _model_view(picture)
+            return picture, [_cnr(view, backdrop, st.footprint) for st in strokes]
+
+        kept, cnr, best, picture = _visible_scratches(
+            lambda: _scratches(scratch_rng, size, part.face_w, faint, part.sigma, part.kind, part.mean),
+            paint, floor, extra)
+        if not kept or picture is None:
             out, scratched, faint = clean, False, False
             extra.update({"relabelled": RELABELLED, "best_visibility": round(best, 2)})
         else:
+            out = picture
             footprint = kept[0].footprint
             for st in kept[1:]:
                 footprint = np.maximum(footprint, st.footprint)
-            changed = np.abs(out.astype(np.int16) - clean.astype(np.int16))
-            # the mask is the footprint where the picture shows it (the blur spreads a
-            # stroke by a pixel, hence the dilation), not where glare or the background
-            # swallowed it
-            shown = cv2.dilate((changed >= 2).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
-            mask[(footprint >= MASK_COVERAGE) & shown] = 255
+            # the mask is the footprint where the picture shows it
+            mask[(footprint >= MASK_COVERAGE) & _shown(out, clean)] = 255
             extra["visibility"] = round(max(cnr), 2)
     scratches = [{**st.desc, "visibility": round(c, 2)} for st, c in zip(kept, cnr, strict=True)]
     desc: dict[str, Any] = {
-        "surface": kind,
-        "brush": info.get("brush"),
-        "edge": geo["edge"],
-        "hole": geo["hole"],
-        "glare": n_glare,
-        "dust": n_dust[0],
-        "fibres": n_fibres[0],
+        "surface": part.kind,
+        "brush": part.info.get("brush"),
+        "edge": part.geo["edge"],
+        "hole": part.geo["hole"],
+        "glare": part.n_glare,
+        "dust": n_dust,
+        "fibres": n_fibres,
         "scratched": bool(scratched),
         "scratches": len(scratches),
         "faint": faint,
@@ -1325,92 +1399,170 @@ def _frame_scene(rng: Rng, width: int, height: int, kind: str) -> tuple[_Scene, 
 
 def _frame_scratches(rng: Rng, scene: _Scene, width: int, height: int, kind: str) -> list[_FrameStroke]:
     """1-3 thin scratches on the part's face: 1-3 px wide (groove and lip together),
-    FRAME_SCRATCH_LENGTH long, each with a target CNR from faint (2) to clear (40)."""
-    s = _frame_scale(width, height)
+    FRAME_SCRATCH_LENGTH long, each with a target CNR from faint (2) to clear (40).
+    A scratch whose box falls outside the frame is left out."""
     ys, xs = np.nonzero(scene.face_w[::4, ::4] > 0.99)
     count = int(rng.choice([1, 2, 3], p=[0.65, 0.25, 0.1]))
     detail_sample = scene.face[height // 4:height // 4 + 256, width // 4:width // 4 + 256]
     texture = float((detail_sample - cv2.GaussianBlur(detail_sample, (0, 0), _DETAIL_SIGMA)).std())
     strokes: list[_FrameStroke] = []
-    lo, hi = FRAME_SCRATCH_LENGTH
     for _ in range(count):
-        width_px = float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0], p=[0.3, 0.3, 0.2, 0.12, 0.08]))
-        width_px = min(3.0, max(1.0, width_px * rng.uniform(0.95, 1.05)))
-        length = max(16.0, math.exp(rng.uniform(math.log(lo), math.log(hi))) * s)
-        target = math.exp(rng.uniform(math.log(2.0), math.log(40.0)))  # CNR aimed at, faint to clear
-        polarity = "bright" if rng.random() < (0.7 if kind == "glass" else 0.4) else "dark"
-        m = max(8, int(length / 1.5)) - 1
-        t = (np.arange(m) + 0.5) / m
-        taper = np.clip(np.minimum(t, 1 - t) / rng.uniform(0.05, 0.25), 0, 1) ** 0.7
-        mod = np.clip(1 + 0.3 * _noise1d(rng, m, max(3, m // 10)), 0.3, 1.6)
-        if rng.random() < 0.2:  # skipping tool: the scratch breaks up
-            mod *= _noise1d(rng, m, max(4, m // 6)) > -0.6
-        profile = np.clip(taper * mod, 0, 1)
-        widths = width_px * (0.45 + 0.55 * taper) * np.clip(1 + 0.1 * _noise1d(rng, m, 5), 0.8, 1.0)
-        best: tuple[float, np.ndarray] | None = None
-        for _attempt in range(8):
-            pts = _scratch_path(rng, 0, length)
-            j = int(rng.integers(xs.size)) if xs.size else 0
-            cx = float(xs[j] * 4) if xs.size else width / 2
-            cy = float(ys[j] * 4) if ys.size else height / 2
-            pts = pts + (cx + rng.uniform(-2, 2), cy + rng.uniform(-2, 2))
-            mid = np.round((pts[1:] + pts[:-1]) / 2).astype(int)
-            inside = (mid[:, 0] >= 0) & (mid[:, 0] < width) & (mid[:, 1] >= 0) & (mid[:, 1] < height)
-            on_face = np.zeros(m, np.float32)
-            on_face[inside] = scene.face_w[mid[inside, 1], mid[inside, 0]]
-            ink = widths * profile
-            visible = float((ink * on_face).sum() / max(float(ink.sum()), 1e-6))
-            if best is None or visible > best[0]:
-                best = (visible, pts)
-            if visible >= 0.9:
-                break
-        assert best is not None
-        pts = best[1]
-        # a lip only beside a narrow groove: groove and lip together stay under 3 px
-        highlight = polarity == "dark" and width_px <= 1.6 and rng.random() < 0.35
-        lip_w = min(1.0, 2.6 - width_px)
-        if highlight:  # light catches the raised lip along one side of the groove
-            tang = np.gradient(pts, axis=0)
-            normal = np.stack([-tang[:, 1], tang[:, 0]], 1) / (np.linalg.norm(tang, axis=1)[:, None] + 1e-9)
-            lip_pts = pts + normal * rng.choice([-1.0, 1.0]) * (widths.mean() + lip_w) / 2
-            box = _stroke_box(np.concatenate([pts, lip_pts]), widths, width, height)
-        else:
-            box = _stroke_box(pts, widths, width, height)
-        x0, y0, x1, y1 = box
-        if x1 <= x0 or y1 <= y0:
-            continue
-        fw = scene.face_w[y0:y1, x0:x1]
-        # OpenCV's thick lines come out a quarter pixel (one 4x pixel) wider than asked:
-        # asked for that much less, a stroke is as wide as its width says
-        ink_w = np.maximum(widths - 0.25, 0.25)
-        mask = _stroke_in_box(box, pts, ink_w, profile) * fw
-        # the footprint is where the scratch lies, however faint it is drawn there
-        drawn = (profile > 0.02).astype(np.float32)
-        footprint = _stroke_in_box(box, pts, ink_w, drawn) * fw
-        # what the scratch competes with where it lies, in face units: sensor noise after
-        # the lighting, and the texture's own fine detail
-        gx, gy = int(min(max(pts[:, 0].mean(), 0), width - 1)), int(min(max(pts[:, 1].mean(), 0), height - 1))
-        g = max(0.3, float(scene.gain[gy, gx]))
-        level = min(1.0, float(scene.pre[gy, gx]))
-        sensor = math.sqrt(scene.noise[0] ** 2 + scene.noise[1] ** 2 * level) / g
-        sigma = math.hypot(sensor, texture)
-        # a thin line loses peak contrast to the defocus: erf(w / (2 sqrt(2) sigma))
-        peak = math.erf(width_px / (2 * math.sqrt(2) * scene.blur))
-        contrast = max(3.0 / 255 / g, target * sigma / peak)
-        dark, bright = None, None
-        if highlight:
-            lip_widths = np.full_like(widths, lip_w - 0.25)
-            lip = _stroke_in_box(box, lip_pts, lip_widths, profile * 0.9) * fw
-            bright = np.float32(contrast * rng.uniform(0.4, 0.9)) * lip
-            footprint = np.maximum(footprint, _stroke_in_box(box, lip_pts, lip_widths, drawn) * fw)
-        if polarity == "dark":
-            dark = np.float32(min(contrast, 0.8 * scene.mean)) * mask
-        else:
-            bright = np.float32(contrast) * mask
-        desc = {"polarity": polarity, "width_px": round(width_px, 2), "length_px": round(length, 1),
-                "contrast": round(float(contrast), 4), "highlight": bool(highlight)}
-        strokes.append(_FrameStroke(box, dark, bright, footprint, desc))
+        stroke = _frame_stroke(rng, scene, (xs, ys), texture, width, height, kind)
+        if stroke is not None:
+            strokes.append(stroke)
     return strokes
+
+
+@dataclass(frozen=True)
+class _FrameInk:
+    """How one frame scratch is drawn along its path: width (px), length, the CNR aimed at,
+    polarity, and per segment the ink profile (0-1) and width."""
+
+    width_px: float
+    length: float
+    target: float
+    polarity: str
+    profile: np.ndarray
+    widths: np.ndarray
+
+
+def _frame_ink(rng: Rng, s: float, kind: str) -> _FrameInk:
+    """Draw a frame scratch's width, length, target CNR, polarity and ink profile."""
+    lo, hi = FRAME_SCRATCH_LENGTH
+    width_px = float(rng.choice([1.0, 1.5, 2.0, 2.5, 3.0], p=[0.3, 0.3, 0.2, 0.12, 0.08]))
+    width_px = min(3.0, max(1.0, width_px * rng.uniform(0.95, 1.05)))
+    length = max(16.0, math.exp(rng.uniform(math.log(lo), math.log(hi))) * s)
+    target = math.exp(rng.uniform(math.log(2.0), math.log(40.0)))  # CNR aimed at, faint to clear
+    polarity = "bright" if rng.random() < (0.7 if kind == "glass" else 0.4) else "dark"
+    taper, mod = _taper_and_pressure(rng, length)
+    m = taper.size
+    profile = np.clip(taper * mod, 0, 1)
+    widths = width_px * (0.45 + 0.55 * taper) * np.clip(1 + 0.1 * _noise1d(rng, m, 5), 0.8, 1.0)
+    return _FrameInk(width_px, length, target, polarity, profile, widths)
+
+
+def _frame_path(rng: Rng, scene: _Scene, face_cells: tuple[np.ndarray, np.ndarray], ink: _FrameInk,
+                width: int, height: int) -> np.ndarray:
+    """The scratch's path: of up to 8 tries placed on the face (``face_cells``: the x and
+    y of the face's 4x4 cells), the first with 90 % of its ink on the face, or the best."""
+    xs, ys = face_cells
+    best: tuple[float, np.ndarray] | None = None
+    for _attempt in range(8):
+        pts = _scratch_path(rng, 0, ink.length)
+        j = int(rng.integers(xs.size)) if xs.size else 0
+        cx = float(xs[j] * 4) if xs.size else width / 2
+        cy = float(ys[j] * 4) if ys.size else height / 2
+        pts = pts + (cx + rng.uniform(-2, 2), cy + rng.uniform(-2, 2))
+        visible = _ink_on_face(pts, ink.widths * ink.profile, scene.face_w)
+        if best is None or visible > best[0]:
+            best = (visible, pts)
+        if visible >= 0.9:
+            break
+    assert best is not None
+    return best[1]
+
+
+def _frame_stroke(rng: Rng, scene: _Scene, face_cells: tuple[np.ndarray, np.ndarray], texture: float,
+                  width: int, height: int, kind: str) -> _FrameStroke | None:
+    """One scratch of :func:`_frame_scratches`, its contrast set for its target CNR where
+    it lies; None when its box falls outside the frame."""
+    ink = _frame_ink(rng, _frame_scale(width, height), kind)
+    width_px, profile, widths = ink.width_px, ink.profile, ink.widths
+    pts = _frame_path(rng, scene, face_cells, ink, width, height)
+    # a lip only beside a narrow groove: groove and lip together stay under 3 px
+    highlight = ink.polarity == "dark" and width_px <= 1.6 and rng.random() < 0.35
+    lip_w = min(1.0, 2.6 - width_px)
+    if highlight:  # light catches the raised lip along one side of the groove
+        tang = np.gradient(pts, axis=0)
+        normal = np.stack([-tang[:, 1], tang[:, 0]], 1) / (np.linalg.norm(tang, axis=1)[:, None] + 1e-9)
+        lip_pts = pts + normal * rng.choice([-1.0, 1.0]) * (widths.mean() + lip_w) / 2
+        box = _stroke_box(np.concatenate([pts, lip_pts]), widths, width, height)
+    else:
+        box = _stroke_box(pts, widths, width, height)
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        return None
+    fw = scene.face_w[y0:y1, x0:x1]
+    # OpenCV's thick lines come out a quarter pixel (one 4x pixel) wider than asked:
+    # asked for that much less, a stroke is as wide as its width says
+    ink_w = np.maximum(widths - 0.25, 0.25)
+    mask = _stroke_in_box(box, pts, ink_w, profile) * fw
+    # the footprint is where the scratch lies, however faint it is drawn there
+    drawn = (profile > 0.02).astype(np.float32)
+    footprint = _stroke_in_box(box, pts, ink_w, drawn) * fw
+    contrast = _frame_contrast(scene, pts, texture, ink, width, height)
+    dark, bright = None, None
+    if highlight:
+        lip_widths = np.full_like(widths, lip_w - 0.25)
+        lip = _stroke_in_box(box, lip_pts, lip_widths, profile * 0.9) * fw
+        bright = np.float32(contrast * rng.uniform(0.4, 0.9)) * lip
+        footprint = np.maximum(footprint, _stroke_in_box(box, lip_pts, lip_widths, drawn) * fw)
+    if ink.polarity == "dark":
+        dark = np.float32(min(contrast, 0.8 * scene.mean)) * mask
+    else:
+        bright = np.float32(contrast) * mask
+    desc = {"polarity": ink.polarity, "width_px": round(width_px, 2), "length_px": round(ink.length, 1),
+            "contrast": round(float(contrast), 4), "highlight": bool(highlight)}
+    return _FrameStroke(box, dark, bright, footprint, desc)
+
+
+def _frame_contrast(scene: _Scene, pts: np.ndarray, texture: float, ink: _FrameInk, width: int, height: int
+                    ) -> float:
+    """The face contrast that gives the scratch its target CNR where it lies (at least 3
+    grey levels)."""
+    # what the scratch competes with where it lies, in face units: sensor noise after
+    # the lighting, and the texture's own fine detail
+    gx, gy = int(min(max(pts[:, 0].mean(), 0), width - 1)), int(min(max(pts[:, 1].mean(), 0), height - 1))
+    g = max(0.3, float(scene.gain[gy, gx]))
+    level = min(1.0, float(scene.pre[gy, gx]))
+    sensor = math.sqrt(scene.noise[0] ** 2 + scene.noise[1] ** 2 * level) / g
+    sigma = math.hypot(sensor, texture)
+    # a thin line loses peak contrast to the defocus: erf(w / (2 sqrt(2) sigma))
+    peak = math.erf(ink.width_px / (2 * math.sqrt(2) * scene.blur))
+    return max(3.0 / 255 / g, ink.target * sigma / peak)
+
+
+def _paint_frame(scene: _Scene, strokes: list[_FrameStroke], width: int, height: int
+                 ) -> tuple[tuple[tuple[int, int, int, int], np.ndarray], list[float]]:
+    """((the crop, the picture on it), each stroke's CNR) with these strokes drawn: the
+    scratches touch only the pixels around them, so a draw is finished on a crop."""
+    x0 = min(st.box[0] for st in strokes)
+    y0 = min(st.box[1] for st in strokes)
+    x1 = max(st.box[2] for st in strokes)
+    y1 = max(st.box[3] for st in strokes)
+    # the crop reaches _FRAME_PAD beyond the strokes: the defocus (<= 4 px) and the
+    # noise band (6 px) plus the detail blur (8 px) around the path stay inside it
+    cx0, cy0 = max(0, x0 - _FRAME_PAD), max(0, y0 - _FRAME_PAD)
+    cx1, cy1 = min(width, x1 + _FRAME_PAD), min(height, y1 + _FRAME_PAD)
+    shape = (cy1 - cy0, cx1 - cx0)
+    darkest, brightest = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for st in strokes:  # where scratches overlap, the stronger one shows
+        bx0, by0, bx1, by1 = st.box
+        sl = np.s_[by0 - cy0:by1 - cy0, bx0 - cx0:bx1 - cx0]
+        if st.dark is not None:
+            np.maximum(darkest[sl], st.dark, out=darkest[sl])
+        if st.bright is not None:
+            np.maximum(brightest[sl], st.bright, out=brightest[sl])
+    crop = np.s_[cy0:cy1, cx0:cx1]
+    delta = (brightest - scene.face[crop] * darkest * np.float32(1 / max(scene.mean, 1e-3)))
+    drawn = _frame_finish(scene.pre[crop] + delta * scene.keep[crop] * scene.gain[crop],
+                          scene.z[crop], scene.blur, scene.noise)
+    # only the inner part of the crop is the frame's own result (the blur reads
+    # across the crop's border); the scratch changes nothing beyond it
+    picture = scene.clean[crop].copy()
+    ix0, iy0 = (x0 - _FRAME_INNER - cx0 if cx0 > 0 else 0), (y0 - _FRAME_INNER - cy0 if cy0 > 0 else 0)
+    ix1 = (x1 + _FRAME_INNER - cx0) if cx1 < width else cx1 - cx0
+    iy1 = (y1 + _FRAME_INNER - cy0) if cy1 < height else cy1 - cy0
+    picture[iy0:iy1, ix0:ix1] = drawn[iy0:iy1, ix0:ix1]
+    backdrop = _Backdrop.native(scene.clean[crop])
+    view = picture.astype(np.float32)
+    values = []
+    for st in strokes:
+        cover = np.zeros(shape, np.float32)
+        bx0, by0, bx1, by1 = st.box
+        cover[by0 - cy0:by1 - cy0, bx0 - cx0:bx1 - cx0] = st.footprint
+        values.append(_cnr_on(view, backdrop, cover))
+    return ((cx0, cy0, cx1, cy1), picture), values
 
 
 def render_frame_and_mask(rng: Rng, size: tuple[int, int], scratched: bool, kind: str | None = None, *,
@@ -1438,76 +1590,15 @@ def render_frame_and_mask(rng: Rng, size: tuple[int, int], scratched: bool, kind
     kept: list[_FrameStroke] = []
     cnr: list[float] = []
     extra: dict[str, Any] = {}
-
-    def finish(strokes: list[_FrameStroke]) -> tuple[tuple[int, int, int, int], np.ndarray, list[float]]:
-        """(the crop, the picture on it, each stroke's CNR) with these strokes drawn."""
-        x0 = min(st.box[0] for st in strokes)
-        y0 = min(st.box[1] for st in strokes)
-        x1 = max(st.box[2] for st in strokes)
-        y1 = max(st.box[3] for st in strokes)
-        # the crop reaches _FRAME_PAD beyond the strokes: the defocus (<= 4 px) and the
-        # noise band (6 px) plus the detail blur (8 px) around the path stay inside it
-        cx0, cy0 = max(0, x0 - _FRAME_PAD), max(0, y0 - _FRAME_PAD)
-        cx1, cy1 = min(width, x1 + _FRAME_PAD), min(height, y1 + _FRAME_PAD)
-        shape = (cy1 - cy0, cx1 - cx0)
-        darkest, brightest = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        for st in strokes:  # where scratches overlap, the stronger one shows
-            bx0, by0, bx1, by1 = st.box
-            sl = np.s_[by0 - cy0:by1 - cy0, bx0 - cx0:bx1 - cx0]
-            if st.dark is not None:
-                np.maximum(darkest[sl], st.dark, out=darkest[sl])
-            if st.bright is not None:
-                np.maximum(brightest[sl], st.bright, out=brightest[sl])
-        crop = np.s_[cy0:cy1, cx0:cx1]
-        delta = (brightest - scene.face[crop] * darkest * np.float32(1 / max(scene.mean, 1e-3)))
-        drawn = _frame_finish(scene.pre[crop] + delta * scene.keep[crop] * scene.gain[crop],
-                              scene.z[crop], scene.blur, scene.noise)
-        # only the inner part of the crop is the frame's own result (the blur reads
-        # across the crop's border); the scratch changes nothing beyond it
-        picture = scene.clean[crop].copy()
-        ix0, iy0 = (x0 - _FRAME_INNER - cx0 if cx0 > 0 else 0), (y0 - _FRAME_INNER - cy0 if cy0 > 0 else 0)
-        ix1 = (x1 + _FRAME_INNER - cx0) if cx1 < width else cx1 - cx0
-        iy1 = (y1 + _FRAME_INNER - cy0) if cy1 < height else cy1 - cy0
-        picture[iy0:iy1, ix0:ix1] = drawn[iy0:iy1, ix0:ix1]
-        backdrop = _Backdrop.native(scene.clean[crop])
-        view = picture.astype(np.float32)
-        values = []
-        for st in strokes:
-            cover = np.zeros(shape, np.float32)
-            bx0, by0, bx1, by1 = st.box
-            cover[by0 - cy0:by1 - cy0, bx0 - cx0:bx1 - cx0] = st.footprint
-            values.append(_cnr_on(view, backdrop, cover))
-        return (cx0, cy0, cx1, cy1), picture, values
-
-    box: tuple[int, int, int, int] | None = None
-    picture = out
     if scratched:
-        best = 0.0
-        draws = 0
-        while draws < _VISIBLE_ATTEMPTS:
-            draws += 1
-            kept = _frame_scratches(scratch_rng, scene, width, height, kind)
-            cnr = []
-            if kept:
-                box, picture, cnr = finish(kept)
-                best = max(best, *cnr)
-            # leaving one out changes the picture where it crossed another: measure again
-            while kept and min(cnr) < floor:
-                kept = [st for st, c in zip(kept, cnr, strict=True) if c >= floor]
-                extra["dropped"] = extra.get("dropped", 0) + len(cnr) - len(kept)
-                cnr = []
-                if kept:
-                    box, picture, cnr = finish(kept)
-            if kept:
-                break
-            extra.pop("dropped", None)
-        if draws > 1:
-            extra["redrawn"] = draws - 1
-        if not kept or box is None:
+        kept, cnr, best, painted = _visible_scratches(
+            lambda: _frame_scratches(scratch_rng, scene, width, height, kind),
+            lambda strokes: _paint_frame(scene, strokes, width, height), floor, extra)
+        if not kept or painted is None:
             scratched = False
             extra.update({"relabelled": RELABELLED, "best_visibility": round(best, 2)})
         else:
-            cx0, cy0, cx1, cy1 = box
+            (cx0, cy0, cx1, cy1), picture = painted
             out = scene.clean.copy()
             out[cy0:cy1, cx0:cx1] = picture
             footprint = np.zeros((cy1 - cy0, cx1 - cx0), np.float32)
@@ -1515,8 +1606,7 @@ def render_frame_and_mask(rng: Rng, size: tuple[int, int], scratched: bool, kind
                 bx0, by0, bx1, by1 = st.box
                 sl = np.s_[by0 - cy0:by1 - cy0, bx0 - cx0:bx1 - cx0]
                 np.maximum(footprint[sl], st.footprint, out=footprint[sl])
-            changed = np.abs(picture.astype(np.int16) - scene.clean[cy0:cy1, cx0:cx1].astype(np.int16))
-            shown = cv2.dilate((changed >= 2).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+            shown = _shown(picture, scene.clean[cy0:cy1, cx0:cx1])
             mask[cy0:cy1, cx0:cx1][(footprint >= FRAME_MASK_COVERAGE) & shown] = 255
             extra["visibility"] = round(max(cnr), 2)
     scratches = []
@@ -1660,7 +1750,24 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
 
         generate_dataset(Path("data"), count=2000, seed=1)  # {'ok': 1000, 'scratch': 1000}
     """
-    frames = isinstance(size, tuple)
+    size = _checked_dataset_args(count, size, scratch_fraction, workers, visibility_floor)
+    out_dir = Path(out_dir)
+    flags = _assign(np.random.default_rng([seed, 2**31]), count, scratch_fraction)
+    _remove_old_images(out_dir)
+    digits = max(5, len(str(count - 1)))
+    items = [(i, bool(flags[i])) for i in range(count)]
+    job = functools.partial(_write_images, out_dir, seed, size, digits, visibility_floor)
+    images = _render_all(job, items, workers, isinstance(size, tuple), progress)
+    counts = {cls: sum(1 for m in images if m["file"].startswith(cls + "/")) for cls in CLASSES}
+    meta = _synth_meta(seed, count, size, scratch_fraction, visibility_floor, counts, images)
+    (out_dir / "synth.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    logger.info("wrote %s synthetic images to %s: %s", count, out_dir, counts)
+    return counts
+
+
+def _checked_dataset_args(count: int, size: int | tuple[int, int], scratch_fraction: float, workers: int,
+                          visibility_floor: float) -> int | tuple[int, int]:
+    """:func:`generate_dataset`'s size, (W, H) as ints; ValueError for an argument out of range."""
     if isinstance(size, tuple):
         _check_args(count, 160, scratch_fraction)
         _check_frame_size(*size)
@@ -1671,8 +1778,11 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
         raise ValueError(f"workers must be at least 1, got {workers}")
     if not visibility_floor >= 0:
         raise ValueError(f"visibility_floor must be 0 or more, got {visibility_floor}")
-    out_dir = Path(out_dir)
-    flags = _assign(np.random.default_rng([seed, 2**31]), count, scratch_fraction)
+    return size
+
+
+def _remove_old_images(out_dir: Path) -> None:
+    """Make the class and mask folders and remove the images of an earlier dataset from them."""
     removed = 0
     for folder in [out_dir / cls for cls in CLASSES] + [out_dir / MASKS_FOLDER / DEFECT_LABEL]:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1682,26 +1792,35 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
                 removed += 1
     if removed:
         logger.info("removed %s images of an earlier dataset in %s", removed, out_dir)
-    digits = max(5, len(str(count - 1)))
-    items = [(i, bool(flags[i])) for i in range(count)]
+
+
+def _render_all(job: Callable[[list[tuple[int, bool]]], list[dict[str, Any]]], items: list[tuple[int, bool]],
+                workers: int, frames: bool, progress: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
+    """Run ``job`` (:func:`_write_images` bound to its dataset) on every item, in
+    ``workers`` processes, and return the descriptions in item order."""
+    count = len(items)
     images: list[dict[str, Any]] = []
     if workers == 1:
         for item in items:
-            images += _write_images(out_dir, seed, size, digits, visibility_floor, [item])
+            images += job([item])
             if progress is not None:
                 progress(len(images), count)
-    else:
-        batch = max(1, min(10 if frames else 100, count // (workers * 4)))
-        batches = [items[a:a + batch] for a in range(0, count, batch)]
-        # spawn, not fork: forking a process that holds OpenCV's thread pool can deadlock
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-            job = functools.partial(_write_images, out_dir, seed, size, digits, visibility_floor)
-            for done in pool.map(job, batches):  # in order, so synth.json is the same
-                images += done
-                if progress is not None:
-                    progress(len(images), count)
-    counts = {cls: sum(1 for m in images if m["file"].startswith(cls + "/")) for cls in CLASSES}
+        return images
+    batch = max(1, min(10 if frames else 100, count // (workers * 4)))
+    batches = [items[a:a + batch] for a in range(0, count, batch)]
+    # spawn, not fork: forking a process that holds OpenCV's thread pool can deadlock
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        for done in pool.map(job, batches):  # in order, so synth.json is the same
+            images += done
+            if progress is not None:
+                progress(len(images), count)
+    return images
+
+
+def _synth_meta(seed: int, count: int, size: int | tuple[int, int], scratch_fraction: float,
+                visibility_floor: float, counts: dict[str, int], images: list[dict[str, Any]]) -> dict[str, Any]:
+    """synth.json: the parameters, counts, visibility bookkeeping and a description per file."""
     meta: dict[str, Any] = {
         "generator": "training.synth",
         "version": SYNTH_VERSION,
@@ -1740,9 +1859,7 @@ def generate_dataset(out_dir: Path, *, count: int = 1000, seed: int = 0, size: i
             "size": [w, h],
             "scale": FRAME_VISIBILITY_SCALE,
         })
-    (out_dir / "synth.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    logger.info("wrote %s synthetic images to %s: %s", count, out_dir, counts)
-    return counts
+    return meta
 
 
 def read_visibility(data_dir: Path) -> tuple[float, dict[str, float]] | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.protocol import MANIFEST_FILE, REPORT_DIR, SIGNATURE_FILE, read_manifest
+from edge.protocol import MANIFEST_FILE, REPORT_DIR, SIGNATURE_FILE, Manifest, read_manifest
 from training import bundle as bundle_mod
 from training import report
 from training.evaluate import compute_metrics
@@ -97,25 +97,7 @@ def move_threshold(
         raise TrainingError("--out must be a new folder: the bundle it came from stays as it is")
     manifest = read_manifest(bundle_dir)
     scores = load_operating_scores(bundle_dir)
-    previous = manifest.operating_point
-    target = recall if recall is not None else (previous.target_recall if previous else DEFAULT_TARGET_RECALL)
-    budget = (
-        max_false_reject
-        if max_false_reject is not None
-        else (previous.max_false_reject if previous else DEFAULT_MAX_FALSE_REJECT)
-    )
-    check_budgets(target, budget)
-    rule = RULE_RISK if recall is not None and max_false_reject is not None else (RULE_RECALL if recall is not None else RULE_FALSE_REJECT)
-    point = scores.choose(target, budget, rule)
-    if rule == RULE_RECALL and point.recall < target:
-        raise TrainingError(
-            f"no threshold reaches recall {target:.2%} on the stored scores (best {point.recall:.2%}); ask for less"
-        )
-    if rule == RULE_FALSE_REJECT and point.false_reject_rate > budget:
-        raise TrainingError(
-            f"no threshold keeps false rejects within {budget:.2%} on the stored scores "
-            f"(at best {point.false_reject_rate:.2%}: good parts score 1.0); ask for more"
-        )
+    point = _repick(scores, manifest, recall, max_false_reject)
     new_version = version or moved_version(manifest.version)
     bundle_mod.check_out_dir(out_dir)
     staging = bundle_mod.staging_dir(out_dir)
@@ -139,19 +121,7 @@ def move_threshold(
             "by": "linewatch train threshold",
         }
         bundle_mod.write_manifest(staging, raw)
-        report_dir = staging / REPORT_DIR
-        test = _test_scores(staging)
-        report.plot_operating_point(scores, point, test, report_dir)
-        if test is not None and test_metrics is not None:
-            report.plot_confusion(
-                test_metrics["confusion"], manifest.pass_label, report_dir / "confusion.png",
-                f"int8 on test, threshold {point.threshold:.3f}",
-            )
-        card = report_dir / "model_card.md"
-        card.write_text(
-            report.model_card(raw, {"data_dir": "(see the original bundle)", "runtime": raw.get("metrics", {}).get("runtime", "?")}),
-            encoding="utf-8",
-        )
+        _redo_report(staging, raw, scores, point, test_metrics, manifest.pass_label)
         with quiet_native_output():
             bundle_mod.verify_bundle(staging)
         final = bundle_mod.install_bundle(staging, out_dir)
@@ -159,6 +129,50 @@ def move_threshold(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return MovedBundle(final, new_version, manifest.version, point, test_metrics)
+
+
+def _repick(scores: OperatingScores, manifest: Manifest, recall: float | None,
+            max_false_reject: float | None) -> OperatingPoint:
+    """The new operating point: a budget not given keeps the bundle's (or the default);
+    :class:`TrainingError` when the stored scores cannot meet the one given."""
+    previous = manifest.operating_point
+    target = recall if recall is not None else (previous.target_recall if previous else DEFAULT_TARGET_RECALL)
+    budget = (
+        max_false_reject
+        if max_false_reject is not None
+        else (previous.max_false_reject if previous else DEFAULT_MAX_FALSE_REJECT)
+    )
+    check_budgets(target, budget)
+    rule = RULE_RISK if recall is not None and max_false_reject is not None else (RULE_RECALL if recall is not None else RULE_FALSE_REJECT)
+    point = scores.choose(target, budget, rule)
+    if rule == RULE_RECALL and point.recall < target:
+        raise TrainingError(
+            f"no threshold reaches recall {target:.2%} on the stored scores (best {point.recall:.2%}); ask for less"
+        )
+    if rule == RULE_FALSE_REJECT and point.false_reject_rate > budget:
+        raise TrainingError(
+            f"no threshold keeps false rejects within {budget:.2%} on the stored scores "
+            f"(at best {point.false_reject_rate:.2%}: good parts score 1.0); ask for more"
+        )
+    return point
+
+
+def _redo_report(staging: Path, raw: dict[str, Any], scores: OperatingScores, point: OperatingPoint,
+                 test_metrics: dict[str, Any] | None, pass_label: str) -> None:
+    """The moved bundle's report pictures and model card, for the new point."""
+    report_dir = staging / REPORT_DIR
+    test = _test_scores(staging)
+    report.plot_operating_point(scores, point, test, report_dir)
+    if test is not None and test_metrics is not None:
+        report.plot_confusion(
+            test_metrics["confusion"], pass_label, report_dir / "confusion.png",
+            f"int8 on test, threshold {point.threshold:.3f}",
+        )
+    card = report_dir / "model_card.md"
+    card.write_text(
+        report.model_card(raw, {"data_dir": "(see the original bundle)", "runtime": raw.get("metrics", {}).get("runtime", "?")}),
+        encoding="utf-8",
+    )
 
 
 def _test_scores(bundle_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
