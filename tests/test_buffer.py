@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -170,7 +170,9 @@ def test_bad_arguments_raise_value_error(tmp_path: Path) -> None:
 # ------------------------------------------------------- record and read
 
 
-def test_record_read_and_sync_api(tmp_path: Path) -> None:
+@pytest.fixture
+def recorded(tmp_path: Path) -> Iterator[tuple[Buffer, int, int]]:
+    """A buffer with four results (the second failed), one sample and one event."""
     with Buffer(tmp_path / "b.db", device_id="line1-cam1") as buf:
         assert buf.stats()["last_result"] is None
         assert buf.record_result(res(1)) == 1
@@ -178,38 +180,52 @@ def test_record_read_and_sync_api(tmp_path: Path) -> None:
         assert buf.record_results([]) == []
         s1 = buf.record_sample(sample(2, "fail"))
         e1 = buf.record_event("camera_up", source="parts.mp4", fps=30)
+        yield buf, s1, e1
 
-        rows = buf.tail(10)
-        assert [r["seq"] for r in rows] == [1, 2, 3, 4]  # newest last
-        assert [r["passed"] for r in rows] == [True, False, True, True]
-        assert rows[0]["record_ms"] is None  # nothing measured before the first write
-        assert rows[1]["record_ms"] > 0  # the previous call's durable write time
-        assert buf.last_record_ms is not None and buf.last_record_ms > 0
-        assert buf.events_tail(1)[0]["detail"] == {"source": "parts.mp4", "fps": 30}
 
-        assert [r["seq"] for r in buf.pending("results", limit=2)] == [1, 2]
-        assert [r["seq"] for r in buf.pending("results", after_seq=2)] == [3, 4]
-        assert buf.pending("samples")[0]["jpeg"] == JPEG
-        assert buf.mark_synced("results", [1, 2, 2]) == 2
-        assert buf.mark_synced("results", range(3, 5)) == 2
-        assert buf.mark_synced("results", range(1, 5)) == 0  # already synced
-        assert buf.mark_synced("samples", [s1]) == 1
-        assert buf.unsynced_counts() == {"results": 0, "samples": 0, "events": 1, "gaps": 0}
-        assert buf.pending("events")[0]["seq"] == e1
-        assert buf.pending_gaps() == []
-        with pytest.raises(ValueError, match="unknown buffer table"):
-            buf.pending("nope")
+def test_tail_reads_records_in_order_with_their_write_times(recorded: tuple[Buffer, int, int]) -> None:
+    buf, _, _ = recorded
+    rows = buf.tail(10)
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4]  # newest last
+    assert [r["passed"] for r in rows] == [True, False, True, True]
+    assert rows[0]["record_ms"] is None  # nothing measured before the first write
+    assert rows[1]["record_ms"] > 0  # the previous call's durable write time
+    assert buf.last_record_ms is not None and buf.last_record_ms > 0
+    assert buf.events_tail(1)[0]["detail"] == {"source": "parts.mp4", "fps": 30}
 
-        buf.meta_set("model_version", "1.2.0")
-        assert buf.meta_get("model_version") == "1.2.0"
-        assert buf.meta_get("missing", "dflt") == "dflt"
 
-        st = buf.stats()
-        assert (st["results"], st["passed"], st["failed"], st["unsynced"]) == (4, 3, 1, 0)
-        assert (st["samples"], st["events"], st["last_seq"], st["device_id"]) == (1, 1, 4, "line1-cam1")
-        assert st["last_result"]["seq"] == 4
-        assert 0 < st["bytes_used"] <= st["max_bytes"]
-        assert st["evictions"]["evicted_unsynced_fail"] == 0
+def test_pending_pages_and_mark_synced_counts_each_row_once(recorded: tuple[Buffer, int, int]) -> None:
+    buf, s1, e1 = recorded
+    assert [r["seq"] for r in buf.pending("results", limit=2)] == [1, 2]
+    assert [r["seq"] for r in buf.pending("results", after_seq=2)] == [3, 4]
+    assert buf.pending("samples")[0]["jpeg"] == JPEG
+    assert buf.mark_synced("results", [1, 2, 2]) == 2
+    assert buf.mark_synced("results", range(3, 5)) == 2
+    assert buf.mark_synced("results", range(1, 5)) == 0  # already synced
+    assert buf.mark_synced("samples", [s1]) == 1
+    assert buf.unsynced_counts() == {"results": 0, "samples": 0, "events": 1, "gaps": 0}
+    assert buf.pending("events")[0]["seq"] == e1
+    assert buf.pending_gaps() == []
+    with pytest.raises(ValueError, match="unknown buffer table"):
+        buf.pending("nope")
+
+
+def test_meta_values_round_trip(recorded: tuple[Buffer, int, int]) -> None:
+    buf, _, _ = recorded
+    buf.meta_set("model_version", "1.2.0")
+    assert buf.meta_get("model_version") == "1.2.0"
+    assert buf.meta_get("missing", "dflt") == "dflt"
+
+
+def test_stats_count_what_was_recorded_and_synced(recorded: tuple[Buffer, int, int]) -> None:
+    buf, _, _ = recorded
+    buf.mark_synced("results", range(1, 5))
+    st = buf.stats()
+    assert (st["results"], st["passed"], st["failed"], st["unsynced"]) == (4, 3, 1, 0)
+    assert (st["samples"], st["events"], st["last_seq"], st["device_id"]) == (1, 1, 4, "line1-cam1")
+    assert st["last_result"]["seq"] == 4
+    assert 0 < st["bytes_used"] <= st["max_bytes"]
+    assert st["evictions"]["evicted_unsynced_fail"] == 0
 
 
 def test_sample_reason_and_size_are_checked(tmp_path: Path) -> None:

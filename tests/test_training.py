@@ -578,7 +578,7 @@ def test_unpack_refuses_non_bundles(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the real tiny bundle
 
 
-def test_tiny_bundle_manifest_is_complete(tiny_bundle: Path) -> None:
+def test_tiny_bundle_manifest_describes_the_model_file(tiny_bundle: Path) -> None:
     m = read_manifest(tiny_bundle)
     assert m.version == "tiny-1"
     assert m.labels == ("ok", "scratch") and m.pass_label == "ok"
@@ -587,44 +587,42 @@ def test_tiny_bundle_manifest_is_complete(tiny_bundle: Path) -> None:
     assert m.input.scale > 0 and -128 <= m.input.zero_point <= 127
     assert m.model.sha256 == sha256_file(tiny_bundle / "model.tflite")
     assert m.model.bytes == (tiny_bundle / "model.tflite").stat().st_size
+    assert m.latency_budget_ms >= 20
+
+
+def test_tiny_bundle_manifest_has_metrics_and_its_operating_point(tiny_bundle: Path) -> None:
+    m = read_manifest(tiny_bundle)
     assert 0.0 <= m.threshold <= 1.0
+    keys = ("n", "accuracy", "balanced_accuracy", "defect_recall", "defect_precision", "false_reject_rate",
+            "roc_auc", "pr_auc", "threshold", "confusion", "per_class_recall")
     for part in ("float", "int8"):
-        for key in (
-            "n",
-            "accuracy",
-            "balanced_accuracy",
-            "defect_recall",
-            "defect_precision",
-            "false_reject_rate",
-            "roc_auc",
-            "pr_auc",
-            "threshold",
-            "confusion",
-            "per_class_recall",
-        ):
-            assert key in m.metrics[part], (part, key)
+        assert set(keys) <= set(m.metrics[part]), part
     op = m.operating_point
     assert op is not None and op.threshold == m.threshold and op.target_recall == 0.99 and op.max_false_reject == 0.02
     assert m.metrics["int8"]["threshold"] == m.threshold
     assert "passed" in m.metrics["quantization_gate"]
+
+
+def test_tiny_bundle_manifest_records_the_data_and_the_training(tiny_bundle: Path) -> None:
+    m = read_manifest(tiny_bundle)
     assert len(m.dataset["fingerprint"]) == 64
     assert m.dataset["class_counts"] == {"ok": 60, "scratch": 60}
     assert sum(m.dataset["split"]["sizes"].values()) == 120
     assert m.dataset["split"]["method"] == "stratified"
-    for key in ("epochs_run", "seed", "batch_size", "learning_rate", "augmentation", "durations_s", "tf_version"):
-        assert key in m.training, key
+    assert {"epochs_run", "seed", "batch_size", "learning_rate", "augmentation", "durations_s", "tf_version"} <= set(m.training)
+
+
+def test_tiny_bundle_manifest_has_the_drift_reference_and_golden_images(tiny_bundle: Path) -> None:
+    m = read_manifest(tiny_bundle)
     ref = m.reference
     assert 0 < ref["input"]["pixel_mean"] < 255 and ref["input"]["pixel_std"] > 0
     assert sum(ref["input"]["histogram"]["fraction"]) == pytest.approx(1.0, abs=1e-4)
     for label in m.labels:
         per = ref["scores"]["per_class"][label]
         assert per["n"] > 0 and len(per["quantiles"]) == len(ref["scores"]["quantile_levels"])
-    assert m.latency_budget_ms >= 20
-    assert {g.label for g in m.golden} == {"ok", "scratch"}
-    assert len(m.golden) == 16
+    assert {g.label for g in m.golden} == {"ok", "scratch"} and len(m.golden) == 16
     for g in m.golden:
-        assert (tiny_bundle / g.file).is_file()
-        assert len(g.expected) == 2
+        assert (tiny_bundle / g.file).is_file() and len(g.expected) == 2
 
 
 def test_tiny_bundle_golden_outputs_reproduce(tiny_bundle: Path) -> None:
