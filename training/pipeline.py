@@ -465,10 +465,7 @@ def _say_training_plan(prepared: PreparedData, opts: FitOptions, config: TrainCo
     if n_masked:
         say(f"  defect masks for {n_masked} of {int(np.sum(defects))} training "
             f"{'defect crops' if opts.tile else 'defects'}: the defect map learns from them")
-    if config.transplant == "auto":
-        say("  defect transplant: auto (a few dozen masked defects are topped up with copies moved onto "
-            "good training inputs; training/transplant.py)")
-    elif config.transplant:
+    if config.transplant != "auto" and config.transplant:
         say(f"  defect transplant: {config.transplant:g} more training defects per masked one, "
             "its defect moved onto a good training input (training/transplant.py)")
 
@@ -496,7 +493,7 @@ def _train_network(prepared: PreparedData, config: TrainConfig, say: Echo) -> Tr
             len(p.model_labels), on_epoch=on_epoch, say=say,
         )
     say(f"  best epoch {result.best_epoch} of {result.epochs_run} (weights restored), {result.seconds:.0f}s"
-        + (f", {result.transplants} transplanted defects" if result.transplants else ""))
+        + (f", {result.transplants} more defects transplanted onto good training inputs" if result.transplants else ""))
     return result
 
 
