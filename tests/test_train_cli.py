@@ -245,6 +245,10 @@ def test_synth_fit_eval_end_to_end(tmp_path: Path) -> None:
     assert manifest.training["masks"]["used"] is True
     assert manifest.training["architecture"]["head"] == "map"
     assert 30 <= manifest.training["masks"]["train_images_with_defect_mask"] <= 35  # of 35 training defects
+    # a few dozen masked defects: "auto" moves each onto good parts up to four times
+    masks = manifest.training["masks"]
+    assert masks["transplant"] == "auto" and 0 < masks["transplanted"] <= 4 * masks["train_images_with_defect_mask"]
+    assert f"{masks['transplanted']} more defects transplanted onto good training inputs" in out
 
     proc = run("eval", str(bundle), "--data", str(data), "--json")
     assert proc.returncode == 0, proc.stderr

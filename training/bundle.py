@@ -351,6 +351,9 @@ def training_info(
             "train_images_with_defect_mask": trained.masked_images,
             "mask_weight": config.mask_weight,
             "mask_pos_weight": config.mask_pos_weight,
+            # defect transplant (training/transplant.py): the setting and the final model's count
+            "transplant": config.transplant,
+            "transplanted": trained.transplants,
         },
         "parameters": int(trained.model.count_params()),
         "representative_images": representative_images,
