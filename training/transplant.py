@@ -13,10 +13,12 @@ How one input is made:
 - Its defect layer is the donor divided by the donor with the defect painted out
   (``cv2.inpaint`` over the mask grown by GROW_PX): a gain per pixel, 1 on clean surface.
   A gain, not a difference, so a dark crack stays as dark relative to a brighter part.
-- The layer and its mask are turned (flips, and transposes on square inputs) and moved
-  so that the defect stays whole inside the input, then multiply a random good input
-  under a feathered edge (FEATHER_PX).
-- The new input has the donor's class and the moved mask, which trains the defect map.
+- The layer multiplies a random good input, at the defect's own place, under a feathered
+  edge (FEATHER_PX). The place is kept: a break or a fray sits at the part's edge, and a
+  mark moved into the middle of the face is a defect no line shows (moving it measured
+  worse; docs/benchmarks.md, "Defect transplant"). Turns come from the training step's
+  augmentation, which moves every input and its mask alike.
+- The new input has the donor's class and mask, which trains the defect map.
 
 Only the training inputs are used, donors and hosts alike; validation is never touched.
 The same inputs and seed give the same transplants.
@@ -64,28 +66,10 @@ class DefectLayer:
     alpha: np.ndarray  # float32 (H, W): 1 on the defect, feathered to 0 around it
     mask: np.ndarray  # float32 (H, W) coverage, as given
 
-    def turned(self, turn: int) -> DefectLayer:
-        """One of the eight flips and turns (0-7); 4-7 transpose, so only for square inputs."""
-        return DefectLayer(*(_turn(a, turn) for a in (self.gain, self.alpha, self.mask)))
-
-    def moved(self, dy: int, dx: int) -> DefectLayer:
-        """Shifted by (dy, dx) pixels; callers keep the defect inside (see :func:`shift_range`)."""
-        return DefectLayer(*(np.roll(a, (dy, dx), axis=(0, 1)) for a in (self.gain, self.alpha, self.mask)))
-
     def onto(self, host: np.ndarray) -> np.ndarray:
         """The host (H, W, C) pixel levels 0-255, float, with this defect."""
         weight = self.alpha[..., None]
         return np.clip(host * (1.0 + weight * (self.gain - 1.0)), 0.0, 255.0)
-
-
-def _turn(a: np.ndarray, turn: int) -> np.ndarray:
-    if turn & 1:
-        a = a[:, ::-1]
-    if turn & 2:
-        a = a[::-1, :]
-    if turn & 4:
-        a = np.swapaxes(a, 0, 1)
-    return np.ascontiguousarray(a)
 
 
 def _levels(x: np.ndarray) -> np.ndarray:
@@ -109,13 +93,6 @@ def defect_layer(image: np.ndarray, mask: np.ndarray) -> DefectLayer:
     gain = np.clip((image + 1.0) / (background.astype(np.float32) + 1.0), *GAIN_RANGE).astype(np.float32)
     alpha = np.maximum(cv2.GaussianBlur(grown.astype(np.float32), (0, 0), FEATHER_PX), defect.astype(np.float32))
     return DefectLayer(gain=gain, alpha=np.clip(alpha, 0.0, 1.0), mask=mask.astype(np.float32))
-
-
-def shift_range(alpha: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The (dy, dx) ranges (inclusive) that keep every pixel of ``alpha`` > 0 inside the input."""
-    ys, xs = np.nonzero(alpha > 1e-3)
-    h, w = alpha.shape
-    return (-int(ys.min()), h - 1 - int(ys.max())), (-int(xs.min()), w - 1 - int(xs.max()))
 
 
 def donors(y: np.ndarray, masks: np.ndarray, known: np.ndarray, pass_class: int) -> np.ndarray:
@@ -145,7 +122,6 @@ def transplant(
     given = donors(y, masks, known, pass_class)
     hosts = np.flatnonzero(y == pass_class)
     count = auto_count(len(given)) if per_donor == "auto" else int(round(float(per_donor) * len(given)))
-    h, w = x.shape[1:3]
     if count == 0 or len(hosts) == 0:
         return Transplants(x[:0].copy(), y[:0].copy(), masks[:0].copy())
     rng = np.random.default_rng([seed, 7411])
@@ -155,9 +131,7 @@ def transplant(
         donor = int(given[k % len(given)])
         if donor not in layers:
             layers[donor] = defect_layer(_levels(x[donor]), masks[donor])
-        layer = layers[donor].turned(int(rng.integers(8 if h == w else 4)))
-        (y0, y1), (x0, x1) = shift_range(layer.alpha)
-        layer = layer.moved(int(rng.integers(y0, y1 + 1)), int(rng.integers(x0, x1 + 1)))
+        layer = layers[donor]
         host = int(hosts[int(rng.integers(len(hosts)))])
         out_x.append(_like(layer.onto(_levels(x[host])), x.dtype))
         out_y.append(y[donor])
