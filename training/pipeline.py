@@ -445,7 +445,9 @@ def _train_config(opts: FitOptions, prepared: PreparedData) -> TrainConfig:
         filters=opts.filters,
         stem=opts.stem,
         shading=opts.shading,
-        transplant=opts.transplant,
+        # Tiles already see each masked defect in several focus crops: "auto" adds none there
+        # (docs/training.md, "Defect transplant").
+        transplant=0.0 if opts.tile and opts.transplant == "auto" else opts.transplant,
         label_smoothing=opts.label_smoothing,
         map_clip=(None if opts.tile else 6.0) if opts.map_clip == "auto" else opts.map_clip,  # type: ignore[arg-type]
         augmentation=model_mod.Augmentation() if opts.augment else model_mod.Augmentation(False, False, 0.0, 0.0, 0.0),
