@@ -25,6 +25,7 @@ from edge.protocol import read_manifest
 from tests.helpers import write_images
 from training.dataset import (
     Sample,
+    content_groups,
     dataset_fingerprint,
     label_indices,
     load_arrays,
@@ -470,6 +471,42 @@ def test_number_groups_cluster_across_classes() -> None:
     g = number_groups(samples, gap=100)
     assert g(samples[0]) == g(samples[1]) != g(samples[2])
     assert g(samples[3]) not in {g(s) for s in samples[:3]}
+
+
+def test_content_groups_find_one_part_under_several_exposures(tmp_path: Path) -> None:
+    # 12 parts, each shot 3 times with another gain, offset and sensor noise, under names that
+    # say nothing; and a 13th part that is the 12th plus a mark: similar, yet no exposure of it.
+    rng = np.random.default_rng(0)
+    samples: list[Sample] = []
+    part_of: dict[Path, int] = {}
+    for part in range(13):
+        if part < 12:
+            texture = cv2.GaussianBlur(rng.normal(0, 1, (60, 80)), (0, 0), 3)
+            surface = 128 + 30 * texture / texture.std()
+        else:
+            surface = surface.copy()
+            surface[10:50, 20:60] += 25
+        for _shot in range(3 if part < 12 else 1):
+            image = np.clip(surface * rng.uniform(0.6, 1.4) + rng.uniform(-30, 30) + rng.normal(0, 1.5, surface.shape), 0, 255)
+            label = "ok" if part % 2 else "scratch"
+            path = tmp_path / label / f"{rng.integers(10**6):06d}.png"
+            path.parent.mkdir(exist_ok=True)
+            assert cv2.imwrite(str(path), image.astype(np.uint8))
+            samples.append(Sample(path, label, path.name.ljust(64, "0")))
+            part_of[path] = part
+    flat = tmp_path / "ok" / "flat.png"  # no texture: correlates with nothing, not even itself twice
+    assert cv2.imwrite(str(flat), np.full((60, 80), 90, np.uint8))
+    samples.append(Sample(flat, "ok", "f" * 64))
+    groups = content_groups(samples)
+    for a in samples[:36]:
+        for b in samples[:36]:
+            assert (groups(a) == groups(b)) == (part_of[a.path] == part_of[b.path]), (a.path, b.path)
+    assert groups(samples[36]) not in {groups(s) for s in samples[:36]}
+    assert groups(samples[37]) not in {groups(s) for s in samples[:37]}
+    split = split_dataset(samples, seed=0, groups=groups)
+    for part in range(12):
+        homes = {name for name in ("train", "val", "test") for s in getattr(split, name) if part_of.get(s.path) == part}
+        assert len(homes) == 1
 
 
 # --------------------------------------------------------------------------- metrics and threshold

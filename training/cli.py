@@ -204,8 +204,9 @@ def synth(out_dir: Path, count: int, seed: int, size: str, workers: int) -> None
 @click.option("--masks", "masks_dir", default=None, type=click.Path(path_type=Path),
               help="Defect masks, <class>/<image name> (white = defect); any number of defect images may have one.  "
               "[default: DATA_DIR/masks if it exists]")
-@click.option("--group-by", type=click.Choice(["none", "number"]), default="none", show_default=True,
-              help="Keep near-duplicates in one split: 'number' groups files whose last file-name numbers are within --group-gap.")
+@click.option("--group-by", type=click.Choice(["none", "number", "content"]), default="none", show_default=True,
+              help="Keep near-duplicates in one split and one fold: 'number' groups files whose last file-name numbers are "
+                   "within --group-gap; 'content' groups pictures that show the same thing (thumbnail correlation >= 0.98).")
 @click.option("--group-gap", default=100, show_default=True, type=click.IntRange(min=0))
 @click.option("--defects", type=click.Choice(["merged", "separate"]), default="merged", show_default=True,
               help="With several defect classes: 'merged' trains pass vs defect (the decision), 'separate' one output per class.")

@@ -542,6 +542,74 @@ def number_groups(samples: Iterable[Sample], *, gap: int = 100, pattern: str = r
     return lambda s: mapping.get(s.path, f"file:{s.path}")
 
 
+# Near-duplicates by content (``content_groups``): thumbnails this many pixels a side, and the
+# least correlation of every pair in a group. On the magnetic tiles (one tile under several
+# exposures) 0.98 finds groups of up to 6-7 pictures that are neighbours in capture number; on
+# the synthetic set, where every part is drawn afresh, it finds none (docs/training.md, "Near-duplicates").
+CONTENT_THUMBNAIL = 32
+CONTENT_SIMILARITY = 0.98
+_CONTENT_BLOCK = 1024
+
+
+def _thumbnail(path: Path, size: int) -> np.ndarray:
+    """Zero-mean, unit-length grey thumbnail: its dot product with another is their correlation,
+    blind to exposure (gain and offset)."""
+    image = read_image(path)
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    small = cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+    small -= small.mean()
+    norm = float(np.linalg.norm(small))
+    return small / norm if norm > 1e-9 else small  # a flat picture correlates with nothing
+
+
+def content_groups(
+    samples: Sequence[Sample], *, similarity: float = CONTENT_SIMILARITY, size: int = CONTENT_THUMBNAIL
+) -> GroupFn:
+    """Group pictures that show the same thing: every pair in a group has thumbnail correlation
+    of at least ``similarity`` (complete linkage, so a chain of merely similar pictures does not
+    become one group). Finds a part shot several times or under several exposures without
+    relying on file names; pictures like no other form a group of their own.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(samples)
+    mapping = {s.path: f"file:{s.path}" for s in samples}
+    if n < 2:
+        return lambda s: mapping.get(s.path, f"file:{s.path}")
+    thumbs = np.stack([_thumbnail(s.path, size) for s in samples]).astype(np.float32)
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    for start in range(0, n, _CONTENT_BLOCK):
+        i, j = np.nonzero(thumbs[start : start + _CONTENT_BLOCK] @ thumbs.T >= similarity)
+        i += start
+        rows.append(i[i < j])
+        cols.append(j[i < j])
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r)), (r, c)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    group = 0
+    for members in _members_of(component):
+        if len(members) < 2:
+            continue
+        corr = thumbs[members] @ thumbs[members].T
+        distance = np.clip(1.0 - corr[np.triu_indices(len(members), 1)], 0.0, None)
+        for cluster in _members_of(fcluster(linkage(distance, "complete"), 1.0 - similarity, "distance")):
+            if len(cluster) > 1:
+                for k in cluster:
+                    mapping[samples[members[k]].path] = f"content:{group}"
+                group += 1
+    return lambda s: mapping.get(s.path, f"file:{s.path}")
+
+
+def _members_of(labels: np.ndarray) -> list[np.ndarray]:
+    """Indices of each label's members, for labels 0..K or 1..K."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    return list(np.split(order, bounds))
+
+
 def load_arrays(samples: Sequence[Sample], prep: Preprocessing) -> np.ndarray:
     """Read and convert images exactly as the edge does: uint8 array (N, H, W, C)."""
     out = np.empty((len(samples), prep.height, prep.width, 1 if prep.color_mode == "gray" else 3), dtype=np.uint8)
@@ -618,6 +686,7 @@ __all__ = [
     "load_arrays",
     "load_masks",
     "number_groups",
+    "content_groups",
     "scan_dataset",
     "split_dataset",
 ]

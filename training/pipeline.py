@@ -53,6 +53,7 @@ from training.dataset import (
     GroupFn,
     Sample,
     Split,
+    content_groups,
     label_indices,
     load_arrays,
     load_masks,
@@ -139,7 +140,7 @@ class FitOptions:
     filters: int = DEFAULT_FILTERS
     augment: bool = True
     masks: Path | None = None  # defect masks folder; default DATA_DIR/masks when it exists
-    group_by: str = "none"  # "none" or "number" (see training.dataset.number_groups)
+    group_by: str = "none"  # "none", "number" or "content" (training.dataset.number_groups, content_groups)
     # "merged": with more than one defect class the network learns pass vs defect (two
     # outputs), which is the decision the line needs; small defect classes then add to one
     # well-populated class instead of each getting a huge loss weight. Per-class recall is
@@ -181,8 +182,8 @@ class FitOptions:
             raise ValueError("size must be between 8 and 1024 pixels")
         if self.color_mode not in ("gray", "rgb"):
             raise ValueError("color mode must be 'gray' or 'rgb'")
-        if self.group_by not in ("none", "number"):
-            raise ValueError("group_by must be 'none' or 'number'")
+        if self.group_by not in GROUP_BY:
+            raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}")
         if self.stem not in ("pool", "strided"):
             raise ValueError(f"stem must be 'pool' or 'strided', got {self.stem!r}")
         if self.defects not in ("merged", "separate"):
@@ -237,7 +238,7 @@ class PreparedData:
 
     data: DataReport
     split: Split
-    groups: GroupFn | None  # files that must share a split (``--group-by number``)
+    groups: GroupFn | None  # files that must share a split and a fold (``--group-by``)
     prep: Preprocessing
     ys: dict[str, np.ndarray]  # class-folder index per image of each split
     model_labels: list[str]  # the network's outputs: the class folders, or pass vs defect
@@ -364,13 +365,25 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     )
 
 
+GROUP_BY = ("none", "number", "content")
+
+
+def _groups(data: DataReport, opts: FitOptions) -> GroupFn | None:
+    """Which files must share a split and a fold (near-duplicates), by ``opts.group_by``."""
+    if opts.group_by == "number":
+        return number_groups(data.samples, gap=opts.group_gap)
+    if opts.group_by == "content":
+        return content_groups(data.samples)
+    return None
+
+
 def prepare_data(data_dir: Path, opts: FitOptions, say: Echo) -> PreparedData:
     """Check and split DATA_DIR, then load what the network trains on: model-size arrays of
     whole pictures, or a tiled fit's crops."""
     data = scan_dataset(data_dir, pass_label=opts.pass_label, min_per_class=opts.min_per_class, masks_dir=opts.masks)
     for line in data.summary_lines():
         say(line)
-    groups = number_groups(data.samples, gap=opts.group_gap) if opts.group_by == "number" else None
+    groups = _groups(data, opts)
     split = split_dataset(data.samples, seed=opts.seed, fractions=opts.fractions, groups=groups)
     say(
         f"split ({split.method}, seed {opts.seed}): "
