@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -71,6 +72,37 @@ def test_cli_defaults_are_the_pipelines() -> None:
 
     fit_params = {p.name: p.default for p in train.commands["fit"].params}
     assert fit_params["filters"] == DEFAULT_FILTERS == FitOptions().filters
+
+def test_auto_size_is_192_only_for_small_sets_of_large_pictures() -> None:
+    from training.pipeline import DEFAULT_SIZE, LARGE_SIZE, auto_size
+
+    assert (DEFAULT_SIZE, LARGE_SIZE) == (128, 192)
+    assert auto_size(541, 256) == 192  # a magnetic-tile split
+    assert auto_size(829, 192) == 192
+    assert auto_size(830, 256) == 128  # 60 epochs of 830 at 192 px cost more than the 128 px budget
+    assert auto_size(5600, 160) == 128  # the synthetic default
+    assert auto_size(5600, 1080) == 128
+    assert auto_size(300, 191) == 128  # pictures smaller than the input: nothing to gain
+
+
+def test_fit_without_size_learns_small_sets_of_large_pictures_at_192(tmp_path: Path) -> None:
+    from training.pipeline import FitOptions, prepare_data
+
+    for label, seed in (("ok", 1), ("scratch", 2)):
+        for i, img in enumerate(np.random.default_rng(seed).integers(0, 256, (12, 200, 230), dtype=np.uint8)):
+            (tmp_path / "large" / label).mkdir(parents=True, exist_ok=True)
+            assert cv2.imwrite(str(tmp_path / "large" / label / f"{i}.png"), img)
+    lines: list[str] = []
+    prepared = prepare_data(tmp_path / "large", FitOptions(size_from_data=True, folds=0), lines.append)
+    assert prepared.options.size == 192 and prepared.raw_x["train"].shape[1:3] == (192, 192)
+    assert any("model input 192x192 px (auto: " in line for line in lines)
+    # Given (the Python API's default, or --size): kept.
+    assert prepare_data(tmp_path / "large", FitOptions(folds=0), lines.append).raw_x["train"].shape[1:3] == (128, 128)
+    small = tmp_path / "small"
+    write_images(small / "ok", 12, seed=3, size=64)
+    write_images(small / "scratch", 12, seed=4, size=64)
+    assert prepare_data(small, FitOptions(size_from_data=True, folds=0), lines.append).options.size == 128
+
 
 # --------------------------------------------------------------------------- bad data for fit
 

@@ -102,6 +102,27 @@ AUTO_EPOCH_IMAGES = 112_000
 AUTO_EPOCHS_RANGE = (10, 60)
 
 
+# Without --size, a whole-picture fit on a small set of large pictures learns at 192 px:
+# thin and faint defects keep more pixels (magnetic tiles: held-out ROC AUC crack 0.993 ->
+# 1.000, uneven 0.889 -> 0.961; docs/benchmarks.md), and at auto epochs such a set costs no
+# more pixel passes than AUTO_EPOCH_IMAGES at 128 px (at most about 830 training pictures).
+LARGE_SIZE = 192
+_SIZE_PROBE = 64  # pictures whose sizes stand for the set's
+
+
+def auto_size(n_train: int, short_side: float) -> int:
+    """The whole-picture model input for ``n_train`` training pictures whose median shorter
+    side is ``short_side`` pixels, when --size is not given."""
+    cost = n_train * auto_epochs(n_train) * LARGE_SIZE**2
+    return LARGE_SIZE if short_side >= LARGE_SIZE and cost <= AUTO_EPOCH_IMAGES * DEFAULT_SIZE**2 else DEFAULT_SIZE
+
+
+def _median_short_side(samples: Sequence[Sample]) -> float:
+    """Median shorter side of up to _SIZE_PROBE of the pictures (spread over the set)."""
+    step = max(1, len(samples) // _SIZE_PROBE)
+    return float(np.median([min(read_image(s.path).shape[:2]) for s in samples[::step][:_SIZE_PROBE]]))
+
+
 def auto_epochs(n_train: int) -> int:
     """Epochs for ``n_train`` training images when --epochs is not given."""
     low, high = AUTO_EPOCHS_RANGE
@@ -129,6 +150,8 @@ class FitOptions:
     folds: int = DEFAULT_FOLDS
     label_smoothing: float = 0.1
     size: int = DEFAULT_SIZE  # model input width, and height unless ``height`` is set
+    # True (the CLI without --size): a whole-picture fit picks ``size`` from the data (auto_size).
+    size_from_data: bool = False
     height: int | None = None  # a non-square input keeps the camera's aspect ratio
     color_mode: str = "gray"
     interpolation: str = "area"
@@ -251,6 +274,7 @@ class PreparedData:
     masks_train: np.ndarray  # defect coverage per training input
     mask_known: np.ndarray  # whether each training input's mask is known
     crops: PoolCrops | None  # a tiled fit's crops
+    options: FitOptions  # the fit's options, with what the data decided (the input size) filled in
 
     @property
     def pass_index(self) -> int:
@@ -331,6 +355,7 @@ def fit(data_dir: Path, out_dir: Path, options: FitOptions | None = None, *, ech
     bundle_mod.check_out_dir(out_dir)
     with clock.stage("data"):
         prepared = prepare_data(Path(data_dir), opts, say)
+    opts = prepared.options
     native.import_quietly("tensorflow")  # only from here on, without its start-up lines
     trained = train(prepared, opts, say, clock)
     with clock.stage("quantize"):
@@ -392,6 +417,15 @@ def prepare_data(data_dir: Path, opts: FitOptions, say: Echo) -> PreparedData:
     )
     if min(split.sizes().values()) == 0:
         raise TrainingError("a split came out empty; add images (each class needs at least 10)")
+    if opts.size_from_data and opts.tile is None:
+        short_side = _median_short_side(split.train)
+        size = auto_size(len(split.train), short_side)
+        opts = dataclasses.replace(opts, size=size, height=None, size_from_data=False)
+        say(
+            f"model input {size}x{size} px (auto: {len(split.train)} training pictures, median shorter side "
+            f"{short_side:.0f} px; {LARGE_SIZE} px for up to about 830 pictures of at least {LARGE_SIZE} px, else "
+            f"{DEFAULT_SIZE}; --size sets it)"
+        )
 
     tiling = opts.tiling
     if tiling is not None:
@@ -422,7 +456,7 @@ def prepare_data(data_dir: Path, opts: FitOptions, say: Echo) -> PreparedData:
         masks_train, mask_known = train_crops.masks, train_crops.known
     return PreparedData(
         data=data, split=split, groups=groups, prep=prep, ys=ys, model_labels=model_labels, model_ys=model_ys,
-        raw_x=raw_x, fx=fx, masks_train=masks_train, mask_known=mask_known, crops=crops,
+        raw_x=raw_x, fx=fx, masks_train=masks_train, mask_known=mask_known, crops=crops, options=opts,
     )
 
 
@@ -1043,12 +1077,14 @@ __all__ = [
     "AUTO_EPOCH_IMAGES",
     "DEFAULT_FILTERS",
     "DEFAULT_SIZE",
+    "LARGE_SIZE",
     "FitOptions",
     "FitResult",
     "PreparedData",
     "QuantizedModel",
     "TrainedModel",
     "auto_epochs",
+    "auto_size",
     "evaluate",
     "fit",
     "prepare_data",
