@@ -290,6 +290,7 @@ def test_ingest_killed_repeatedly_loses_and_duplicates_nothing(tmp_path: Path, b
     fill_buffer(agent, n, samples=[os.urandom(100_000)], events=2)
     dev = start_device(agent)
     left = n
+    mid_stream = 0
     for i in range(4):
         ingest = start_ingest(cloud_toml, name=f"ingest{i}")
         # Kill it as soon as it has stored and acked something: mid-stream, batches in flight.
@@ -297,11 +298,13 @@ def test_ingest_killed_repeatedly_loses_and_duplicates_nothing(tmp_path: Path, b
         ingest.kill9()
         now_left = unsynced(agent)["results"]
         assert now_left < left
-        # A quiet, fast box may drain the backlog before a late kill; the first two always land mid-stream.
-        assert now_left > 0 or i >= 2, "killed while the backlog was draining"
+        mid_stream += now_left > 0
         left = now_left
         if not left:
             break
+    # How fast a restarted ingest drains the rest depends on the box's load; the first kill
+    # of a 4,000-row backlog always lands mid-stream, so the test always kills one in flight.
+    assert mid_stream >= 1, "every kill came after the backlog had drained"
     ingest = start_ingest(cloud_toml, name="ingest-final")
     wait_until(lambda: all_synced(agent), 40, "the drain to finish")
     seqs = cloud_seqs(cloud_toml, "cam-k")
